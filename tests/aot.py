@@ -1,0 +1,173 @@
+"""Ahead-of-time compilation of Triton kernels for NVIDIA targets, without a GPU.
+
+Tests run under ``TRITON_INTERPRET=1``, where ``@triton.jit`` yields interpreter objects that cannot be
+compiled (their ``@triton.jit`` callees are interpreter objects too). So the compile runs in a child
+process with ``TRITON_INTERPRET`` removed, which re-imports the kernel by module and name: the kernel must
+be a module-level attribute. The child writes the cubin; this process inspects it with the ``cuobjdump``
+shipped in the triton wheel. Compiled cubins are cached in ``CONVCRF_AOT_CACHE`` (default
+``<repo>/.aot_cache``), keyed by the source of the kernel's package, the arguments and the triton version.
+"""
+
+import base64
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import triton
+
+CACHE_DIR = Path(os.environ.get("CONVCRF_AOT_CACHE", Path(__file__).resolve().parents[1] / ".aot_cache"))
+_USAGE_RE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)")
+
+
+@dataclass(frozen=True)
+class ResourceUsage:
+    """Per-thread registers and stack bytes (from cuobjdump), shared memory bytes per block, and arch.
+
+    ``shared`` is the dynamic shared memory Triton launches the kernel with (cuobjdump's static SHARED is
+    always 0 for Triton kernels).
+    """
+
+    reg: int
+    stack: int
+    shared: int
+    arch: int
+
+
+def _python_fn(fn: object) -> object:
+    """Strip autotune/heuristics/jit/interpreter wrappers down to the plain Python function."""
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn
+
+
+def _source_digest(module_name: str) -> str:
+    """Hash the kernel's module and every loaded module of its top-level package (its helpers)."""
+    top = module_name.split(".")[0]
+    ours = [m for n, m in list(sys.modules.items()) if n in (module_name, top) or n.startswith(top + ".")]
+    files = {m.__file__ for m in ours if getattr(m, "__file__", None)}
+    digest = hashlib.sha256()
+    for file in sorted(files):
+        digest.update(file.encode() + Path(file).read_bytes())
+    return digest.hexdigest()
+
+
+def _cuobjdump(args: list[str], cubin: bytes) -> str:
+    try:
+        tool = triton.knobs.nvidia.cuobjdump.path
+    except RuntimeError as exc:
+        raise RuntimeError(f"cuobjdump not found (set TRITON_CUOBJDUMP_PATH): {exc}") from exc
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, *args, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _compile(
+    fn: object,
+    signature: dict[str, str],
+    constexprs: dict[str, object],
+    arch: int,
+    num_warps: int,
+    num_stages: int,
+) -> tuple[bytes, int]:
+    """Return (cubin, shared memory bytes), compiling in a child process unless cached."""
+    pyfn = _python_fn(fn)
+    module, name = pyfn.__module__, pyfn.__qualname__
+    module_ref = sys.modules[module].__file__ if module == "__main__" else module
+    request = {
+        "module": module_ref,
+        "name": name,
+        "signature": signature,
+        "constexprs": constexprs,
+        "arch": arch,
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+    }
+    key_text = json.dumps([request, _source_digest(module), triton.__version__], sort_keys=True)
+    path = CACHE_DIR / f"{name}-{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.json"
+    if not path.exists():
+        # triton.language itself must be imported with the interpreter off.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        proc = subprocess.run(
+            [sys.executable, __file__, json.dumps(request)], env=env, capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"AOT compile of {module}.{name} for sm_{arch} failed:\n{proc.stderr[-4000:]}")
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(proc.stdout.strip().splitlines()[-1])
+        tmp.replace(path)
+    entry = json.loads(path.read_text())
+    return base64.b64decode(entry["cubin"]), entry["shared"]
+
+
+def compile_for(
+    fn: object,
+    signature: dict[str, str],
+    constexprs: dict[str, object],
+    arch: int,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> ResourceUsage:
+    """Compile ``fn`` for ``sm_<arch>`` and return its resource usage.
+
+    ``signature`` maps each runtime argument to a Triton type ("*fp32", "i32", ...); ``constexprs`` maps
+    each ``tl.constexpr`` argument to its value (JSON-serialisable: int, float, bool, str).
+    """
+    cubin, shared = _compile(fn, signature, constexprs, arch, num_warps, num_stages)
+    match = _USAGE_RE.search(_cuobjdump(["--dump-resource-usage"], cubin))
+    if match is None:
+        raise RuntimeError("unexpected cuobjdump --dump-resource-usage output")
+    return ResourceUsage(reg=int(match[1]), stack=int(match[2]), shared=shared, arch=arch)
+
+
+def sass(
+    fn: object,
+    signature: dict[str, str],
+    constexprs: dict[str, object],
+    arch: int,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> str:
+    """Compile ``fn`` like :func:`compile_for` and return the SASS listing (``cuobjdump -sass``)."""
+    cubin, _ = _compile(fn, signature, constexprs, arch, num_warps, num_stages)
+    return _cuobjdump(["-sass"], cubin)
+
+
+def _child(request: dict) -> None:
+    """Child-process side: import the kernel, compile it, print the cache entry as one JSON line."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    triton.knobs.runtime.interpret = False  # even if the kernel module sets TRITON_INTERPRET
+    if request["module"].endswith(".py"):  # kernel defined in a script run as __main__
+        spec = importlib.util.spec_from_file_location("_aot_kernel_module", request["module"])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(request["module"])
+    fn = getattr(module, request["name"])
+    while not isinstance(fn, JITFunction):
+        fn = fn.fn
+    constexprs = request["constexprs"]
+    # Like JITFunction.run (triton 3.6 - 3.9): every argument in order, constexprs typed "constexpr".
+    signature = {a: "constexpr" if a in constexprs else request["signature"][a] for a in fn.arg_names}
+    options = {"num_warps": request["num_warps"], "num_stages": request["num_stages"]}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", request["arch"], 32), options=options)
+    cubin = base64.b64encode(compiled.asm["cubin"]).decode()
+    print(json.dumps({"cubin": cubin, "shared": compiled.metadata.shared}))
+
+
+if __name__ == "__main__":
+    _child(json.loads(sys.argv[1]))
