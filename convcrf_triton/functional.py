@@ -12,6 +12,7 @@ Shapes: ``unary: [B, C, H, W]`` logits, ``image: [B, 3, H, W]`` RGB, features on
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -25,8 +26,6 @@ Number = float | torch.Tensor
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -115,6 +114,10 @@ def features(
     return (pos / pos_sdims).contiguous(), colour.contiguous()
 
 
+def _as_vector(value: Number, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device).reshape(1)
+
+
 @dataclass
 class _Gaussian:
     """One message-passing term: weights (materialised ``K`` or features for the fused kernel),
@@ -124,7 +127,7 @@ class _Gaussian:
     dims: tuple[int, ...]
     compats: torch.Tensor
     K: torch.Tensor | None
-    scale: Number = 1.0
+    scale: Number | None = None
     norm: torch.Tensor | None = None
 
 
@@ -146,10 +149,9 @@ class MessagePasser:
             ops = reference
         self.ops = ops
         fused = ops is not reference and ops.prefer_fused(filter_size)
-        as_tensor = lambda v: torch.as_tensor(v, dtype=pos.dtype, device=pos.device).reshape(1)  # noqa: E731
         if norm == "none":  # merged; also merge=False: the blur path is linear, so the sum is the same
-            terms = [(torch.cat([pos, col], 1), (2, col.shape[1]),
-                      torch.cat([as_tensor(pos_compat), as_tensor(col_compat)]), 1.0)]
+            compats = torch.cat([_as_vector(pos_compat, pos), _as_vector(col_compat, pos)])
+            terms = [(torch.cat([pos, col], 1), (2, col.shape[1]), compats, None)]
         else:
             one = pos.new_ones(1)
             terms = [(pos, (2,), one, pos_compat), (col, (col.shape[1],), one, col_compat)]
@@ -177,7 +179,8 @@ class MessagePasser:
                 term = self._pass(g, Q)
             else:
                 term = g.norm * self._pass(g, g.norm * Q)
-            term = term * g.scale if not (isinstance(g.scale, float) and g.scale == 1.0) else term
+            if g.scale is not None:
+                term = term * g.scale
             M = term if M is None else M + term
         return M
 
@@ -214,6 +217,7 @@ def mean_field(
     out_dtype = unary.dtype
     dtype = torch.float64 if unary.dtype == torch.float64 else torch.float32
     unary, image = unary.to(dtype), image.to(dtype)
+    weight, unary_weight = (v.to(dtype) if isinstance(v, torch.Tensor) else v for v in (weight, unary_weight))
     passer = MessagePasser(
         image, filter_size=filter_size, blur=blur, pos_sdims=pos_sdims, pos_compat=pos_compat,
         col_sdims=col_sdims, col_schan=col_schan, col_compat=col_compat, col_use_pos=col_use_pos, norm=norm,

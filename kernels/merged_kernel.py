@@ -6,7 +6,7 @@ For tap ``t`` (offset ``d_t = (t // k - r, t % k - r)``) and pixel ``p``::
 
 where ``f1`` is the first ``D1`` feature channels and ``f2`` the next ``D2`` (``D2 = 0``: one Gaussian);
 ``K`` is 0 where ``p + d_t`` leaves the image, and at the centre tap unless ``KEEP_CENTRE``.
-``_neighbour`` and ``_tap_weight`` are shared with the fused message-passing kernel.
+``_neighbour``, ``_tap_weight`` and ``_load_compats`` are shared with the fused message-passing kernel.
 """
 
 from __future__ import annotations
@@ -32,39 +32,43 @@ def _neighbour(offs, y, x, in_img, t, h, w, KSIZE: tl.constexpr):
 
 
 @triton.jit
-def _tap_weight(f_ptrs, f_centre, rows, nb, valid, c1, c2, D1: tl.constexpr, D2: tl.constexpr):
+def _tap_weight(f_ptr, offs, in_img, nb, valid, plane, c1, c2, D1: tl.constexpr, D2: tl.constexpr):
     """Weight of one tap for a block of pixels: the (up to two) Gaussians of SPEC §1, compat-weighted.
 
-    ``f_ptrs: [BLOCK_D, 1]`` feature-channel base pointers, ``f_centre: [BLOCK_D, BLOCK_P]`` the
-    pixels' own features, ``nb``/``valid: [BLOCK_P]`` the neighbours. Returns ``[BLOCK_P]`` float32.
+    ``f_ptr`` points at this image's features ``[D1 + D2, h, w]``; ``offs``/``in_img`` are the pixels,
+    ``nb``/``valid: [BLOCK_P]`` their neighbours. The feature loop is unrolled (D ≤ 10) and each channel
+    is a 1-D vector, so the squared distance sums within a thread; the pixels' own features do not
+    change between taps (loop-invariant loads the compiler hoists). Returns ``[BLOCK_P]`` float32.
     """
-    f_nb = tl.load(f_ptrs + nb[None, :], mask=(rows < D1 + D2) & valid[None, :], other=0.0)
-    sq = f_nb - f_centre
-    sq = sq * sq
-    weight = c1 * tl.exp(-0.5 * tl.sum(tl.where(rows < D1, sq, 0.0), axis=0))
+    e1 = tl.zeros(offs.shape, dtype=tl.float32)
+    e2 = tl.zeros(offs.shape, dtype=tl.float32)
+    for i in tl.static_range(D1 + D2):
+        own = tl.load(f_ptr + i * plane + offs, mask=in_img, other=0.0).to(tl.float32)
+        diff = tl.load(f_ptr + i * plane + nb, mask=valid, other=0.0).to(tl.float32) - own
+        if i < D1:
+            e1 += diff * diff
+        else:
+            e2 += diff * diff
+    weight = c1 * tl.exp(-0.5 * e1)
     if D2 > 0:
-        weight += c2 * tl.exp(-0.5 * tl.sum(tl.where(rows >= D1, sq, 0.0), axis=0))
+        weight += c2 * tl.exp(-0.5 * e2)
     return tl.where(valid, weight, 0.0)
 
 
 @triton.jit
-def _load_centre(f_ptr, compat_ptr, b, offs, in_img, plane, D1: tl.constexpr, D2: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    """Per-program setup shared by both kernels: feature pointers, own features and compat weights."""
-    rows = tl.arange(0, BLOCK_D)[:, None]
-    f_ptrs = f_ptr + b * (D1 + D2) * plane + rows * plane
-    f_centre = tl.load(f_ptrs + offs[None, :], mask=(rows < D1 + D2) & in_img[None, :], other=0.0)
+def _load_compats(compat_ptr, D2: tl.constexpr):
+    """The compat weights ``c1`` (and ``c2`` when there is a second Gaussian) as float32 scalars."""
     c1 = tl.load(compat_ptr).to(tl.float32)
     c2 = 0.0
     if D2 > 0:
         c2 = tl.load(compat_ptr + 1).to(tl.float32)
-    return rows, f_ptrs, f_centre.to(tl.float32), c1, c2
+    return c1, c2
 
 
 @triton.jit
 def _gaussian_weights_kernel(
     f_ptr, compat_ptr, k_ptr, h, w,
-    KSIZE: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_D: tl.constexpr,
+    KSIZE: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     KEEP_CENTRE: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr,
 ):
     # grid: (cdiv(h*w, BLOCK_P), B); one program writes all k*k taps of BLOCK_P pixels.
@@ -77,23 +81,24 @@ def _gaussian_weights_kernel(
     in_img = offs < plane
     y = offs // w
     x = offs % w
-    rows, f_ptrs, f_centre, c1, c2 = _load_centre(f_ptr, compat_ptr, b, offs, in_img, plane, D1, D2, BLOCK_D)
+    f_ptr += b * (D1 + D2) * plane
+    c1, c2 = _load_compats(compat_ptr, D2)
     out = k_ptr + b * (KSIZE * KSIZE) * plane + offs
     for t in range(KSIZE * KSIZE):
         nb, valid = _neighbour(offs, y, x, in_img, t, h, w, KSIZE)
-        weight = _tap_weight(f_ptrs, f_centre, rows, nb, valid, c1, c2, D1, D2)
+        weight = _tap_weight(f_ptr, offs, in_img, nb, valid, plane, c1, c2, D1, D2)
         if not KEEP_CENTRE:
             weight = tl.where(t == KSIZE * KSIZE // 2, 0.0, weight)
         tl.store(out + t * plane, weight, mask=in_img)
 
 
 def feature_meta(feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor) -> dict:
-    """Constexprs describing the Gaussians: ``D1``, ``D2`` (0 for one Gaussian) and ``BLOCK_D``."""
+    """Constexprs describing the Gaussians: ``D1`` and ``D2`` feature channels (``D2 = 0``: one Gaussian)."""
     if len(dims) not in (1, 2) or sum(dims) != feats.shape[1] or compats.numel() != len(dims):
         raise ValueError(f"dims={tuple(dims)} must split the {feats.shape[1]} feature channels into 1 or 2 "
                          f"Gaussians, with one compat weight each (got {compats.numel()})")
     d1, d2 = dims[0], (dims[1] if len(dims) == 2 else 0)
-    return {"D1": d1, "D2": d2, "BLOCK_D": triton.next_power_of_2(d1 + d2)}
+    return {"D1": d1, "D2": d2}
 
 
 def gaussian_weights(

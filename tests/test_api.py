@@ -1,0 +1,748 @@
+"""The public API's behaviour (SPEC §1–§3): ``CRFConfig``/``ConvCRF`` validation, input checks of
+``ConvCRF.forward``/``functional.mean_field``, backend resolution, dtypes and layouts, parameters and
+state, ``ConvCRF.from_convcrf_conf`` against the original formulation, and invariances.
+
+Shapes: unary ``[B, C, H, W]`` logits, image ``[B, 3, H, W]`` RGB in [0, 255]. Everything but the
+backend tests runs on ``backend='torch'`` (conftest sets ``TRITON_INTERPRET=1``, so ``'auto'`` on CPU
+tensors would run the Triton kernels in the interpreter).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+from typing import Any
+
+import pytest
+import torch
+from oracle import DEFAULT_CONF, unfold_crf
+from torch import nn
+
+import convcrf_triton
+from convcrf_triton import ConvCRF, CRFConfig, functional, mean_field, reference
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _inputs(
+    seed: int, B: int, C: int, H: int, W: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh random logits ``[B, C, H, W]`` (std 2) and an RGB image ``[B, 3, H, W]`` in [0, 255]."""
+    g = torch.Generator().manual_seed(seed)
+    unary = torch.randn(B, C, H, W, generator=g, dtype=torch.float64) * 2.0
+    image = torch.rand(B, 3, H, W, generator=g, dtype=torch.float64) * 255.0
+    return unary.to(dtype), image.to(dtype)
+
+
+def _small(C: int = 4, **kw: Any) -> ConvCRF:
+    """A small, fast CRF on the PyTorch path."""
+    args: dict[str, Any] = dict(filter_size=5, blur=2, num_iter=3, backend="torch")
+    args.update(kw)
+    return ConvCRF(C, **args)
+
+
+def _conf(**kw: Any) -> dict[str, Any]:
+    """The original ConvCRF default config with some keys replaced (nested dicts are updated)."""
+    conf = copy.deepcopy(DEFAULT_CONF)
+    for key, val in kw.items():
+        if isinstance(val, dict):
+            conf[key].update(val)
+        else:
+            conf[key] = val
+    return conf
+
+
+def _assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    """``max |actual - expected| <= tol * max(1, max |expected|)`` (logits can reach the hundreds)."""
+    assert actual.shape == expected.shape
+    assert actual.dtype == expected.dtype
+    scale = max(1.0, float(expected.abs().max()))
+    err = float((actual - expected).abs().max())
+    assert err <= tol * scale, f"max abs error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. constructor validation
+# ---------------------------------------------------------------------------------------------------------
+
+BAD_PARAMS = [
+    ("filter_size", 2),
+    ("filter_size", 4),
+    ("filter_size", 1),
+    ("filter_size", 33),
+    ("filter_size", 3.0),
+    ("filter_size", True),
+    ("filter_size", 0),
+    ("filter_size", -3),
+    ("blur", 3),
+    ("blur", 0),
+    ("blur", -2),
+    ("blur", 2.0),
+    ("num_iter", 0),
+    ("num_iter", -1),
+    ("num_iter", 2.5),
+    ("num_classes", 0),
+    ("num_classes", -1),
+    ("num_classes", 2.0),
+    ("num_classes", True),
+    ("weight", "matrix"),
+    ("weight", None),
+    ("weight", "Vector"),
+    ("norm", "l2"),
+    ("norm", None),
+    ("mode", "original"),
+    ("backend", "cuda"),
+    ("backend", "Torch"),
+    ("backend", ""),
+    ("backend", None),
+    ("weight_init", math.nan),
+    ("unary_weight", math.inf),
+    ("col_use_pos", 1),
+    ("merge", "yes"),
+    ("convcomp", None),
+    ("trainable", 0),
+    ("final_softmax", "no"),
+]
+BAD_PARAMS += [
+    (name, v)
+    for name in ("pos_sdims", "col_sdims", "col_schan")
+    for v in (0, 0.0, -1, -1.0, math.nan, math.inf, -math.inf)
+]
+BAD_PARAMS += [(name, v) for name in ("pos_compat", "col_compat") for v in (math.nan, math.inf, -math.inf)]
+
+
+def _kwargs(name: str, value: Any) -> dict[str, Any]:
+    kw: dict[str, Any] = {"num_classes": 5}
+    kw[name] = value
+    return kw
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_PARAMS, ids=[f"{n}={v!r}" for n, v in BAD_PARAMS])
+def test_config_rejects_bad_value(name: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=name):
+        CRFConfig(**_kwargs(name, value))
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_PARAMS, ids=[f"{n}={v!r}" for n, v in BAD_PARAMS])
+def test_module_rejects_bad_value(name: str, value: Any) -> None:
+    kw = _kwargs(name, value)
+    num_classes = kw.pop("num_classes")
+    with pytest.raises(ValueError, match=name):
+        ConvCRF(num_classes, **kw)
+
+
+def test_sym_norm_needs_merge_false() -> None:
+    with pytest.raises(ValueError, match="norm"):
+        CRFConfig(num_classes=3, norm="sym", merge=True)
+    with pytest.raises(ValueError, match="norm"):
+        ConvCRF(3, norm="sym")  # merge defaults to True
+    crf = ConvCRF(3, norm="sym", merge=False)
+    assert crf.config.norm == "sym" and crf.config.merge is False
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"filter_size": 3},
+        {"filter_size": 31},
+        {"blur": 1},
+        {"blur": 2},
+        {"blur": 8},
+        {"num_iter": 1},
+        {"num_classes": 1},
+        {"pos_compat": 0.0, "col_compat": -2.0},
+        {"pos_sdims": 1e-3, "col_sdims": 1e6, "col_schan": 0.5},
+        {"weight": "scalar", "norm": "sym", "merge": False, "convcomp": True, "trainable": True},
+        {"mode": "convcrf", "final_softmax": True, "backend": "triton"},
+    ],
+)
+def test_valid_edge_values_construct(kw: dict[str, Any]) -> None:
+    kw = {"num_classes": 4, **kw}
+    cfg = CRFConfig(**kw)
+    for key, val in kw.items():
+        assert getattr(cfg, key) == val
+    num_classes = kw.pop("num_classes")
+    crf = ConvCRF(num_classes, **kw)
+    assert crf.config == cfg
+    assert crf.num_classes == num_classes
+
+
+def test_config_defaults_match_spec() -> None:
+    cfg = ConvCRF(21).config
+    assert (cfg.filter_size, cfg.blur, cfg.num_iter) == (11, 4, 5)
+    assert (cfg.pos_sdims, cfg.pos_compat, cfg.col_sdims, cfg.col_schan, cfg.col_compat) == (3, 3, 80, 13, 10)
+    assert cfg.col_use_pos is False and cfg.weight == "vector" and cfg.weight_init == 0.2
+    assert cfg.unary_weight == 1.0 and cfg.norm == "none" and cfg.merge is True and cfg.convcomp is False
+    assert cfg.trainable is False and cfg.backend == "auto"
+    assert cfg.to_dict()["num_classes"] == 21
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. input checks
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _call(via: str, unary: Any, image: Any, C: int = 4) -> torch.Tensor:
+    if via == "module":
+        return _small(C)(unary, image)
+    return mean_field(unary, image, filter_size=5, blur=2, num_iter=2, backend="torch")
+
+
+VIAS = ["module", "functional"]
+
+
+@pytest.mark.parametrize("via", VIAS)
+@pytest.mark.parametrize("bad", ["unary", "image"])
+@pytest.mark.parametrize("value", [None, 3.0, "x", [[1.0]]], ids=["None", "float", "str", "list"])
+def test_non_tensor_is_type_error(via: str, bad: str, value: Any) -> None:
+    unary, image = _inputs(0, 1, 4, 6, 5)
+    args = {"unary": unary, "image": image, bad: value}
+    with pytest.raises(TypeError, match=bad):
+        _call(via, args["unary"], args["image"])
+
+
+@pytest.mark.parametrize("via", VIAS)
+def test_numpy_input_is_type_error(via: str) -> None:
+    unary, image = _inputs(0, 1, 4, 6, 5)
+    with pytest.raises(TypeError, match="unary"):
+        _call(via, unary.numpy(), image)
+    with pytest.raises(TypeError, match="image"):
+        _call(via, unary, image.numpy())
+
+
+@pytest.mark.parametrize("via", VIAS)
+@pytest.mark.parametrize(
+    ("unary_shape", "image_shape", "name"),
+    [
+        ((4, 6, 5), (1, 3, 6, 5), "unary"),  # 3-D unary
+        ((1, 4, 6, 5), (3, 6, 5), "image"),  # 3-D image
+        ((4, 6, 5), (3, 6, 5), "unary"),  # both 3-D
+        ((1, 1, 4, 6, 5), (1, 3, 6, 5), "unary"),  # 5-D unary
+        ((1, 4, 6, 5), (1, 4, 6, 5), "image"),  # RGBA image
+        ((1, 4, 6, 5), (1, 1, 6, 5), "image"),  # grey image
+        ((2, 4, 6, 5), (1, 3, 6, 5), "batch"),  # B mismatch
+        ((1, 4, 6, 5), (2, 3, 6, 5), "batch"),
+        ((1, 4, 7, 5), (1, 3, 6, 5), "height"),  # H mismatch
+        ((1, 4, 6, 5), (1, 3, 6, 4), "width"),  # W mismatch
+    ],
+)
+def test_bad_shapes_are_value_errors(via: str, unary_shape: tuple, image_shape: tuple, name: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    unary = torch.randn(*unary_shape, generator=g)
+    image = torch.rand(*image_shape, generator=g) * 255
+    with pytest.raises(ValueError, match=name):
+        _call(via, unary, image)
+
+
+@pytest.mark.parametrize("C", [1, 3, 5, 21])
+def test_module_rejects_wrong_class_count(C: int) -> None:
+    unary, image = _inputs(2, 1, C, 6, 5)
+    with pytest.raises(ValueError, match="num_classes"):
+        _small(4)(unary, image)
+
+
+@pytest.mark.parametrize("via", VIAS)
+@pytest.mark.parametrize("bad", ["unary", "image"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_non_float_dtype_is_type_error(via: str, bad: str, dtype: torch.dtype) -> None:
+    unary, image = _inputs(3, 1, 4, 6, 5)
+    args = {"unary": unary, "image": image}
+    args[bad] = args[bad].clamp(0, 1 if dtype == torch.bool else 100).to(dtype)
+    with pytest.raises(TypeError, match=bad):
+        _call(via, args["unary"], args["image"])
+
+
+@pytest.mark.parametrize("via", VIAS)
+@pytest.mark.parametrize("bad", ["unary", "image"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_finite_is_value_error(via: str, bad: str, value: float, dtype: torch.dtype) -> None:
+    unary, image = _inputs(4, 2, 4, 6, 5, dtype)
+    args = {"unary": unary, "image": image}
+    args[bad][1, 0, 3, 2] = value
+    with pytest.raises(ValueError, match=bad):
+        _call(via, args["unary"], args["image"])
+
+
+@pytest.mark.parametrize("via", VIAS)
+@pytest.mark.parametrize(
+    ("unary_shape", "image_shape"),
+    [
+        ((0, 4, 6, 5), (0, 3, 6, 5)),
+        ((1, 4, 0, 5), (1, 3, 0, 5)),
+        ((1, 4, 6, 0), (1, 3, 6, 0)),
+        ((0, 4, 0, 0), (0, 3, 0, 0)),
+    ],
+)
+def test_empty_tensors_are_value_errors(via: str, unary_shape: tuple, image_shape: tuple) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        _call(via, torch.zeros(unary_shape), torch.zeros(image_shape))
+
+
+def test_functional_rejects_zero_classes() -> None:
+    with pytest.raises(ValueError, match="unary"):
+        mean_field(torch.zeros(1, 0, 4, 4), torch.zeros(1, 3, 4, 4), backend="torch")
+
+
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="triton") as info:
+        functional.resolve_backend("triton", torch.device("cpu"))
+    assert "CUDA" in str(info.value)
+    assert functional.resolve_backend("auto", torch.device("cpu")) is reference
+    assert functional.resolve_backend("torch", torch.device("cpu")) is reference
+    unary, image = _inputs(5, 1, 3, 5, 4)
+    with pytest.raises(ValueError, match="triton"):
+        ConvCRF(3, filter_size=3, blur=1, num_iter=1, backend="triton")(unary, image)
+    with pytest.raises(ValueError, match="triton"):
+        mean_field(unary, image, filter_size=3, blur=1, num_iter=1, backend="triton")
+    # 'auto' quietly falls back to the PyTorch path
+    crf = ConvCRF(3, filter_size=3, blur=1, num_iter=1, backend="auto")
+    torch.testing.assert_close(
+        crf(unary, image),
+        ConvCRF(3, filter_size=3, blur=1, num_iter=1, backend="torch")(unary, image),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_triton_backend_on_cpu_with_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels = importlib.import_module("convcrf_triton.kernels")
+    assert functional.resolve_backend("triton", torch.device("cpu")) is kernels
+    assert functional.resolve_backend("auto", torch.device("cpu")) is kernels
+    assert functional.resolve_backend("torch", torch.device("cpu")) is reference
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert functional.resolve_backend("auto", torch.device("cpu")) is reference
+
+
+@pytest.mark.parametrize("backend", ["cuda", "Auto", "", None, "reference"])
+def test_resolve_backend_rejects_unknown(backend: Any) -> None:
+    with pytest.raises(ValueError, match="backend"):
+        functional.resolve_backend(backend, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. behaviour
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blur", [1, 2, 4])
+def test_any_shape_on_successive_calls(blur: int) -> None:
+    C = 3
+    crf = ConvCRF(C, filter_size=7, blur=blur, num_iter=2, backend="torch")
+    for seed, (B, H, W) in enumerate(
+        [(1, 1, 1), (1, 1, 9), (3, 7, 5), (1, 23, 17), (3, 1, 1), (2, 9, 1), (1, 7, 5)]
+    ):
+        unary, image = _inputs(10 + seed, B, C, H, W)
+        out = crf(unary, image)
+        assert out.shape == unary.shape
+        assert out.dtype == unary.dtype
+        assert bool(torch.isfinite(out).all())
+        # the same inputs through a fresh module give the same answer (no state carried between calls)
+        fresh = ConvCRF(C, filter_size=7, blur=blur, num_iter=2, backend="torch")
+        torch.testing.assert_close(out, fresh(unary, image), rtol=0, atol=0)
+
+
+def test_single_pixel_with_centre_zero_is_unary() -> None:
+    """1×1 image, textbook mode: no neighbours, so M = 0 and Z = (u − w)·log_softmax(unary)."""
+    unary, image = _inputs(20, 2, 5, 1, 1)
+    crf = ConvCRF(5, filter_size=3, blur=1, num_iter=3, backend="torch")
+    expected = (1.0 - 0.2) * torch.log_softmax(unary, dim=1)
+    torch.testing.assert_close(crf(unary, image), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("blur", [1, 2])
+def test_half_precision_inputs(dtype: torch.dtype, blur: int) -> None:
+    unary, image = _inputs(21, 2, 4, 9, 7, dtype)
+    crf = _small(4, blur=blur)
+    out = crf(unary, image)
+    assert out.dtype == dtype
+    assert out.shape == unary.shape
+    expected = crf(unary.float(), image.float())  # the same (rounded) values in float32
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
+    # half unary with a float32 image (and vice versa) follows the unary's dtype
+    assert crf(unary, image.float()).dtype == dtype
+    assert crf(unary.float(), image).dtype == torch.float32
+
+
+def test_float64_in_float64_out() -> None:
+    unary, image = _inputs(22, 2, 4, 9, 7, torch.float64)
+    crf = _small(4)
+    out = crf(unary, image)
+    assert out.dtype == torch.float64
+    out32 = crf(unary.float(), image.float())
+    assert out32.dtype == torch.float32
+    torch.testing.assert_close(out.float(), out32, rtol=1e-4, atol=1e-4 * float(out32.abs().max()))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last", "expanded_batch"])
+def test_non_contiguous_inputs(layout: str) -> None:
+    B, C, H, W = 2, 4, 9, 7
+    unary, image = _inputs(23, B, C, H, W)
+    if layout == "transposed":  # a view whose H and W strides are swapped
+        u = unary.transpose(2, 3).contiguous().transpose(2, 3)
+        im = image.transpose(2, 3).contiguous().transpose(2, 3)
+    elif layout == "sliced":  # every other column of a wider tensor
+        u = torch.zeros(B, C, H, 2 * W).index_copy_(3, torch.arange(0, 2 * W, 2), unary)[..., ::2]
+        im = torch.zeros(B, 3, H, 2 * W).index_copy_(3, torch.arange(0, 2 * W, 2), image)[..., ::2]
+    elif layout == "channels_last":
+        u = unary.contiguous(memory_format=torch.channels_last)
+        im = image.contiguous(memory_format=torch.channels_last)
+    else:  # batch of identical images as a stride-0 expand
+        unary = unary[:1].expand(B, -1, -1, -1).contiguous()
+        image = image[:1].expand(B, -1, -1, -1).contiguous()
+        u, im = unary[:1].expand(B, -1, -1, -1), image[:1].expand(B, -1, -1, -1)
+    assert not u.is_contiguous() and not im.is_contiguous()
+    torch.testing.assert_close(u, unary, rtol=0, atol=0)
+    for crf in (_small(C), _small(C, norm="sym", merge=False, blur=1, convcomp=True)):
+        expected = crf(unary, image)
+        out = crf(u, im)
+        assert out.shape == unary.shape
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_backend_attribute_is_assignable() -> None:
+    C = 3
+    unary, image = _inputs(24, 1, C, 6, 5)
+    crf = ConvCRF(C, filter_size=3, blur=2, num_iter=2, backend="torch")
+    assert crf.backend == "torch"
+    ref_out = crf(unary, image)
+    crf.backend = "auto"
+    assert crf.backend == "auto" and crf.config.backend == "auto"
+    auto_out = crf(unary, image)  # the Triton kernels, in the interpreter
+    torch.testing.assert_close(auto_out, ref_out, rtol=1e-5, atol=1e-5 * float(ref_out.abs().max()))
+    crf.backend = "triton"
+    assert crf.backend == "triton"
+    crf.backend = "torch"
+    assert crf.backend == "torch"
+    torch.testing.assert_close(crf(unary, image), ref_out, rtol=0, atol=0)
+    for bad in ("cuda", "Torch", "", None, 1):
+        with pytest.raises(ValueError, match="backend"):
+            crf.backend = bad
+        assert crf.backend == "torch"
+    assert "backend='torch'" in repr(crf)
+
+
+@pytest.mark.parametrize("weight", ["vector", "scalar"])
+@pytest.mark.parametrize("convcomp", [False, True])
+def test_trainable_parameters(weight: str, convcomp: bool) -> None:
+    C = 5
+    crf = _small(C, weight=weight, convcomp=convcomp, trainable=True, weight_init=0.3)
+    params = dict(crf.named_parameters())
+    assert isinstance(crf.weight, nn.Parameter)
+    assert params["weight"] is crf.weight and crf.weight.requires_grad
+    assert crf.weight.shape == ((1, C, 1, 1) if weight == "vector" else ())
+    assert torch.all(crf.weight == 0.3)
+    if convcomp:
+        assert isinstance(crf.compat_matrix, nn.Parameter)
+        assert params["compat_matrix"] is crf.compat_matrix
+        assert crf.compat_matrix.shape == (C, C)
+        assert set(params) == {"weight", "compat_matrix"}
+    else:
+        assert crf.compat_matrix is None
+        assert set(params) == {"weight"}
+    assert dict(crf.named_buffers()) == {}
+    # gradients reach the parameters
+    unary, image = _inputs(25, 1, C, 6, 5)
+    crf(unary, image).square().sum().backward()
+    for p in crf.parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()) and bool(p.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("weight", ["vector", "scalar"])
+@pytest.mark.parametrize("convcomp", [False, True])
+def test_frozen_are_buffers(weight: str, convcomp: bool) -> None:
+    C = 5
+    crf = ConvCRF(C, weight=weight, convcomp=convcomp, trainable=False, backend="torch")
+    assert list(crf.parameters()) == []
+    buffers = dict(crf.named_buffers())
+    assert buffers["weight"] is crf.weight and not isinstance(crf.weight, nn.Parameter)
+    assert not crf.weight.requires_grad
+    assert crf.weight.shape == ((1, C, 1, 1) if weight == "vector" else ())
+    assert crf.weight.dim() == (4 if weight == "vector" else 0)
+    if convcomp:
+        assert buffers["compat_matrix"] is crf.compat_matrix
+        assert not isinstance(crf.compat_matrix, nn.Parameter)
+        assert set(buffers) == {"weight", "compat_matrix"}
+    else:
+        assert set(buffers) == {"weight"}
+    assert set(crf.state_dict()) == set(buffers)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+@pytest.mark.parametrize("weight", ["vector", "scalar"])
+def test_state_dict_round_trip(trainable: bool, weight: str) -> None:
+    C = 4
+    kw = dict(weight=weight, convcomp=True, trainable=trainable)
+    src = _small(C, **kw)
+    g = torch.Generator().manual_seed(26)
+    with torch.no_grad():
+        src.weight.copy_(torch.rand(src.weight.shape, generator=g))
+        src.compat_matrix.copy_(torch.randn(C, C, generator=g) * 0.1)
+    unary, image = _inputs(27, 2, C, 8, 7)
+    expected = src(unary, image)
+    dst = _small(C, **kw)
+    assert not torch.equal(dst(unary, image), expected)
+    state = src.state_dict()
+    assert set(state) == {"weight", "compat_matrix"}
+    dst.load_state_dict(state)
+    torch.testing.assert_close(dst(unary, image), expected, rtol=0, atol=0)
+    torch.testing.assert_close(dst.weight, src.weight, rtol=0, atol=0)
+
+
+def test_to_float64() -> None:
+    C = 4
+    crf = _small(C, convcomp=True)
+    unary, image = _inputs(28, 2, C, 8, 7, torch.float64)
+    expected = crf(unary, image)
+    crf64 = crf.to(torch.float64)
+    assert crf64 is crf
+    assert crf.weight.dtype == torch.float64 and crf.compat_matrix.dtype == torch.float64
+    out = crf(unary, image)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+    out32 = crf(unary.float(), image.float())  # a float64 module still returns the input's dtype
+    assert out32.dtype == torch.float32
+    trainable = _small(C, trainable=True).double()
+    assert isinstance(trainable.weight, nn.Parameter) and trainable.weight.dtype == torch.float64
+    assert trainable(unary, image).dtype == torch.float64
+
+
+def test_final_softmax_returns_probabilities() -> None:
+    C = 4
+    unary, image = _inputs(29, 2, C, 8, 7)
+    logits = _small(C)(unary, image)
+    probs = _small(C, final_softmax=True)(unary, image)
+    torch.testing.assert_close(probs, torch.softmax(logits, dim=1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2, 8, 7), rtol=1e-5, atol=1e-5)
+
+
+def test_module_equals_functional() -> None:
+    C = 4
+    crf = _small(C, weight="vector", convcomp=True, col_use_pos=True, mode="convcrf")
+    g = torch.Generator().manual_seed(30)
+    with torch.no_grad():
+        crf.weight.copy_(torch.rand(1, C, 1, 1, generator=g))
+    unary, image = _inputs(31, 2, C, 8, 7)
+    expected = mean_field(
+        unary,
+        image,
+        filter_size=5,
+        blur=2,
+        num_iter=3,
+        col_use_pos=True,
+        weight=crf.weight,
+        compat_matrix=crf.compat_matrix,
+        mode="convcrf",
+        backend="torch",
+    )
+    torch.testing.assert_close(crf(unary, image), expected, rtol=0, atol=0)
+
+
+def test_public_names() -> None:
+    assert convcrf_triton.ConvCRF is ConvCRF
+    assert convcrf_triton.CRFConfig is CRFConfig
+    assert convcrf_triton.mean_field is mean_field
+    assert issubclass(ConvCRF, nn.Module)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. from_convcrf_conf against the original formulation
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("B", "C", "H", "W"), [(2, 21, 37, 29), (2, 5, 16, 16), (1, 3, 13, 21)])
+def test_from_conf_default_matches_original(B: int, C: int, H: int, W: int) -> None:
+    unary, image = _inputs(40 + H, B, C, H, W)
+    crf = ConvCRF.from_convcrf_conf(_conf(), num_classes=C, backend="torch")
+    assert crf.config.mode == "convcrf" and crf.num_classes == C
+    expected = unfold_crf(unary, image, _conf(), C)
+    _assert_close_scaled(crf(unary, image), expected, 1e-4)
+
+
+CONF_VARIANTS = {
+    "blur1": dict(blur=1, filter_size=7),
+    "blur2": dict(blur=2),
+    "filter5": dict(filter_size=5),
+    "sym": dict(merge=False, norm="sym"),
+    "sym_blur1": dict(merge=False, norm="sym", blur=1, filter_size=5),
+    "merge_false": dict(merge=False),
+    "convcomp": dict(convcomp=True),
+    "scalar": dict(weight="scalar", weight_init=0.7),
+    "weight_none": dict(weight=None),
+    "final_softmax": dict(final_softmax=True),
+    "use_bias": dict(col_feats={"use_bias": True}),
+    "feats": dict(pos_feats={"sdims": 2, "compat": 5}, col_feats={"sdims": 40, "schan": 20, "compat": 4}),
+    "unary_weight": dict(unary_weight=0.5, weight_init=0.4),
+    "trainable": dict(trainable=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(CONF_VARIANTS))
+def test_from_conf_variants_match_original(variant: str) -> None:
+    conf = _conf(**CONF_VARIANTS[variant])
+    B, C, H, W = 2, 5, 19, 14
+    unary, image = _inputs(50, B, C, H, W)
+    crf = ConvCRF.from_convcrf_conf(conf, num_classes=C, backend="torch")
+    comp_weight = None
+    if conf["convcomp"]:
+        assert crf.compat_matrix is not None and crf.compat_matrix.shape == (C, C)
+        torch.testing.assert_close(crf.compat_matrix, torch.full((C, C), 0.1 * math.sqrt(2.0 / C)))
+        comp_weight = crf.compat_matrix.view(C, C, 1, 1)
+    else:
+        assert crf.compat_matrix is None
+    if conf["trainable"]:
+        assert isinstance(crf.weight, nn.Parameter)
+    else:
+        assert list(crf.parameters()) == []
+    with torch.no_grad():
+        out = crf(unary, image)
+    expected = unfold_crf(unary, image, conf, C, comp_weight=comp_weight)
+    _assert_close_scaled(out, expected, 1e-4)
+    if conf["final_softmax"]:
+        torch.testing.assert_close(out.sum(1), torch.ones(B, H, W), rtol=1e-5, atol=1e-5)
+
+
+def test_from_conf_convcomp_learned_matrix_matches_original() -> None:
+    C = 4
+    conf = _conf(convcomp=True, filter_size=5, blur=2)
+    crf = ConvCRF.from_convcrf_conf(conf, num_classes=C, backend="torch")
+    g = torch.Generator().manual_seed(51)
+    with torch.no_grad():
+        crf.compat_matrix.copy_(torch.randn(C, C, generator=g) * 0.2)
+    unary, image = _inputs(52, 2, C, 11, 9)
+    expected = unfold_crf(unary, image, conf, C, comp_weight=crf.compat_matrix.view(C, C, 1, 1))
+    _assert_close_scaled(crf(unary, image), expected, 1e-4)
+
+
+def test_from_conf_partial_dict_takes_original_defaults() -> None:
+    C = 3
+    crf = ConvCRF.from_convcrf_conf({"blur": 2, "pos_feats": {"sdims": 5}}, num_classes=C, backend="torch")
+    cfg = crf.config
+    assert (cfg.blur, cfg.filter_size, cfg.pos_sdims) == (2, 11, 5.0)
+    assert (cfg.pos_compat, cfg.col_schan) == (3.0, 13.0)
+    assert cfg.backend == "torch"
+    assert ConvCRF.from_convcrf_conf({}, num_classes=C).backend == "auto"
+    unary, image = _inputs(53, 1, C, 10, 9)
+    expected = unfold_crf(unary, image, _conf(blur=2, pos_feats={"sdims": 5}), C)
+    _assert_close_scaled(crf(unary, image), expected, 1e-4)
+
+
+def test_from_conf_does_not_mutate_conf() -> None:
+    conf = _conf(blur=2, col_feats={"use_bias": True})
+    before = copy.deepcopy(conf)
+    ConvCRF.from_convcrf_conf(conf, num_classes=3)
+    assert conf == before
+
+
+@pytest.mark.parametrize("conf", [None, [("blur", 4)], "conf", 3], ids=["None", "list", "str", "int"])
+def test_from_conf_not_a_dict(conf: Any) -> None:
+    with pytest.raises(TypeError, match="conf"):
+        ConvCRF.from_convcrf_conf(conf, num_classes=3)
+
+
+@pytest.mark.parametrize("key", ["logsoftmax", "softmax"])
+def test_from_conf_unsupported_flags(key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        ConvCRF.from_convcrf_conf(_conf(**{key: False}), num_classes=3)
+
+
+@pytest.mark.parametrize(
+    ("kw", "name"),
+    [
+        (dict(blur=3), "blur"),
+        (dict(filter_size=4), "filter_size"),
+        (dict(norm="sym"), "norm"),  # merge=True
+        (dict(weight="matrix"), "weight"),
+        (dict(pos_feats={"sdims": 0}), "pos_sdims"),
+        (dict(col_feats={"schan": -1}), "col_schan"),
+    ],
+)
+def test_from_conf_bad_values(kw: dict[str, Any], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        ConvCRF.from_convcrf_conf(_conf(**kw), num_classes=3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. invariances (reference path, float64)
+# ---------------------------------------------------------------------------------------------------------
+
+INV_SETTINGS = {
+    "textbook_blur1": dict(filter_size=5, blur=1),
+    "textbook_blur4": dict(filter_size=7, blur=4),
+    "convcrf_blur2": dict(filter_size=5, blur=2, mode="convcrf"),
+    "sym_blur4": dict(filter_size=5, blur=4, norm="sym", col_use_pos=True),
+}
+
+
+def _mf(unary: torch.Tensor, image: torch.Tensor, **kw: Any) -> torch.Tensor:
+    return mean_field(unary, image, num_iter=3, backend="torch", **kw)
+
+
+@pytest.mark.parametrize("setting", list(INV_SETTINGS))
+def test_batch_equals_per_image(setting: str) -> None:
+    kw = INV_SETTINGS[setting]
+    C = 4
+    unary, image = _inputs(60, 3, C, 11, 9, torch.float64)
+    weight = torch.linspace(0.1, 0.6, C, dtype=torch.float64).view(1, C, 1, 1)
+    out = _mf(unary, image, weight=weight, **kw)
+    for b in range(3):
+        single = _mf(unary[b : b + 1], image[b : b + 1], weight=weight, **kw)
+        torch.testing.assert_close(out[b : b + 1], single, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("setting", list(INV_SETTINGS))
+@pytest.mark.parametrize("with_compat", [False, True])
+def test_class_permutation_equivariance(setting: str, with_compat: bool) -> None:
+    kw = INV_SETTINGS[setting]
+    C = 5
+    unary, image = _inputs(61, 2, C, 11, 9, torch.float64)
+    g = torch.Generator().manual_seed(62)
+    weight = torch.rand(1, C, 1, 1, generator=g, dtype=torch.float64)
+    compat = torch.randn(C, C, generator=g, dtype=torch.float64) * 0.1 if with_compat else None
+    perm = torch.randperm(C, generator=g)
+    assert not torch.equal(perm, torch.arange(C))
+    out = _mf(unary, image, weight=weight, compat_matrix=compat, **kw)
+    out_p = _mf(
+        unary[:, perm],
+        image,
+        weight=weight[:, perm],
+        compat_matrix=None if compat is None else compat[perm][:, perm],
+        **kw,
+    )
+    torch.testing.assert_close(out_p, out[:, perm], rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("setting", list(INV_SETTINGS))
+@pytest.mark.parametrize(("H", "W"), [(11, 7), (9, 13), (5, 5)])
+def test_transpose_equivariance(setting: str, H: int, W: int) -> None:
+    kw = INV_SETTINGS[setting]
+    C = 3
+    unary, image = _inputs(63 + H, 2, C, H, W, torch.float64)
+    out = _mf(unary, image, **kw)
+    out_t = _mf(unary.transpose(2, 3), image.transpose(2, 3), **kw)
+    torch.testing.assert_close(out_t, out.transpose(2, 3), rtol=1e-12, atol=1e-10)
+
+
+def test_module_invariances_float64() -> None:
+    """The same invariances through ``ConvCRF`` (blur 4, odd sizes) on a float64 module."""
+    C = 4
+    crf = ConvCRF(C, filter_size=5, blur=4, num_iter=3, backend="torch").double()
+    with torch.no_grad():
+        crf.weight.copy_(torch.tensor([0.1, 0.3, 0.5, 0.2], dtype=torch.float64).view(1, C, 1, 1))
+    unary, image = _inputs(70, 2, C, 13, 7, torch.float64)
+    out = crf(unary, image)
+    torch.testing.assert_close(
+        crf(unary.transpose(2, 3), image.transpose(2, 3)), out.transpose(2, 3), rtol=1e-12, atol=1e-10
+    )
+    torch.testing.assert_close(crf(unary[1:], image[1:]), out[1:], rtol=1e-12, atol=1e-10)
+    perm = torch.tensor([2, 0, 3, 1])
+    permuted = ConvCRF(C, filter_size=5, blur=4, num_iter=3, backend="torch").double()
+    with torch.no_grad():
+        permuted.weight.copy_(crf.weight[:, perm])
+    torch.testing.assert_close(permuted(unary[:, perm], image), out[:, perm], rtol=1e-12, atol=1e-10)

@@ -1,0 +1,141 @@
+"""Every Triton kernel, run by Triton's interpreter on CPU tensors, against the PyTorch reference.
+
+The reference runs in float64; the kernels compute in float32, so errors are relative to the largest
+magnitude of the reference output (SPEC §7: 1e-5).
+"""
+
+import sys
+
+import pytest
+import torch
+from convcrf_triton.kernels import _launch
+
+from convcrf_triton import functional, kernels, reference
+
+RTOL = 1e-5
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = want.abs().max().clamp_min(1e-30)
+    return ((got.double() - want.double()).abs().max() / scale).item()
+
+
+def make_inputs(seed, B, C, h, w, dims, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(B, sum(dims), h, w, generator=g) * 0.7
+    compats = torch.rand(len(dims), generator=g) * 5 + 0.5
+    Q = torch.softmax(torch.randn(B, C, h, w, generator=g), 1).to(dtype)
+    return feats, compats, Q
+
+
+# (k, B, C, h, w, dims): k over SPEC §7's set, odd and degenerate sizes, C from 1 to 150, one or two
+# Gaussians with 2, 3 and 5 feature channels.
+CASES = [
+    (3, 1, 1, 1, 1, (2, 3)),
+    (3, 3, 2, 7, 9, (2, 3)),
+    (5, 1, 19, 13, 1, (2,)),
+    (5, 2, 21, 1, 17, (5,)),
+    (7, 1, 21, 37, 45, (2, 3)),
+    (11, 3, 5, 19, 23, (2, 5)),
+    (13, 1, 150, 9, 11, (2, 3)),
+    (31, 1, 3, 33, 35, (2, 3)),
+    (31, 2, 2, 5, 7, (3,)),
+]
+
+
+@pytest.mark.parametrize("k,B,C,h,w,dims", CASES)
+def test_gaussian_weights(k, B, C, h, w, dims):
+    keep_centre = bool(h % 2)
+    feats, compats, _ = make_inputs(k * 100 + h, B, C, h, w, dims)
+    want = reference.gaussian_weights(feats.double(), dims, compats.double(), k, keep_centre)
+    got = kernels.gaussian_weights(feats, dims, compats, k, keep_centre)
+    assert got.shape == (B, k * k, h, w) and got.dtype == torch.float32
+    assert rel_err(got, want) < RTOL
+    # Taps reaching outside the image are exactly zero, and the centre only when asked to be.
+    centre = got[:, k * k // 2]
+    assert bool((centre == 0).all()) != keep_centre or h * w == 0
+
+
+@pytest.mark.parametrize("k,B,C,h,w,dims", CASES)
+def test_two_pass_and_fused_message_pass(k, B, C, h, w, dims):
+    feats, compats, Q = make_inputs(k * 7 + w, B, C, h, w, dims)
+    K = reference.gaussian_weights(feats.double(), dims, compats.double(), k, False)
+    want = reference.message_pass(K, Q.double())
+    two_pass = kernels.message_pass(K.float(), Q)
+    fused = kernels.fused_message_pass(feats, dims, compats, Q, k, False)
+    for got in (two_pass, fused):
+        assert got.shape == Q.shape and got.dtype == Q.dtype
+        assert rel_err(got, want) < RTOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_q_accumulates_in_float32(dtype):
+    feats, compats, Q = make_inputs(3, 2, 6, 11, 13, (2, 3), dtype)
+    want = reference.fused_message_pass(feats.double(), (2, 3), compats.double(), Q.double(), 5, False)
+    got = kernels.fused_message_pass(feats, (2, 3), compats, Q, 5, False)
+    assert got.dtype == dtype
+    assert rel_err(got, want) < 1e-2  # the output's own rounding; the sum itself is float32
+
+
+def test_int64_indexing_path(monkeypatch):
+    """The IDX64 variant (chosen when a tensor has >= 2^31 elements) computes the same numbers."""
+    feats, compats, Q = make_inputs(5, 3, 4, 9, 10, (2, 3))
+    want = kernels.fused_message_pass(feats, (2, 3), compats, Q, 5, True)
+    want_k = kernels.gaussian_weights(feats, (2, 3), compats, 5, True)
+    for module in ("merged_kernel", "message_passing"):
+        monkeypatch.setattr(sys.modules[f"convcrf_triton.kernels.{module}"], "needs_int64", lambda *t: True)
+    assert torch.equal(kernels.fused_message_pass(feats, (2, 3), compats, Q, 5, True), want)
+    assert torch.equal(kernels.gaussian_weights(feats, (2, 3), compats, 5, True), want_k)
+    assert _launch.needs_int64(torch.empty(1).expand(2**16, 2**15 + 1))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradient_wrt_q_is_a_message_pass_of_the_output_gradient(fused):
+    feats, compats, Q = make_inputs(11, 2, 3, 8, 9, (2, 3))
+    grad_out = torch.randn_like(Q)
+    Qr = Q.double().requires_grad_()
+    reference.fused_message_pass(feats.double(), (2, 3), compats.double(), Qr, 5, False).backward(grad_out.double())
+    Qt = Q.clone().requires_grad_()
+    if fused:
+        out = kernels.fused_message_pass(feats, (2, 3), compats, Qt, 5, False)
+    else:
+        out = kernels.message_pass(kernels.gaussian_weights(feats, (2, 3), compats, 5, False), Qt)
+    out.backward(grad_out)
+    assert rel_err(Qt.grad, Qr.grad) < RTOL
+
+
+# The whole model on the Triton backend against the whole model on the reference backend.
+MODEL_CASES = [
+    dict(filter_size=3, blur=1, mode="textbook"),
+    dict(filter_size=5, blur=2, mode="convcrf"),
+    dict(filter_size=7, blur=4, mode="textbook", norm="sym"),
+    dict(filter_size=7, blur=1, mode="convcrf", norm="sym", col_use_pos=True),
+    dict(filter_size=11, blur=4, mode="convcrf", convcomp=True),
+    dict(filter_size=13, blur=2, mode="textbook", weight=0.7, unary_weight=1.3),
+]
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_mean_field_triton_matches_reference(case):
+    case = dict(case)
+    g = torch.Generator().manual_seed(case["filter_size"] * 10 + case["blur"])
+    B, C, H, W = 3, 4, 17, 23
+    unary = torch.randn(B, C, H, W, generator=g) * 2
+    image = torch.rand(B, 3, H, W, generator=g) * 255
+    if case.pop("convcomp", False):
+        case["compat_matrix"] = torch.randn(C, C, generator=g) * 0.1
+    want = functional.mean_field(unary.double(), image.double(), num_iter=3, backend="torch", **case)
+    got = functional.mean_field(unary, image, num_iter=3, backend="triton", **case)
+    assert got.dtype == torch.float32
+    assert rel_err(got, want) < RTOL
+
+
+def test_auto_backend_uses_the_kernels_under_the_interpreter():
+    assert functional.resolve_backend("auto", torch.device("cpu")) is kernels
+    assert functional.resolve_backend("torch", torch.device("cpu")) is reference
+
+
+def test_fused_rule_is_documented_and_monotone():
+    assert not kernels.prefer_fused(3) and kernels.prefer_fused(31)
+    flags = [kernels.prefer_fused(k) for k in range(3, 32, 2)]
+    assert flags == sorted(flags)
