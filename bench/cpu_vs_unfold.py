@@ -59,8 +59,8 @@ def main() -> None:
                 ours = crf(unary, image)
                 theirs = unfold_crf(unary, image, conf, C, num_iter=5)
                 err = ((ours - theirs).abs().max() / theirs.abs().max()).item()
-                t_ours = timed(lambda: crf(unary, image), args.repeat)
-                t_unfold = timed(lambda: unfold_crf(unary, image, conf, C, num_iter=5), args.repeat)
+                t_ours = timed(lambda crf=crf: crf(unary, image), args.repeat)
+                t_unfold = timed(lambda conf=conf: unfold_crf(unary, image, conf, C, num_iter=5), args.repeat)
             for name, ts in (("reference", t_ours), ("unfold", t_unfold)):
                 q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
                 rows.append(dict(implementation=name, k=k, blur=blur, H=H, W=W, C=C, threads=args.threads,

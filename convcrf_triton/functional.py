@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -67,7 +68,9 @@ def check_inputs(unary: torch.Tensor, image: torch.Tensor) -> None:
     if unary.device != image.device:
         raise ValueError(f"unary is on {unary.device} but image is on {image.device}: use one device")
     for name, t in (("unary", unary), ("image", image)):
-        if not bool(torch.isfinite(t).all()):
+        # One reduction instead of isfinite's three passes: a NaN/Inf makes the float64 sum non-finite,
+        # and float32/16 values cannot overflow it; a non-finite sum is confirmed element-wise.
+        if not math.isfinite(t.sum(dtype=torch.float64).item()) and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or Inf values")
 
 
@@ -164,21 +167,25 @@ class MessagePasser:
             for g in self.gaussians:
                 g.norm = torch.rsqrt(self._pass(g, ones) + 1e-20)
 
-    def _pass(self, g: _Gaussian, X: torch.Tensor) -> torch.Tensor:
+    def _pass(self, g: _Gaussian, X: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None = None
+              ) -> torch.Tensor:
         Xp = blur_pool(X, self.blur)
         if g.K is None:
             Mp = self.ops.fused_message_pass(g.feats, g.dims, g.compats, Xp, self.k, self.keep_centre)
         else:
             Mp = self.ops.message_pass(g.K, Xp)
-        return blur_upsample(Mp, self.blur, self.H, self.W)
+        return blur_upsample(Mp if mix is None else mix(Mp), self.blur, self.H, self.W)
 
-    def __call__(self, Q: torch.Tensor) -> torch.Tensor:
+    def __call__(self, Q: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The message of ``Q``, with ``mix`` (a per-pixel linear map over classes: the compatibility
+        and the weight ``w``) applied on the pooled grid, before upsampling: they commute with the
+        upsampling and the normaliser, and the pooled grid is blur² times smaller."""
         M = None
         for g in self.gaussians:
             if g.norm is None:
-                term = self._pass(g, Q)
+                term = self._pass(g, Q, mix)
             else:
-                term = g.norm * self._pass(g, g.norm * Q)
+                term = g.norm * self._pass(g, g.norm * Q, mix)
             if g.scale is not None:
                 term = term * g.scale
             M = term if M is None else M + term
@@ -225,11 +232,16 @@ def mean_field(
     )
     L = F.log_softmax(unary, dim=1)
     Q = L if mode == "convcrf" else torch.softmax(L, dim=1)
-    for i in range(num_iter):
-        M = passer(Q)
+    unary_term = (unary_weight - weight) * L  # loop-invariant
+    compat_matrix = None if compat_matrix is None else compat_matrix.to(dtype)
+
+    def mix(M: torch.Tensor) -> torch.Tensor:  # w · (M + compat(M)), per pixel
         if compat_matrix is not None:
-            M = M + torch.einsum("dc,bchw->bdhw", compat_matrix.to(dtype), M)
-        Z = (unary_weight - weight) * L + weight * M
+            M = M + torch.einsum("dc,bchw->bdhw", compat_matrix, M)
+        return weight * M
+
+    for i in range(num_iter):
+        Z = unary_term + passer(Q, mix)
         if i < num_iter - 1 or final_softmax:
             Q = torch.softmax(Z, dim=1)
     return (Q if final_softmax else Z).to(out_dtype)

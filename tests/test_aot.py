@@ -5,7 +5,6 @@ compiled cubins are cached under ``.aot_cache/`` (``CONVCRF_AOT_CACHE``), so rer
 """
 
 import pytest
-
 from aot import compile_for
 from convcrf_triton.kernels import merged_kernel as gw
 from convcrf_triton.kernels import message_passing as mp

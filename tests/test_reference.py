@@ -37,8 +37,8 @@ def test_reference_matches_loop_oracle(case, H, W):
     case.pop("merge", None)
     got = functional.mean_field(
         torch.from_numpy(unary), torch.from_numpy(image), num_iter=3, backend="torch",
-        weight=torch.as_tensor(weight, dtype=torch.float64).reshape(1, -1, 1, 1), compat_matrix=None if compat is None else
-        torch.from_numpy(compat), **params, **case,
+        weight=torch.as_tensor(weight, dtype=torch.float64).reshape(1, -1, 1, 1),
+        compat_matrix=None if compat is None else torch.from_numpy(compat), **params, **case,
     )
     assert got.dtype == torch.float64
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-10)
