@@ -145,13 +145,13 @@ class MessagePasser:
                  col_use_pos: bool, norm: str, keep_centre: bool, ops: ModuleType) -> None:
         self.k, self.blur, self.keep_centre, self.H, self.W = filter_size, blur, keep_centre, *image.shape[-2:]
         pos, col = features(image, blur, pos_sdims, col_sdims, col_schan, col_use_pos)
-        trains_weights = torch.is_grad_enabled() and any(
-            isinstance(v, torch.Tensor) and v.requires_grad for v in (image, pos_sdims, pos_compat, col_sdims,
-                                                                     col_schan, col_compat))
-        if trains_weights:  # the Triton ops differentiate w.r.t. Q only
-            ops = reference
+        learns_weights = torch.is_grad_enabled() and any(
+            isinstance(v, torch.Tensor) and v.requires_grad
+            for v in (image, pos_sdims, pos_compat, col_sdims, col_schan, col_compat)
+        )
         self.ops = ops
-        fused = ops is not reference and ops.prefer_fused(filter_size)
+        # On the Triton backend only the fused op differentiates the weights (recomputing them).
+        fused = ops is not reference and (learns_weights or ops.prefer_fused(filter_size))
         if norm == "none":  # merged; also merge=False: the blur path is linear, so the sum is the same
             compats = torch.cat([_as_vector(pos_compat, pos), _as_vector(col_compat, pos)])
             terms = [(torch.cat([pos, col], 1), (2, col.shape[1]), compats, None)]

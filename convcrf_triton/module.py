@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +14,8 @@ from torch import nn
 
 from . import functional
 from .config import BACKENDS, CRFConfig
+
+CHECKPOINT_FORMAT = "convcrf-triton/1"
 
 # The original ConvCRF code's default configuration (its keys, our names in the comments).
 CONVCRF_DEFAULT_CONF: dict[str, Any] = {
@@ -27,8 +30,11 @@ class ConvCRF(nn.Module):
     """Convolutional CRF: refines segmentation logits with the image by mean-field inference.
 
     ``forward(unary [B, C, H, W], image [B, 3, H, W] RGB in [0, 255]) → logits [B, C, H, W]``; any B, H, W
-    on every call. The per-class (or scalar) weight ``w`` and, with ``convcomp=True``, the 1×1
-    compatibility matrix ``[C, C]`` are ``nn.Parameter``s when ``trainable`` and buffers otherwise.
+    on every call. The learnable quantities (the per-class or scalar weight ``weight``, the compat
+    weights ``pos_compat``/``col_compat``, the bandwidths as ``log_pos_sdims``/``log_col_schan``
+    (/``log_col_sdims`` with ``col_use_pos``) and, with ``convcomp=True``, the 1×1 compatibility
+    ``compat_matrix [C, C]``) are ``nn.Parameter``s when ``trainable`` and buffers otherwise, so
+    ``state_dict()`` holds them either way and an optimiser sees exactly the learnable set.
     """
 
     def __init__(
@@ -65,6 +71,13 @@ class ConvCRF(nn.Module):
         )
         shape = (1, num_classes, 1, 1) if weight == "vector" else ()
         self._register("weight", torch.full(shape, float(weight_init)))
+        # Bandwidths are held as logs, so that learning keeps them positive.
+        self._register("log_pos_sdims", torch.tensor(math.log(pos_sdims)))
+        self._register("log_col_schan", torch.tensor(math.log(col_schan)))
+        if col_use_pos:
+            self._register("log_col_sdims", torch.tensor(math.log(col_sdims)))
+        self._register("pos_compat", torch.tensor(float(pos_compat)))
+        self._register("col_compat", torch.tensor(float(col_compat)))
         if convcomp:
             self._register("compat_matrix", torch.full((num_classes, num_classes), 0.1 * math.sqrt(2.0 / num_classes)))
         else:
@@ -99,12 +112,32 @@ class ConvCRF(nn.Module):
                              f"ConvCRF was built for num_classes={cfg.num_classes}")
         return functional.mean_field(
             unary, image, filter_size=cfg.filter_size, blur=cfg.blur, num_iter=cfg.num_iter,
-            pos_sdims=cfg.pos_sdims, pos_compat=cfg.pos_compat, col_sdims=cfg.col_sdims,
-            col_schan=cfg.col_schan, col_compat=cfg.col_compat, col_use_pos=cfg.col_use_pos,
+            pos_sdims=self.log_pos_sdims.exp(), pos_compat=self.pos_compat,
+            col_sdims=self.log_col_sdims.exp() if cfg.col_use_pos else cfg.col_sdims,
+            col_schan=self.log_col_schan.exp(), col_compat=self.col_compat, col_use_pos=cfg.col_use_pos,
             weight=self.weight, unary_weight=cfg.unary_weight, norm=cfg.norm,
             compat_matrix=self.compat_matrix, mode=cfg.mode, final_softmax=cfg.final_softmax,
             backend=cfg.backend,
         )
+
+    def save(self, path: str | Path) -> None:
+        """Write a checkpoint (config and parameters) that :meth:`load` reads back."""
+        torch.save({"format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "state_dict": self.state_dict()},
+                   path)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu", backend: str | None = None
+             ) -> ConvCRF:
+        """A ``ConvCRF`` from a checkpoint written by :meth:`save` (optionally on another ``backend``)."""
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a convcrf-triton checkpoint (written by ConvCRF.save)")
+        config = dict(ckpt["config"])
+        if backend is not None:
+            config["backend"] = backend
+        crf = cls(**config)
+        crf.load_state_dict(ckpt["state_dict"])
+        return crf
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -69,6 +69,70 @@ def _message_pass_kernel(
     tl.store(out, acc.to(m_ptr.dtype.element_ty), mask=c_mask & in_img[None, :])
 
 
+@triton.jit
+def _weight_grad_kernel(
+    q_ptr, g_ptr, f_ptr, compat_ptr, gf_ptr, gc_ptr, C, h, w,
+    KSIZE: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_D: tl.constexpr, KEEP_CENTRE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr,
+):
+    # Gradient of L(M) w.r.t. the features and compat weights of the fused pass, from G = dL/dM.
+    # With e_g[p, t] = exp(-1/2 |f_g[p] - f_g[p + d_t]|^2), symmetric in (p, p + d_t), and
+    #     A[p, t] = sum_c G[c, p] Q[c, p + d_t] + Q[c, p] G[c, p + d_t]
+    # (p as the centre and as the neighbour of the mirrored tap):
+    #     dL/df_g[p] = -sum_t c_g e_g[p, t] (f_g[p] - f_g[p + d_t]) A[p, t]
+    #     dL/dc_g    = 1/2 sum_{p, t} e_g[p, t] A[p, t]
+    # The weights are recomputed, never stored. grid: (cdiv(h*w, BLOCK_P), B); each program writes its
+    # pixels' feature gradients and its partial compat sums (reduced on the host: deterministic).
+    b = tl.program_id(1)
+    plane = h * w
+    if IDX64:
+        b = b.to(tl.int64)
+        plane = plane.to(tl.int64)
+    offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_img = offs < plane
+    y = offs // w
+    x = offs % w
+    rows = tl.arange(0, BLOCK_D)[:, None]
+    f_off = b * (D1 + D2) * plane + rows * plane
+    f_rows = f_ptr + f_off
+    f_mask = rows < D1 + D2
+    f_own = tl.load(f_rows + offs[None, :], mask=f_mask & in_img[None, :], other=0.0).to(tl.float32)
+    c1, c2 = _load_compats(compat_ptr, D2)
+    acc_f = tl.zeros((BLOCK_D, BLOCK_P), dtype=tl.float32)
+    acc_c1 = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    acc_c2 = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cls = c0 + tl.arange(0, BLOCK_C)
+        c_mask = (cls < C)[:, None]
+        q_rows = q_ptr + b * C * plane + cls[:, None] * plane
+        g_rows = g_ptr + b * C * plane + cls[:, None] * plane
+        own_mask = c_mask & in_img[None, :]
+        q_own = tl.load(q_rows + offs[None, :], mask=own_mask, other=0.0).to(tl.float32)
+        g_own = tl.load(g_rows + offs[None, :], mask=own_mask, other=0.0).to(tl.float32)
+        for t in range(KSIZE * KSIZE):
+            nb, valid = _neighbour(offs, y, x, in_img, t, h, w, KSIZE)
+            if not KEEP_CENTRE:
+                valid = valid & (t != KSIZE * KSIZE // 2)
+            nb_mask = c_mask & valid[None, :]
+            q_nb = tl.load(q_rows + nb[None, :], mask=nb_mask, other=0.0).to(tl.float32)
+            g_nb = tl.load(g_rows + nb[None, :], mask=nb_mask, other=0.0).to(tl.float32)
+            a = tl.sum(g_own * q_nb + q_own * g_nb, axis=0)
+            diff = f_own - tl.load(f_rows + nb[None, :], mask=f_mask & valid[None, :], other=0.0).to(tl.float32)
+            sq = diff * diff
+            e1 = tl.where(valid, tl.exp(-0.5 * tl.sum(tl.where(rows < D1, sq, 0.0), axis=0)), 0.0)
+            acc_c1 += e1 * a
+            coef = tl.where(rows < D1, (c1 * e1 * a)[None, :], 0.0)
+            if D2 > 0:
+                e2 = tl.where(valid, tl.exp(-0.5 * tl.sum(tl.where(rows >= D1, sq, 0.0), axis=0)), 0.0)
+                acc_c2 += e2 * a
+                coef = tl.where(rows >= D1, (c2 * e2 * a)[None, :], coef)
+            acc_f -= coef * diff
+    tl.store(gf_ptr + f_off + offs[None, :], acc_f, mask=f_mask & in_img[None, :])
+    partial = gc_ptr + (b * tl.num_programs(0) + tl.program_id(0)) * 2
+    tl.store(partial, 0.5 * tl.sum(acc_c1, axis=0))
+    tl.store(partial + 1, 0.5 * tl.sum(acc_c2, axis=0))
+
+
 def _prune(configs, named_args, **kwargs):
     """Drop class blocks far wider than C, and tiles over 16 elements per thread: each element of the
     ``[BLOCK_C, BLOCK_P]`` tile costs ~7 registers (accumulator, loaded value, 64-bit address, predicate),
@@ -118,31 +182,71 @@ def _launch(Q: torch.Tensor, K: torch.Tensor | None, feats: torch.Tensor | None,
     return M
 
 
-class _MessagePass(torch.autograd.Function):
-    """Autograd w.r.t. ``Q``: ``dL/dQ = message_pass(K, dL/dM)`` by the symmetry of the kernel.
+def _weight_grad(Q: torch.Tensor, G: torch.Tensor, feats: torch.Tensor, compats: torch.Tensor,
+                 dims: Sequence[int], filter_size: int, keep_centre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dfeats [B, D, h, w], dL/dcompats [G])`` of the fused pass, from ``G = dL/dM``."""
+    B, C, h, w = Q.shape
+    Q, G = Q.contiguous(), G.contiguous()
+    meta = feature_meta(feats, dims, compats)
+    block_d = triton.next_power_of_2(meta["D1"] + meta["D2"])
+    if interpreting():
+        block_c, block_p = interpreter_blocks(C, h * w)
+    else:
+        block_c, block_p = min(triton.next_power_of_2(C), 16), 64
+    grid = (triton.cdiv(h * w, block_p), B)
+    grad_f = torch.empty_like(feats)
+    partials = feats.new_empty(B * grid[0], 2)
+    _weight_grad_kernel[grid](
+        Q, G, feats, compats, grad_f, partials, C, h, w, KSIZE=filter_size, BLOCK_D=block_d,
+        KEEP_CENTRE=keep_centre, BLOCK_C=block_c, BLOCK_P=block_p, IDX64=needs_int64(Q, feats), **meta,
+    )
+    return grad_f, partials.sum(0)[: len(dims)]
 
-    The weights (``K``, or ``feats``/``compats``) get no gradient here; the functional layer sends
-    differentiable weights to the reference path.
-    """
+
+class _MessagePass(torch.autograd.Function):
+    """Two-pass, differentiable w.r.t. ``Q`` only: ``dL/dQ = message_pass(K, dL/dM)`` (K is symmetric).
+    To learn the weights use the fused op, whose backward recomputes them instead of storing k*k values."""
 
     @staticmethod
-    def forward(ctx, Q, K, feats, compats, dims, filter_size, keep_centre):
-        ctx.save_for_backward(K, feats, compats)
-        ctx.meta = (dims, filter_size, keep_centre)
-        return _launch(Q, K, feats, compats, dims, filter_size, keep_centre)
+    def forward(ctx, Q, K):
+        ctx.save_for_backward(K)
+        k = int(round(K.shape[1] ** 0.5))
+        return _launch(Q, K, None, None, (), k, True)
 
     @staticmethod
     def backward(ctx, grad_m):
-        K, feats, compats = ctx.saved_tensors
-        grad_q = _launch(grad_m, K, feats, compats, *ctx.meta) if ctx.needs_input_grad[0] else None
-        return grad_q, None, None, None, None, None, None
+        (K,) = ctx.saved_tensors
+        k = int(round(K.shape[1] ** 0.5))
+        return _launch(grad_m, K, None, None, (), k, True), None
+
+
+class _FusedMessagePass(torch.autograd.Function):
+    """Fused, differentiable w.r.t. ``Q`` (a message pass of ``dL/dM``), the features and the compat
+    weights (:func:`_weight_grad_kernel`)."""
+
+    @staticmethod
+    def forward(ctx, Q, feats, compats, dims, filter_size, keep_centre):
+        ctx.save_for_backward(Q, feats, compats)
+        ctx.meta = (dims, filter_size, keep_centre)
+        return _launch(Q, None, feats, compats, dims, filter_size, keep_centre)
+
+    @staticmethod
+    def backward(ctx, grad_m):
+        Q, feats, compats = ctx.saved_tensors
+        grad_q = grad_f = grad_c = None
+        if ctx.needs_input_grad[0]:
+            grad_q = _launch(grad_m, None, feats, compats, *ctx.meta)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_f, grad_c = _weight_grad(Q, grad_m, feats, compats, *ctx.meta)
+        return grad_q, grad_f, grad_c, None, None, None
 
 
 def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """Two-pass: ``K: [B, k*k, h, w]`` float32, ``Q: [B, C, h, w]`` → ``M: [B, C, h, w]`` (Q's dtype)."""
     check_on_device(K=K, Q=Q)
-    k = int(round(K.shape[1] ** 0.5))
-    return _MessagePass.apply(Q, K.contiguous().float(), None, None, (), k, True)
+    if K.requires_grad and torch.is_grad_enabled():
+        raise ValueError("message_pass does not differentiate K: use fused_message_pass to learn the weights")
+    return _MessagePass.apply(Q, K.contiguous().float())
 
 
 def fused_message_pass(
@@ -153,7 +257,7 @@ def fused_message_pass(
     check_on_device(feats=feats, compats=compats, Q=Q)
     feats = feats.contiguous().float()
     compats = compats.contiguous().float()
-    return _MessagePass.apply(Q, None, feats, compats, tuple(dims), filter_size, keep_centre)
+    return _FusedMessagePass.apply(Q, feats, compats, tuple(dims), filter_size, keep_centre)
 
 
 def prefer_fused(filter_size: int) -> bool:

@@ -428,6 +428,9 @@ def test_backend_attribute_is_assignable() -> None:
     assert "backend='torch'" in repr(crf)
 
 
+LEARNABLE = {"weight", "log_pos_sdims", "log_col_schan", "pos_compat", "col_compat"}
+
+
 @pytest.mark.parametrize("weight", ["vector", "scalar"])
 @pytest.mark.parametrize("convcomp", [False, True])
 def test_trainable_parameters(weight: str, convcomp: bool) -> None:
@@ -442,10 +445,10 @@ def test_trainable_parameters(weight: str, convcomp: bool) -> None:
         assert isinstance(crf.compat_matrix, nn.Parameter)
         assert params["compat_matrix"] is crf.compat_matrix
         assert crf.compat_matrix.shape == (C, C)
-        assert set(params) == {"weight", "compat_matrix"}
+        assert set(params) == LEARNABLE | {"compat_matrix"}
     else:
         assert crf.compat_matrix is None
-        assert set(params) == {"weight"}
+        assert set(params) == LEARNABLE
     assert dict(crf.named_buffers()) == {}
     # gradients reach the parameters
     unary, image = _inputs(25, 1, C, 6, 5)
@@ -468,9 +471,9 @@ def test_frozen_are_buffers(weight: str, convcomp: bool) -> None:
     if convcomp:
         assert buffers["compat_matrix"] is crf.compat_matrix
         assert not isinstance(crf.compat_matrix, nn.Parameter)
-        assert set(buffers) == {"weight", "compat_matrix"}
+        assert set(buffers) == LEARNABLE | {"compat_matrix"}
     else:
-        assert set(buffers) == {"weight"}
+        assert set(buffers) == LEARNABLE
     assert set(crf.state_dict()) == set(buffers)
 
 
@@ -484,12 +487,14 @@ def test_state_dict_round_trip(trainable: bool, weight: str) -> None:
     with torch.no_grad():
         src.weight.copy_(torch.rand(src.weight.shape, generator=g))
         src.compat_matrix.copy_(torch.randn(C, C, generator=g) * 0.1)
+        src.log_col_schan.add_(0.3)
+        src.pos_compat.mul_(1.5)
     unary, image = _inputs(27, 2, C, 8, 7)
     expected = src(unary, image)
     dst = _small(C, **kw)
     assert not torch.equal(dst(unary, image), expected)
     state = src.state_dict()
-    assert set(state) == {"weight", "compat_matrix"}
+    assert set(state) == LEARNABLE | {"compat_matrix"}
     dst.load_state_dict(state)
     torch.testing.assert_close(dst(unary, image), expected, rtol=0, atol=0)
     torch.testing.assert_close(dst.weight, src.weight, rtol=0, atol=0)
@@ -540,6 +545,10 @@ def test_module_equals_functional() -> None:
         compat_matrix=crf.compat_matrix,
         mode="convcrf",
         backend="torch",
+        # the module holds bandwidths as logs: pass exactly the values it uses
+        pos_sdims=crf.log_pos_sdims.exp(),
+        col_sdims=crf.log_col_sdims.exp(),
+        col_schan=crf.log_col_schan.exp(),
     )
     torch.testing.assert_close(crf(unary, image), expected, rtol=0, atol=0)
 
