@@ -153,6 +153,8 @@ TUNE_CONFIGS = [
     ]
 ]
 DEFAULT_CONFIG = TUNE_CONFIGS[0]
+# (BLOCK_C, BLOCK_P) of the weight-gradient kernel on the GPU (4 warps): it holds four class tiles at once.
+WEIGHT_GRAD_BLOCKS = (16, 64)
 
 _message_pass_tuned = triton.autotune(
     configs=TUNE_CONFIGS, key=["KSIZE", "FUSED", "C", "h", "w"], prune_configs_by={"early_config_prune": _prune}
@@ -192,7 +194,7 @@ def _weight_grad(Q: torch.Tensor, G: torch.Tensor, feats: torch.Tensor, compats:
     if interpreting():
         block_c, block_p = interpreter_blocks(C, h * w)
     else:
-        block_c, block_p = min(triton.next_power_of_2(C), 16), 64
+        block_c, block_p = min(triton.next_power_of_2(C), WEIGHT_GRAD_BLOCKS[0]), WEIGHT_GRAD_BLOCKS[1]
     grid = (triton.cdiv(h * w, block_p), B)
     grad_f = torch.empty_like(feats)
     partials = feats.new_empty(B * grid[0], 2)

@@ -51,3 +51,18 @@ def test_every_autotune_config_compiles_without_spills_on_sm90(cfg, fused):
     usage = compile_for(mp._message_pass_kernel, MP_SIGNATURE, _mp_constexprs(cfg, 7, fused), 90,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     assert usage.stack == 0, f"{cfg} spills: {usage}"
+
+
+WG_SIGNATURE = {"q_ptr": PTR, "g_ptr": PTR, "f_ptr": PTR, "compat_ptr": PTR, "gf_ptr": PTR, "gc_ptr": PTR,
+                "C": "i32", "h": "i32", "w": "i32"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("k,gaussians", [(11, {"D1": 2, "D2": 3, "BLOCK_D": 8}), (31, {"D1": 5, "D2": 0, "BLOCK_D": 8})])
+def test_weight_grad_kernel_compiles_without_spills(arch, k, gaussians):
+    block_c, block_p = mp.WEIGHT_GRAD_BLOCKS
+    usage = compile_for(mp._weight_grad_kernel, WG_SIGNATURE,
+                        {"KSIZE": k, "KEEP_CENTRE": False, "BLOCK_C": block_c, "BLOCK_P": block_p, "IDX64": False,
+                         **gaussians}, arch)
+    print(f"weight_grad k={k} sm_{arch}: {usage}")
+    assert usage.stack == 0 and usage.reg <= 255
