@@ -58,7 +58,10 @@ WG_SIGNATURE = {"q_ptr": PTR, "g_ptr": PTR, "f_ptr": PTR, "compat_ptr": PTR, "gf
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("k,gaussians", [(11, {"D1": 2, "D2": 3, "BLOCK_D": 8}), (31, {"D1": 5, "D2": 0, "BLOCK_D": 8})])
+@pytest.mark.parametrize("k,gaussians", [
+    (11, {"D1": 2, "D2": 3, "BLOCK_D": 8}),
+    (31, {"D1": 5, "D2": 0, "BLOCK_D": 8}),
+])
 def test_weight_grad_kernel_compiles_without_spills(arch, k, gaussians):
     block_c, block_p = mp.WEIGHT_GRAD_BLOCKS
     usage = compile_for(mp._weight_grad_kernel, WG_SIGNATURE,

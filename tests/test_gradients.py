@@ -51,7 +51,7 @@ def test_gradcheck_reference_every_input_and_parameter(mode):
     names = list(params)
 
     def f(unary, image, *values):
-        return _run(unary, image, dict(zip(names, values)), "torch", **mode)
+        return _run(unary, image, dict(zip(names, values, strict=True)), "torch", **mode)
 
     inputs = [t.requires_grad_() for t in (unary, image, *params.values())]
     assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
@@ -76,7 +76,7 @@ def test_triton_backward_matches_reference(mode):
             assert got is None and want is None
             continue
 
-        def rel(x):
+        def rel(x, want=want):
             return ((x.double() - want).abs().max() / want.abs().max()).item()
 
         assert rel(got) < max(1e-5, 4 * rel(ref32)), f"{name}: {rel(got):.2e} (float32 reference: {rel(ref32):.2e})"
