@@ -159,9 +159,14 @@ def _version() -> str:
 _MESSAGE = re.compile(r"^(\w+)=(.*?) is not allowed: (.*)$")
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else e.__class__.__name__
+
+
 def _flag_error(e: Exception) -> CLIError:
     """``ValueError("filter_size=4 is not allowed: expected …")`` → ``--filter-size 4: expected …``."""
-    msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+    msg = _first_line(e)
     m = _MESSAGE.match(msg)
     flags = {v: k for k, v in CRF_FLAGS.items()}
     if m and m.group(1) in flags:
@@ -213,10 +218,10 @@ def make_crf_factory(args: argparse.Namespace):  # noqa: ANN201
         if not Path(args.checkpoint).is_file():
             raise CLIError(f"--checkpoint {args.checkpoint}: no such file")
         try:
-            loaded = load(args.checkpoint)
+            loaded = load(args.checkpoint, backend=args.backend)
         except Exception as e:  # a corrupt or foreign file: any error is the file's fault
-            raise CLIError(f"--checkpoint {args.checkpoint}: cannot load it ({e.__class__.__name__}: {e})") from None
-        loaded.backend = args.backend
+            why = _first_line(e) if isinstance(e, ValueError) else e.__class__.__name__
+            raise CLIError(f"--checkpoint {args.checkpoint}: cannot load it as a ConvCRF checkpoint ({why})") from None
 
         def from_checkpoint(num_classes: int, device):  # noqa: ANN001, ANN202
             if loaded.num_classes != num_classes:
@@ -444,7 +449,10 @@ def cmd_bench(argv: list[str]) -> int:
         if e.name in ("convcrf_triton.benchmark", f"{__package__}.benchmark"):
             raise CLIError("bench: this installation has no convcrf_triton.benchmark module") from None
         raise CLIError(f"bench needs the package {e.name!r}: pip install 'convcrf-triton[bench]'") from None
-    return int(benchmark.main(argv) or 0)
+    try:
+        return int(benchmark.main(argv) or 0)
+    except SystemExit as e:  # its argparse: --help, or a usage error it has already printed
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
 
 
 # ---- entry point ------------------------------------------------------------------------------------------
@@ -466,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except CLIError as e:
         where = f"{PROG} {command}" if command in ("demo", "refine", "eval", "bench") else PROG
-        print(f"{where}: error: {e}", file=sys.stderr)
+        print(f"{where}: error: {_first_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -474,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, RuntimeError) as e:
         if os.environ.get("CONVCRF_TRITON_DEBUG"):
             raise
-        msg = str(e).splitlines()[0] if str(e) else ""
+        msg = _first_line(e)
         if isinstance(e, RuntimeError) and "out of memory" in msg:
             msg += " (try a smaller --batch-size or --filter-size, or a larger --blur)"
         print(f"{PROG} {command}: error: {e.__class__.__name__}: {msg}", file=sys.stderr)

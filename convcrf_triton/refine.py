@@ -118,8 +118,8 @@ def load_probs(path: str | Path, shape: tuple[int, int], layout: str, logits: bo
         raise CLIError(f"probs {path}: no such file")
     try:
         arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise CLIError(f"probs {path}: not a readable .npy array ({e})") from None
+    except (ValueError, OSError, EOFError):
+        raise CLIError(f"probs {path}: not a readable .npy array (numpy.save of a numeric array)") from None
     if not isinstance(arr, np.ndarray) or arr.ndim != 3:
         raise CLIError(f"probs {path}: expected a 3-D array [C, H, W] or [H, W, C], got shape {np.shape(arr)}")
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
@@ -333,7 +333,8 @@ def _refine_items(args: argparse.Namespace, todo: list[tuple[str, Path, Path, Pa
 
     batch_size = args.batch_size or (8 if device.type == "cuda" else 1)
     crf, classes, batch, done = None, None, [], 0
-    with tqdm(total=len(todo), unit="img", disable=not progress or None, dynamic_ncols=True, leave=False) as bar:
+    # disable=None: a bar on terminals only
+    with tqdm(total=len(todo), unit="img", disable=None if progress else True, dynamic_ncols=True, leave=False) as bar:
         def flush() -> None:
             nonlocal done
             if batch:
@@ -343,13 +344,19 @@ def _refine_items(args: argparse.Namespace, todo: list[tuple[str, Path, Path, Pa
                 batch.clear()
 
         for stem, image_path, input_path, out, probs_out in todo:
-            item = _load_item(args, stem, image_path, input_path, out, probs_out)
-            _check_classes(classes, item, input_path)
+            try:
+                item = _load_item(args, stem, image_path, input_path, out, probs_out)
+                _check_classes(classes, item, input_path)
+            except BaseException:
+                flush()  # the inputs read so far are fine: finish them, so a restart skips them
+                raise
             if crf is None:
                 classes = item.unary.shape[0]
                 crf = make_crf(classes, device)
-            if batch and (batch[0].image.shape != item.image.shape or len(batch) >= batch_size):
+            if batch and batch[0].image.shape != item.image.shape:
                 flush()
             batch.append(item)
+            if len(batch) >= batch_size:
+                flush()
         flush()
     return done
