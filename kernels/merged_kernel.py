@@ -101,13 +101,9 @@ def feature_meta(feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor
     return {"D1": d1, "D2": d2}
 
 
-def gaussian_weights(
-    feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor, filter_size: int, keep_centre: bool
-) -> torch.Tensor:
-    """``feats: [B, D, h, w]`` float32 → ``K: [B, k*k, h, w]`` float32 (see the module docstring)."""
-    check_on_device(feats=feats, compats=compats)
-    feats = feats.contiguous().float()
-    compats = compats.contiguous().float()
+@torch.library.custom_op("convcrf_triton::gaussian_weights", mutates_args=())
+def _gaussian_weights_op(feats: torch.Tensor, compats: torch.Tensor, dims: list[int], filter_size: int,
+                         keep_centre: bool) -> torch.Tensor:
     B, _, h, w = feats.shape
     K = feats.new_empty(B, filter_size * filter_size, h, w)
     block_p = interpreter_blocks(1, h * w)[1] if interpreting() else 128
@@ -117,3 +113,19 @@ def gaussian_weights(
         IDX64=needs_int64(feats, K), **feature_meta(feats, dims, compats),
     )
     return K
+
+
+@_gaussian_weights_op.register_fake
+def _(feats, compats, dims, filter_size, keep_centre):
+    B, _, h, w = feats.shape
+    return feats.new_empty(B, filter_size * filter_size, h, w)
+
+
+def gaussian_weights(
+    feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor, filter_size: int, keep_centre: bool
+) -> torch.Tensor:
+    """``feats: [B, D, h, w]`` → ``K: [B, k*k, h, w]`` float32 (see the module docstring). Not
+    differentiable: learn the weights through the fused message pass."""
+    check_on_device(feats=feats, compats=compats)
+    return _gaussian_weights_op(feats.contiguous().float(), compats.contiguous().float(), list(dims), filter_size,
+                                keep_centre)

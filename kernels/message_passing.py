@@ -10,6 +10,10 @@ neighbour load is a contiguous run) and walks the k×k window with a run-time lo
 explodes compile time and spills for k ≥ 7), accumulating in float32. The Gaussian kernel is symmetric
 (``K[p, d] = K[p + d, -d]``), so the gradient w.r.t. ``Q`` is the message pass of the output gradient.
 
+Backward: ``dL/dQ`` is a message pass of ``dL/dM``; the features' and compat weights' gradients come from
+one more kernel (:func:`_weight_grad_kernel`) that recomputes the weights. Every launch is a
+``torch.library`` custom op with a fake implementation, so ``torch.compile`` captures it whole.
+
 Which variant is faster is a question of ``k`` against ``C``: the two-pass kernel streams ``k*k``
 weights per pixel from memory, the fused one recomputes them (``D`` loads and one or two ``exp`` per
 tap) once per class block. Until a GPU measures the crossover, :func:`prefer_fused` picks fused for
@@ -205,42 +209,74 @@ def _weight_grad(Q: torch.Tensor, G: torch.Tensor, feats: torch.Tensor, compats:
     return grad_f, partials.sum(0)[: len(dims)]
 
 
-class _MessagePass(torch.autograd.Function):
+# The ops are registered with torch.library, so that torch.compile treats each launch as one opaque
+# node (no graph break; shapes from the fake implementations) and autograd uses the backward below.
+
+
+@torch.library.custom_op("convcrf_triton::message_pass", mutates_args=())
+def _message_pass_op(Q: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    return _launch(Q, K, None, None, (), int(round(K.shape[1] ** 0.5)), True)
+
+
+@torch.library.custom_op("convcrf_triton::fused_message_pass", mutates_args=())
+def _fused_message_pass_op(Q: torch.Tensor, feats: torch.Tensor, compats: torch.Tensor, dims: list[int],
+                           filter_size: int, keep_centre: bool) -> torch.Tensor:
+    return _launch(Q, None, feats, compats, dims, filter_size, keep_centre)
+
+
+@torch.library.custom_op("convcrf_triton::fused_weight_grad", mutates_args=())
+def _weight_grad_op(Q: torch.Tensor, G: torch.Tensor, feats: torch.Tensor, compats: torch.Tensor, dims: list[int],
+                    filter_size: int, keep_centre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _weight_grad(Q, G, feats, compats, dims, filter_size, keep_centre)
+
+
+@_message_pass_op.register_fake
+def _(Q, K):
+    return Q.new_empty(Q.shape)
+
+
+@_fused_message_pass_op.register_fake
+def _(Q, feats, compats, dims, filter_size, keep_centre):
+    return Q.new_empty(Q.shape)
+
+
+@_weight_grad_op.register_fake
+def _(Q, G, feats, compats, dims, filter_size, keep_centre):
+    return feats.new_empty(feats.shape), feats.new_empty(len(dims))
+
+
+def _message_pass_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _message_pass_backward(ctx, grad_m):
     """Two-pass, differentiable w.r.t. ``Q`` only: ``dL/dQ = message_pass(K, dL/dM)`` (K is symmetric).
     To learn the weights use the fused op, whose backward recomputes them instead of storing k*k values."""
-
-    @staticmethod
-    def forward(ctx, Q, K):
-        ctx.save_for_backward(K)
-        k = int(round(K.shape[1] ** 0.5))
-        return _launch(Q, K, None, None, (), k, True)
-
-    @staticmethod
-    def backward(ctx, grad_m):
-        (K,) = ctx.saved_tensors
-        k = int(round(K.shape[1] ** 0.5))
-        return _launch(grad_m, K, None, None, (), k, True), None
+    (K,) = ctx.saved_tensors
+    return _message_pass_op(grad_m.contiguous(), K), None
 
 
-class _FusedMessagePass(torch.autograd.Function):
-    """Fused, differentiable w.r.t. ``Q`` (a message pass of ``dL/dM``), the features and the compat
-    weights (:func:`_weight_grad_kernel`)."""
+def _fused_setup(ctx, inputs, output):
+    Q, feats, compats, *meta = inputs
+    ctx.save_for_backward(Q, feats, compats)
+    ctx.meta = meta
 
-    @staticmethod
-    def forward(ctx, Q, feats, compats, dims, filter_size, keep_centre):
-        ctx.save_for_backward(Q, feats, compats)
-        ctx.meta = (dims, filter_size, keep_centre)
-        return _launch(Q, None, feats, compats, dims, filter_size, keep_centre)
 
-    @staticmethod
-    def backward(ctx, grad_m):
-        Q, feats, compats = ctx.saved_tensors
-        grad_q = grad_f = grad_c = None
-        if ctx.needs_input_grad[0]:
-            grad_q = _launch(grad_m, None, feats, compats, *ctx.meta)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_f, grad_c = _weight_grad(Q, grad_m, feats, compats, *ctx.meta)
-        return grad_q, grad_f, grad_c, None, None, None
+def _fused_backward(ctx, grad_m):
+    """``dL/dQ`` is the fused pass of ``dL/dM``; the features' and compat weights' gradients come from
+    :func:`_weight_grad_kernel`."""
+    Q, feats, compats = ctx.saved_tensors
+    grad_m = grad_m.contiguous()
+    grad_q = grad_f = grad_c = None
+    if ctx.needs_input_grad[0]:
+        grad_q = _fused_message_pass_op(grad_m, feats, compats, *ctx.meta)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        grad_f, grad_c = _weight_grad_op(Q, grad_m, feats, compats, *ctx.meta)
+    return grad_q, grad_f, grad_c, None, None, None
+
+
+_message_pass_op.register_autograd(_message_pass_backward, setup_context=_message_pass_setup)
+_fused_message_pass_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
 def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -248,7 +284,7 @@ def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     check_on_device(K=K, Q=Q)
     if K.requires_grad and torch.is_grad_enabled():
         raise ValueError("message_pass does not differentiate K: use fused_message_pass to learn the weights")
-    return _MessagePass.apply(Q, K.contiguous().float())
+    return _message_pass_op(Q.contiguous(), K.contiguous().float())
 
 
 def fused_message_pass(
@@ -259,7 +295,7 @@ def fused_message_pass(
     check_on_device(feats=feats, compats=compats, Q=Q)
     feats = feats.contiguous().float()
     compats = compats.contiguous().float()
-    return _FusedMessagePass.apply(Q, feats, compats, tuple(dims), filter_size, keep_centre)
+    return _fused_message_pass_op(Q.contiguous(), feats, compats, list(dims), filter_size, keep_centre)
 
 
 def prefer_fused(filter_size: int) -> bool:
