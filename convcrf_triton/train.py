@@ -56,12 +56,16 @@ def _forward(crf: ConvCRF, sample: Sample, noise_seed: int, device: torch.device
 
 @torch.no_grad()
 def evaluate(crf: ConvCRF, samples: Sequence[Sample], noise_seed: int = 0) -> dict[str, float]:
-    """SPEC §6 accuracy and mIoU (fractions) of ``crf`` on ``samples`` with ``default_rng(noise_seed)``."""
+    """SPEC §6 accuracy and mIoU (fractions) and the mean training loss of ``crf`` on ``samples``, with the
+    evaluation noise ``default_rng(noise_seed)`` per image."""
     device = next(iter(crf.buffers()), next(iter(crf.parameters()), torch.empty(0))).device
-    cm = ConfusionMatrix(crf.num_classes)
+    cm, losses = ConfusionMatrix(crf.num_classes), []
     for sample in samples:
-        cm.add(sample.labels, _forward(crf, sample, noise_seed, device)[0].argmax(0).cpu().numpy())
-    return {"acc": cm.accuracy(), "miou": cm.miou()}
+        logits = _forward(crf, sample, noise_seed, device)
+        target = torch.from_numpy(sample.labels)[None].to(device)
+        losses.append(F.cross_entropy(logits, target, ignore_index=IGNORE).item())
+        cm.add(sample.labels, logits[0].argmax(0).cpu().numpy())
+    return {"acc": cm.accuracy(), "miou": cm.miou(), "loss": float(np.mean(losses))}
 
 
 def train(
