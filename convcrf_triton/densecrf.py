@@ -251,7 +251,7 @@ class DenseCRF2D:
                 f"{name}(sxy={t['sxy']:g}): the ConvCRF window (filter_size={filter_size}, blur={blur}) reaches "
                 f"{window_reach(filter_size, blur)} px, less than 1.5·sxy = {COVER * t['sxy']:g} px, so longer-range "
                 f"interactions are dropped; DenseCRF2D(..., filter_size={k}, blur={b}) would cover it",
-                LocalityWarning, stacklevel=3,
+                LocalityWarning, stacklevel=4,  # the caller of inference()
             )
 
     def _crf(self, n_iter: int) -> ConvCRF:

@@ -253,3 +253,28 @@ def test_label_agreement_with_pydensecrf_on_voc7(voc7) -> None:  # noqa: ANN001
           f"ours {ours_cm.miou():.4f}")
     assert agree / total > 0.94
     assert abs(ours_cm.miou() - theirs_cm.miou()) < 0.03
+
+
+@pytest.mark.filterwarnings("ignore::convcrf_triton.densecrf.LocalityWarning")
+def test_triton_backend_matches_torch() -> None:
+    """The GPU path (Triton kernels; here under the interpreter) computes the same mapping: the separate,
+    symmetric-normalised Gaussians with position in the appearance kernel."""
+    image, U = _tiny(6, 9, 11, 4)
+    results = []
+    for backend in ("torch", "triton"):
+        d = DenseCRF2D(11, 9, 4, filter_size=5, blur=2, backend=backend)
+        d.setUnaryEnergy(U)
+        d.addPairwiseGaussian(sxy=2, compat=3)
+        d.addPairwiseBilateral(sxy=3, srgb=20, rgbim=image, compat=5)
+        results.append(d.inference(3))
+    np.testing.assert_allclose(results[1], results[0], atol=1e-5)
+
+
+def test_warning_points_at_the_caller() -> None:
+    image, U = _tiny(7, 8, 8, 2)
+    dcrf._warned.clear()
+    d = DenseCRF2D(8, 8, 2, filter_size=3, blur=2, backend="torch")
+    d.addPairwiseBilateral(sxy=40, srgb=13, rgbim=image, compat=10)
+    with pytest.warns(LocalityWarning) as record:
+        d.inference(1)
+    assert record[0].filename == __file__
