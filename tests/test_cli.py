@@ -363,3 +363,34 @@ def test_every_error_is_one_line_exit_2_and_leaves_no_output(capsys, tmp_path, f
             raise AssertionError(f"{[str(a) for a in argv]}: {e}") from None
         assert list(work.iterdir()) == [], argv
         assert not (inputs / "o").exists() or not any((inputs / "o").iterdir()), argv
+
+
+def test_train_reports_saves_and_the_checkpoint_refines(capsys, tmp_path, folder) -> None:  # noqa: ANN001
+    out = tmp_path / "crf.pt"
+    rc, stdout, err = run(capsys, "train", "--images", folder / "images", "--labels", folder / "labels",
+                          "--epochs", "2", "--holdout", "1", "--lr", "0.01", "--out", out, "--quiet", *FAST)
+    assert rc == 0, err
+    lines = stdout.strip().splitlines()
+    assert lines[0].startswith("before: mIoU") and "1 held-out images" in lines[0]
+    assert [ln.split()[:2] for ln in lines[1:3]] == [["epoch", "1"], ["epoch", "2"]]
+    assert lines[3].startswith("after:  mIoU") and lines[4] == f"saved {out}"
+    crf = ConvCRF.load(out)
+    assert crf.config.trainable and crf.config.filter_size == 5 and crf.num_classes == 21
+    assert [p.name for p in tmp_path.iterdir()] == ["crf.pt"]  # no temporary left behind
+    rc, stdout, err = run(capsys, "eval", "--images", folder / "images", "--labels", folder / "labels",
+                          "--checkpoint", out, "--quiet")
+    assert rc == 0 and json.loads(stdout.strip().splitlines()[-1])["n_images"] == 4
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--holdout", "4"], ("--holdout 4", "4 image pairs")),
+    (["--epochs", "0"], ("--epochs 0",)),
+    (["--lr", "0"], ("--lr 0",)),
+    (["--num-classes", "3"], ("beyond --num-classes 3",)),
+    (["--filter-size", "4"], ("--filter-size 4",)),
+])
+def test_train_errors_are_one_line(capsys, tmp_path, folder, extra, needles) -> None:  # noqa: ANN001
+    rc, out, err = run(capsys, "train", "--images", folder / "images", "--labels", folder / "labels",
+                       "--out", tmp_path / "crf.pt", "--quiet", *FAST, *extra)
+    assert_user_error(rc, out, err, *needles)
+    assert list(tmp_path.iterdir()) == []
