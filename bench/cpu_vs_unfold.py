@@ -3,6 +3,7 @@
 SPEC §7: at k=11, 500×375, C=21, 5 iterations, 2 threads, the reference path must be ≥ 10× faster than
 the unfold formulation at blur 1 and ≥ 5× at blur 4. Both run in this process on the same inputs
 (original-compatible mode, whose outputs must agree); median and p20/p80 of ``--repeat`` warm runs.
+The full sweep (all sizes, memory, plots) is ``bench/run_all.py``; this is the quick side-by-side check.
 
     python bench/cpu_vs_unfold.py [--filter-sizes 7,11] [--blurs 1,4] [--repeat 5] [--csv out.csv]
 """
@@ -18,10 +19,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from oracle import DEFAULT_CONF, unfold_crf  # noqa: E402  (the independent unfold re-implementation)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_all import bootstrap  # noqa: E402
 
+bootstrap()
 from convcrf_triton import ConvCRF  # noqa: E402
+from convcrf_triton.baselines import DEFAULT_CONF, unfold_crf  # noqa: E402  (the independent unfold formulation)
 
 
 def timed(fn, repeat: int) -> list[float]:

@@ -240,12 +240,15 @@ def densecrf_params(conf: Mapping[str, Any] | None = None) -> dict[str, float]:
 
 
 def densecrf_infer(
-    unary: npt.ArrayLike, image: npt.ArrayLike, num_iter: int = 5, params: Mapping[str, float] | None = None
+    unary: npt.ArrayLike, image: npt.ArrayLike, num_iter: int = 5, params: Mapping[str, float] | None = None,
+    probabilities: bool = False,
 ) -> np.ndarray:
     """Full dense-CRF inference with pydensecrf for one image.
 
     Args:
-        unary: ``[C, H, W]`` logits (softmax-ed here; the unary energy is ``-log softmax``).
+        unary: ``[C, H, W]`` logits (the unary energy is ``-log softmax(unary)``), or with
+            ``probabilities=True`` class probabilities (energy ``-log(unary + 1e-20)``, as the original
+            ConvCRF code's ``FullCRF`` feeds its synthetic unaries).
         image: ``[3, H, W]`` RGB in [0, 255] (rounded to uint8, as pydensecrf takes it).
         num_iter: mean-field iterations.
         params: :func:`densecrf_params` (default: the original ConvCRF defaults).
@@ -258,8 +261,11 @@ def densecrf_infer(
     p = {**densecrf_params(), **(params or {})}
     logits = np.asarray(unary, dtype=np.float64)
     C, H, W = logits.shape
-    z = logits - logits.max(axis=0, keepdims=True)
-    log_prob = z - np.log(np.exp(z).sum(axis=0, keepdims=True))
+    if probabilities:
+        log_prob = np.log(logits + 1e-20)
+    else:
+        z = logits - logits.max(axis=0, keepdims=True)
+        log_prob = z - np.log(np.exp(z).sum(axis=0, keepdims=True))
     energy = np.ascontiguousarray((-log_prob).reshape(C, H * W), dtype=np.float32)
     rgb = np.ascontiguousarray(np.clip(np.rint(np.asarray(image).transpose(1, 2, 0)), 0, 255).astype(np.uint8))
     crf = dcrf.DenseCRF2D(W, H, C)

@@ -35,11 +35,13 @@ import csv
 import ctypes
 import datetime as _dt
 import gc
+import inspect
 import json
 import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -61,6 +63,7 @@ MODEL_IMPLS = ("unfold", "reference", "triton-fused", "triton-two-pass")
 PLOT_FILES = ("time_vs_filter_size.png", "time_vs_resolution.png", "memory_vs_filter_size.png",
               "speedup_vs_unfold.png", "message_pass_roofline.png")
 NUM_ITER = 5
+SECTIONS = ("filter_size", "message_pass", "resolution", "classes_batch", "densecrf")
 FEATURE_DIMS = (2, 3)  # smoothness (y, x) and appearance (r, g, b): the original defaults, merged
 
 
@@ -202,7 +205,7 @@ def device_description(device: str, threads: int) -> tuple[str, str]:
         name = torch.cuda.get_device_name(0)
         return name, slugify(name)
     name = cpu_name()
-    return f"{name} ({threads} threads)", f"cpu-{slugify(name)}-{threads}t"
+    return f"{name} ({threads} thread{'s' if threads != 1 else ''})", f"cpu-{slugify(name)}-{threads}t"
 
 
 def git_commit() -> str:
@@ -293,8 +296,10 @@ class Measurement:
 class Timer:
     """Warm, repeated timing of a zero-argument callable on one device, with its peak extra memory."""
 
-    def __init__(self, device: str, repeat: int, slow_s: float = 2.0, row_budget_s: float = 20.0) -> None:
+    def __init__(self, device: str, repeat: int, slow_s: float = 2.0, row_budget_s: float = 20.0,
+                 fast_budget_s: float = 1.0) -> None:
         self.device, self.repeat, self.slow_s, self.row_budget_s = device, repeat, slow_s, row_budget_s
+        self.fast_budget_s = fast_budget_s
 
     def __call__(self, fn: Callable[[], Any], keep_output: bool = False) -> Measurement:
         return self._cuda(fn, keep_output) if self.device == "cuda" else self._cpu(fn, keep_output)
@@ -309,7 +314,7 @@ class Timer:
             samples.append(first)
             n = max(3, min(self.repeat, int(self.row_budget_s / first))) - 1
         else:
-            n = max(self.repeat, min(30, int(1.0 / max(first, 1e-6))))
+            n = max(self.repeat, min(30, int(self.fast_budget_s / max(first, 1e-6))))
         for _ in range(n):
             t0 = time.perf_counter()
             fn()
@@ -374,18 +379,23 @@ def conf_for(k: int, blur: int) -> dict[str, Any]:
     return {**DEFAULT_CONF, "filter_size": k, "blur": blur}
 
 
+COUNTED_OPS = ("gaussian_weights", "message_pass", "fused_message_pass", "mean_field_step")
+
+
 @contextlib.contextmanager
 def forced_variant(fused: bool) -> Iterator[dict[str, int]]:
-    """Force the fused / two-pass choice of the Triton backend, and count which op actually ran.
+    """Force the fused / two-pass choice of the Triton backend, and count which ops actually ran.
 
     Replaces ``prefer_fused`` in ``convcrf_triton.kernels`` and ``convcrf_triton.kernels.message_passing``
-    (whatever signature the rule has) and wraps the package's ``fused_message_pass`` / ``message_pass``
-    with call counters; everything is restored on exit.
+    (whatever signature the rule has) and wraps the package's ops with call counters (``mean_field_step``,
+    the one-launch iteration, is counted as ``mean_field_step_fused`` or ``mean_field_step_two_pass`` by
+    whether it got the features or ``K``); everything is restored on exit. See :func:`variant_ran`.
     """
     from . import kernels
     from .kernels import message_passing
 
-    counts = {"fused_message_pass": 0, "message_pass": 0}
+    counts = dict.fromkeys(["gaussian_weights", "message_pass", "fused_message_pass", "mean_field_step_fused",
+                            "mean_field_step_two_pass"], 0)
     saved: list[tuple[Any, str, Any]] = []
 
     def patch(obj: Any, name: str, value: Any) -> None:
@@ -394,21 +404,39 @@ def forced_variant(fused: bool) -> Iterator[dict[str, int]]:
             setattr(obj, name, value)
 
     def counting(name: str, op: Callable[..., Any]) -> Callable[..., Any]:
+        params = list(inspect.signature(op).parameters)
+
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            counts[name] += 1
+            key = name
+            if name == "mean_field_step":
+                bound = dict(zip(params, args, strict=False)) | kwargs
+                key = "mean_field_step_two_pass" if bound.get("K") is not None else "mean_field_step_fused"
+            counts[key] += 1
             return op(*args, **kwargs)
 
         return wrapper
 
     for mod in (kernels, message_passing):
         patch(mod, "prefer_fused", lambda *a, **kw: fused)
-    for name in counts:
-        patch(kernels, name, counting(name, getattr(kernels, name)))
+    for name in COUNTED_OPS:
+        if hasattr(kernels, name):
+            patch(kernels, name, counting(name, getattr(kernels, name)))
     try:
         yield counts
     finally:
         for obj, name, value in reversed(saved):
             setattr(obj, name, value)
+
+
+def variant_ran(counts: dict[str, int]) -> str | None:
+    """``"fused"`` / ``"two-pass"`` when the counted calls are all of one variant, else None."""
+    fused = counts["fused_message_pass"] + counts["mean_field_step_fused"]
+    two = counts["message_pass"] + counts["mean_field_step_two_pass"]
+    if fused and not two and not counts["gaussian_weights"]:
+        return "fused"
+    if two and not fused and counts["gaussian_weights"]:
+        return "two-pass"
+    return None
 
 
 class Bench:
@@ -418,7 +446,7 @@ class Bench:
         self.args, self.sweep, self.out = args, sweep, out
         self.device = args.device
         self.dev = torch.device(args.device)
-        self.timer = Timer(args.device, sweep.repeat)
+        self.timer = Timer(args.device, sweep.repeat, fast_budget_s=0.0 if args.quick else 1.0)
         self.threads = torch.get_num_threads()
         self.device_name, self.slug = device_description(args.device, self.threads)
         self.common = {"dtype": "float32", "device": self.device_name, "torch": torch.__version__,
@@ -429,7 +457,8 @@ class Bench:
         self.meta: dict[str, Any] = {
             "device": self.device_name, "device_type": self.device, "threads": self.threads,
             "cpu": cpu_name(), "python": platform.python_version(), "quick": bool(args.quick),
-            "num_iter": NUM_ITER, "loadavg": [], "skipped": [], "errors": [], "checks": [], "notes": [],
+            "num_iter": NUM_ITER, "flush_denormal": bool(args.flush_denormal), "loadavg": [], "skipped": [],
+            "errors": [], "checks": [], "notes": [],
             "memory_method": ("torch.cuda.max_memory_allocated() minus memory_allocated() before the call"
                               if self.device == "cuda" else
                               "VmHWM (reset via /proc/self/clear_refs) minus VmRSS before the call, after "
@@ -560,8 +589,7 @@ class Bench:
 
         with forced_variant(fused) as counts:  # check that the forcing works (and compile/autotune)
             crf(unary, image)
-        want, other = ("fused_message_pass", "message_pass") if fused else ("message_pass", "fused_message_pass")
-        if counts[want] == 0 or counts[other] != 0:
+        if variant_ran(counts) != ("fused" if fused else "two-pass"):
             raise RuntimeError(f"could not force {impl}: kernel calls {counts}; the dispatch in functional.py "
                                "no longer goes through kernels.prefer_fused")
         return run
@@ -666,17 +694,26 @@ class Bench:
             self.log(f"  WARNING {impl} differs from {ref_impl} by {diff:.2e} (relative)")
         return first
 
-    def run(self, impls: Sequence[str], mp_impls: Sequence[str], densecrf: bool) -> None:
+    def run(self, impls: Sequence[str], mp_impls: Sequence[str], densecrf: bool,
+            sections: Sequence[str] | None = None) -> None:
         self.meta["loadavg"].append({"when": "start", "load": loadavg()})
-        self.ceilings()
-        for name, cases in self.sweep.sections(impls, mp_impls, densecrf):
-            self.meta["loadavg"].append({"when": f"section {name}", "load": loadavg()})
-            self.log(f"== {name} (load average {loadavg()})")
-            for case, case_impls in cases:  # a configuration shared by two sections is measured once
-                seen = {(r["implementation"], r["mode"], r["k"], r["H"], r["W"], r["C"], r["B"], r["blur"])
-                        for r in self.rows}
-                key = (case.mode, case.k, case.H, case.W, case.C, case.B, case.blur)
-                self.run_case(case, [i for i in case_impls if (i, *key) not in seen])
+        try:
+            self.ceilings()
+            for name, cases in self.sweep.sections(impls, mp_impls, densecrf):
+                if sections is not None and name not in sections:
+                    continue
+                self.meta["loadavg"].append({"when": f"section {name}", "load": loadavg()})
+                self.log(f"== {name} (load average {loadavg()})")
+                for case, case_impls in cases:  # a configuration shared by two sections is measured once
+                    seen = {(r["implementation"], r["mode"], r["k"], r["H"], r["W"], r["C"], r["B"], r["blur"])
+                            for r in self.rows}
+                    key = (case.mode, case.k, case.H, case.W, case.C, case.B, case.blur)
+                    self.run_case(case, [i for i in case_impls if (i, *key) not in seen])
+        except KeyboardInterrupt:  # SIGINT, or SIGTERM (see main): keep what was measured
+            self.meta["interrupted"] = True
+            self.meta["notes"].append(f"interrupted after {time.perf_counter() - self.t_start:.0f} s: the rows "
+                                      "measured so far are kept, the rest of the sweep is missing")
+            self.log("interrupted: writing what was measured")
         self.meta["loadavg"].append({"when": "end", "load": loadavg()})
         self.meta["seconds"] = round(time.perf_counter() - self.t_start, 1)
         self._csv_file.close()
@@ -854,6 +891,8 @@ def plot_time_vs_resolution(rows, path: Path, device: str) -> bool:
     for r in sel:
         res_by_k.setdefault(r["k"], set()).add((r["H"], r["W"]))
     k = max(res_by_k, key=lambda kk: (len(res_by_k[kk]), kk))
+    if len(res_by_k[k]) < 2:
+        return False
     blurs = sorted({r["blur"] for r in sel if r["k"] == k})
     plt, fig, axes = _axes(len(blurs), f"Full inference vs resolution, k={k}, C={C}, B={B} - {device}")
     dense = sorted((r for r in rows if r["mode"] == "densecrf" and r["C"] == C and r["B"] == B
@@ -1011,7 +1050,8 @@ def write_summary(out: Path) -> Path:
     lines = [f"# Benchmark results: {meta.get('device', '?')}", ""]
     c0 = rows[0] if rows else {}
     lines += [f"torch {c0.get('torch', '?')}, triton {c0.get('triton', '?') or '-'}, commit {c0.get('commit', '?')}, "
-              f"{c0.get('date', '?')}; {meta.get('threads', '?')} threads; {meta.get('seconds', '?')} s in all.",
+              f"{c0.get('date', '?')}; torch threads: {meta.get('threads', '?')}; flush denormals: "
+              f"{'yes' if meta.get('flush_denormal') else 'no'}; {meta.get('seconds', '?')} s in all.",
               "Load average (1/5/15 min) during the run: "
               + "; ".join(f"{e['when']}: {'/'.join(map(str, e['load']))}" for e in meta.get("loadavg", [])) + ".",
               f"Timing: {meta.get('timing_method', '?')}. Memory: {meta.get('memory_method', '?')}.", ""]
@@ -1022,15 +1062,17 @@ def write_summary(out: Path) -> Path:
     dense = {(r["H"], r["W"], r["C"], r["B"]): r for r in rows if r["mode"] == "densecrf"
              and not math.isnan(r["median_ms"])}
     impls = [i for i in _impls(model) if i != "pydensecrf"]
-    # headline: k = 7 and 11, every k-sweep panel
+    # headline: k = 7 and 11 at every (H, W, blur) that has them
     panels = k_panels(model)
-    if panels:
-        C, B = _common(model, "C"), _common(model, "B")
+    C, B = (_common(model, "C"), _common(model, "B")) if model else (0, 0)
+    heads = sorted({(r["H"], r["W"], r["blur"]) for r in model if r["k"] in (7, 11) and (r["C"], r["B"]) == (C, B)},
+                   key=lambda p: (p[0] * p[1], p[2]))
+    if heads:
         lines += [f"## Full inference ({NUM_ITER} iterations), C={C}, B={B}: ms median [p20–p80], peak extra MB, "
                   "speed-up over unfold", "",
                   "| H×W | blur | k | implementation | time [ms] | peak MB | × unfold |",
                   "|---|---|---|---|---|---|---|"]
-        for H, W, blur in panels:
+        for H, W, blur in heads:
             for k in (7, 11):
                 base = next((r for r in _series(model, "unfold", H=H, W=W, blur=blur, C=C, B=B) if r["k"] == k),
                             None)
@@ -1041,11 +1083,12 @@ def write_summary(out: Path) -> Path:
                     sp = f"{base['median_ms'] / r['median_ms']:.1f}×" if base else "–"
                     lines.append(f"| {H}×{W} | {blur} | {k} | {impl} | {_ms(r)} | {r['peak_mem_mb']:.4g} | {sp} |")
                 d = dense.get((H, W, C, B))
-                if d:
+                if d and base:
                     sp = f"{base['median_ms'] / d['median_ms']:.2f}×" if base else "–"
                     lines.append(f"| {H}×{W} | – | – | pydensecrf (full CRF) | {_ms(d)} | {d['peak_mem_mb']:.4g} "
                                  f"| {sp} |")
         lines.append("")
+    if panels:
         for H, W, blur in panels:
             ks = sorted({r["k"] for r in model if (r["H"], r["W"], r["blur"], r["C"], r["B"]) == (H, W, blur, C, B)})
             lines += [f"### Time vs filter size, {H}×{W}, blur {blur} (median ms)", "",
@@ -1056,8 +1099,8 @@ def write_summary(out: Path) -> Path:
                 lines.append(f"| {impl} | " + " | ".join(f"{by_k[k]['median_ms']:.4g}" if k in by_k else "–"
                                                         for k in ks) + " |")
             lines.append("")
-    other = [r for r in model if not any((r["H"], r["W"], r["blur"]) == p for p in panels)
-             or r["C"] != _common(model, "C") or r["B"] != _common(model, "B")]
+    other = [r for r in model if not any((r["H"], r["W"], r["blur"]) == p for p in [*panels, *heads])
+             or r["C"] != C or r["B"] != B]
     if other:
         lines += ["## Other resolutions, classes and batch sizes (median ms [p20–p80], peak MB)", "",
                   "| H×W | C | B | blur | k | implementation | time [ms] | peak MB |",
@@ -1164,6 +1207,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds; rows after it are skipped and listed (default: 450 on CUDA, none on CPU)")
     p.add_argument("--implementations", default=None,
                    help="comma-separated subset of triton-fused,triton-two-pass,reference,unfold,pydensecrf")
+    p.add_argument("--sections", default=None,
+                   help="comma-separated subset of filter_size,message_pass,resolution,classes_batch,densecrf")
+    p.add_argument("--flush-denormal", action="store_true",
+                   help="torch.set_flush_denormal(True) for the run (CPU: avoids the slow x86 denormal path)")
     p.add_argument("--no-plots", action="store_true", help="CSV and summary only")
     p.add_argument("--plot-only", action="store_true", help="redraw plots and summary.md from --out/bench.csv")
     return p
@@ -1208,10 +1255,18 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
     try:
         return _main(args)
     finally:
         torch.set_num_threads(threads)
+        if args.flush_denormal:
+            torch.set_flush_denormal(False)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -1239,6 +1294,11 @@ def _main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     impls = [i for i in MODEL_IMPLS if (wanted is None or i in wanted)]
+    sections = args.sections.split(",") if args.sections else None
+    if sections is not None and not set(sections) <= set(SECTIONS):
+        print(f"error: unknown sections {sorted(set(sections) - set(SECTIONS))}; known: {', '.join(SECTIONS)}",
+              file=sys.stderr)
+        return 2
     notes = []
     if args.device == "cpu" and any(i in TRITON_IMPLS for i in impls):
         impls = [i for i in impls if i not in TRITON_IMPLS]
@@ -1250,12 +1310,14 @@ def _main(args: argparse.Namespace) -> int:
         notes.append("pydensecrf rows are skipped: `import pydensecrf.densecrf` failed "
                      "(pip install pydensecrf2, the `compare` extra).")
     out.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(ValueError):  # not the main thread: no handler, SIGTERM ends the run as usual
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     bench = Bench(args, sweep, out)
     bench.meta["notes"] += notes
     for n in notes:
         bench.log(n)
     bench.log(f"device {bench.device_name}; results in {out}")
-    bench.run(impls, mp_impls, densecrf)
+    bench.run(impls, mp_impls, densecrf, sections)
     written = [bench.csv_path, out / "meta.json"]
     if not args.no_plots:
         try:
@@ -1267,7 +1329,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     if bench.meta["errors"]:
         print(f"{len(bench.meta['errors'])} rows failed (see {out / 'meta.json'})", file=sys.stderr)
-    return 0
+    return 1 if bench.meta.get("interrupted") else 0
 
 
 if __name__ == "__main__":

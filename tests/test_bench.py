@@ -1,0 +1,161 @@
+"""The benchmark suite (issue 5): ``convcrf-triton bench --quick`` and ``bench/accuracy.py --quick`` write
+well-formed CSVs, PNGs and markdown; the fused/two-pass forcing used for the GPU rows works. No timing
+assertions: the numbers themselves are measured by ``bench/``, never by tests (SPEC §7)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from convcrf_triton import ConvCRF, benchmark
+from convcrf_triton.baselines import densecrf_available
+from convcrf_triton.data import write_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] >= 300 and im.size[1] >= 200, (path, im.size)
+        assert np.asarray(im.convert("L")).std() > 1  # not a blank canvas
+
+
+def _floats(row: dict[str, str], *cols: str) -> list[float]:
+    return [float(row[c]) for c in cols]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    assert benchmark.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    return out
+
+
+def test_quick_csv_columns_and_rows(quick_run: Path) -> None:
+    with (quick_run / "bench.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == benchmark.COLUMNS
+    impls = {r["implementation"] for r in rows}
+    assert {"reference", "unfold", "device"} <= impls
+    assert not impls & set(benchmark.TRITON_IMPLS)  # CPU: the Triton path is only the interpreter
+    assert ("pydensecrf" in impls) == densecrf_available()
+    sweep = benchmark.quick_sweep()
+    for impl in ("reference", "unfold"):
+        got = {(int(r["k"]), int(r["blur"])) for r in rows if r["implementation"] == impl and r["mode"] == "convcrf"
+               and (int(r["H"]), int(r["W"]), r["C"], r["B"]) == (*sweep.k_resolutions[0], "21", "1")}
+        assert got == {(k, b) for k in sweep.filter_sizes for b in sweep.blurs}, impl
+    for r in rows:
+        assert r["dtype"] == "float32" and r["torch"] == torch.__version__ and r["date"] and r["commit"]
+        median, p20, p80 = _floats(r, "median_ms", "p20_ms", "p80_ms")
+        assert 0 < p20 <= median <= p80 < math.inf, r
+        if r["mode"] in ("convcrf", "densecrf") and r["peak_mem_mb"] != "":
+            assert float(r["peak_mem_mb"]) > -1.0, r  # a resident-set delta: may be ~0, never really negative
+        if r["mode"] == "message_pass":
+            assert all(v > 0 for v in _floats(r, "gflops", "gbs", "roofline_frac")), r
+    modes = {r["mode"] for r in rows if r["implementation"] == "device"}
+    assert modes == {"copy", "matmul"}
+    # Resolution sweep and the C / B variants are there too.
+    sizes = {(int(r["H"]), int(r["W"])) for r in rows if r["implementation"] == "reference"}
+    assert sizes >= set(sweep.res_resolutions)
+    assert {(r["C"], r["B"]) for r in rows if r["implementation"] == "reference"} >= {("19", "1"), ("21", "2")}
+
+
+def test_quick_meta_plots_and_summary(quick_run: Path) -> None:
+    meta = json.loads((quick_run / "meta.json").read_text())
+    assert meta["device_type"] == "cpu" and meta["loadavg"] and not meta["errors"]
+    assert any("Triton rows" in n for n in meta["notes"])
+    assert meta["checks"] and max(c["max_rel_diff"] for c in meta["checks"]) < 1e-4  # reference == unfold
+    for name in benchmark.PLOT_FILES:
+        _assert_png(quick_run / name)
+    summary = (quick_run / "summary.md").read_text()
+    assert "| reference |" in summary and "× unfold" in summary
+    # The plots can be redrawn from the CSV alone.
+    (quick_run / "time_vs_filter_size.png").unlink()
+    assert benchmark.main(["--plot-only", "--out", str(quick_run)]) == 0
+    _assert_png(quick_run / "time_vs_filter_size.png")
+
+
+def test_bench_cli_errors(tmp_path: Path, capsys) -> None:
+    assert benchmark.main(["--device", "cpu", "--filter-sizes", "4", "--out", str(tmp_path)]) == 2
+    assert "filter size 4" in capsys.readouterr().err
+    assert benchmark.main(["--device", "cpu", "--implementations", "nope", "--out", str(tmp_path)]) == 2
+    assert benchmark.main(["--plot-only", "--out", str(tmp_path / "missing")]) == 2
+    if not torch.cuda.is_available():
+        assert benchmark.main(["--device", "cuda", "--out", str(tmp_path)]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_forced_variant_reaches_the_kernels(fused: bool) -> None:
+    """The GPU rows force fused / two-pass through ``prefer_fused``; check it against the real dispatch
+    (conftest sets TRITON_INTERPRET=1, so the Triton backend runs on CPU tensors)."""
+    from convcrf_triton.kernels import message_passing
+
+    from convcrf_triton import kernels
+
+    g = torch.Generator().manual_seed(0)
+    unary, image = torch.randn(1, 3, 9, 11, generator=g), torch.rand(1, 3, 9, 11, generator=g) * 255
+
+    def state():
+        return (message_passing.prefer_fused, *(getattr(kernels, n, None) for n in ("prefer_fused",
+                                                                                    *benchmark.COUNTED_OPS)))
+
+    before = state()
+    for blur in (1, 2):  # blur 1 may take the one-launch mean-field step, blur 2 the message-pass ops
+        crf = ConvCRF(3, filter_size=5, blur=blur, num_iter=2, backend="triton")
+        with benchmark.forced_variant(fused) as counts:
+            out = crf(unary, image)
+        assert benchmark.variant_ran(counts) == ("fused" if fused else "two-pass"), counts
+        assert state() == before  # restored
+        want = ConvCRF(3, filter_size=5, blur=blur, num_iter=2, backend="torch")(unary, image)
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+def _load_accuracy():
+    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "bench" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accuracy_quick_on_a_tiny_set(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for i in range(2):
+        labels = np.zeros((40, 56), dtype=np.int64)
+        labels[10:30, 15:45] = 1 + i
+        labels[:2] = 255
+        image = (np.stack([labels * 60, 200 - labels * 50, np.full_like(labels, 90)], -1) % 256).astype(np.uint8)
+        image = np.clip(image + rng.integers(-8, 9, image.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / "images" / f"im{i}.png")
+        write_labels(tmp_path / "labels" / f"im{i}.png", labels)
+    out = tmp_path / "out"
+    accuracy = _load_accuracy()
+    assert accuracy.main(["--data", str(tmp_path), "--out", str(out), "--quick"]) == 0
+    with (out / "accuracy.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == accuracy.COLUMNS
+    methods = [r["method"] for r in rows]
+    assert methods[0] == "unary"
+    crf = [(r["mode"], r["k"], r["blur"]) for r in rows if r["mode"] in ("textbook", "convcrf")]
+    assert crf == [(m, k, "4") for m in ("textbook", "convcrf") for k in ("3", "5")]
+    assert sum(m.startswith("pydensecrf") for m in methods) == (2 if densecrf_available() else 0)
+    for r in rows:
+        assert 0 <= float(r["miou"]) <= 100 and 0 <= float(r["acc"]) <= 100 and r["n_images"] == "2"
+    assert "| method | k | blur | mIoU [%] | accuracy [%] | time / image [ms] |" in (out / "accuracy.md").read_text()
+    _assert_png(out / "accuracy.png")
+    assert accuracy.main(["--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
