@@ -24,6 +24,10 @@ from . import reference
 from .config import BACKENDS
 
 Number = float | torch.Tensor
+# Classes the one-launch mean-field step holds in one tile: all of them; with a 1×1 compatibility its
+# [C, C] matrix too (compiled for sm_80/sm_90: no spills up to 32 classes, spills at 64).
+STEP_MAX_CLASSES = 256
+STEP_MAX_CLASSES_COMPAT = 32
 
 
 def _interpreting() -> bool:
@@ -178,6 +182,25 @@ class MessagePasser:
             Mp = self.ops.message_pass(g.K, Xp)
         return blur_upsample(Mp if mix is None else mix(Mp), self.blur, self.H, self.W)
 
+    def step(self, Q: torch.Tensor, unary_term: torch.Tensor, weight: Number, compat_matrix: torch.Tensor | None,
+             softmax: bool) -> torch.Tensor | None:
+        """A whole mean-field iteration in one Triton launch, where one applies: blur 1, one merged
+        Gaussian, every class in one tile (the ``[C, C]`` compatibility is a register tile too), nothing to
+        differentiate. None otherwise (then the caller composes
+        the message pass with PyTorch ops)."""
+        tensors = (Q, unary_term, weight, compat_matrix, *(g.feats for g in self.gaussians),
+                   *(g.compats for g in self.gaussians))
+        max_classes = STEP_MAX_CLASSES_COMPAT if compat_matrix is not None else STEP_MAX_CLASSES
+        if (self.ops is reference or self.blur != 1 or len(self.gaussians) != 1 or Q.shape[1] > max_classes
+                or (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))):
+            return None
+        g = self.gaussians[0]
+        return self.ops.mean_field_step(
+            Q, unary_term, torch.as_tensor(weight, dtype=Q.dtype, device=Q.device), compat_matrix, g.K,
+            g.feats if g.K is None else None, g.compats if g.K is None else None, g.dims, self.k, self.keep_centre,
+            softmax,
+        )
+
     def __call__(self, Q: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """The message of ``Q``, with ``mix`` (a per-pixel linear map over classes: the compatibility
         and the weight ``w``) applied on the pooled grid, before upsampling: they commute with the
@@ -243,7 +266,10 @@ def mean_field(
         return weight * M
 
     for i in range(num_iter):
-        Z = unary_term + passer(Q, mix)
-        if i < num_iter - 1 or final_softmax:
-            Q = torch.softmax(Z, dim=1)
-    return (Q if final_softmax else Z).to(out_dtype)
+        softmax = i < num_iter - 1 or final_softmax  # the last iteration returns logits Z
+        out = passer.step(Q, unary_term, weight, compat_matrix, softmax)
+        if out is None:
+            Z = unary_term + passer(Q, mix)
+            out = torch.softmax(Z, dim=1) if softmax else Z
+        Q = out
+    return out.to(out_dtype)

@@ -10,6 +10,10 @@ neighbour load is a contiguous run) and walks the k×k window with a run-time lo
 explodes compile time and spills for k ≥ 7), accumulating in float32. The Gaussian kernel is symmetric
 (``K[p, d] = K[p + d, -d]``), so the gradient w.r.t. ``Q`` is the message pass of the output gradient.
 
+With the constexpr ``STEP`` the same kernel ends in a whole mean-field iteration (:func:`mean_field_step`:
+compatibility as an in-kernel ``tl.dot``, weighting, unary add and the softmax of the next iteration), one
+launch per iteration at blur 1 for inference.
+
 Backward: ``dL/dQ`` is a message pass of ``dL/dM``; the features' and compat weights' gradients come from
 one more kernel (:func:`_weight_grad_kernel`) that recomputes the weights. Every launch is a
 ``torch.library`` custom op with a fake implementation, so ``torch.compile`` captures it whole.
@@ -36,11 +40,16 @@ FUSED_MIN_FILTER_SIZE = 7
 
 @triton.jit
 def _message_pass_kernel(
-    q_ptr, k_ptr, f_ptr, compat_ptr, m_ptr, C, h, w,
+    q_ptr, k_ptr, f_ptr, compat_ptr, m_ptr, a_ptr, w_ptr, cm_ptr, C, h, w,
     KSIZE: tl.constexpr, FUSED: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KEEP_CENTRE: tl.constexpr,
+    STEP: tl.constexpr, W_STRIDE: tl.constexpr, HAS_COMPAT: tl.constexpr, SOFTMAX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr,
 ):
-    # grid: (cdiv(h*w, BLOCK_P), cdiv(C, BLOCK_C), B)
+    # grid: (cdiv(h*w, BLOCK_P), cdiv(C, BLOCK_C), B). With STEP, the epilogue is a whole mean-field step
+    # (one program holds every class of its pixels: BLOCK_C >= C):
+    #     M' = M + compat @ M (HAS_COMPAT, a tl.dot over the class block)
+    #     Z  = A + w * M'     (A = (u - w) L, precomputed; w per class, or one: W_STRIDE = 0)
+    #     out = softmax_c(Z) if SOFTMAX else Z
     b = tl.program_id(2)
     plane = h * w
     if IDX64:
@@ -69,8 +78,19 @@ def _message_pass_kernel(
             weight = tl.load(k_row + t * plane, mask=in_img, other=0.0).to(tl.float32)
         q = tl.load(q_rows + nb[None, :], mask=c_mask & valid[None, :], other=0.0)
         acc += weight[None, :] * q.to(tl.float32)
-    out = m_ptr + b * C * plane + cls[:, None] * plane + offs[None, :]
-    tl.store(out, acc.to(m_ptr.dtype.element_ty), mask=c_mask & in_img[None, :])
+    out_offs = b * C * plane + cls[:, None] * plane + offs[None, :]
+    out_mask = c_mask & in_img[None, :]
+    if STEP:
+        if HAS_COMPAT:
+            mix = tl.load(cm_ptr + cls[:, None] * C + cls[None, :], mask=c_mask & (cls < C)[None, :], other=0.0)
+            acc += tl.dot(mix.to(tl.float32), acc, input_precision="ieee")
+        w_c = tl.load(w_ptr + cls * W_STRIDE, mask=cls < C, other=0.0).to(tl.float32)
+        acc = tl.load(a_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32) + w_c[:, None] * acc
+        if SOFTMAX:
+            z = tl.where(c_mask, acc, float("-inf"))
+            e = tl.exp(z - tl.max(z, axis=0)[None, :])
+            acc = e / tl.sum(e, axis=0)[None, :]
+    tl.store(m_ptr + out_offs, acc.to(m_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -170,12 +190,10 @@ def _launch(Q: torch.Tensor, K: torch.Tensor | None, feats: torch.Tensor | None,
     B, C, h, w = Q.shape
     Q = Q.contiguous()
     M = torch.empty_like(Q)
-    fused = K is None
-    dummy = Q.new_empty(1, dtype=torch.float32)
-    meta = feature_meta(feats, dims, compats) if fused else {"D1": 1, "D2": 0}
-    args = (Q, dummy if fused else K, feats if fused else dummy, compats if fused else dummy, M, C, h, w)
-    consts = dict(KSIZE=filter_size, FUSED=fused, KEEP_CENTRE=keep_centre,
-                  IDX64=needs_int64(Q, K if K is not None else feats), **meta)
+    args, consts = _operands(Q, K, feats, compats, dims, filter_size, keep_centre)
+    dummy = args[1] if K is None else args[2]
+    args = (*args, M, dummy, dummy, dummy, C, h, w)
+    consts.update(STEP=False, W_STRIDE=0, HAS_COMPAT=False, SOFTMAX=False)
     if interpreting():
         block_c, block_p = interpreter_blocks(C, h * w)
         grid = (triton.cdiv(h * w, block_p), triton.cdiv(C, block_c), B)
@@ -186,6 +204,82 @@ def _launch(Q: torch.Tensor, K: torch.Tensor | None, feats: torch.Tensor | None,
 
         _message_pass_tuned[grid](*args, **consts)
     return M
+
+
+def _operands(Q, K, feats, compats, dims, filter_size, keep_centre) -> tuple[tuple, dict]:
+    """The weight operands (``K``, or ``feats`` and ``compats``; a dummy in the unused slots) and the
+    constexprs every message-passing launch shares."""
+    fused = K is None
+    dummy = Q.new_empty(1, dtype=torch.float32)
+    meta = feature_meta(feats, dims, compats) if fused else {"D1": 1, "D2": 0}
+    args = (Q, dummy if fused else K, feats if fused else dummy, compats if fused else dummy)
+    consts = dict(KSIZE=filter_size, FUSED=fused, KEEP_CENTRE=keep_centre,
+                  IDX64=needs_int64(Q, K if K is not None else feats), **meta)
+    return args, consts
+
+
+def step_blocks(C: int, has_compat: bool) -> tuple[int, int, int]:
+    """GPU ``(BLOCK_C, BLOCK_P, num_warps)`` of the mean-field step: every class in one tile (≥ 16 for
+    ``tl.dot``), ~16 tile elements per thread (see :func:`_prune`), 4 with the ``[C, C]`` compatibility
+    (whose ``tl.dot`` operands also live in registers: measured 160 registers at C = 32, spills beyond)."""
+    block_c = max(16, triton.next_power_of_2(C))
+    num_warps = 4 if block_c <= 64 else 8
+    per_thread = 4 if has_compat else 16
+    return block_c, max(16, per_thread * 32 * num_warps // block_c), num_warps
+
+
+@torch.library.custom_op("convcrf_triton::mean_field_step", mutates_args=())
+def _mean_field_step_op(
+    Q: torch.Tensor, unary_term: torch.Tensor, weight: torch.Tensor, compat_matrix: torch.Tensor | None,
+    K: torch.Tensor | None, feats: torch.Tensor | None, compats: torch.Tensor | None, dims: list[int],
+    filter_size: int, keep_centre: bool, softmax: bool,
+) -> torch.Tensor:
+    """The launch behind :func:`mean_field_step` (contiguous float32 operands)."""
+    B, C, h, w = Q.shape
+    args, consts = _operands(Q, K, feats, compats, dims, filter_size, keep_centre)
+    mix = Q.new_empty(1, dtype=torch.float32) if compat_matrix is None else compat_matrix
+    out = torch.empty_like(Q)
+    if interpreting():
+        block_c, block_p = interpreter_blocks(max(C, 16), max(h * w, 16))
+        num_warps = 4
+    else:
+        block_c, block_p, num_warps = step_blocks(C, compat_matrix is not None)
+    grid = (triton.cdiv(h * w, block_p), 1, B)
+    _message_pass_kernel[grid](
+        *args, out, unary_term, weight, mix, C, h, w, STEP=True, W_STRIDE=int(weight.numel() > 1),
+        HAS_COMPAT=compat_matrix is not None, SOFTMAX=softmax, BLOCK_C=block_c, BLOCK_P=block_p,
+        num_warps=num_warps, **consts,
+    )
+    return out
+
+
+@_mean_field_step_op.register_fake
+def _(Q, unary_term, weight, compat_matrix, K, feats, compats, dims, filter_size, keep_centre, softmax):
+    return Q.new_empty(Q.shape)
+
+
+def mean_field_step(
+    Q: torch.Tensor, unary_term: torch.Tensor, weight: torch.Tensor, compat_matrix: torch.Tensor | None,
+    K: torch.Tensor | None, feats: torch.Tensor | None, compats: torch.Tensor | None, dims: Sequence[int],
+    filter_size: int, keep_centre: bool, softmax: bool,
+) -> torch.Tensor:
+    """One mean-field iteration in one launch (blur 1, inference): ``Z = A + w·(M + compat·M)`` with ``M``
+    the message of ``Q [B, C, h, w]`` (from ``K``, or fused from ``feats``), returned as ``softmax(Z)`` or
+    ``Z``. ``unary_term``: ``A [B, C, h, w]``; ``weight``: one or ``C`` values; ``compat_matrix``: ``[C, C]``.
+    Not differentiable: training uses the separate ops."""
+    check_on_device(Q=Q, unary_term=unary_term)
+    C = Q.shape[1]
+    weight = weight.reshape(-1).float().contiguous()
+    if weight.numel() not in (1, C):
+        raise ValueError(f"weight must hold 1 or C={C} values, got {weight.numel()}")
+    if feats is not None:
+        feats, compats = feats.contiguous().float(), compats.contiguous().float()
+    return _mean_field_step_op(
+        Q.contiguous(), unary_term.contiguous(), weight,
+        None if compat_matrix is None else compat_matrix.float().contiguous(),
+        None if K is None else K.contiguous().float(), feats, compats, list(dims), filter_size, keep_centre,
+        softmax,
+    )
 
 
 def _weight_grad(Q: torch.Tensor, G: torch.Tensor, feats: torch.Tensor, compats: torch.Tensor,

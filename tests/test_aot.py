@@ -11,14 +11,15 @@ from convcrf_triton.kernels import message_passing as mp
 
 ARCHS = [80, 90]
 PTR = "*fp32"
-MP_SIGNATURE = {"q_ptr": PTR, "k_ptr": PTR, "f_ptr": PTR, "compat_ptr": PTR, "m_ptr": PTR,
-                "C": "i32", "h": "i32", "w": "i32"}
+MP_SIGNATURE = {"q_ptr": PTR, "k_ptr": PTR, "f_ptr": PTR, "compat_ptr": PTR, "m_ptr": PTR, "a_ptr": PTR,
+                "w_ptr": PTR, "cm_ptr": PTR, "C": "i32", "h": "i32", "w": "i32"}
+NO_STEP = {"STEP": False, "W_STRIDE": 0, "HAS_COMPAT": False, "SOFTMAX": False}
 GW_SIGNATURE = {"f_ptr": PTR, "compat_ptr": PTR, "k_ptr": PTR, "h": "i32", "w": "i32"}
 TWO_GAUSSIANS = {"D1": 2, "D2": 3}
 
 
 def _mp_constexprs(cfg, k, fused, idx64=False, gaussians=TWO_GAUSSIANS):
-    return {"KSIZE": k, "FUSED": fused, "KEEP_CENTRE": False, "IDX64": idx64, **gaussians, **cfg.kwargs}
+    return {"KSIZE": k, "FUSED": fused, "KEEP_CENTRE": False, "IDX64": idx64, **gaussians, **NO_STEP, **cfg.kwargs}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -68,4 +69,15 @@ def test_weight_grad_kernel_compiles_without_spills(arch, k, gaussians):
                         {"KSIZE": k, "KEEP_CENTRE": False, "BLOCK_C": block_c, "BLOCK_P": block_p, "IDX64": False,
                          **gaussians}, arch)
     print(f"weight_grad k={k} sm_{arch}: {usage}")
+    assert usage.stack == 0 and usage.reg <= 255
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("C,fused,compat", [(21, True, True), (21, False, False), (32, True, True), (150, True, False)])
+def test_mean_field_step_compiles_without_spills(arch, C, fused, compat):
+    block_c, block_p, num_warps = mp.step_blocks(C, compat)
+    consts = {"KSIZE": 7, "FUSED": fused, "KEEP_CENTRE": False, "IDX64": False, **TWO_GAUSSIANS, "STEP": True,
+              "W_STRIDE": 1, "HAS_COMPAT": compat, "SOFTMAX": True, "BLOCK_C": block_c, "BLOCK_P": block_p}
+    usage = compile_for(mp._message_pass_kernel, MP_SIGNATURE, consts, arch, num_warps=num_warps)
+    print(f"mean_field_step C={C} fused={fused} compat={compat} sm_{arch}: {usage}")
     assert usage.stack == 0 and usage.reg <= 255

@@ -139,3 +139,53 @@ def test_fused_rule_is_documented_and_monotone():
     assert not kernels.prefer_fused(3) and kernels.prefer_fused(31)
     flags = [kernels.prefer_fused(k) for k in range(3, 32, 2)]
     assert flags == sorted(flags)
+
+
+# The one-launch mean-field step (blur 1, one merged Gaussian, inference): two-pass (k < 7) and fused weights,
+# both modes, 1×1 compatibility as tl.dot, scalar and per-class w, C from 1 to 150, final softmax.
+STEP_CASES = [
+    dict(k=3, C=1, mode="textbook", compat=False, scalar=True, final_softmax=False),
+    dict(k=5, C=5, mode="convcrf", compat=True, scalar=False, final_softmax=False),
+    dict(k=7, C=21, mode="textbook", compat=True, scalar=False, final_softmax=True),
+    dict(k=11, C=150, mode="convcrf", compat=False, scalar=False, final_softmax=False),
+    dict(k=5, C=32, mode="textbook", compat=True, scalar=False, final_softmax=False),
+    dict(k=15, C=3, mode="textbook", compat=True, scalar=True, final_softmax=False),
+]
+
+
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_mean_field_step_matches_reference(case, monkeypatch):
+    calls = []
+    step = kernels.mean_field_step
+    monkeypatch.setattr(kernels, "mean_field_step", lambda *a, **kw: calls.append(1) or step(*a, **kw))
+    g = torch.Generator().manual_seed(case["k"] + case["C"])
+    B, C, H, W = 2, case["C"], 13, 9
+    unary = torch.randn(B, C, H, W, generator=g) * 2
+    image = torch.rand(B, 3, H, W, generator=g) * 255
+    weight = torch.tensor(0.3) if case["scalar"] else torch.rand(1, C, 1, 1, generator=g)
+    compat = torch.randn(C, C, generator=g) * 0.1 if case["compat"] else None
+    kw = dict(filter_size=case["k"], blur=1, num_iter=3, mode=case["mode"], weight=weight, compat_matrix=compat,
+              final_softmax=case["final_softmax"])
+    with torch.no_grad():
+        got = functional.mean_field(unary, image, backend="triton", **kw)
+    want = functional.mean_field(unary.double(), image.double(), backend="torch",
+                                 **{**kw, "weight": weight.double(), "compat_matrix": compat})
+    assert len(calls) == 3, "every iteration should be one fused step"
+    assert rel_err(got, want) < RTOL
+
+
+def test_mean_field_step_is_skipped_when_gradients_are_needed(monkeypatch):
+    monkeypatch.setattr(kernels, "mean_field_step", lambda *a, **kw: pytest.fail("the step is not differentiable"))
+    unary = torch.randn(1, 3, 6, 7, requires_grad=True)
+    functional.mean_field(unary, torch.rand(1, 3, 6, 7) * 255, filter_size=3, blur=1, backend="triton").sum().backward()
+    assert unary.grad is not None
+
+
+def test_mean_field_step_leaves_wide_compatibilities_to_the_separate_ops(monkeypatch):
+    """With a 1×1 compatibility over more than 32 classes its [C, C] tile would spill: no one-launch step."""
+    monkeypatch.setattr(kernels, "mean_field_step", lambda *a, **kw: pytest.fail("C = 33 with compat"))
+    C = 33
+    with torch.no_grad():
+        got = functional.mean_field(torch.randn(1, C, 5, 6), torch.rand(1, 3, 5, 6) * 255, filter_size=3, blur=1,
+                                    num_iter=2, compat_matrix=torch.eye(C) * 0.1, backend="triton")
+    assert got.shape == (1, C, 5, 6)
