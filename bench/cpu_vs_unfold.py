@@ -46,6 +46,8 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=21)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--image", type=Path, help="a real RGB image (e.g. voc7) instead of uniform noise; needs --labels")
+    p.add_argument("--labels", type=Path, help="its label map: the unary is SPEC §6's noisy unary of it (seed 0)")
     p.add_argument("--csv", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -53,6 +55,12 @@ def main() -> None:
     C, H, W = args.classes, args.height, args.width
     unary = torch.randn(1, C, H, W, generator=g)
     image = torch.rand(1, 3, H, W, generator=g) * 255
+    if args.image is not None:  # natural images drive softmax outputs into float32 denormals
+        from convcrf_triton.data import read_image, read_labels, synthetic_unary
+
+        image = torch.from_numpy(read_image(args.image))[None]
+        unary = torch.from_numpy(synthetic_unary(read_labels(args.labels), C, seed=0)).float()[None]
+        H, W = image.shape[-2:]
     rows = []
     for k in map(int, args.filter_sizes.split(",")):
         for blur in map(int, args.blurs.split(",")):
