@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--labels", required=True, metavar="DIR", help="label PNGs (palette or grey, 255 = ignore)")
     tr.add_argument("--num-classes", type=int, default=21, help="default %(default)s")
     tr.add_argument("--epochs", type=int, default=10, help="default %(default)s")
-    tr.add_argument("--lr", type=float, default=0.02, help="Adam learning rate (default %(default)s)")
+    tr.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default %(default)s)")
     tr.add_argument("--seed", type=int, default=0, help="seed of the training noise and order (default %(default)s)")
     tr.add_argument("--holdout", type=int, default=0, metavar="N", help="keep the last N images (by name) out "
                     "of training and report on them (default %(default)s: report on the training images, "

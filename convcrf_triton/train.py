@@ -73,7 +73,7 @@ def train(
     samples: Sequence[Sample],
     *,
     epochs: int = 10,
-    lr: float = 0.02,
+    lr: float = 0.01,
     seed: int = 0,
     max_grad_norm: float = 1.0,
     progress: bool = True,
