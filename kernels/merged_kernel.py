@@ -6,7 +6,8 @@ For tap ``t`` (offset ``d_t = (t // k - r, t % k - r)``) and pixel ``p``::
 
 where ``f1`` is the first ``D1`` feature channels and ``f2`` the next ``D2`` (``D2 = 0``: one Gaussian);
 ``K`` is 0 where ``p + d_t`` leaves the image, and at the centre tap unless ``KEEP_CENTRE``.
-``_neighbour``, ``_tap_weight`` and ``_load_compats`` are shared with the fused message-passing kernel.
+``_pixel_block``, ``_neighbour``, ``_tap_weight`` and ``_load_compats`` are shared with the message-passing
+kernels.
 """
 
 from __future__ import annotations
@@ -18,6 +19,18 @@ import triton
 import triton.language as tl
 
 from ._launch import check_on_device, interpreter_blocks, interpreting, needs_int64
+
+
+@triton.jit
+def _pixel_block(b, h, w, BLOCK_P: tl.constexpr, IDX64: tl.constexpr):
+    """Every kernel's prologue: image ``b``, plane size, this program's flat pixels and their rows and
+    columns; with ``IDX64`` the batch and plane offsets are int64 (tensors of 2^31 elements or more)."""
+    plane = h * w
+    if IDX64:
+        b = b.to(tl.int64)
+        plane = plane.to(tl.int64)
+    offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return b, plane, offs, offs < plane, offs // w, offs % w
 
 
 @triton.jit
@@ -72,15 +85,7 @@ def _gaussian_weights_kernel(
     KEEP_CENTRE: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr,
 ):
     # grid: (cdiv(h*w, BLOCK_P), B); one program writes all k*k taps of BLOCK_P pixels.
-    b = tl.program_id(1)
-    plane = h * w
-    if IDX64:
-        b = b.to(tl.int64)
-        plane = plane.to(tl.int64)
-    offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_img = offs < plane
-    y = offs // w
-    x = offs % w
+    b, plane, offs, in_img, y, x = _pixel_block(tl.program_id(1), h, w, BLOCK_P, IDX64)
     f_ptr += b * (D1 + D2) * plane
     c1, c2 = _load_compats(compat_ptr, D2)
     out = k_ptr + b * (KSIZE * KSIZE) * plane + offs

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._launch import check_on_device, interpreter_blocks, interpreting, needs_int64
-from .merged_kernel import _load_compats, _neighbour, _tap_weight, feature_meta
+from .merged_kernel import _load_compats, _neighbour, _pixel_block, _tap_weight, feature_meta
 
 FUSED_MIN_FILTER_SIZE = 7
 
@@ -50,16 +50,8 @@ def _message_pass_kernel(
     #     M' = M + compat @ M (HAS_COMPAT, a tl.dot over the class block)
     #     Z  = A + w * M'     (A = (u - w) L, precomputed; w per class, or one: W_STRIDE = 0)
     #     out = softmax_c(Z) if SOFTMAX else Z
-    b = tl.program_id(2)
-    plane = h * w
-    if IDX64:
-        b = b.to(tl.int64)
-        plane = plane.to(tl.int64)
-    offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b, plane, offs, in_img, y, x = _pixel_block(tl.program_id(2), h, w, BLOCK_P, IDX64)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_img = offs < plane
-    y = offs // w
-    x = offs % w
     c_mask = (cls < C)[:, None]
     q_rows = q_ptr + b * C * plane + cls[:, None] * plane
     if FUSED:
@@ -107,15 +99,7 @@ def _weight_grad_kernel(
     #     dL/dc_g    = 1/2 sum_{p, t} e_g[p, t] A[p, t]
     # The weights are recomputed, never stored. grid: (cdiv(h*w, BLOCK_P), B); each program writes its
     # pixels' feature gradients and its partial compat sums (reduced on the host: deterministic).
-    b = tl.program_id(1)
-    plane = h * w
-    if IDX64:
-        b = b.to(tl.int64)
-        plane = plane.to(tl.int64)
-    offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_img = offs < plane
-    y = offs // w
-    x = offs % w
+    b, plane, offs, in_img, y, x = _pixel_block(tl.program_id(1), h, w, BLOCK_P, IDX64)
     rows = tl.arange(0, BLOCK_D)[:, None]
     f_off = b * (D1 + D2) * plane + rows * plane
     f_rows = f_ptr + f_off
