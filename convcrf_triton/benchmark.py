@@ -851,6 +851,17 @@ def _impls(rows) -> list[str]:
     return [i for i in STYLE if i in present]
 
 
+def _decorate(ax, xlabel: str, ylabel: str, title: str, log_y: bool = False) -> None:  # noqa: ANN001
+    """Labels, title, grid and legend of one panel (log y-axis for times, speed-ups and ratios)."""
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot_time_vs_k(rows, path: Path, device: str) -> bool:
     model = _model(rows)
     panels = k_panels(model)
@@ -871,12 +882,7 @@ def plot_time_vs_k(rows, path: Path, device: str) -> bool:
         for r in dense:
             if (r["H"], r["W"], r["C"], r["B"]) == (H, W, C, B):
                 ax.axhline(r["median_ms"], color=STYLE["pydensecrf"][0], ls="--", label="pydensecrf (full CRF)")
-        ax.set_yscale("log")
-        ax.set_xlabel("filter size k")
-        ax.set_ylabel("time per inference [ms]")
-        ax.set_title(f"H×W = {H}×{W}, blur {blur}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _decorate(ax, "filter size k", "time per inference [ms]", f"H×W = {H}×{W}, blur {blur}", log_y=True)
     _finish(plt, fig, path)
     return True
 
@@ -914,11 +920,7 @@ def plot_time_vs_resolution(rows, path: Path, device: str) -> bool:
         ax.set_xticks([h * w / 1e6 for h, w in ticks])
         ax.set_xticklabels([f"{h}×{w}" for h, w in ticks], rotation=30, fontsize=8)
         ax.minorticks_off()
-        ax.set_xlabel("resolution H×W")
-        ax.set_ylabel("time per inference [ms]")
-        ax.set_title(f"blur {blur}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _decorate(ax, "resolution H×W", "time per inference [ms]", f"blur {blur}")
     _finish(plt, fig, path)
     return True
 
@@ -940,12 +942,7 @@ def plot_memory_vs_k(rows, path: Path, device: str) -> bool:
         unary_mb = B * C * H * W * 4 / 2**20
         ax.axhline(unary_mb, color="k", ls=":", lw=1, label=f"unary size ({unary_mb:.3g} MB)")
         ax.axhline(4 * unary_mb, color="k", ls="--", lw=1, label="4× unary (SPEC §7 target)")
-        ax.set_yscale("log")
-        ax.set_xlabel("filter size k")
-        ax.set_ylabel("peak extra memory [MB]")
-        ax.set_title(f"H×W = {H}×{W}, blur {blur}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _decorate(ax, "filter size k", "peak extra memory [MB]", f"H×W = {H}×{W}, blur {blur}", log_y=True)
     _finish(plt, fig, path)
     return True
 
@@ -978,12 +975,7 @@ def plot_speedup(rows, path: Path, device: str, device_type: str) -> bool:
             ((10.0, "10× (SPEC §7, CPU, k=11)") if blur == 1 else (5.0, "5× (SPEC §7, CPU, k=11)"))
         ax.axhline(target[0], color="k", ls="--", lw=1, label=target[1])
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_yscale("log")
-        ax.set_xlabel("filter size k")
-        ax.set_ylabel("unfold time / time")
-        ax.set_title(f"H×W = {H}×{W}, blur {blur}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _decorate(ax, "filter size k", "unfold time / time", f"H×W = {H}×{W}, blur {blur}", log_y=True)
     _finish(plt, fig, path)
     return True
 
@@ -1003,12 +995,8 @@ def plot_roofline(rows, path: Path, device: str) -> bool:
                 ax.plot([r["k"] for r in s], [r["roofline_frac"] for r in s], color=color, marker=marker,
                         label=impl)
         ax.axhline(0.5, color="k", ls="--", lw=1, label="50% (SPEC §7 target)")
-        ax.set_yscale("log")
-        ax.set_xlabel("filter size k")
-        ax.set_ylabel("roofline time / measured time")
-        ax.set_title(f"grid {pooled(H, blur)}×{pooled(W, blur)} (H×W = {H}×{W}, blur {blur}), C={C}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        title = f"grid {pooled(H, blur)}×{pooled(W, blur)} (H×W = {H}×{W}, blur {blur}), C={C}"
+        _decorate(ax, "filter size k", "roofline time / measured time", title, log_y=True)
     _finish(plt, fig, path)
     return True
 
