@@ -1,0 +1,68 @@
+"""Write bench/ROOFLINE.md: FLOP and byte counts of one message pass per configuration, and the time floor they
+imply on an H100 (issue #6). Pure arithmetic, no device: ``python bench/roofline.py > bench/ROOFLINE.md``.
+
+Per message pass on the pooled grid ``h × w = ceil(H/blur) × ceil(W/blur)``, B = 1, fp32:
+- FMAs: ``C·k²·h·w`` (2 FLOP each), both variants; the fused one also recomputes the weights,
+  ``(2D + 4)·k²·h·w`` FLOP per class block (D = 5 feature channels) plus one ``exp`` per tap and pixel.
+- DRAM bytes, ideal (each neighbour tile re-read from cache): two-pass ``4·(2·C + k²)·h·w`` (read Q and K,
+  write M), fused ``4·(2·C + D)·h·w``; the unfold formulation ``4·(4·C·k² + 2·C + k²)·h·w`` (write the unfolded
+  Q, read it, write and read the product, read K, write M).
+- Floor = max(bytes / 3.0 TB/s, FLOP / 60 TFLOP/s): the H100 copy bandwidth and fp32 FMA rate the issue quotes.
+"""
+
+from __future__ import annotations
+
+import math
+
+COPY_BPS = 3.0e12
+FMA_FLOPS = 60e12
+D = 5
+CLASS_BLOCK = 32
+
+
+def counts(H: int, W: int, blur: int, C: int, k: int) -> dict[str, float]:
+    hw = math.ceil(H / blur) * math.ceil(W / blur)
+    fma_flop = 2.0 * C * k * k * hw
+    weight_flop = (2 * D + 4) * k * k * hw * math.ceil(C / CLASS_BLOCK)
+    return {
+        "flop_two_pass": fma_flop,
+        "flop_fused": fma_flop + weight_flop,
+        "bytes_two_pass": 4.0 * (2 * C + k * k) * hw,
+        "bytes_fused": 4.0 * (2 * C + D) * hw,
+        "bytes_unfold": 4.0 * (4 * C * k * k + 2 * C + k * k) * hw,
+    }
+
+
+def floor_us(flop: float, nbytes: float) -> tuple[float, str]:
+    t_mem, t_fma = nbytes / COPY_BPS, flop / FMA_FLOPS
+    return 1e6 * max(t_mem, t_fma), ("memory" if t_mem >= t_fma else "FMA")
+
+
+def main() -> None:
+    print("# Roofline of the message pass (H100, fp32)\n")
+    print(__doc__.split("\n\n", 1)[1].strip() + "\n")
+    print("One message pass (one mean-field iteration's hot loop), C = 21, B = 1; µs floor and the bound:\n")
+    print("| H×W | blur | k | GFLOP two-pass | MB two-pass | floor two-pass µs | GFLOP fused | MB fused "
+          "| floor fused µs | MB unfold | floor unfold µs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for H, W in ((512, 512), (1024, 2048)):
+        for blur in (1, 4):
+            for k in (3, 7, 11, 15):
+                c = counts(H, W, blur, 21, k)
+                tp, tpb = floor_us(c["flop_two_pass"], c["bytes_two_pass"])
+                fu, fub = floor_us(c["flop_fused"], c["bytes_fused"])
+                un, unb = floor_us(c["flop_two_pass"], c["bytes_unfold"])
+                print(f"| {H}×{W} | {blur} | {k} | {c['flop_two_pass'] / 1e9:.3f} | {c['bytes_two_pass'] / 1e6:.1f} "
+                      f"| {tp:.1f} ({tpb}) | {c['flop_fused'] / 1e9:.3f} | {c['bytes_fused'] / 1e6:.1f} "
+                      f"| {fu:.1f} ({fub}) | {c['bytes_unfold'] / 1e6:.0f} | {un:.1f} ({unb}) |")
+    print("\nReading it: the two-pass kernel is memory-bound at every k for C = 21 (its intensity "
+          "2·C·k² / 4·(2·C + k²) FLOP/byte tends to C/2 = 10.5, below the H100's 20); the fused one moves no "
+          "k²-sized data and turns FMA-bound from k = 11, where it sits ~2× below the two-pass floor; the unfold "
+          "formulation moves 4·C·k² floats a pixel, memory-bound everywhere, 17–120× above the fused floor. "
+          "The 5-iteration model adds per iteration one softmax and the weighting over C·H·W (≈ 3 more passes of "
+          "4·C·H·W bytes: ~22 µs at 512², ~176 µs at 1024×2048), plus pooling and bilinear upsampling at blur > 1. "
+          "None of this is measured yet: no session has had a GPU.")
+
+
+if __name__ == "__main__":
+    main()
