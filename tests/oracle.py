@@ -19,8 +19,10 @@ Shapes: ``unary`` ``[B, C, H, W]`` (logits), ``image`` ``[B, 3, H, W]`` (RGB, sc
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,8 +31,20 @@ from convcrf_triton.baselines import DEFAULT_CONF, unfold_crf
 
 Array = npt.NDArray[np.float64]
 
+
+def convcrf_conf(**kw: Any) -> dict[str, Any]:
+    """The original ConvCRF default config with some keys replaced (nested dicts are updated)."""
+    conf = copy.deepcopy(DEFAULT_CONF)
+    for key, val in kw.items():
+        if isinstance(val, dict):
+            conf[key].update(val)
+        else:
+            conf[key] = val
+    return conf
+
 __all__ = [
     "DEFAULT_CONF",
+    "convcrf_conf",
     "blur_padding",
     "naive_avg_pool",
     "naive_crf",

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from oracle import DEFAULT_CONF, unfold_crf
+from oracle import convcrf_conf, unfold_crf
 from torch import nn
 
 import convcrf_triton
@@ -43,16 +43,6 @@ def _small(C: int = 4, **kw: Any) -> ConvCRF:
     args.update(kw)
     return ConvCRF(C, **args)
 
-
-def _conf(**kw: Any) -> dict[str, Any]:
-    """The original ConvCRF default config with some keys replaced (nested dicts are updated)."""
-    conf = copy.deepcopy(DEFAULT_CONF)
-    for key, val in kw.items():
-        if isinstance(val, dict):
-            conf[key].update(val)
-        else:
-            conf[key] = val
-    return conf
 
 
 def _assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
@@ -568,9 +558,9 @@ def test_public_names() -> None:
 @pytest.mark.parametrize(("B", "C", "H", "W"), [(2, 21, 37, 29), (2, 5, 16, 16), (1, 3, 13, 21)])
 def test_from_conf_default_matches_original(B: int, C: int, H: int, W: int) -> None:
     unary, image = _inputs(40 + H, B, C, H, W)
-    crf = ConvCRF.from_convcrf_conf(_conf(), num_classes=C, backend="torch")
+    crf = ConvCRF.from_convcrf_conf(convcrf_conf(), num_classes=C, backend="torch")
     assert crf.config.mode == "convcrf" and crf.num_classes == C
-    expected = unfold_crf(unary, image, _conf(), C)
+    expected = unfold_crf(unary, image, convcrf_conf(), C)
     _assert_close_scaled(crf(unary, image), expected, 1e-4)
 
 
@@ -594,7 +584,7 @@ CONF_VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(CONF_VARIANTS))
 def test_from_conf_variants_match_original(variant: str) -> None:
-    conf = _conf(**CONF_VARIANTS[variant])
+    conf = convcrf_conf(**CONF_VARIANTS[variant])
     B, C, H, W = 2, 5, 19, 14
     unary, image = _inputs(50, B, C, H, W)
     crf = ConvCRF.from_convcrf_conf(conf, num_classes=C, backend="torch")
@@ -619,7 +609,7 @@ def test_from_conf_variants_match_original(variant: str) -> None:
 
 def test_from_conf_convcomp_learned_matrix_matches_original() -> None:
     C = 4
-    conf = _conf(convcomp=True, filter_size=5, blur=2)
+    conf = convcrf_conf(convcomp=True, filter_size=5, blur=2)
     crf = ConvCRF.from_convcrf_conf(conf, num_classes=C, backend="torch")
     g = torch.Generator().manual_seed(51)
     with torch.no_grad():
@@ -638,12 +628,12 @@ def test_from_conf_partial_dict_takes_original_defaults() -> None:
     assert cfg.backend == "torch"
     assert ConvCRF.from_convcrf_conf({}, num_classes=C).backend == "auto"
     unary, image = _inputs(53, 1, C, 10, 9)
-    expected = unfold_crf(unary, image, _conf(blur=2, pos_feats={"sdims": 5}), C)
+    expected = unfold_crf(unary, image, convcrf_conf(blur=2, pos_feats={"sdims": 5}), C)
     _assert_close_scaled(crf(unary, image), expected, 1e-4)
 
 
 def test_from_conf_does_not_mutate_conf() -> None:
-    conf = _conf(blur=2, col_feats={"use_bias": True})
+    conf = convcrf_conf(blur=2, col_feats={"use_bias": True})
     before = copy.deepcopy(conf)
     ConvCRF.from_convcrf_conf(conf, num_classes=3)
     assert conf == before
@@ -658,7 +648,7 @@ def test_from_conf_not_a_dict(conf: Any) -> None:
 @pytest.mark.parametrize("key", ["logsoftmax", "softmax"])
 def test_from_conf_unsupported_flags(key: str) -> None:
     with pytest.raises(ValueError, match=key):
-        ConvCRF.from_convcrf_conf(_conf(**{key: False}), num_classes=3)
+        ConvCRF.from_convcrf_conf(convcrf_conf(**{key: False}), num_classes=3)
 
 
 @pytest.mark.parametrize(
@@ -674,7 +664,7 @@ def test_from_conf_unsupported_flags(key: str) -> None:
 )
 def test_from_conf_bad_values(kw: dict[str, Any], name: str) -> None:
     with pytest.raises(ValueError, match=name):
-        ConvCRF.from_convcrf_conf(_conf(**kw), num_classes=3)
+        ConvCRF.from_convcrf_conf(convcrf_conf(**kw), num_classes=3)
 
 
 # ---------------------------------------------------------------------------------------------------------

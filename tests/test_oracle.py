@@ -3,7 +3,6 @@ and a dense all-pairs formulation (blur 1). Shapes: unary ``[B, C, H, W]``, imag
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -12,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from oracle import (
-    DEFAULT_CONF,
     blur_padding,
+    convcrf_conf,
     naive_avg_pool,
     naive_crf,
     naive_upsample_bilinear,
@@ -29,15 +28,6 @@ def _inputs(seed: int, B: int, C: int, H: int, W: int) -> tuple[np.ndarray, np.n
     image = rng.uniform(0.0, 255.0, (B, 3, H, W))
     return unary, image
 
-
-def _conf(**kw: Any) -> dict[str, Any]:
-    conf = copy.deepcopy(DEFAULT_CONF)
-    for key, val in kw.items():
-        if isinstance(val, dict):
-            conf[key].update(val)
-        else:
-            conf[key] = val
-    return conf
 
 
 def _naive_kwargs(conf: dict[str, Any], C: int) -> dict[str, Any]:
@@ -130,7 +120,7 @@ def test_naive_matches_unfold_float64(case: tuple) -> None:
     seed, H, W, k, blur, over = case
     B, C, T = 2, 3, 3
     unary, image = _inputs(seed, B, C, H, W)
-    conf = _conf(filter_size=k, blur=blur, **over)
+    conf = convcrf_conf(filter_size=k, blur=blur, **over)
     comp = None
     compat = None
     if conf["convcomp"]:
@@ -147,7 +137,7 @@ def test_naive_matches_unfold_float64(case: tuple) -> None:
 def test_unfold_default_convcomp_weight() -> None:
     B, C, H, W = 1, 3, 5, 6
     unary, image = _inputs(20, B, C, H, W)
-    conf = _conf(filter_size=3, blur=2, convcomp=True)
+    conf = convcrf_conf(filter_size=3, blur=2, convcomp=True)
     ref = unfold_crf(torch.from_numpy(unary), torch.from_numpy(image), conf, C, num_iter=2)
     compat = np.full((C, C), 0.1 * math.sqrt(2.0 / C))
     got = naive_crf(unary, image, num_iter=2, compat=compat, **_naive_kwargs(conf, C))
@@ -157,7 +147,7 @@ def test_unfold_default_convcomp_weight() -> None:
 def test_unfold_float32_follows_dtype() -> None:
     B, C, H, W = 2, 3, 7, 9
     unary, image = _inputs(21, B, C, H, W)
-    conf = _conf(filter_size=5, blur=2)
+    conf = convcrf_conf(filter_size=5, blur=2)
     u32, i32 = torch.from_numpy(unary).float(), torch.from_numpy(image).float()
     ref32 = unfold_crf(u32, i32, conf, C, num_iter=3)
     assert ref32.dtype == torch.float32
