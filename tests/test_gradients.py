@@ -58,7 +58,7 @@ def test_gradcheck_reference_every_input_and_parameter(mode):
 
 
 @pytest.mark.parametrize("mode", MODES, ids=ids)
-def test_triton_backward_matches_reference(mode):
+def test_triton_backward_matches_reference(mode, device):
     """Relative error ≤ 1e-5 against float64, or no worse than 4× the float32 reference's own error: a
     scalar gradient summed over every pixel and tap (e.g. a compat weight's, 1e3 times smaller than its
     terms) loses digits to cancellation in float32 whatever the implementation."""
@@ -66,9 +66,9 @@ def test_triton_backward_matches_reference(mode):
     grad_out = torch.randn(2, 4, 9, 11, generator=torch.Generator().manual_seed(3))
     grads = {}
     for backend, dtype in (("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float32)):
-        params = {k: v.to(dtype).requires_grad_() for k, v in _params(4, torch.float64).items()}
-        u, im = unary.to(dtype).requires_grad_(), image.to(dtype).requires_grad_()
-        _run(u, im, params, backend, **mode).backward(grad_out.to(dtype))
+        params = {k: v.to(device, dtype).requires_grad_() for k, v in _params(4, torch.float64).items()}
+        u, im = unary.to(device, dtype).requires_grad_(), image.to(device, dtype).requires_grad_()
+        _run(u, im, params, backend, **mode).backward(grad_out.to(device, dtype))
         grads[backend, dtype] = {"unary": u.grad, "image": im.grad, **{k: v.grad for k, v in params.items()}}
     for name, want in grads["torch", torch.float64].items():
         got, ref32 = grads["triton", torch.float32][name], grads["torch", torch.float32][name]

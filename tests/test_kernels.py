@@ -1,7 +1,9 @@
-"""Every Triton kernel, run by Triton's interpreter on CPU tensors, against the PyTorch reference.
+"""Every Triton kernel against the PyTorch reference: run by Triton's interpreter on CPU tensors, or
+compiled on the GPU with ``CONVCRF_TEST_DEVICE=cuda`` (the ``device`` fixture; larger shapes there, which
+span many programs and the autotuned tile shapes).
 
-The reference runs in float64; the kernels compute in float32, so errors are relative to the largest
-magnitude of the reference output (SPEC §7: 1e-5).
+The reference runs in float64 on the same device; the kernels compute in float32, so errors are relative
+to the largest magnitude of the reference output (SPEC §7: 1e-5).
 """
 
 import sys
@@ -20,12 +22,18 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).abs().max() / scale).item()
 
 
-def make_inputs(seed, B, C, h, w, dims, dtype=torch.float32):
+def make_inputs(seed, B, C, h, w, dims, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(B, sum(dims), h, w, generator=g) * 0.7
     compats = torch.rand(len(dims), generator=g) * 5 + 0.5
     Q = torch.softmax(torch.randn(B, C, h, w, generator=g), 1).to(dtype)
-    return feats, compats, Q
+    return feats.to(device), compats.to(device), Q.to(device)
+
+
+def on_gpu_only(*cases):
+    """Cases too large for the interpreter: run with ``CONVCRF_TEST_DEVICE=cuda`` only."""
+    return [pytest.param(*c, marks=pytest.mark.gpu_only) if isinstance(c, tuple) else
+            pytest.param(c, marks=pytest.mark.gpu_only) for c in cases]
 
 
 # (k, B, C, h, w, dims): k over SPEC §7's set, odd and degenerate sizes, C from 1 to 150, one or two
@@ -40,13 +48,20 @@ CASES = [
     (13, 1, 150, 9, 11, (2, 3)),
     (31, 1, 3, 33, 35, (2, 3)),
     (31, 2, 2, 5, 7, (3,)),
+    *on_gpu_only(
+        (3, 2, 21, 129, 257, (2, 3)),
+        (7, 1, 256, 64, 75, (2, 3)),
+        (11, 1, 21, 188, 250, (2, 3)),
+        (15, 2, 37, 61, 97, (2, 5)),
+        (31, 1, 19, 97, 131, (2, 3)),
+    ),
 ]
 
 
 @pytest.mark.parametrize("k,B,C,h,w,dims", CASES)
-def test_gaussian_weights(k, B, C, h, w, dims):
+def test_gaussian_weights(k, B, C, h, w, dims, device):
     keep_centre = bool(h % 2)
-    feats, compats, _ = make_inputs(k * 100 + h, B, C, h, w, dims)
+    feats, compats, _ = make_inputs(k * 100 + h, B, C, h, w, dims, device=device)
     want = reference.gaussian_weights(feats.double(), dims, compats.double(), k, keep_centre)
     got = kernels.gaussian_weights(feats, dims, compats, k, keep_centre)
     assert got.shape == (B, k * k, h, w) and got.dtype == torch.float32
@@ -57,8 +72,8 @@ def test_gaussian_weights(k, B, C, h, w, dims):
 
 
 @pytest.mark.parametrize("k,B,C,h,w,dims", CASES)
-def test_two_pass_and_fused_message_pass(k, B, C, h, w, dims):
-    feats, compats, Q = make_inputs(k * 7 + w, B, C, h, w, dims)
+def test_two_pass_and_fused_message_pass(k, B, C, h, w, dims, device):
+    feats, compats, Q = make_inputs(k * 7 + w, B, C, h, w, dims, device=device)
     K = reference.gaussian_weights(feats.double(), dims, compats.double(), k, False)
     want = reference.message_pass(K, Q.double())
     two_pass = kernels.message_pass(K.float(), Q)
@@ -69,17 +84,17 @@ def test_two_pass_and_fused_message_pass(k, B, C, h, w, dims):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_q_accumulates_in_float32(dtype):
-    feats, compats, Q = make_inputs(3, 2, 6, 11, 13, (2, 3), dtype)
+def test_low_precision_q_accumulates_in_float32(dtype, device):
+    feats, compats, Q = make_inputs(3, 2, 6, 11, 13, (2, 3), dtype, device)
     want = reference.fused_message_pass(feats.double(), (2, 3), compats.double(), Q.double(), 5, False)
     got = kernels.fused_message_pass(feats, (2, 3), compats, Q, 5, False)
     assert got.dtype == dtype
     assert rel_err(got, want) < 1e-2  # the output's own rounding; the sum itself is float32
 
 
-def test_int64_indexing_path(monkeypatch):
+def test_int64_indexing_path(monkeypatch, device):
     """The IDX64 variant (chosen when a tensor has >= 2^31 elements) computes the same numbers."""
-    feats, compats, Q = make_inputs(5, 3, 4, 9, 10, (2, 3))
+    feats, compats, Q = make_inputs(5, 3, 4, 9, 10, (2, 3), device=device)
     want = kernels.fused_message_pass(feats, (2, 3), compats, Q, 5, True)
     want_k = kernels.gaussian_weights(feats, (2, 3), compats, 5, True)
     for module in ("merged_kernel", "message_passing"):
@@ -89,9 +104,25 @@ def test_int64_indexing_path(monkeypatch):
     assert _launch.needs_int64(torch.empty(1).expand(2**16, 2**15 + 1))
 
 
+@pytest.mark.gpu_only
+def test_int64_indexing_on_a_tensor_past_2_to_the_31(device):
+    """A real K of 49·6700² > 2^31 elements (8.8 GB): the bottom rows, whose offsets overflow int32, against
+    the reference on a strip (the message at a row needs rows within k//2 of it only)."""
+    k, h, w, halo = 7, 6700, 6700, 3
+    feats, compats, Q = make_inputs(17, 1, 2, h, w, (2, 3), device=device)
+    K = kernels.gaussian_weights(feats, (2, 3), compats, k, False)
+    assert _launch.needs_int64(K)
+    got = kernels.message_pass(K, Q)[..., -8:, :]
+    del K
+    strip = slice(h - 8 - halo, h)
+    want = reference.fused_message_pass(feats[..., strip, :].double(), (2, 3), compats.double(),
+                                        Q[..., strip, :].double(), k, False)[..., halo:, :]
+    assert rel_err(got, want) < RTOL
+
+
 @pytest.mark.parametrize("fused", [False, True])
-def test_gradient_wrt_q_is_a_message_pass_of_the_output_gradient(fused):
-    feats, compats, Q = make_inputs(11, 2, 3, 8, 9, (2, 3))
+def test_gradient_wrt_q_is_a_message_pass_of_the_output_gradient(fused, device):
+    feats, compats, Q = make_inputs(11, 2, 3, 8, 9, (2, 3), device=device)
     grad_out = torch.randn_like(Q)
     Qr = Q.double().requires_grad_()
     reference.fused_message_pass(feats.double(), (2, 3), compats.double(), Qr, 5, False).backward(grad_out.double())
@@ -112,18 +143,23 @@ MODEL_CASES = [
     dict(filter_size=7, blur=1, mode="convcrf", norm="sym", col_use_pos=True),
     dict(filter_size=11, blur=4, mode="convcrf", convcomp=True),
     dict(filter_size=13, blur=2, mode="textbook", weight=0.7, unary_weight=1.3),
+    *on_gpu_only(
+        dict(filter_size=11, blur=1, mode="convcrf", size=(120, 163)),
+        dict(filter_size=7, blur=3, mode="textbook", norm="sym", size=(250, 190)),
+        dict(filter_size=21, blur=2, mode="convcrf", convcomp=True, size=(97, 130)),
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", MODEL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_mean_field_triton_matches_reference(case):
+def test_mean_field_triton_matches_reference(case, device):
     case = dict(case)
     g = torch.Generator().manual_seed(case["filter_size"] * 10 + case["blur"])
-    B, C, H, W = 3, 4, 17, 23
-    unary = torch.randn(B, C, H, W, generator=g) * 2
-    image = torch.rand(B, 3, H, W, generator=g) * 255
+    B, C, (H, W) = 3, 4, case.pop("size", (17, 23))
+    unary = (torch.randn(B, C, H, W, generator=g) * 2).to(device)
+    image = (torch.rand(B, 3, H, W, generator=g) * 255).to(device)
     if case.pop("convcomp", False):
-        case["compat_matrix"] = torch.randn(C, C, generator=g) * 0.1
+        case["compat_matrix"] = (torch.randn(C, C, generator=g) * 0.1).to(device)
     want = functional.mean_field(unary.double(), image.double(), num_iter=3, backend="torch", **case)
     got = functional.mean_field(unary, image, num_iter=3, backend="triton", **case)
     assert got.dtype == torch.float32
@@ -150,20 +186,25 @@ STEP_CASES = [
     dict(k=11, C=150, mode="convcrf", compat=False, scalar=False, final_softmax=False),
     dict(k=5, C=32, mode="textbook", compat=True, scalar=False, final_softmax=False),
     dict(k=15, C=3, mode="textbook", compat=True, scalar=True, final_softmax=False),
+    *on_gpu_only(
+        dict(k=7, C=21, mode="convcrf", compat=True, scalar=False, final_softmax=False, size=(131, 257)),
+        dict(k=11, C=256, mode="textbook", compat=False, scalar=False, final_softmax=True, size=(64, 97)),
+        dict(k=3, C=19, mode="textbook", compat=False, scalar=True, final_softmax=False, size=(200, 301)),
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_mean_field_step_matches_reference(case, monkeypatch):
+def test_mean_field_step_matches_reference(case, monkeypatch, device):
     calls = []
     step = kernels.mean_field_step
     monkeypatch.setattr(kernels, "mean_field_step", lambda *a, **kw: calls.append(1) or step(*a, **kw))
     g = torch.Generator().manual_seed(case["k"] + case["C"])
-    B, C, H, W = 2, case["C"], 13, 9
-    unary = torch.randn(B, C, H, W, generator=g) * 2
-    image = torch.rand(B, 3, H, W, generator=g) * 255
-    weight = torch.tensor(0.3) if case["scalar"] else torch.rand(1, C, 1, 1, generator=g)
-    compat = torch.randn(C, C, generator=g) * 0.1 if case["compat"] else None
+    B, C, (H, W) = 2, case["C"], case.get("size", (13, 9))
+    unary = (torch.randn(B, C, H, W, generator=g) * 2).to(device)
+    image = (torch.rand(B, 3, H, W, generator=g) * 255).to(device)
+    weight = (torch.tensor(0.3) if case["scalar"] else torch.rand(1, C, 1, 1, generator=g)).to(device)
+    compat = (torch.randn(C, C, generator=g) * 0.1).to(device) if case["compat"] else None
     kw = dict(filter_size=case["k"], blur=1, num_iter=3, mode=case["mode"], weight=weight, compat_matrix=compat,
               final_softmax=case["final_softmax"])
     with torch.no_grad():
