@@ -157,7 +157,7 @@ class MessagePasser:
         )
         self.ops = ops
         # On the Triton backend only the fused op differentiates the weights (recomputing them).
-        fused = ops is not reference and (learns_weights or ops.prefer_fused(filter_size))
+        fused = ops is not reference and (learns_weights or ops.prefer_fused(filter_size, pos.numel() // 2))
         if norm == "none":  # merged; also merge=False: the blur path is linear, so the sum is the same
             compats = torch.cat([_as_vector(pos_compat, pos), _as_vector(col_compat, pos)])
             terms = [(torch.cat([pos, col], 1), (2, col.shape[1]), compats, None)]

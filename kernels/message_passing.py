@@ -18,10 +18,10 @@ Backward: ``dL/dQ`` is a message pass of ``dL/dM``; the features' and compat wei
 one more kernel (:func:`_weight_grad_kernel`) that recomputes the weights. Every launch is a
 ``torch.library`` custom op with a fake implementation, so ``torch.compile`` captures it whole.
 
-Which variant is faster is a question of ``k`` against ``C``: the two-pass kernel streams ``k*k``
-weights per pixel from memory, the fused one recomputes them (``D`` loads and one or two ``exp`` per
-tap) once per class block. Until a GPU measures the crossover, :func:`prefer_fused` picks fused for
-``k >= 7`` (and always when ``K`` is not otherwise needed, as it never allocates k*k memory).
+Which variant is faster: the two-pass kernel streams ``k*k`` weights per pixel from memory, the fused
+one recomputes them (``D`` loads and one or two ``exp`` per tap) once per class block. On an H200 the
+two-pass path won except on small grids at large k; :func:`prefer_fused` encodes that measurement, and
+picks fused whenever ``K`` would be large (it never allocates k*k memory).
 """
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ import triton.language as tl
 from ._launch import check_on_device, interpreter_blocks, interpreting, needs_int64
 from .merged_kernel import _load_compats, _neighbour, _pixel_block, _tap_weight, feature_meta
 
-FUSED_MIN_FILTER_SIZE = 7
+# prefer_fused's thresholds (measured, see there): fused for k >= 15 on grids of at most 128² pixels, and
+# whenever the materialised K would take more than 2 GiB.
+FUSED_MIN_FILTER_SIZE = 15
+FUSED_MAX_PIXELS = 128 * 128
+FUSED_ABOVE_K_BYTES = 2 << 30
 
 
 @triton.jit
@@ -43,9 +47,11 @@ def _message_pass_kernel(
     q_ptr, k_ptr, f_ptr, compat_ptr, m_ptr, a_ptr, w_ptr, cm_ptr, C, h, w,
     KSIZE: tl.constexpr, FUSED: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KEEP_CENTRE: tl.constexpr,
     STEP: tl.constexpr, W_STRIDE: tl.constexpr, HAS_COMPAT: tl.constexpr, SOFTMAX: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr, UNROLL: tl.constexpr = 1,
 ):
-    # grid: (cdiv(h*w, BLOCK_P), cdiv(C, BLOCK_C), B). With STEP, the epilogue is a whole mean-field step
+    # grid: (cdiv(h*w, BLOCK_P), cdiv(C, BLOCK_C), B). The k*k taps run UNROLL at a time (the last group
+    # masked), so that UNROLL independent neighbour loads are in flight before the first multiply-add.
+    # With STEP, the epilogue is a whole mean-field step
     # (one program holds every class of its pixels: BLOCK_C >= C):
     #     M' = M + compat @ M (HAS_COMPAT, a tl.dot over the class block)
     #     Z  = A + w * M'     (A = (u - w) L, precomputed; w per class, or one: W_STRIDE = 0)
@@ -60,16 +66,22 @@ def _message_pass_kernel(
     else:
         k_row = k_ptr + b * (KSIZE * KSIZE) * plane + offs
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    for t in range(KSIZE * KSIZE):
-        nb, valid = _neighbour(offs, y, x, in_img, t, h, w, KSIZE)
-        if FUSED:
-            weight = _tap_weight(f_ptr, offs, in_img, nb, valid, plane, c1, c2, D1, D2)
-            if not KEEP_CENTRE:
-                weight = tl.where(t == KSIZE * KSIZE // 2, 0.0, weight)
-        else:
-            weight = tl.load(k_row + t * plane, mask=in_img, other=0.0).to(tl.float32)
-        q = tl.load(q_rows + nb[None, :], mask=c_mask & valid[None, :], other=0.0)
-        acc += weight[None, :] * q.to(tl.float32)
+    for t0 in range(0, KSIZE * KSIZE, UNROLL):
+        for j in tl.static_range(UNROLL):
+            t = t0 + j
+            nb, valid = _neighbour(offs, y, x, in_img, t, h, w, KSIZE)
+            tap_ok = in_img
+            if (KSIZE * KSIZE) % UNROLL != 0:
+                tap_ok = tap_ok & (tl.zeros_like(offs) + t < KSIZE * KSIZE)  # a tensor mask (interpreter)
+                valid = valid & tap_ok
+            if FUSED:
+                weight = _tap_weight(f_ptr, offs, in_img, nb, valid, plane, c1, c2, D1, D2)
+                if not KEEP_CENTRE:
+                    weight = tl.where(t == KSIZE * KSIZE // 2, 0.0, weight)
+            else:
+                weight = tl.load(k_row + t * plane, mask=tap_ok, other=0.0).to(tl.float32)
+            q = tl.load(q_rows + nb[None, :], mask=c_mask & valid[None, :], other=0.0)
+            acc += weight[None, :] * q.to(tl.float32)
     out_offs = b * C * plane + cls[:, None] * plane + offs[None, :]
     out_mask = c_mask & in_img[None, :]
     if STEP:
@@ -153,19 +165,40 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-# Tile shapes for the GPU; the first is the default (one class block for C <= 32, ~120 registers).
+# Tile shapes and tap unroll factors for the GPU; the first is the default (one class block for C <= 32,
+# ~120 registers). Registers measured for sm_90 at k = 7 (AOT, no spills anywhere): 8x128 U1 32, U4 62;
+# 8x256 U2 80; 16x128 U2 96; 32x64 U1 120. The H200 run of 2026-11-26 picked 8x128 / 8x256 (U1, the only
+# factor then) for nearly every key: narrow class blocks, more resident warps.
 TUNE_CONFIGS = [
-    triton.Config({"BLOCK_C": bc, "BLOCK_P": bp}, num_warps=nw)
-    for bc, bp, nw in [
-        (32, 64, 4), (16, 128, 4), (8, 256, 4), (8, 128, 4), (64, 64, 8), (32, 128, 8), (16, 256, 8),
+    triton.Config({"BLOCK_C": bc, "BLOCK_P": bp, "UNROLL": u}, num_warps=nw)
+    for bc, bp, nw, u in [
+        (32, 64, 4, 1), (8, 128, 4, 1), (8, 128, 4, 4), (8, 256, 4, 1), (8, 256, 4, 2), (16, 128, 4, 2),
+        (16, 256, 8, 2), (32, 128, 8, 1),
     ]
 ]
 DEFAULT_CONFIG = TUNE_CONFIGS[0]
 # (BLOCK_C, BLOCK_P) of the weight-gradient kernel on the GPU (4 warps): it holds four class tiles at once.
 WEIGHT_GRAD_BLOCKS = (16, 64)
+# Tap unroll factor under the interpreter (tests set it to exercise the masked last group).
+INTERPRETER_UNROLL = 1
 
 _message_pass_tuned = triton.autotune(
     configs=TUNE_CONFIGS, key=["KSIZE", "FUSED", "C", "h", "w"], prune_configs_by={"early_config_prune": _prune}
+)(_message_pass_kernel)
+
+
+def _prune_step(configs, named_args, **kwargs):
+    """The mean-field step's tile is fixed by :func:`step_blocks`; only its warps' count must match it."""
+    args = {**named_args, **kwargs}
+    num_warps = step_blocks(args["C"], args["HAS_COMPAT"])[2]
+    return [cfg for cfg in configs if cfg.num_warps == num_warps] or configs[:1]
+
+
+# The mean-field step tunes the tap unroll factor only (its tile holds every class, see step_blocks).
+STEP_CONFIGS = [triton.Config({"UNROLL": u}, num_warps=nw) for nw in (4, 8) for u in (1, 2)]
+_mean_field_step_tuned = triton.autotune(
+    configs=STEP_CONFIGS, key=["KSIZE", "FUSED", "C", "h", "w", "HAS_COMPAT"],
+    prune_configs_by={"early_config_prune": _prune_step},
 )(_message_pass_kernel)
 
 
@@ -181,7 +214,7 @@ def _launch(Q: torch.Tensor, K: torch.Tensor | None, feats: torch.Tensor | None,
     if interpreting():
         block_c, block_p = interpreter_blocks(C, h * w)
         grid = (triton.cdiv(h * w, block_p), triton.cdiv(C, block_c), B)
-        _message_pass_kernel[grid](*args, BLOCK_C=block_c, BLOCK_P=block_p, **consts)
+        _message_pass_kernel[grid](*args, BLOCK_C=block_c, BLOCK_P=block_p, UNROLL=INTERPRETER_UNROLL, **consts)
     else:
         def grid(meta):
             return (triton.cdiv(h * w, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]), B)
@@ -223,17 +256,17 @@ def _mean_field_step_op(
     args, consts = _operands(Q, K, feats, compats, dims, filter_size, keep_centre)
     mix = Q.new_empty(1, dtype=torch.float32) if compat_matrix is None else compat_matrix
     out = torch.empty_like(Q)
+    step = dict(STEP=True, W_STRIDE=int(weight.numel() > 1), HAS_COMPAT=compat_matrix is not None, SOFTMAX=softmax)
     if interpreting():
         block_c, block_p = interpreter_blocks(max(C, 16), max(h * w, 16))
-        num_warps = 4
+        grid = (triton.cdiv(h * w, block_p), 1, B)
+        _message_pass_kernel[grid](*args, out, unary_term, weight, mix, C, h, w, BLOCK_C=block_c, BLOCK_P=block_p,
+                                   UNROLL=INTERPRETER_UNROLL, **step, **consts)
     else:
-        block_c, block_p, num_warps = step_blocks(C, compat_matrix is not None)
-    grid = (triton.cdiv(h * w, block_p), 1, B)
-    _message_pass_kernel[grid](
-        *args, out, unary_term, weight, mix, C, h, w, STEP=True, W_STRIDE=int(weight.numel() > 1),
-        HAS_COMPAT=compat_matrix is not None, SOFTMAX=softmax, BLOCK_C=block_c, BLOCK_P=block_p,
-        num_warps=num_warps, **consts,
-    )
+        block_c, block_p, _ = step_blocks(C, compat_matrix is not None)
+        grid = (triton.cdiv(h * w, block_p), 1, B)
+        _mean_field_step_tuned[grid](*args, out, unary_term, weight, mix, C, h, w, BLOCK_C=block_c,
+                                     BLOCK_P=block_p, **step, **consts)
     return out
 
 
@@ -376,6 +409,11 @@ def fused_message_pass(
     return _fused_message_pass_op(Q.contiguous(), feats, compats, list(dims), filter_size, keep_centre)
 
 
-def prefer_fused(filter_size: int) -> bool:
-    """The documented rule until a GPU measures it: fused for ``k >= FUSED_MIN_FILTER_SIZE``."""
-    return filter_size >= FUSED_MIN_FILTER_SIZE
+def prefer_fused(filter_size: int, num_pixels: int) -> bool:
+    """Fused or two-pass for ``num_pixels = B·h·w`` (the pooled grid), as measured on an H200
+    (``bench/results/nvidia-h200``, C = 21, 5 iterations): two-pass was faster at every k on the
+    512² and 1024×2048 grids (1.2-1.8× at blur 1), fused at k >= 15 on a 128² grid (k = 31: 2.6 vs 3.5 ms),
+    where building ``K`` is not paid back. Fused also whenever ``K`` would pass ``FUSED_ABOVE_K_BYTES``
+    (k = 31 at 1024×2048: 7.9 GB), trading up to 2× time for no k²-sized memory."""
+    k_bytes = 4 * filter_size * filter_size * num_pixels
+    return k_bytes > FUSED_ABOVE_K_BYTES or (filter_size >= FUSED_MIN_FILTER_SIZE and num_pixels <= FUSED_MAX_PIXELS)

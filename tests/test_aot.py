@@ -73,11 +73,13 @@ def test_weight_grad_kernel_compiles_without_spills(arch, k, gaussians):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("unroll", [cfg.kwargs["UNROLL"] for cfg in mp.STEP_CONFIGS[:2]])
 @pytest.mark.parametrize("C,fused,compat", [(21, True, True), (21, False, False), (32, True, True), (150, True, False)])
-def test_mean_field_step_compiles_without_spills(arch, C, fused, compat):
+def test_mean_field_step_compiles_without_spills(arch, unroll, C, fused, compat):
     block_c, block_p, num_warps = mp.step_blocks(C, compat)
     consts = {"KSIZE": 7, "FUSED": fused, "KEEP_CENTRE": False, "IDX64": False, **TWO_GAUSSIANS, "STEP": True,
-              "W_STRIDE": 1, "HAS_COMPAT": compat, "SOFTMAX": True, "BLOCK_C": block_c, "BLOCK_P": block_p}
+              "W_STRIDE": 1, "HAS_COMPAT": compat, "SOFTMAX": True, "BLOCK_C": block_c, "BLOCK_P": block_p,
+              "UNROLL": unroll}
     usage = compile_for(mp._message_pass_kernel, MP_SIGNATURE, consts, arch, num_warps=num_warps)
-    print(f"mean_field_step C={C} fused={fused} compat={compat} sm_{arch}: {usage}")
+    print(f"mean_field_step C={C} fused={fused} compat={compat} unroll={unroll} sm_{arch}: {usage}")
     assert usage.stack == 0 and usage.reg <= 255

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from convcrf_triton.kernels import _launch
+from convcrf_triton.kernels import message_passing as mp
 
 from convcrf_triton import functional, kernels, reference
 
@@ -104,6 +105,25 @@ def test_int64_indexing_path(monkeypatch, device):
     assert _launch.needs_int64(torch.empty(1).expand(2**16, 2**15 + 1))
 
 
+@pytest.mark.parametrize("unroll", [2, 4])
+def test_unrolled_taps_match_reference(unroll, monkeypatch, device):
+    """Taps UNROLL at a time (the GPU autotune configs' factors), the last group masked (25 taps, 3 % 2 = 1)."""
+    if device.type == "cuda":
+        pytest.skip("on the GPU the autotuner runs every factor; this sets the interpreter's")
+    monkeypatch.setattr(mp, "INTERPRETER_UNROLL", unroll)
+    for k in (3, 5):
+        feats, compats, Q = make_inputs(unroll + k, 2, 3, 7, 9, (2, 3), device=device)
+        K = reference.gaussian_weights(feats.double(), (2, 3), compats.double(), k, False)
+        want = reference.message_pass(K, Q.double())
+        assert rel_err(kernels.message_pass(K.float(), Q), want) < RTOL
+        assert rel_err(kernels.fused_message_pass(feats, (2, 3), compats, Q, k, False), want) < RTOL
+        unary = torch.randn(2, 3, 7, 9, generator=torch.Generator().manual_seed(k))
+        want = reference.message_pass(K, Q.double()) * 0.3 + unary.double()
+        got = kernels.mean_field_step(Q, unary.float(), torch.tensor(0.3), None, K.float(), None, None, (2, 3), k,
+                                      False, False)
+        assert rel_err(got, want) < RTOL
+
+
 @pytest.mark.gpu_only
 def test_int64_indexing_on_a_tensor_past_2_to_the_31(device):
     """A real K of 49·6700² > 2^31 elements (8.8 GB): the bottom rows, whose offsets overflow int32, against
@@ -172,9 +192,13 @@ def test_auto_backend_uses_the_kernels_under_the_interpreter():
 
 
 def test_fused_rule_is_documented_and_monotone():
-    assert not kernels.prefer_fused(3) and kernels.prefer_fused(31)
-    flags = [kernels.prefer_fused(k) for k in range(3, 32, 2)]
-    assert flags == sorted(flags)
+    # The H200 measurements: two-pass on 512² at every k, fused at large k on 128², fused when K is huge.
+    assert not any(kernels.prefer_fused(k, 512 * 512) for k in (3, 7, 11, 31))
+    assert not kernels.prefer_fused(7, 128 * 128) and kernels.prefer_fused(15, 128 * 128)
+    assert kernels.prefer_fused(21, 1024 * 2048) and not kernels.prefer_fused(11, 1024 * 2048)
+    for n in (64 * 64, 128 * 128, 512 * 512, 4 * 1024 * 2048):
+        flags = [kernels.prefer_fused(k, n) for k in range(3, 32, 2)]
+        assert flags == sorted(flags)
 
 
 # The one-launch mean-field step (blur 1, one merged Gaussian, inference): two-pass (k < 7) and fused weights,
