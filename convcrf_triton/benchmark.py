@@ -2,6 +2,8 @@
 
 One run times, on one device, every implementation of the same CRF on the same inputs:
 
+- ``triton-graph``: ``ConvCRF(backend="triton").use_cuda_graphs()``, the default dispatch replayed from a
+  CUDA graph recorded per shape (whole-model rows, CUDA only);
 - ``triton-fused`` / ``triton-two-pass``: ``ConvCRF(backend="triton")`` with the choice of
   :func:`convcrf_triton.kernels.prefer_fused` forced one way or the other (CUDA only; on the CPU the
   Triton path is only the interpreter, so these rows are skipped there);
@@ -58,8 +60,9 @@ COLUMNS = [
     "implementation", "mode", "k", "H", "W", "C", "B", "blur", "dtype", "median_ms", "p20_ms", "p80_ms",
     "peak_mem_mb", "gflops", "gbs", "roofline_frac", "device", "torch", "triton", "commit", "date",
 ]
-TRITON_IMPLS = ("triton-fused", "triton-two-pass")
-MODEL_IMPLS = ("unfold", "reference", "triton-fused", "triton-two-pass")
+TRITON_IMPLS = ("triton-fused", "triton-two-pass", "triton-graph")
+MODEL_IMPLS = ("unfold", "reference", "triton-fused", "triton-two-pass", "triton-graph")
+GRAPH_IMPL = "triton-graph"  # whole-model rows only: the default dispatch, replayed from a CUDA graph
 PLOT_FILES = ("time_vs_filter_size.png", "time_vs_resolution.png", "memory_vs_filter_size.png",
               "speedup_vs_unfold.png", "message_pass_roofline.png")
 NUM_ITER = 5
@@ -581,6 +584,10 @@ class Bench:
         crf = ConvCRF.from_convcrf_conf(conf, num_classes=case.C, backend=backend).to(self.dev)
         if impl == "reference":
             return lambda: crf(unary, image)
+        if impl == GRAPH_IMPL:
+            crf.use_cuda_graphs()
+            crf(unary, image)  # record
+            return lambda: crf(unary, image)
         fused = impl == "triton-fused"
 
         def run() -> torch.Tensor:
@@ -761,7 +768,8 @@ def write_autotune(path: Path) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 STYLE = {
-    "triton-fused": ("tab:red", "o"), "triton-two-pass": ("tab:orange", "s"), "reference": ("tab:blue", "^"),
+    "triton-fused": ("tab:red", "o"), "triton-two-pass": ("tab:orange", "s"),
+    GRAPH_IMPL: ("tab:purple", "D"), "reference": ("tab:blue", "^"),
     "unfold": ("tab:gray", "x"), "pydensecrf": ("tab:green", "D"),
 }
 
@@ -1194,7 +1202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; rows after it are skipped and listed (default: 450 on CUDA, none on CPU)")
     p.add_argument("--implementations", default=None,
-                   help="comma-separated subset of triton-fused,triton-two-pass,reference,unfold,pydensecrf")
+                   help="comma-separated subset of " + ",".join([*MODEL_IMPLS, "pydensecrf"]))
     p.add_argument("--sections", default=None,
                    help="comma-separated subset of filter_size,message_pass,resolution,classes_batch,densecrf")
     p.add_argument("--flush-denormal", action="store_true",
@@ -1292,7 +1300,7 @@ def _main(args: argparse.Namespace) -> int:
         impls = [i for i in impls if i not in TRITON_IMPLS]
         notes.append("Triton rows (triton-fused, triton-two-pass) are skipped on the CPU: there the Triton path is "
                      "only the interpreter, whose timings say nothing about the kernels.")
-    mp_impls = [i for i in impls if i != "unfold" or args.device == "cuda"]
+    mp_impls = [i for i in impls if (i != "unfold" or args.device == "cuda") and i != GRAPH_IMPL]
     densecrf = (wanted is None or "pydensecrf" in wanted) and densecrf_available()
     if not densecrf and (wanted is None or "pydensecrf" in wanted):
         notes.append("pydensecrf rows are skipped: `import pydensecrf.densecrf` failed "

@@ -71,7 +71,8 @@ def check_inputs(unary: torch.Tensor, image: torch.Tensor) -> None:
         )
     if unary.device != image.device:
         raise ValueError(f"unary is on {unary.device} but image is on {image.device}: use one device")
-    if torch.compiler.is_compiling():  # the value check below needs a host sync: not inside a graph
+    # The value check below needs a host sync: not inside a compiled or a CUDA graph being recorded.
+    if torch.compiler.is_compiling() or (unary.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     for name, t in (("unary", unary), ("image", image)):
         # One reduction instead of isfinite's three passes: a NaN/Inf makes the float64 sum non-finite,

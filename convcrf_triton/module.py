@@ -14,6 +14,7 @@ from torch import nn
 
 from . import functional
 from .config import BACKENDS, CRFConfig
+from .graphs import GraphCache
 
 CHECKPOINT_FORMAT = "convcrf-triton/1"
 
@@ -82,6 +83,7 @@ class ConvCRF(nn.Module):
             self._register("compat_matrix", torch.full((num_classes, num_classes), 0.1 * math.sqrt(2.0 / num_classes)))
         else:
             self.compat_matrix = None
+        self._graphs: GraphCache | None = None
 
     def _register(self, name: str, value: torch.Tensor) -> None:
         if self.config.trainable:
@@ -104,12 +106,30 @@ class ConvCRF(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    def use_cuda_graphs(self, enabled: bool = True, max_entries: int = 8) -> ConvCRF:
+        """Replay CUDA inference from CUDA graphs recorded once per input shape (see
+        :mod:`convcrf_triton.graphs`): for small images, where launch gaps dominate. Applies to calls on
+        CUDA tensors without gradients (``torch.no_grad()`` / ``torch.inference_mode()``); other calls run
+        eagerly. Each recorded shape keeps its buffers on the GPU (the ``max_entries`` most recent).
+        Returns ``self``."""
+        self._graphs = GraphCache(self._infer, lambda: [*self.parameters(), *self.buffers()], max_entries) \
+            if enabled else None
+        return self
+
     def forward(self, unary: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """``unary [B, C, H, W]`` logits, ``image [B, 3, H, W]`` → refined logits ``[B, C, H, W]``."""
         cfg = self.config
         if isinstance(unary, torch.Tensor) and unary.dim() == 4 and unary.shape[1] != cfg.num_classes:
             raise ValueError(f"unary has {unary.shape[1]} classes (shape {tuple(unary.shape)}) but this "
                              f"ConvCRF was built for num_classes={cfg.num_classes}")
+        if (self._graphs is not None and isinstance(unary, torch.Tensor) and unary.is_cuda
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            functional.check_inputs(unary, image)
+            return self._graphs(unary, image)
+        return self._infer(unary, image)
+
+    def _infer(self, unary: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
         return functional.mean_field(
             unary, image, filter_size=cfg.filter_size, blur=cfg.blur, num_iter=cfg.num_iter,
             pos_sdims=self.log_pos_sdims.exp(), pos_compat=self.pos_compat,

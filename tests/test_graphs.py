@@ -1,0 +1,45 @@
+"""``ConvCRF.use_cuda_graphs``: replayed inference equals eager inference, records once per shape, sees
+in-place parameter updates, and leaves CPU calls and gradient calls to the eager path."""
+
+import pytest
+import torch
+
+from convcrf_triton import ConvCRF
+from convcrf_triton.graphs import GraphCache
+
+
+def _inputs(seed, B, C, H, W, device):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, C, H, W, generator=g) * 2).to(device), (torch.rand(B, 3, H, W, generator=g) * 255).to(device)
+
+
+@pytest.mark.parametrize("blur,filter_size", [(1, 5), (2, 7)])
+def test_replay_matches_eager_and_records_once_per_shape(blur, filter_size, device):
+    crf = ConvCRF(4, filter_size=filter_size, blur=blur, num_iter=3, convcomp=True).to(device)
+    eager = ConvCRF(4, filter_size=filter_size, blur=blur, num_iter=3, convcomp=True).to(device)
+    eager.load_state_dict(crf.state_dict())
+    crf.use_cuda_graphs()
+    with torch.no_grad():
+        for seed, shape in enumerate([(2, 4, 19, 23), (2, 4, 19, 23), (1, 4, 24, 17), (2, 4, 19, 23)]):
+            unary, image = _inputs(seed, *shape, device)
+            got, want = crf(unary, image), eager(unary, image)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        crf.weight.data.mul_(3.0)  # in place: the next replay reads the new values
+        eager.weight.data.mul_(3.0)
+        torch.testing.assert_close(crf(unary, image), eager(unary, image), rtol=1e-5, atol=1e-5)
+    assert crf._graphs.captures == (2 if device.type == "cuda" else 0)
+
+
+def test_gradient_calls_run_eagerly(device):
+    crf = ConvCRF(3, filter_size=3, blur=1, num_iter=2, trainable=True).to(device).use_cuda_graphs()
+    unary, image = _inputs(5, 1, 3, 9, 8, device)
+    crf(unary.requires_grad_(), image).sum().backward()
+    assert unary.grad is not None and crf.weight.grad is not None and crf._graphs.captures == 0
+
+
+def test_graph_cache_rejects_gradients_and_bad_sizes():
+    with pytest.raises(ValueError, match="max_entries"):
+        GraphCache(lambda x: x, lambda: [], max_entries=0)
+    cache = GraphCache(lambda x: x, lambda: [])
+    with pytest.raises(RuntimeError, match="inference"):
+        cache(torch.ones(2, requires_grad=True))
