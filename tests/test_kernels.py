@@ -264,3 +264,59 @@ def test_mean_field_step_leaves_wide_compatibilities_to_the_separate_ops(monkeyp
         got = functional.mean_field(torch.randn(1, C, 5, 6), torch.rand(1, 3, 5, 6) * 255, filter_size=3, blur=1,
                                     num_iter=2, compat_matrix=torch.eye(C) * 0.1, backend="triton")
     assert got.shape == (1, C, 5, 6)
+
+
+# The full-resolution half of a blurred iteration (upsample, add, softmax, pool) in one kernel.
+BLUR_CASES = [(2, 5, 13, 18, 4), (1, 3, 9, 10, 3), (1, 21, 16, 16, 2), (2, 1, 7, 5, 4), (1, 2, 1, 1, 2),
+              *on_gpu_only((2, 21, 375, 500, 4), (1, 150, 97, 131, 3), (1, 256, 64, 64, 4))]
+
+
+@pytest.mark.parametrize("B,C,H,W,blur", BLUR_CASES)
+def test_blur_step_matches_the_composed_ops(B, C, H, W, blur, device):
+    g = torch.Generator().manual_seed(B * C + H * W + blur)
+    h, w = -(-H // blur), -(-W // blur)
+    A = (torch.randn(B, C, H, W, generator=g, dtype=torch.float64) * 3).to(device)
+    M = (torch.randn(B, C, h, w, generator=g, dtype=torch.float64) * 3).to(device)
+    Z = A + functional.blur_upsample(M, blur, H, W)
+    got = kernels.blur_step(A.float(), M.float(), blur, pool=True)
+    assert got.shape == (B, C, h, w)
+    assert rel_err(got, functional.blur_pool(torch.softmax(Z, 1), blur)) < RTOL
+    assert rel_err(kernels.blur_step(A.float(), M.float(), blur, pool=False, softmax=False), Z) < RTOL
+    assert rel_err(kernels.blur_step(A.float(), M.float(), blur, pool=False, softmax=True), torch.softmax(Z, 1)) < RTOL
+
+
+def test_blur_step_rejects_bad_arguments():
+    A, M = torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 2, 2)
+    with pytest.raises(ValueError, match="blur must be >= 2"):
+        kernels.blur_step(A, M, 1, pool=True)
+    with pytest.raises(ValueError, match=r"M must be \[B, C, ceil"):
+        kernels.blur_step(A, torch.zeros(1, 3, 3, 2), 4, pool=True)
+    with pytest.raises(ValueError, match="softmax must be True"):
+        kernels.blur_step(A, M, 4, pool=True, softmax=False)
+    with pytest.raises(ValueError, match="C must be <= 256"):
+        kernels.blur_step(torch.zeros(1, 257, 4, 4), torch.zeros(1, 257, 2, 2), 2, pool=True)
+
+
+@pytest.mark.parametrize("C,compat,final_softmax", [(4, True, False), (40, True, True), (3, False, True)])
+def test_blurred_inference_is_two_launches_per_iteration(C, compat, final_softmax, monkeypatch, device):
+    """With blur > 1 every iteration is the pooled message (one step, or the message pass and the mix when
+    the [C, C] tile would be too wide) and one blur step; the result matches the float64 reference."""
+    calls = []
+    blur_step = kernels.blur_step
+    monkeypatch.setattr(kernels, "blur_step", lambda *a, **kw: calls.append(kw["pool"]) or blur_step(*a, **kw))
+    g = torch.Generator().manual_seed(C)
+    unary = (torch.randn(2, C, 21, 14, generator=g) * 2).to(device)
+    image = (torch.rand(2, 3, 21, 14, generator=g) * 255).to(device)
+    compat_matrix = (torch.randn(C, C, generator=g) * 0.1).to(device) if compat else None
+    kw = dict(filter_size=5, blur=3, num_iter=3, compat_matrix=compat_matrix, final_softmax=final_softmax,
+              weight=(torch.rand(1, C, 1, 1, generator=g)).to(device))
+    with torch.no_grad():
+        got = functional.mean_field(unary, image, backend="triton", **{**kw, "final_softmax": False})
+    want = functional.mean_field(unary.double(), image.double(), backend="torch", **{**kw, "final_softmax": False})
+    assert calls == [True, True, False]
+    assert rel_err(got, want) < RTOL
+    if final_softmax:  # probabilities: judged by the logits' error (see test_mean_field_step_matches_reference)
+        with torch.no_grad():
+            probs = functional.mean_field(unary, image, backend="triton", **kw)
+        err = (probs.double() - torch.softmax(want, 1)).abs().max().item()
+        assert err <= 2 * (got.double() - want).abs().max().item() + 1e-6
