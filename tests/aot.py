@@ -77,6 +77,7 @@ def _compile(
     arch: int,
     num_warps: int,
     num_stages: int,
+    divisible: tuple[str, ...] = (),
 ) -> tuple[bytes, int]:
     """Return (cubin, shared memory bytes), compiling in a child process unless cached."""
     pyfn = _python_fn(fn)
@@ -90,6 +91,7 @@ def _compile(
         "arch": arch,
         "num_warps": num_warps,
         "num_stages": num_stages,
+        "divisible": list(divisible),
     }
     key_text = json.dumps([request, _source_digest(module), triton.__version__], sort_keys=True)
     path = CACHE_DIR / f"{name}-{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.json"
@@ -117,13 +119,15 @@ def compile_for(
     arch: int,
     num_warps: int = 4,
     num_stages: int = 3,
+    divisible: tuple[str, ...] = (),
 ) -> ResourceUsage:
     """Compile ``fn`` for ``sm_<arch>`` and return its resource usage.
 
     ``signature`` maps each runtime argument to a Triton type ("*fp32", "i32", ...); ``constexprs`` maps
-    each ``tl.constexpr`` argument to its value (JSON-serialisable: int, float, bool, str).
+    each ``tl.constexpr`` argument to its value (JSON-serialisable: int, float, bool, str); ``divisible``
+    names the arguments known to be multiples of 16 (as a launch specialises aligned pointers and sizes).
     """
-    cubin, shared = _compile(fn, signature, constexprs, arch, num_warps, num_stages)
+    cubin, shared = _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible)
     match = _USAGE_RE.search(_cuobjdump(["--dump-resource-usage"], cubin))
     if match is None:
         raise RuntimeError("unexpected cuobjdump --dump-resource-usage output")
@@ -137,9 +141,10 @@ def sass(
     arch: int,
     num_warps: int = 4,
     num_stages: int = 3,
+    divisible: tuple[str, ...] = (),
 ) -> str:
     """Compile ``fn`` like :func:`compile_for` and return the SASS listing (``cuobjdump -sass``)."""
-    cubin, _ = _compile(fn, signature, constexprs, arch, num_warps, num_stages)
+    cubin, _ = _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible)
     return _cuobjdump(["-sass"], cubin)
 
 
@@ -163,7 +168,8 @@ def _child(request: dict) -> None:
     # Like JITFunction.run (triton 3.6 - 3.9): every argument in order, constexprs typed "constexpr".
     signature = {a: "constexpr" if a in constexprs else request["signature"][a] for a in fn.arg_names}
     options = {"num_warps": request["num_warps"], "num_stages": request["num_stages"]}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in request["divisible"]}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", request["arch"], 32), options=options)
     cubin = base64.b64encode(compiled.asm["cubin"]).decode()
     print(json.dumps({"cubin": cubin, "shared": compiled.metadata.shared}))
