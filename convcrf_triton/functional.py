@@ -16,7 +16,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -184,63 +183,24 @@ class MessagePasser:
             Mp = self.ops.message_pass(g.K, Xp)
         return blur_upsample(Mp if mix is None else mix(Mp), self.blur, self.H, self.W)
 
-    def _one_launch_kernels_apply(self, *tensors: Any) -> bool:
-        """The inference kernels (mean-field step, blur step) apply: the Triton backend, one merged
-        Gaussian, and nothing to differentiate."""
-        tensors = (*tensors, *(g.feats for g in self.gaussians), *(g.compats for g in self.gaussians))
-        return (self.ops is not reference and len(self.gaussians) == 1
-                and not (torch.is_grad_enabled()
-                         and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)))
-
-    def _step(self, Q: torch.Tensor, unary_term: torch.Tensor, weight: Number, compat_matrix: torch.Tensor | None,
-              softmax: bool) -> torch.Tensor:
-        g = self.gaussians[0]
-        return self.ops.mean_field_step(
-            Q, unary_term, torch.as_tensor(weight, dtype=Q.dtype, device=Q.device), compat_matrix, g.K,
-            g.feats if g.K is None else None, g.compats if g.K is None else None, g.dims, self.k, self.keep_centre,
-            softmax,
-        )
-
-    def _step_applies(self, C: int, compat_matrix: torch.Tensor | None) -> bool:
-        return C <= (STEP_MAX_CLASSES_COMPAT if compat_matrix is not None else STEP_MAX_CLASSES)
-
     def step(self, Q: torch.Tensor, unary_term: torch.Tensor, weight: Number, compat_matrix: torch.Tensor | None,
              softmax: bool) -> torch.Tensor | None:
         """A whole mean-field iteration in one Triton launch, where one applies: blur 1, one merged
         Gaussian, every class in one tile (the ``[C, C]`` compatibility is a register tile too), nothing to
         differentiate. None otherwise (then the caller composes
         the message pass with PyTorch ops)."""
-        if (self.blur != 1 or not self._step_applies(Q.shape[1], compat_matrix)
-                or not self._one_launch_kernels_apply(Q, unary_term, weight, compat_matrix)):
-            return None
-        return self._step(Q, unary_term, weight, compat_matrix, softmax)
-
-    def blurred_iterations(self, Q: torch.Tensor, unary_term: torch.Tensor, weight: Number,
-                           compat_matrix: torch.Tensor | None, mix: Callable[[torch.Tensor], torch.Tensor],
-                           num_iter: int, final_softmax: bool) -> torch.Tensor | None:
-        """All ``num_iter`` iterations with blur > 1, two launches each: the mixed message on the pooled
-        grid (one mean-field step with a zero unary term, or the message pass and ``mix``), then
-        :func:`~convcrf_triton.kernels.blur_step`, which upsamples it, adds the unary term, and pools the
-        softmax for the next iteration (the last writes the full-resolution result). The full-resolution
-        logits are read once per iteration and never written before the end. None where this does not
-        apply (the reference backend, ``norm='sym'``, gradients, more than 256 classes)."""
-        C = Q.shape[1]
-        if (self.blur == 1 or C > STEP_MAX_CLASSES  # the blur step's tile holds every class too
-                or not self._one_launch_kernels_apply(Q, unary_term, weight, compat_matrix)):
+        tensors = (Q, unary_term, weight, compat_matrix, *(g.feats for g in self.gaussians),
+                   *(g.compats for g in self.gaussians))
+        max_classes = STEP_MAX_CLASSES_COMPAT if compat_matrix is not None else STEP_MAX_CLASSES
+        if (self.ops is reference or self.blur != 1 or len(self.gaussians) != 1 or Q.shape[1] > max_classes
+                or (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))):
             return None
         g = self.gaussians[0]
-        Qp = blur_pool(Q, self.blur)
-        zero = torch.zeros_like(Qp) if self._step_applies(C, compat_matrix) else None
-        for i in range(num_iter):
-            if zero is not None:
-                Mp = self._step(Qp, zero, weight, compat_matrix, False)
-            elif g.K is None:
-                Mp = mix(self.ops.fused_message_pass(g.feats, g.dims, g.compats, Qp, self.k, self.keep_centre))
-            else:
-                Mp = mix(self.ops.message_pass(g.K, Qp))
-            last = i == num_iter - 1
-            Qp = self.ops.blur_step(unary_term, Mp, self.blur, pool=not last, softmax=not last or final_softmax)
-        return Qp
+        return self.ops.mean_field_step(
+            Q, unary_term, torch.as_tensor(weight, dtype=Q.dtype, device=Q.device), compat_matrix, g.K,
+            g.feats if g.K is None else None, g.compats if g.K is None else None, g.dims, self.k, self.keep_centre,
+            softmax,
+        )
 
     def __call__(self, Q: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """The message of ``Q``, with ``mix`` (a per-pixel linear map over classes: the compatibility
@@ -306,9 +266,6 @@ def mean_field(
             M = M + torch.einsum("dc,bchw->bdhw", compat_matrix, M)
         return weight * M
 
-    out = passer.blurred_iterations(Q, unary_term, weight, compat_matrix, mix, num_iter, final_softmax)
-    if out is not None:
-        return out.to(out_dtype)
     for i in range(num_iter):
         softmax = i < num_iter - 1 or final_softmax  # the last iteration returns logits Z
         out = passer.step(Q, unary_term, weight, compat_matrix, softmax)

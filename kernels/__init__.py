@@ -1,7 +1,6 @@
 """Triton kernels of convcrf-triton (installed as ``convcrf_triton.kernels``)."""
 
-from .blur_path import blur_step
 from .merged_kernel import gaussian_weights
 from .message_passing import fused_message_pass, mean_field_step, message_pass, prefer_fused
 
-__all__ = ["gaussian_weights", "message_pass", "fused_message_pass", "mean_field_step", "blur_step", "prefer_fused"]
+__all__ = ["gaussian_weights", "message_pass", "fused_message_pass", "mean_field_step", "prefer_fused"]
