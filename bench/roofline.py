@@ -1,5 +1,7 @@
-"""Write bench/ROOFLINE.md: FLOP and byte counts of one message pass per configuration, and the time floor they
-imply on an H100 (issue #6). Pure arithmetic, no device: ``python bench/roofline.py > bench/ROOFLINE.md``.
+"""Write bench/ROOFLINE.md: FLOP and byte counts of one message pass per configuration, the time floor they
+imply on an H100 (issue #6), and, given a GPU run's ``bench.csv``, the measured times against the floor of
+that run's own measured ceilings:
+``python bench/roofline.py bench/results/nvidia-h200-run2/bench.csv > bench/ROOFLINE.md``.
 
 Per message pass on the pooled grid ``h × w = ceil(H/blur) × ceil(W/blur)``, B = 1, fp32:
 - FMAs: ``C·k²·h·w`` (2 FLOP each), both variants; the fused one also recomputes the weights,
@@ -12,7 +14,10 @@ Per message pass on the pooled grid ``h × w = ceil(H/blur) × ceil(W/blur)``, B
 
 from __future__ import annotations
 
+import csv
 import math
+import sys
+from pathlib import Path
 
 COPY_BPS = 3.0e12
 FMA_FLOPS = 60e12
@@ -60,8 +65,40 @@ def main() -> None:
           "k²-sized data and turns FMA-bound from k = 11, where it sits ~2× below the two-pass floor; the unfold "
           "formulation moves 4·C·k² floats a pixel, memory-bound everywhere, 17–120× above the fused floor. "
           "The 5-iteration model adds per iteration one softmax and the weighting over C·H·W (≈ 3 more passes of "
-          "4·C·H·W bytes: ~22 µs at 512², ~176 µs at 1024×2048), plus pooling and bilinear upsampling at blur > 1. "
-          "None of this is measured yet: no session has had a GPU.")
+          "4·C·H·W bytes: ~22 µs at 512², ~176 µs at 1024×2048), plus pooling and bilinear upsampling at blur > 1.")
+    if len(sys.argv) > 1:
+        measured(Path(sys.argv[1]))
+
+
+def measured(path: Path) -> None:
+    """The message-pass rows of a GPU run against the floor of that run's measured copy and fp32 ceilings."""
+    rows = list(csv.DictReader(path.open()))
+    device = rows[0]["device"]
+    copy_bps = 1e9 * float(next(r["gbs"] for r in rows if r["implementation"] == "device" and r["mode"] == "copy"))
+    fma = 1e9 * float(next(r["gflops"] for r in rows if r["implementation"] == "device" and r["mode"] == "matmul"))
+    print(f"\n## Measured: {device} ({path.parent.name})\n")
+    print(f"Ceilings measured in the same run: copy {copy_bps / 1e12:.2f} TB/s (read + write), fp32 matmul "
+          f"{fma / 1e12:.1f} TFLOP/s. One message pass (`mode=message_pass` rows, median µs), C = 21, B = 1; "
+          "fraction = floor / measured (the benchmark's `roofline_frac`, which uses the nominal FLOPs):\n")
+    print("| H×W | blur | k | two-pass µs | floor µs | fraction | fused µs | floor µs | fraction | unfold µs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["implementation"] != "triton-two-pass" or r["mode"] != "message_pass":
+            continue
+        H, W, blur, k, C = (int(r[n]) for n in ("H", "W", "blur", "k", "C"))
+        c = counts(H, W, blur, C, k)
+        cells = []
+        for impl, flop, nbytes in (("triton-two-pass", c["flop_two_pass"], c["bytes_two_pass"]),
+                                   ("triton-fused", c["flop_fused"], c["bytes_fused"])):
+            t = next((float(x["median_ms"]) * 1e3 for x in rows if x["implementation"] == impl
+                      and x["mode"] == "message_pass" and (x["H"], x["W"], x["blur"], x["k"]) ==
+                      (r["H"], r["W"], r["blur"], r["k"])), None)
+            floor = 1e6 * max(nbytes / copy_bps, flop / fma)
+            cells += ["–", f"{floor:.1f}", "–"] if t is None else [f"{t:.1f}", f"{floor:.1f}", f"{floor / t:.2f}"]
+        unfold = next((f"{float(x['median_ms']) * 1e3:.0f}" for x in rows if x["implementation"] == "unfold"
+                       and x["mode"] == "message_pass" and (x["H"], x["W"], x["blur"], x["k"]) ==
+                       (r["H"], r["W"], r["blur"], r["k"])), "–")
+        print(f"| {H}×{W} | {blur} | {k} | " + " | ".join(cells) + f" | {unfold} |")
 
 
 if __name__ == "__main__":
