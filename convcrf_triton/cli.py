@@ -42,6 +42,7 @@ CRF_FLAGS = {
     "--filter-size": "filter_size", "--blur": "blur", "--iters": "num_iter", "--pos-sdims": "pos_sdims",
     "--pos-compat": "pos_compat", "--col-sdims": "col_sdims", "--col-schan": "col_schan",
     "--col-compat": "col_compat", "--col-use-pos": "col_use_pos", "--mode": "mode", "--backend": "backend",
+    "--storage": "storage",
 }
 
 
@@ -80,6 +81,9 @@ def _add_crf_flags(p: argparse.ArgumentParser) -> None:
                    help="textbook mean-field, or the original ConvCRF code's inference (default %(default)s)")
     g.add_argument("--backend", choices=("auto", "triton", "torch"), default=d["backend"],
                    help="auto: Triton kernels on CUDA, PyTorch on the CPU (default %(default)s)")
+    g.add_argument("--storage", choices=("float32", "bfloat16", "float16"), default=d["storage"],
+                   help="dtype of the Gaussian weights and message-pass inputs between kernels; arithmetic "
+                        "stays float32 (default %(default)s)")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N "
                    "(default %(default)s)")
     g.add_argument("--checkpoint", metavar="PATH", help="load a trained ConvCRF (ConvCRF.load) instead of "

@@ -10,6 +10,7 @@ NORMS = ("none", "sym")
 WEIGHTS = ("vector", "scalar")
 MODES = ("textbook", "convcrf")
 BACKENDS = ("auto", "triton", "torch")
+STORAGES = ("float32", "bfloat16", "float16")
 MAX_FILTER_SIZE = 31
 
 
@@ -24,6 +25,8 @@ class CRFConfig:
     ``mode="textbook"`` is the mean-field of SPEC §1 (first pass on ``softmax(L)``, centre tap 0);
     ``mode="convcrf"`` reproduces the original ConvCRF code (first pass on ``L``, centre tap kept).
     ``final_softmax`` returns probabilities instead of logits after the last iteration.
+    ``storage`` is the dtype the tensors between kernels are kept in (the Gaussian weights ``K`` and the
+    probabilities ``Q`` the message pass reads); arithmetic and logits stay float32 (float64 inputs: float64).
     """
 
     num_classes: int
@@ -46,6 +49,7 @@ class CRFConfig:
     backend: str = "auto"
     mode: str = "textbook"
     final_softmax: bool = False
+    storage: str = "float32"
 
     def __post_init__(self) -> None:
         def is_int(v: Any) -> bool:
@@ -68,7 +72,8 @@ class CRFConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 _fail(name, v, "a finite number")
-        for name, allowed in (("weight", WEIGHTS), ("norm", NORMS), ("mode", MODES), ("backend", BACKENDS)):
+        for name, allowed in (("weight", WEIGHTS), ("norm", NORMS), ("mode", MODES), ("backend", BACKENDS),
+                              ("storage", STORAGES)):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), "one of " + ", ".join(repr(a) for a in allowed))
         for name in ("col_use_pos", "merge", "convcomp", "trainable", "final_softmax"):

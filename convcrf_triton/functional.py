@@ -26,6 +26,9 @@ from .config import BACKENDS
 Number = float | torch.Tensor
 # Classes the one-launch mean-field step holds in one tile: all of them; with a 1×1 compatibility its
 # [C, C] matrix too (compiled for sm_80/sm_90: no spills up to 32 classes, spills at 64).
+# ``storage``: the dtype K and the message pass's Q are kept in (None: the compute dtype).
+STORAGE_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16,
+                                                 "float16": torch.float16}
 STEP_MAX_CLASSES = 256
 STEP_MAX_CLASSES_COMPAT = 32
 
@@ -149,8 +152,10 @@ class MessagePasser:
 
     def __init__(self, image: torch.Tensor, *, filter_size: int, blur: int, pos_sdims: Number,
                  pos_compat: Number, col_sdims: Number, col_schan: Number, col_compat: Number,
-                 col_use_pos: bool, norm: str, keep_centre: bool, ops: ModuleType) -> None:
+                 col_use_pos: bool, norm: str, keep_centre: bool, ops: ModuleType,
+                 storage: torch.dtype | None = None) -> None:
         self.k, self.blur, self.keep_centre, self.H, self.W = filter_size, blur, keep_centre, *image.shape[-2:]
+        self.storage = storage
         pos, col = features(image, blur, pos_sdims, col_sdims, col_schan, col_use_pos)
         learns_weights = torch.is_grad_enabled() and any(
             isinstance(v, torch.Tensor) and v.requires_grad
@@ -158,7 +163,9 @@ class MessagePasser:
         )
         self.ops = ops
         # On the Triton backend only the fused op differentiates the weights (recomputing them).
-        fused = ops is not reference and (learns_weights or ops.prefer_fused(filter_size, pos.numel() // 2))
+        element_size = 4 if storage is None else storage.itemsize
+        fused = ops is not reference and (learns_weights or ops.prefer_fused(filter_size, pos.numel() // 2,
+                                                                            element_size))
         if norm == "none":  # merged; also merge=False: the blur path is linear, so the sum is the same
             compats = torch.cat([_as_vector(pos_compat, pos), _as_vector(col_compat, pos)])
             terms = [(torch.cat([pos, col], 1), (2, col.shape[1]), compats, None)]
@@ -167,7 +174,7 @@ class MessagePasser:
             terms = [(pos, (2,), one, pos_compat), (col, (col.shape[1],), one, col_compat)]
         self.gaussians = []
         for f, dims, compats, scale in terms:
-            K = None if fused else ops.gaussian_weights(f, dims, compats, filter_size, keep_centre)
+            K = None if fused else ops.gaussian_weights(f, dims, compats, filter_size, keep_centre, out_dtype=storage)
             self.gaussians.append(_Gaussian(f, dims, compats, K, scale))
         if norm == "sym":
             ones = pos.new_ones(image.shape[0], 1, self.H, self.W)
@@ -177,18 +184,22 @@ class MessagePasser:
     def _pass(self, g: _Gaussian, X: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None = None
               ) -> torch.Tensor:
         Xp = blur_pool(X, self.blur)
+        if self.storage is not None:
+            Xp = Xp.to(self.storage)
         if g.K is None:
             Mp = self.ops.fused_message_pass(g.feats, g.dims, g.compats, Xp, self.k, self.keep_centre)
         else:
             Mp = self.ops.message_pass(g.K, Xp)
+        Mp = Mp.to(X.dtype)
         return blur_upsample(Mp if mix is None else mix(Mp), self.blur, self.H, self.W)
 
     def step(self, Q: torch.Tensor, unary_term: torch.Tensor, weight: Number, compat_matrix: torch.Tensor | None,
-             softmax: bool) -> torch.Tensor | None:
+             softmax: bool, last: bool) -> torch.Tensor | None:
         """A whole mean-field iteration in one Triton launch, where one applies: blur 1, one merged
         Gaussian, every class in one tile (the ``[C, C]`` compatibility is a register tile too), nothing to
         differentiate. None otherwise (then the caller composes
-        the message pass with PyTorch ops)."""
+        the message pass with PyTorch ops). Every iteration but the ``last`` returns the next ``Q`` in the
+        storage dtype."""
         tensors = (Q, unary_term, weight, compat_matrix, *(g.feats for g in self.gaussians),
                    *(g.compats for g in self.gaussians))
         max_classes = STEP_MAX_CLASSES_COMPAT if compat_matrix is not None else STEP_MAX_CLASSES
@@ -196,10 +207,13 @@ class MessagePasser:
                 or (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))):
             return None
         g = self.gaussians[0]
+        dtype = unary_term.dtype
+        if self.storage is not None:
+            Q = Q.to(self.storage)
         return self.ops.mean_field_step(
-            Q, unary_term, torch.as_tensor(weight, dtype=Q.dtype, device=Q.device), compat_matrix, g.K,
+            Q, unary_term, torch.as_tensor(weight, dtype=dtype, device=Q.device), compat_matrix, g.K,
             g.feats if g.K is None else None, g.compats if g.K is None else None, g.dims, self.k, self.keep_centre,
-            softmax,
+            softmax, out_dtype=dtype if last or self.storage is None else self.storage,
         )
 
     def __call__(self, Q: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
@@ -238,14 +252,21 @@ def mean_field(
     mode: str = "textbook",
     final_softmax: bool = False,
     backend: str = "auto",
+    storage: str = "float32",
 ) -> torch.Tensor:
     """ConvCRF mean-field inference: ``unary [B, C, H, W]``, ``image [B, 3, H, W]`` → refined logits.
 
     ``weight``: a scalar or ``[1, C, 1, 1]`` per-class weight ``w``; ``compat_matrix``: ``[C, C]`` learned
     1×1 compatibility (``M += compat_matrix @ M`` over classes) or None; ``mode='convcrf'`` reproduces
     the original ConvCRF code (first pass on the log-probabilities, centre tap kept). Half and bfloat16
-    inputs are computed in float32 and returned in their dtype; float64 stays float64.
+    inputs are computed in float32 and returned in their dtype; float64 stays float64. ``storage``
+    (``'float32' | 'bfloat16' | 'float16'``) is the dtype the Gaussian weights ``K`` and the probabilities read
+    by the message pass are kept in between kernels (half the bytes and, for ``K``, half the memory); the
+    arithmetic and the logits stay in the compute dtype.
     """
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"storage={storage!r} is not allowed: expected one of "
+                         + ", ".join(repr(s) for s in STORAGE_DTYPES))
     check_inputs(unary, image)
     out_dtype = unary.dtype
     dtype = torch.float64 if unary.dtype == torch.float64 else torch.float32
@@ -254,7 +275,7 @@ def mean_field(
     passer = MessagePasser(
         image, filter_size=filter_size, blur=blur, pos_sdims=pos_sdims, pos_compat=pos_compat,
         col_sdims=col_sdims, col_schan=col_schan, col_compat=col_compat, col_use_pos=col_use_pos, norm=norm,
-        keep_centre=mode == "convcrf", ops=resolve_backend(backend, unary.device),
+        keep_centre=mode == "convcrf", ops=resolve_backend(backend, unary.device), storage=STORAGE_DTYPES[storage],
     )
     L = F.log_softmax(unary, dim=1)
     Q = L if mode == "convcrf" else torch.softmax(L, dim=1)
@@ -268,7 +289,7 @@ def mean_field(
 
     for i in range(num_iter):
         softmax = i < num_iter - 1 or final_softmax  # the last iteration returns logits Z
-        out = passer.step(Q, unary_term, weight, compat_matrix, softmax)
+        out = passer.step(Q, unary_term, weight, compat_matrix, softmax, last=i == num_iter - 1)
         if out is None:
             Z = unary_term + passer(Q, mix)
             out = torch.softmax(Z, dim=1) if softmax else Z

@@ -35,20 +35,22 @@ def _flush_below(dtype: torch.dtype) -> float:
 
 
 def gaussian_weights(
-    feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor, filter_size: int, keep_centre: bool
+    feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor, filter_size: int, keep_centre: bool,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Merged kernel ``K[b, t, p] = sum_g compats[g] * exp(-1/2 |f_g[p] - f_g[p + d_t]|^2)``.
 
     ``feats: [B, D, h, w]``, ``dims``: feature channels per Gaussian g, ``compats: [G]``. Taps whose
     neighbour lies outside the image are 0; the centre tap is 0 unless ``keep_centre``.
-    Returns ``K: [B, k*k, h, w]`` in the dtype of ``feats``.
+    Returns ``K: [B, k*k, h, w]`` in ``out_dtype`` (default: the dtype of ``feats``), computed in that of
+    ``feats``.
     """
     B, D, h, w = feats.shape
     k, r = filter_size, filter_size // 2
     floor = math.log(_flush_below(feats.dtype))  # weights stay >= that: normal, and normal products
     padded = F.pad(feats, (r, r, r, r))
     inside = F.pad(feats.new_ones(1, h, w), (r, r, r, r))
-    K = feats.new_empty(B, k, k, h, w)
+    K = feats.new_empty(B, k, k, h, w, dtype=out_dtype or feats.dtype)
     # Taps are computed a chunk of dx at a time, as a strided [B, D, h, n, w] view of the padded features,
     # with n chosen to bound the temporaries (n = k on small grids, 1 on large ones).
     n = max(1, min(k, _CHUNK_ELEMENTS // (B * D * h * w)))
@@ -72,18 +74,21 @@ def gaussian_weights(
 def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """``M[b, c, p] = sum_t K[b, t, p] * Q[b, c, p + d_t]`` (zero outside the image).
 
-    ``K: [B, k*k, h, w]``, ``Q: [B, C, h, w]`` → ``M: [B, C, h, w]``.
+    ``K: [B, k*k, h, w]``, ``Q: [B, C, h, w]`` → ``M: [B, C, h, w]`` in the dtype of ``Q``. The sums run in
+    float32 (float64 when an operand is float64) whatever the storage dtypes, like the kernels.
     """
     h, w = Q.shape[-2:]
     k = int(round(K.shape[1] ** 0.5))
     r = k // 2
-    Q = torch.where(Q.abs() < _flush_below(Q.dtype), 0, Q)
+    acc = torch.float64 if torch.float64 in (K.dtype, Q.dtype) else torch.float32
+    out_dtype, Q = Q.dtype, Q.to(acc)
+    Q = torch.where(Q.abs() < _flush_below(acc), 0, Q)
     padded = F.pad(Q, (r, r, r, r))
     M = torch.zeros_like(Q)
     for t in range(k * k):
         dy, dx = divmod(t, k)
-        M.addcmul_(K[:, t : t + 1], padded[:, :, dy : dy + h, dx : dx + w])
-    return M
+        M.addcmul_(K[:, t : t + 1].to(acc), padded[:, :, dy : dy + h, dx : dx + w])
+    return M.to(out_dtype)
 
 
 def fused_message_pass(

@@ -94,7 +94,7 @@ def _gaussian_weights_kernel(
         weight = _tap_weight(f_ptr, offs, in_img, nb, valid, plane, c1, c2, D1, D2)
         if not KEEP_CENTRE:
             weight = tl.where(t == KSIZE * KSIZE // 2, 0.0, weight)
-        tl.store(out + t * plane, weight, mask=in_img)
+        tl.store(out + t * plane, weight.to(k_ptr.dtype.element_ty), mask=in_img)
 
 
 def feature_meta(feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor) -> dict:
@@ -108,9 +108,9 @@ def feature_meta(feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor
 
 @torch.library.custom_op("convcrf_triton::gaussian_weights", mutates_args=())
 def _gaussian_weights_op(feats: torch.Tensor, compats: torch.Tensor, dims: list[int], filter_size: int,
-                         keep_centre: bool) -> torch.Tensor:
+                         keep_centre: bool, out_dtype: torch.dtype) -> torch.Tensor:
     B, _, h, w = feats.shape
-    K = feats.new_empty(B, filter_size * filter_size, h, w)
+    K = feats.new_empty(B, filter_size * filter_size, h, w, dtype=out_dtype)
     block_p = interpreter_blocks(1, h * w)[1] if interpreting() else 128
     grid = (triton.cdiv(h * w, block_p), B)
     _gaussian_weights_kernel[grid](
@@ -121,16 +121,24 @@ def _gaussian_weights_op(feats: torch.Tensor, compats: torch.Tensor, dims: list[
 
 
 @_gaussian_weights_op.register_fake
-def _(feats, compats, dims, filter_size, keep_centre):
+def _(feats, compats, dims, filter_size, keep_centre, out_dtype):
     B, _, h, w = feats.shape
-    return feats.new_empty(B, filter_size * filter_size, h, w)
+    return feats.new_empty(B, filter_size * filter_size, h, w, dtype=out_dtype)
+
+
+K_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def gaussian_weights(
-    feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor, filter_size: int, keep_centre: bool
+    feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor, filter_size: int, keep_centre: bool,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``feats: [B, D, h, w]`` → ``K: [B, k*k, h, w]`` float32 (see the module docstring). Not
-    differentiable: learn the weights through the fused message pass."""
+    """``feats: [B, D, h, w]`` → ``K: [B, k*k, h, w]`` (see the module docstring), computed in float32 and
+    stored as ``out_dtype`` (float32, bfloat16 or float16; default float32). Not differentiable: learn the
+    weights through the fused message pass."""
     check_on_device(feats=feats, compats=compats)
+    out_dtype = out_dtype or torch.float32
+    if out_dtype not in K_DTYPES:
+        raise ValueError(f"out_dtype must be one of {K_DTYPES}, got {out_dtype}")
     return _gaussian_weights_op(feats.contiguous().float(), compats.contiguous().float(), list(dims), filter_size,
-                                keep_centre)
+                                keep_centre, out_dtype)

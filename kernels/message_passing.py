@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._launch import check_on_device, interpreter_blocks, interpreting, needs_int64
-from .merged_kernel import _load_compats, _neighbour, _pixel_block, _tap_weight, feature_meta
+from .merged_kernel import K_DTYPES, _load_compats, _neighbour, _pixel_block, _tap_weight, feature_meta
 
 # prefer_fused's thresholds (measured, see there): fused for k >= 15 on grids of at most 128² pixels, and
 # whenever the materialised K would take more than 2 GiB.
@@ -249,13 +249,13 @@ def step_blocks(C: int, has_compat: bool) -> tuple[int, int, int]:
 def _mean_field_step_op(
     Q: torch.Tensor, unary_term: torch.Tensor, weight: torch.Tensor, compat_matrix: torch.Tensor | None,
     K: torch.Tensor | None, feats: torch.Tensor | None, compats: torch.Tensor | None, dims: list[int],
-    filter_size: int, keep_centre: bool, softmax: bool,
+    filter_size: int, keep_centre: bool, softmax: bool, out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The launch behind :func:`mean_field_step` (contiguous float32 operands)."""
+    """The launch behind :func:`mean_field_step` (contiguous operands; float32 but ``Q``/``K``)."""
     B, C, h, w = Q.shape
     args, consts = _operands(Q, K, feats, compats, dims, filter_size, keep_centre)
     mix = Q.new_empty(1, dtype=torch.float32) if compat_matrix is None else compat_matrix
-    out = torch.empty_like(Q)
+    out = torch.empty_like(Q, dtype=out_dtype)
     step = dict(STEP=True, W_STRIDE=int(weight.numel() > 1), HAS_COMPAT=compat_matrix is not None, SOFTMAX=softmax)
     if interpreting():
         block_c, block_p = interpreter_blocks(max(C, 16), max(h * w, 16))
@@ -271,19 +271,20 @@ def _mean_field_step_op(
 
 
 @_mean_field_step_op.register_fake
-def _(Q, unary_term, weight, compat_matrix, K, feats, compats, dims, filter_size, keep_centre, softmax):
-    return Q.new_empty(Q.shape)
+def _(Q, unary_term, weight, compat_matrix, K, feats, compats, dims, filter_size, keep_centre, softmax, out_dtype):
+    return Q.new_empty(Q.shape, dtype=out_dtype)
 
 
 def mean_field_step(
     Q: torch.Tensor, unary_term: torch.Tensor, weight: torch.Tensor, compat_matrix: torch.Tensor | None,
     K: torch.Tensor | None, feats: torch.Tensor | None, compats: torch.Tensor | None, dims: Sequence[int],
-    filter_size: int, keep_centre: bool, softmax: bool,
+    filter_size: int, keep_centre: bool, softmax: bool, out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One mean-field iteration in one launch (blur 1, inference): ``Z = A + w·(M + compat·M)`` with ``M``
     the message of ``Q [B, C, h, w]`` (from ``K``, or fused from ``feats``), returned as ``softmax(Z)`` or
-    ``Z``. ``unary_term``: ``A [B, C, h, w]``; ``weight``: one or ``C`` values; ``compat_matrix``: ``[C, C]``.
-    Not differentiable: training uses the separate ops."""
+    ``Z`` in ``out_dtype`` (default: that of ``Q``). ``unary_term``: ``A [B, C, h, w]``; ``weight``: one or
+    ``C`` values; ``compat_matrix``: ``[C, C]``. ``Q`` and ``K`` may be stored in bfloat16/float16; the
+    arithmetic is float32. Not differentiable: training uses the separate ops."""
     check_on_device(Q=Q, unary_term=unary_term)
     C = Q.shape[1]
     weight = weight.reshape(-1).float().contiguous()
@@ -294,8 +295,8 @@ def mean_field_step(
     return _mean_field_step_op(
         Q.contiguous(), unary_term.contiguous(), weight,
         None if compat_matrix is None else compat_matrix.float().contiguous(),
-        None if K is None else K.contiguous().float(), feats, compats, list(dims), filter_size, keep_centre,
-        softmax,
+        None if K is None else _weights_operand(K), feats, compats, list(dims), filter_size, keep_centre,
+        softmax, out_dtype or Q.dtype,
     )
 
 
@@ -391,11 +392,17 @@ _fused_message_pass_op.register_autograd(_fused_backward, setup_context=_fused_s
 
 
 def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """Two-pass: ``K: [B, k*k, h, w]`` float32, ``Q: [B, C, h, w]`` → ``M: [B, C, h, w]`` (Q's dtype)."""
+    """Two-pass: ``K: [B, k*k, h, w]`` (float32, or bfloat16/float16 storage), ``Q: [B, C, h, w]`` → ``M: [B, C,
+    h, w]`` (Q's dtype); the sums run in float32."""
     check_on_device(K=K, Q=Q)
     if K.requires_grad and torch.is_grad_enabled():
         raise ValueError("message_pass does not differentiate K: use fused_message_pass to learn the weights")
-    return _message_pass_op(Q.contiguous(), K.contiguous().float())
+    return _message_pass_op(Q.contiguous(), _weights_operand(K))
+
+
+def _weights_operand(K: torch.Tensor) -> torch.Tensor:
+    """``K`` as the kernels read it: contiguous, in one of the storage dtypes (float64 becomes float32)."""
+    return K.contiguous() if K.dtype in K_DTYPES else K.contiguous().float()
 
 
 def fused_message_pass(
@@ -409,11 +416,12 @@ def fused_message_pass(
     return _fused_message_pass_op(Q.contiguous(), feats, compats, list(dims), filter_size, keep_centre)
 
 
-def prefer_fused(filter_size: int, num_pixels: int) -> bool:
+def prefer_fused(filter_size: int, num_pixels: int, element_size: int = 4) -> bool:
     """Fused or two-pass for ``num_pixels = B·h·w`` (the pooled grid), as measured on an H200
     (``bench/results/nvidia-h200``, C = 21, 5 iterations): two-pass was faster at every k on the
     512² and 1024×2048 grids (1.2-1.8× at blur 1), fused at k >= 15 on a 128² grid (k = 31: 2.6 vs 3.5 ms),
     where building ``K`` is not paid back. Fused also whenever ``K`` would pass ``FUSED_ABOVE_K_BYTES``
-    (k = 31 at 1024×2048: 7.9 GB), trading up to 2× time for no k²-sized memory."""
-    k_bytes = 4 * filter_size * filter_size * num_pixels
+    (k = 31 at 1024×2048: 7.9 GB in float32), trading up to 2× time for no k²-sized memory. ``element_size``:
+    bytes per stored weight (2 with bfloat16/float16 storage)."""
+    k_bytes = element_size * filter_size * filter_size * num_pixels
     return k_bytes > FUSED_ABOVE_K_BYTES or (filter_size >= FUSED_MIN_FILTER_SIZE and num_pixels <= FUSED_MAX_PIXELS)

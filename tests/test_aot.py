@@ -105,3 +105,24 @@ def test_message_pass_sass(cfg, fused):
     assert not {op for op in ops if op.startswith(("LDL", "STL"))}, ops
     assert "STG.E.128" in ops, ops
     assert ("MUFU.EX2" in ops) == fused, ops
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("storage", ["*bf16", "*fp16"])
+@pytest.mark.parametrize("step", [False, True])
+def test_low_precision_storage_compiles_without_spills(arch, storage, step):
+    """K and Q stored in bfloat16/float16 (and, for the step, its output): the same kernel, float32 sums."""
+    signature = {**MP_SIGNATURE, "q_ptr": storage, "k_ptr": storage, "m_ptr": storage}
+    if step:
+        block_c, block_p, num_warps = mp.step_blocks(21, False)
+        consts = {"KSIZE": 7, "FUSED": False, "KEEP_CENTRE": False, "IDX64": False, **TWO_GAUSSIANS, "STEP": True,
+                  "W_STRIDE": 1, "HAS_COMPAT": False, "SOFTMAX": True, "BLOCK_C": block_c, "BLOCK_P": block_p,
+                  "UNROLL": 1}
+    else:
+        cfg = mp.TUNE_CONFIGS[1]
+        consts, num_warps = _mp_constexprs(cfg, 7, False), cfg.num_warps
+    usage = compile_for(mp._message_pass_kernel, signature, consts, arch, num_warps=num_warps)
+    assert usage.stack == 0 and usage.reg <= 255, usage
+    gw_usage = compile_for(gw._gaussian_weights_kernel, {**GW_SIGNATURE, "k_ptr": storage},
+                           {"KSIZE": 7, "KEEP_CENTRE": False, "BLOCK_P": 128, "IDX64": False, **TWO_GAUSSIANS}, arch)
+    assert gw_usage.stack == 0, gw_usage

@@ -85,6 +85,8 @@ BAD_PARAMS = [
     ("norm", None),
     ("mode", "original"),
     ("backend", "cuda"),
+    ("storage", "fp8"),
+    ("storage", "bf16"),
     ("backend", "Torch"),
     ("backend", ""),
     ("backend", None),

@@ -84,9 +84,10 @@ def _direct(image_path: Path, unary: np.ndarray, **kw) -> np.ndarray:  # noqa: A
 # ---- demo -------------------------------------------------------------------------------------------------
 
 
-def test_demo_without_arguments(capsys, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_demo_without_arguments(storage, capsys, tmp_path, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.chdir(tmp_path)
-    rc, out, err = run(capsys, "demo", "--backend", "torch")
+    rc, out, err = run(capsys, "demo", "--backend", "torch", "--storage", storage)
     assert rc == 0, err
     fig = Image.open(tmp_path / "demo.png")
     assert fig.width > 4 * 320 and fig.height > 240
@@ -317,6 +318,7 @@ def _error_cases(d: Path, t: Path) -> list[tuple[list[str], tuple[str, ...]]]:
         ([*one, "--pos-sdims", "-1"], ("--pos-sdims -1",)),
         ([*one, "--col-schan", "nan"], ("--col-schan nan",)),
         ([*one, "--backend", "cuda"], ("--backend", "invalid choice")),
+        ([*one, "--storage", "fp8"], ("--storage", "invalid choice")),
         ([*one, "--device", "tpu"], ("--device tpu",)),
         ([*one, "--device", "cuda:7"], ("--device cuda:7",)),
         ([*one, "--gt-prob", "1.5"], ("--gt-prob",)),

@@ -69,3 +69,24 @@ def test_reference_figures_on_voc7(voc7, mode, want_miou, want_acc):
         cm.add(labels, unary.argmax(0))
     assert 100 * cm.miou() == pytest.approx(want_miou, abs=0.2)
     assert 100 * cm.accuracy() == pytest.approx(want_acc, abs=0.2)
+
+
+@pytest.mark.parametrize("storage,min_agreement", [("bfloat16", 0.999), ("float16", 0.9999)])
+@pytest.mark.parametrize("blur", [1, 4])
+def test_low_precision_storage_keeps_the_labels_on_voc7(voc7, storage, min_agreement, blur):
+    """bfloat16/float16 storage (K and the message pass's Q) against float32, SPEC §6 unaries, k=7: the
+    labels agree on all but 0.1% (bfloat16) / 0.01% (float16) of the pixels, and mIoU moves < 0.1 point."""
+    crf32 = ConvCRF(21, filter_size=7, blur=blur, backend="torch")
+    crf16 = ConvCRF(21, filter_size=7, blur=blur, backend="torch", storage=storage)
+    cm32, cm16, agree, total = ConfusionMatrix(21), ConfusionMatrix(21), 0, 0
+    for path in sorted((voc7 / "images").glob("*.png"))[:3]:
+        labels = read_labels(voc7 / "labels" / path.name)
+        unary = torch.from_numpy(synthetic_unary(labels, 21, seed=0))[None].float()
+        image = torch.from_numpy(read_image(path))[None]
+        with torch.no_grad():
+            want, got = crf32(unary, image)[0].argmax(0).numpy(), crf16(unary, image)[0].argmax(0).numpy()
+        cm32.add(labels, want)
+        cm16.add(labels, got)
+        agree, total = agree + int((want == got).sum()), total + want.size
+    assert agree / total >= min_agreement
+    assert abs(cm16.miou() - cm32.miou()) < 1e-3

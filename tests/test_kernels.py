@@ -264,3 +264,53 @@ def test_mean_field_step_leaves_wide_compatibilities_to_the_separate_ops(monkeyp
         got = functional.mean_field(torch.randn(1, C, 5, 6), torch.rand(1, 3, 5, 6) * 255, filter_size=3, blur=1,
                                     num_iter=2, compat_matrix=torch.eye(C) * 0.1, backend="triton")
     assert got.shape == (1, C, 5, 6)
+
+
+# Low-precision storage: K and the probabilities the message pass reads kept in bfloat16/float16, the sums and
+# the logits in float32. Judged against the float32 path: the storage's rounding (2^-8, 2^-11 relative) on the
+# messages, and the labels (argmax) unchanged almost everywhere.
+STORAGE_BOUNDS = {"bfloat16": (torch.bfloat16, 2e-2), "float16": (torch.float16, 3e-3)}
+
+
+@pytest.mark.parametrize("storage", sorted(STORAGE_BOUNDS))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("blur,filter_size,mode", [(1, 5, "textbook"), (2, 7, "convcrf")])
+def test_low_precision_storage_against_float32(storage, backend, blur, filter_size, mode, device):
+    g = torch.Generator().manual_seed(blur + filter_size)
+    B, C, H, W = 2, 5, 23, 29
+    unary = (torch.randn(B, C, H, W, generator=g) * 2).to(device)
+    image = (torch.rand(B, 3, H, W, generator=g) * 255).to(device)
+    kw = dict(filter_size=filter_size, blur=blur, num_iter=3, mode=mode, backend=backend)
+    with torch.no_grad():
+        want = functional.mean_field(unary, image, **kw)
+        got = functional.mean_field(unary, image, storage=storage, **kw)
+    assert got.dtype == torch.float32
+    err = rel_err(got, want)
+    assert 0 < err < STORAGE_BOUNDS[storage][1], err  # > 0: the storage really was used
+    assert (got.argmax(1) == want.argmax(1)).float().mean().item() > 0.99
+
+
+@pytest.mark.parametrize("storage", sorted(STORAGE_BOUNDS))
+def test_low_precision_weights_are_the_rounded_float32_weights(storage, device):
+    dtype = STORAGE_BOUNDS[storage][0]
+    feats, compats, Q = make_inputs(9, 2, 3, 11, 13, (2, 3), device=device)
+    K32 = kernels.gaussian_weights(feats, (2, 3), compats, 5, False)
+    K = kernels.gaussian_weights(feats, (2, 3), compats, 5, False, out_dtype=dtype)
+    # within one unit in the last place (the GPU rounds to nearest; Triton's interpreter truncates)
+    assert K.dtype == dtype and bool(((K.float() - K32).abs() <= K32.abs() * torch.finfo(dtype).eps).all())
+    # the message pass reads the stored K and Q as they are and sums in float32
+    want = reference.message_pass(K.double(), Q.to(dtype).double())
+    got = kernels.message_pass(K, Q.to(dtype))
+    assert got.dtype == dtype and rel_err(got, want) < 2 * torch.finfo(dtype).eps
+    passer = functional.MessagePasser(
+        (torch.rand(1, 3, 9, 10) * 255).to(device), filter_size=5, blur=1, pos_sdims=3.0, pos_compat=3.0,
+        col_sdims=80.0, col_schan=13.0, col_compat=10.0, col_use_pos=False, norm="none", keep_centre=False,
+        ops=kernels, storage=dtype)
+    assert passer.gaussians[0].K is not None and passer.gaussians[0].K.dtype == dtype
+
+
+def test_storage_is_validated():
+    with pytest.raises(ValueError, match="storage='int8' is not allowed"):
+        functional.mean_field(torch.randn(1, 2, 4, 4), torch.rand(1, 3, 4, 4), storage="int8", backend="torch")
+    with pytest.raises(ValueError, match="out_dtype"):
+        kernels.gaussian_weights(torch.randn(1, 5, 4, 4), (2, 3), torch.ones(2), 3, False, out_dtype=torch.float64)
