@@ -14,7 +14,7 @@ triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properti
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || echo "pip install failed"
 echo "== kernel tests on the GPU"
 t0=$(date +%s)
-CONVCRF_TEST_DEVICE=cuda timeout ${TEST_SECONDS:-240} python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/test_kernels.py \
+CONVCRF_AUTOTUNE=0 CONVCRF_TEST_DEVICE=cuda timeout ${TEST_SECONDS:-240} python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/test_kernels.py \
   tests/test_gradients.py tests/test_graphs.py} -rfE 2>&1 | tail -40
 echo "== tests took $(( $(date +%s) - t0 )) s"
 echo "== bench"

@@ -26,6 +26,7 @@ picks fused whenever ``K`` would be large (it never allocates k*k memory).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -162,7 +163,12 @@ def _prune(configs, named_args, **kwargs):
         cfg for cfg in configs
         if cfg.kwargs["BLOCK_C"] <= c_block and cfg.kwargs["BLOCK_C"] * cfg.kwargs["BLOCK_P"] <= 16 * 32 * cfg.num_warps
     ]
-    return kept or configs[:1]
+    return _tuning_off(kept or configs[:1])
+
+
+def _tuning_off(configs: list) -> list:
+    """``CONVCRF_AUTOTUNE=0``: the first surviving config, no benchmarking (quick GPU test runs)."""
+    return configs[:1] if os.environ.get("CONVCRF_AUTOTUNE", "1") == "0" else configs
 
 
 # Tile shapes and tap unroll factors for the GPU; the first is the default (one class block for C <= 32,
@@ -191,7 +197,7 @@ def _prune_step(configs, named_args, **kwargs):
     """The mean-field step's tile is fixed by :func:`step_blocks`; only its warps' count must match it."""
     args = {**named_args, **kwargs}
     num_warps = step_blocks(args["C"], args["HAS_COMPAT"])[2]
-    return [cfg for cfg in configs if cfg.num_warps == num_warps] or configs[:1]
+    return _tuning_off([cfg for cfg in configs if cfg.num_warps == num_warps] or configs[:1])
 
 
 # The mean-field step tunes the tap unroll factor only (its tile holds every class, see step_blocks).
@@ -203,7 +209,10 @@ _mean_field_step_tuned = triton.autotune(
 
 
 def _launch(Q: torch.Tensor, K: torch.Tensor | None, feats: torch.Tensor | None, compats: torch.Tensor | None,
-            dims: Sequence[int], filter_size: int, keep_centre: bool) -> torch.Tensor:
+            dims: Sequence[int], filter_size: int, keep_centre: bool, config: triton.Config | None = None
+            ) -> torch.Tensor:
+    """One message pass: autotuned on the GPU, one large tile under the interpreter, or the given ``config``
+    (the tests run every tuned config against the reference)."""
     B, C, h, w = Q.shape
     Q = Q.contiguous()
     M = torch.empty_like(Q)
@@ -211,7 +220,11 @@ def _launch(Q: torch.Tensor, K: torch.Tensor | None, feats: torch.Tensor | None,
     dummy = args[1] if K is None else args[2]
     args = (*args, M, dummy, dummy, dummy, C, h, w)
     consts.update(STEP=False, W_STRIDE=0, HAS_COMPAT=False, SOFTMAX=False)
-    if interpreting():
+    if config is not None:
+        tile = config.kwargs
+        grid = (triton.cdiv(h * w, tile["BLOCK_P"]), triton.cdiv(C, tile["BLOCK_C"]), B)
+        _message_pass_kernel[grid](*args, **tile, **consts, num_warps=config.num_warps)
+    elif interpreting():
         block_c, block_p = interpreter_blocks(C, h * w)
         grid = (triton.cdiv(h * w, block_p), triton.cdiv(C, block_c), B)
         _message_pass_kernel[grid](*args, BLOCK_C=block_c, BLOCK_P=block_p, UNROLL=INTERPRETER_UNROLL, **consts)

@@ -314,3 +314,31 @@ def test_storage_is_validated():
         functional.mean_field(torch.randn(1, 2, 4, 4), torch.rand(1, 3, 4, 4), storage="int8", backend="torch")
     with pytest.raises(ValueError, match="out_dtype"):
         kernels.gaussian_weights(torch.randn(1, 5, 4, 4), (2, 3), torch.ones(2), 3, False, out_dtype=torch.float64)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("cfg", mp.TUNE_CONFIGS, ids=str)
+def test_every_tuned_config_matches_reference(cfg, fused, device):
+    """Each tile shape / unroll factor the autotuner may pick, launched as it is (k = 5: 25 taps, a masked
+    last group for UNROLL 2 and 4; C = 21 over several class blocks; pixels over several blocks)."""
+    feats, compats, Q = make_inputs(31, 2, 21, 9, 29, (2, 3), device=device)
+    K = reference.gaussian_weights(feats.double(), (2, 3), compats.double(), 5, False)
+    want = reference.message_pass(K, Q.double())
+    if fused:
+        got = mp._launch(Q, None, feats, compats, (2, 3), 5, False, config=cfg)
+    else:
+        got = mp._launch(Q, K.float(), None, None, (), 5, False, config=cfg)
+    assert rel_err(got, want) < RTOL
+
+
+def test_autotune_pruning_and_switch(monkeypatch):
+    """Configs with class blocks far wider than C, or over 16 tile elements a thread, are pruned;
+    CONVCRF_AUTOTUNE=0 keeps the first survivor only (no benchmarking)."""
+    kept = mp._prune(mp.TUNE_CONFIGS, {"C": 3})
+    assert kept and all(c.kwargs["BLOCK_C"] <= 8 for c in kept) and len(kept) > 1
+    assert all(c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_P"] <= 16 * 32 * c.num_warps for c in kept)
+    step = mp._prune_step(mp.STEP_CONFIGS, {"C": 150}, HAS_COMPAT=False)
+    assert {c.num_warps for c in step} == {8} and len(step) == 2
+    monkeypatch.setenv("CONVCRF_AUTOTUNE", "0")
+    assert mp._prune(mp.TUNE_CONFIGS, {"C": 3}) == kept[:1]
+    assert len(mp._prune_step(mp.STEP_CONFIGS, {"C": 150}, HAS_COMPAT=False)) == 1
