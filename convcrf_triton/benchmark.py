@@ -4,6 +4,8 @@ One run times, on one device, every implementation of the same CRF on the same i
 
 - ``triton-graph``: ``ConvCRF(backend="triton").use_cuda_graphs()``, the default dispatch replayed from a
   CUDA graph recorded per shape (whole-model rows, CUDA only);
+- ``triton-cl``: the default dispatch with the one-launch step on channels-last tensors (differs from the
+  default only at blur 1; whole-model rows, CUDA only);
 - ``triton-bf16``: the default dispatch with ``storage="bfloat16"`` (message-pass rows: two-pass with ``K``
   and ``Q`` in bfloat16; CUDA only; its output is compared at bfloat16's tolerance);
 - ``triton-fused`` / ``triton-two-pass``: ``ConvCRF(backend="triton")`` with the choice of
@@ -62,10 +64,11 @@ COLUMNS = [
     "implementation", "mode", "k", "H", "W", "C", "B", "blur", "dtype", "median_ms", "p20_ms", "p80_ms",
     "peak_mem_mb", "gflops", "gbs", "roofline_frac", "device", "torch", "triton", "commit", "date",
 ]
-TRITON_IMPLS = ("triton-fused", "triton-two-pass", "triton-graph", "triton-bf16")
-MODEL_IMPLS = ("unfold", "reference", "triton-fused", "triton-two-pass", "triton-graph", "triton-bf16")
+TRITON_IMPLS = ("triton-fused", "triton-two-pass", "triton-graph", "triton-bf16", "triton-cl")
+MODEL_IMPLS = ("unfold", "reference", "triton-fused", "triton-two-pass", "triton-graph", "triton-bf16", "triton-cl")
 GRAPH_IMPL = "triton-graph"  # whole-model rows only: the default dispatch, replayed from a CUDA graph
 BF16_IMPL = "triton-bf16"  # the default dispatch with storage="bfloat16"; message pass: two-pass, K and Q bf16
+CL_IMPL = "triton-cl"  # whole-model rows only: the default dispatch with the channels-last one-launch step
 PLOT_FILES = ("time_vs_filter_size.png", "time_vs_resolution.png", "memory_vs_filter_size.png",
               "speedup_vs_unfold.png", "message_pass_roofline.png")
 NUM_ITER = 5
@@ -389,6 +392,18 @@ COUNTED_OPS = ("gaussian_weights", "message_pass", "fused_message_pass", "mean_f
 
 
 @contextlib.contextmanager
+def channels_last_step() -> Iterator[None]:
+    """Run the one-launch mean-field step on channels-last tensors (``kernels.STEP_CHANNELS_LAST``)."""
+    from .kernels import message_passing
+
+    saved, message_passing.STEP_CHANNELS_LAST = message_passing.STEP_CHANNELS_LAST, True
+    try:
+        yield
+    finally:
+        message_passing.STEP_CHANNELS_LAST = saved
+
+
+@contextlib.contextmanager
 def forced_variant(fused: bool) -> Iterator[dict[str, int]]:
     """Force the fused / two-pass choice of the Triton backend, and count which ops actually ran.
 
@@ -589,6 +604,13 @@ class Bench:
             crf = ConvCRF(**{**crf.config.to_dict(), "storage": "bfloat16"}).to(self.dev)
         if impl in ("reference", BF16_IMPL):
             return lambda: crf(unary, image)
+        if impl == CL_IMPL:
+            def run_cl() -> torch.Tensor:
+                with channels_last_step():
+                    return crf(unary, image)
+
+            run_cl()  # compile and autotune
+            return run_cl
         if impl == GRAPH_IMPL:
             crf.use_cuda_graphs()
             crf(unary, image)  # record
@@ -776,7 +798,8 @@ def write_autotune(path: Path) -> int:
 
 STYLE = {
     "triton-fused": ("tab:red", "o"), "triton-two-pass": ("tab:orange", "s"),
-    GRAPH_IMPL: ("tab:purple", "D"), BF16_IMPL: ("tab:brown", "v"), "reference": ("tab:blue", "^"),
+    GRAPH_IMPL: ("tab:purple", "D"), BF16_IMPL: ("tab:brown", "v"), CL_IMPL: ("tab:olive", "P"),
+    "reference": ("tab:blue", "^"),
     "unfold": ("tab:gray", "x"), "pydensecrf": ("tab:green", "D"),
 }
 
@@ -1308,7 +1331,7 @@ def _main(args: argparse.Namespace) -> int:
         impls = [i for i in impls if i not in TRITON_IMPLS]
         notes.append("Triton rows (triton-fused, triton-two-pass) are skipped on the CPU: there the Triton path is "
                      "only the interpreter, whose timings say nothing about the kernels.")
-    mp_impls = [i for i in impls if (i != "unfold" or args.device == "cuda") and i != GRAPH_IMPL]
+    mp_impls = [i for i in impls if (i != "unfold" or args.device == "cuda") and i not in (GRAPH_IMPL, CL_IMPL)]
     densecrf = (wanted is None or "pydensecrf" in wanted) and densecrf_available()
     if not densecrf and (wanted is None or "pydensecrf" in wanted):
         notes.append("pydensecrf rows are skipped: `import pydensecrf.densecrf` failed "

@@ -193,28 +193,37 @@ class MessagePasser:
         Mp = Mp.to(X.dtype)
         return blur_upsample(Mp if mix is None else mix(Mp), self.blur, self.H, self.W)
 
-    def step(self, Q: torch.Tensor, unary_term: torch.Tensor, weight: Number, compat_matrix: torch.Tensor | None,
-             softmax: bool, last: bool) -> torch.Tensor | None:
-        """A whole mean-field iteration in one Triton launch, where one applies: blur 1, one merged
+    def steps(self, Q: torch.Tensor, unary_term: torch.Tensor, weight: Number, compat_matrix: torch.Tensor | None,
+              num_iter: int, final_softmax: bool) -> torch.Tensor | None:
+        """All ``num_iter`` iterations as one Triton launch each, where that applies: blur 1, one merged
         Gaussian, every class in one tile (the ``[C, C]`` compatibility is a register tile too), nothing to
-        differentiate. None otherwise (then the caller composes
-        the message pass with PyTorch ops). Every iteration but the ``last`` returns the next ``Q`` in the
-        storage dtype."""
+        differentiate. None otherwise (then the caller composes the message pass with PyTorch ops). Every
+        iteration but the last returns the next ``Q`` in the storage dtype; with the kernels' channels-last
+        step the tensors are converted once before the loop and once after it."""
         tensors = (Q, unary_term, weight, compat_matrix, *(g.feats for g in self.gaussians),
                    *(g.compats for g in self.gaussians))
+        C = Q.shape[1]
         max_classes = STEP_MAX_CLASSES_COMPAT if compat_matrix is not None else STEP_MAX_CLASSES
-        if (self.ops is reference or self.blur != 1 or len(self.gaussians) != 1 or Q.shape[1] > max_classes
+        if (self.ops is reference or self.blur != 1 or len(self.gaussians) != 1 or C > max_classes
                 or (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))):
             return None
         g = self.gaussians[0]
         dtype = unary_term.dtype
+        weight = torch.as_tensor(weight, dtype=dtype, device=Q.device)
+        channels_last = self.ops.step_channels_last()
+        if channels_last:
+            Q, unary_term = self.ops.to_channels_last(Q), self.ops.to_channels_last(unary_term)
         if self.storage is not None:
             Q = Q.to(self.storage)
-        return self.ops.mean_field_step(
-            Q, unary_term, torch.as_tensor(weight, dtype=dtype, device=Q.device), compat_matrix, g.K,
-            g.feats if g.K is None else None, g.compats if g.K is None else None, g.dims, self.k, self.keep_centre,
-            softmax, out_dtype=dtype if last or self.storage is None else self.storage,
-        )
+        for i in range(num_iter):
+            last = i == num_iter - 1
+            Q = self.ops.mean_field_step(
+                Q, unary_term, weight, compat_matrix, g.K, g.feats if g.K is None else None,
+                g.compats if g.K is None else None, g.dims, self.k, self.keep_centre, not last or final_softmax,
+                out_dtype=dtype if last or self.storage is None else self.storage,
+                channels_last=C if channels_last else None,
+            )
+        return self.ops.from_channels_last(Q, C) if channels_last else Q
 
     def __call__(self, Q: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """The message of ``Q``, with ``mix`` (a per-pixel linear map over classes: the compatibility
@@ -287,11 +296,10 @@ def mean_field(
             M = M + torch.einsum("dc,bchw->bdhw", compat_matrix, M)
         return weight * M
 
+    out = passer.steps(Q, unary_term, weight, compat_matrix, num_iter, final_softmax)
+    if out is not None:
+        return out.to(out_dtype)
     for i in range(num_iter):
-        softmax = i < num_iter - 1 or final_softmax  # the last iteration returns logits Z
-        out = passer.step(Q, unary_term, weight, compat_matrix, softmax, last=i == num_iter - 1)
-        if out is None:
-            Z = unary_term + passer(Q, mix)
-            out = torch.softmax(Z, dim=1) if softmax else Z
-        Q = out
-    return out.to(out_dtype)
+        Z = unary_term + passer(Q, mix)
+        Q = torch.softmax(Z, dim=1) if i < num_iter - 1 or final_softmax else Z  # the last: logits Z
+    return Q.to(out_dtype)

@@ -1,6 +1,15 @@
 """Triton kernels of convcrf-triton (installed as ``convcrf_triton.kernels``)."""
 
 from .merged_kernel import gaussian_weights
-from .message_passing import fused_message_pass, mean_field_step, message_pass, prefer_fused
+from .message_passing import (
+    from_channels_last,
+    fused_message_pass,
+    mean_field_step,
+    message_pass,
+    prefer_fused,
+    step_channels_last,
+    to_channels_last,
+)
 
-__all__ = ["gaussian_weights", "message_pass", "fused_message_pass", "mean_field_step", "prefer_fused"]
+__all__ = ["gaussian_weights", "message_pass", "fused_message_pass", "mean_field_step", "prefer_fused",
+           "step_channels_last", "to_channels_last", "from_channels_last"]

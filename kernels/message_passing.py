@@ -30,6 +30,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -49,9 +50,13 @@ def _message_pass_kernel(
     KSIZE: tl.constexpr, FUSED: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KEEP_CENTRE: tl.constexpr,
     STEP: tl.constexpr, W_STRIDE: tl.constexpr, HAS_COMPAT: tl.constexpr, SOFTMAX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr, UNROLL: tl.constexpr = 1,
+    CS: tl.constexpr = 0,
 ):
     # grid: (cdiv(h*w, BLOCK_P), cdiv(C, BLOCK_C), B). The k*k taps run UNROLL at a time (the last group
     # masked), so that UNROLL independent neighbour loads are in flight before the first multiply-add.
+    # Q, M (and A) are [B, C, h, w], or with CS > 0 channels-last [B, h, w, CS]: the classes of a pixel
+    # contiguous and zero-padded to CS (a multiple of 4), so that a thread reads 4 classes of a neighbour
+    # with one 16-byte load instead of 4 (the padding is loaded, computed and stored as zeros).
     # With STEP, the epilogue is a whole mean-field step
     # (one program holds every class of its pixels: BLOCK_C >= C):
     #     M' = M + compat @ M (HAS_COMPAT, a tl.dot over the class block)
@@ -60,7 +65,15 @@ def _message_pass_kernel(
     b, plane, offs, in_img, y, x = _pixel_block(tl.program_id(2), h, w, BLOCK_P, IDX64)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = (cls < C)[:, None]
-    q_rows = q_ptr + b * C * plane + cls[:, None] * plane
+    if CS > 0:
+        pix_stride = CS
+        cls_offs = b * plane * CS + cls[:, None]
+        io_mask = (cls < CS)[:, None]  # constant over 4 classes: vector loads and stores
+    else:
+        pix_stride = 1
+        cls_offs = b * C * plane + cls[:, None] * plane
+        io_mask = c_mask
+    q_rows = q_ptr + cls_offs
     if FUSED:
         f_ptr += b * (D1 + D2) * plane
         c1, c2 = _load_compats(compat_ptr, D2)
@@ -81,10 +94,10 @@ def _message_pass_kernel(
                     weight = tl.where(t == KSIZE * KSIZE // 2, 0.0, weight)
             else:
                 weight = tl.load(k_row + t * plane, mask=tap_ok, other=0.0).to(tl.float32)
-            q = tl.load(q_rows + nb[None, :], mask=c_mask & valid[None, :], other=0.0)
+            q = tl.load(q_rows + nb[None, :] * pix_stride, mask=io_mask & valid[None, :], other=0.0)
             acc += weight[None, :] * q.to(tl.float32)
-    out_offs = b * C * plane + cls[:, None] * plane + offs[None, :]
-    out_mask = c_mask & in_img[None, :]
+    out_offs = cls_offs + offs[None, :] * pix_stride
+    out_mask = io_mask & in_img[None, :]
     if STEP:
         if HAS_COMPAT:
             mix = tl.load(cm_ptr + cls[:, None] * C + cls[None, :], mask=c_mask & (cls < C)[None, :], other=0.0)
@@ -203,7 +216,7 @@ def _prune_step(configs, named_args, **kwargs):
 # The mean-field step tunes the tap unroll factor only (its tile holds every class, see step_blocks).
 STEP_CONFIGS = [triton.Config({"UNROLL": u}, num_warps=nw) for nw in (4, 8) for u in (1, 2)]
 _mean_field_step_tuned = triton.autotune(
-    configs=STEP_CONFIGS, key=["KSIZE", "FUSED", "C", "h", "w", "HAS_COMPAT"],
+    configs=STEP_CONFIGS, key=["KSIZE", "FUSED", "C", "h", "w", "HAS_COMPAT", "CS"],
     prune_configs_by={"early_config_prune": _prune_step},
 )(_message_pass_kernel)
 
@@ -262,21 +275,28 @@ def step_blocks(C: int, has_compat: bool) -> tuple[int, int, int]:
 def _mean_field_step_op(
     Q: torch.Tensor, unary_term: torch.Tensor, weight: torch.Tensor, compat_matrix: torch.Tensor | None,
     K: torch.Tensor | None, feats: torch.Tensor | None, compats: torch.Tensor | None, dims: list[int],
-    filter_size: int, keep_centre: bool, softmax: bool, out_dtype: torch.dtype,
+    filter_size: int, keep_centre: bool, softmax: bool, out_dtype: torch.dtype, num_classes: int,
+    channels_last: bool,
 ) -> torch.Tensor:
     """The launch behind :func:`mean_field_step` (contiguous operands; float32 but ``Q``/``K``)."""
-    B, C, h, w = Q.shape
+    if channels_last:
+        B, h, w, cs = Q.shape
+    else:
+        B, _, h, w = Q.shape
+        cs = 0
+    C = num_classes
     args, consts = _operands(Q, K, feats, compats, dims, filter_size, keep_centre)
+    consts["CS"] = cs
     mix = Q.new_empty(1, dtype=torch.float32) if compat_matrix is None else compat_matrix
     out = torch.empty_like(Q, dtype=out_dtype)
     step = dict(STEP=True, W_STRIDE=int(weight.numel() > 1), HAS_COMPAT=compat_matrix is not None, SOFTMAX=softmax)
     if interpreting():
-        block_c, block_p = interpreter_blocks(max(C, 16), max(h * w, 16))
+        block_c, block_p = interpreter_blocks(max(C, cs, 16), max(h * w, 16))
         grid = (triton.cdiv(h * w, block_p), 1, B)
         _message_pass_kernel[grid](*args, out, unary_term, weight, mix, C, h, w, BLOCK_C=block_c, BLOCK_P=block_p,
                                    UNROLL=INTERPRETER_UNROLL, **step, **consts)
     else:
-        block_c, block_p, _ = step_blocks(C, compat_matrix is not None)
+        block_c, block_p, _ = step_blocks(max(C, cs), compat_matrix is not None)
         grid = (triton.cdiv(h * w, block_p), 1, B)
         _mean_field_step_tuned[grid](*args, out, unary_term, weight, mix, C, h, w, BLOCK_C=block_c,
                                      BLOCK_P=block_p, **step, **consts)
@@ -284,7 +304,8 @@ def _mean_field_step_op(
 
 
 @_mean_field_step_op.register_fake
-def _(Q, unary_term, weight, compat_matrix, K, feats, compats, dims, filter_size, keep_centre, softmax, out_dtype):
+def _(Q, unary_term, weight, compat_matrix, K, feats, compats, dims, filter_size, keep_centre, softmax, out_dtype,
+      num_classes, channels_last):
     return Q.new_empty(Q.shape, dtype=out_dtype)
 
 
@@ -292,14 +313,21 @@ def mean_field_step(
     Q: torch.Tensor, unary_term: torch.Tensor, weight: torch.Tensor, compat_matrix: torch.Tensor | None,
     K: torch.Tensor | None, feats: torch.Tensor | None, compats: torch.Tensor | None, dims: Sequence[int],
     filter_size: int, keep_centre: bool, softmax: bool, out_dtype: torch.dtype | None = None,
+    channels_last: int | None = None,
 ) -> torch.Tensor:
     """One mean-field iteration in one launch (blur 1, inference): ``Z = A + w·(M + compat·M)`` with ``M``
     the message of ``Q [B, C, h, w]`` (from ``K``, or fused from ``feats``), returned as ``softmax(Z)`` or
     ``Z`` in ``out_dtype`` (default: that of ``Q``). ``unary_term``: ``A [B, C, h, w]``; ``weight``: one or
     ``C`` values; ``compat_matrix``: ``[C, C]``. ``Q`` and ``K`` may be stored in bfloat16/float16; the
-    arithmetic is float32. Not differentiable: training uses the separate ops."""
+    arithmetic is float32. Not differentiable: training uses the separate ops.
+
+    ``channels_last=C``: ``Q``, ``unary_term`` and the result are ``[B, h, w, CS]`` instead, the ``C`` classes
+    of a pixel contiguous and zero-padded to ``CS`` (a multiple of 4; see :func:`to_channels_last`)."""
     check_on_device(Q=Q, unary_term=unary_term)
-    C = Q.shape[1]
+    C = Q.shape[1] if channels_last is None else channels_last
+    if channels_last is not None and (Q.shape[-1] % 4 or not 0 < C <= Q.shape[-1] or unary_term.shape != Q.shape):
+        raise ValueError(f"channels_last={C}: Q and unary_term must be [B, h, w, CS] with CS a multiple of 4 "
+                         f">= C, got {tuple(Q.shape)} and {tuple(unary_term.shape)}")
     weight = weight.reshape(-1).float().contiguous()
     if weight.numel() not in (1, C):
         raise ValueError(f"weight must hold 1 or C={C} values, got {weight.numel()}")
@@ -309,8 +337,35 @@ def mean_field_step(
         Q.contiguous(), unary_term.contiguous(), weight,
         None if compat_matrix is None else compat_matrix.float().contiguous(),
         None if K is None else _weights_operand(K), feats, compats, list(dims), filter_size, keep_centre,
-        softmax, out_dtype or Q.dtype,
+        softmax, out_dtype or Q.dtype, C, channels_last is not None,
     )
+
+
+# The one-launch step's layout: channels-last (see the kernel) needs 2-3x fewer load instructions per
+# multiply-add in the SASS (16-byte class vectors) but is not measured on a GPU yet, so it is off by default;
+# the benchmark's triton-cl rows turn it on.
+STEP_CHANNELS_LAST = False
+
+
+def step_channels_last() -> bool:
+    """Whether the mean-field loop runs the one-launch step on channels-last tensors."""
+    return STEP_CHANNELS_LAST
+
+
+def class_stride(num_classes: int) -> int:
+    """The channels-last class stride: ``num_classes`` rounded up to a multiple of 4 (16 bytes of float32)."""
+    return -(-num_classes // 4) * 4
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]`` → ``[B, h, w, class_stride(C)]``, the padding classes zero."""
+    C = x.shape[1]
+    return F.pad(x, (0, 0, 0, 0, 0, class_stride(C) - C)).permute(0, 2, 3, 1).contiguous()
+
+
+def from_channels_last(x: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse of :func:`to_channels_last`: ``[B, h, w, CS]`` → ``[B, C, h, w]``."""
+    return x[..., :num_classes].permute(0, 3, 1, 2).contiguous()
 
 
 def _weight_grad(Q: torch.Tensor, G: torch.Tensor, feats: torch.Tensor, compats: torch.Tensor,

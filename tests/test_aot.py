@@ -126,3 +126,31 @@ def test_low_precision_storage_compiles_without_spills(arch, storage, step):
     gw_usage = compile_for(gw._gaussian_weights_kernel, {**GW_SIGNATURE, "k_ptr": storage},
                            {"KSIZE": 7, "KEEP_CENTRE": False, "BLOCK_P": 128, "IDX64": False, **TWO_GAUSSIANS}, arch)
     assert gw_usage.stack == 0, gw_usage
+
+
+def _step_consts(C, compat, cs):
+    block_c, block_p, num_warps = mp.step_blocks(max(C, cs), compat)
+    return {"KSIZE": 7, "FUSED": False, "KEEP_CENTRE": False, "IDX64": False, **TWO_GAUSSIANS, "STEP": True,
+            "W_STRIDE": 1, "HAS_COMPAT": compat, "SOFTMAX": True, "BLOCK_C": block_c, "BLOCK_P": block_p,
+            "UNROLL": 1, "CS": cs}, num_warps
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("C,compat", [(21, False), (21, True), (150, False)])
+def test_channels_last_step_compiles_without_spills(arch, C, compat):
+    consts, num_warps = _step_consts(C, compat, -(-C // 4) * 4)
+    usage = compile_for(mp._message_pass_kernel, MP_SIGNATURE, consts, arch, num_warps=num_warps)
+    print(f"mean_field_step channels-last C={C} compat={compat} sm_{arch}: {usage}")
+    assert usage.stack == 0 and usage.reg <= 255
+
+
+def test_channels_last_step_reads_classes_16_bytes_at_a_time():
+    """What the channels-last layout is for: the neighbour loads of Q become 16-byte loads (4 classes), so the
+    4-byte loads (K, and Q in the planar layout) drop by 4x or more."""
+    def loads(cs):
+        consts, num_warps = _step_consts(21, False, cs)
+        listing = sass(mp._message_pass_kernel, MP_SIGNATURE, consts, 90, num_warps=num_warps, divisible=ALIGNED_MP)
+        return len(re.findall(r"\bLDG\.E\s", listing)), len(re.findall(r"\bLDG\.E\.128\b", listing))
+
+    (planar32, planar128), (cl32, cl128) = loads(0), loads(24)
+    assert cl128 > planar128 and 4 * cl32 <= planar32, ((planar32, planar128), (cl32, cl128))

@@ -342,3 +342,48 @@ def test_autotune_pruning_and_switch(monkeypatch):
     monkeypatch.setenv("CONVCRF_AUTOTUNE", "0")
     assert mp._prune(mp.TUNE_CONFIGS, {"C": 3}) == kept[:1]
     assert len(mp._prune_step(mp.STEP_CONFIGS, {"C": 150}, HAS_COMPAT=False)) == 1
+
+
+# The channels-last step: classes of a pixel contiguous, padded to a multiple of 4, for 16-byte loads.
+CL_CASES = [
+    dict(k=5, C=5, mode="convcrf", compat=True, scalar=False, final_softmax=False),
+    dict(k=15, C=21, mode="textbook", compat=False, scalar=True, final_softmax=True),
+    dict(k=3, C=150, mode="textbook", compat=False, scalar=False, final_softmax=False),
+    *on_gpu_only(dict(k=7, C=21, mode="textbook", compat=True, scalar=False, final_softmax=False, size=(131, 257))),
+]
+
+
+@pytest.mark.parametrize("case", CL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_channels_last_step_matches_reference(case, monkeypatch, device):
+    monkeypatch.setattr(mp, "STEP_CHANNELS_LAST", True)
+    seen = []
+    step = kernels.mean_field_step
+    monkeypatch.setattr(kernels, "mean_field_step",
+                        lambda *a, **kw: seen.append(kw["channels_last"]) or step(*a, **kw))
+    g = torch.Generator().manual_seed(case["k"] * case["C"])
+    B, C, (H, W) = 2, case["C"], case.get("size", (11, 9))
+    unary = (torch.randn(B, C, H, W, generator=g) * 2).to(device)
+    image = (torch.rand(B, 3, H, W, generator=g) * 255).to(device)
+    weight = (torch.tensor(0.3) if case["scalar"] else torch.rand(1, C, 1, 1, generator=g)).to(device)
+    compat = (torch.randn(C, C, generator=g) * 0.1).to(device) if case["compat"] else None
+    kw = dict(filter_size=case["k"], blur=1, num_iter=3, mode=case["mode"], weight=weight, compat_matrix=compat)
+    with torch.no_grad():
+        got = functional.mean_field(unary, image, backend="triton", **kw)
+    assert seen == [C] * 3
+    want = functional.mean_field(unary.double(), image.double(), backend="torch", **{**kw, "weight": weight.double()})
+    assert rel_err(got, want) < RTOL
+    if case["final_softmax"]:  # probabilities: judged by the logits' error (test_mean_field_step_matches_reference)
+        with torch.no_grad():
+            probs = functional.mean_field(unary, image, backend="triton", final_softmax=True, **kw)
+        err = (probs.double() - torch.softmax(want, 1)).abs().max().item()
+        assert err <= 2 * (got.double() - want).abs().max().item() + 1e-6
+
+
+def test_channels_last_layout_and_checks():
+    x = torch.randn(2, 5, 3, 4)
+    cl = kernels.to_channels_last(x)
+    assert cl.shape == (2, 3, 4, 8) and bool((cl[..., 5:] == 0).all()) and cl.is_contiguous()
+    assert torch.equal(kernels.from_channels_last(cl, 5), x)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        kernels.mean_field_step(torch.zeros(1, 3, 4, 6), torch.zeros(1, 3, 4, 6), torch.tensor(0.5), None,
+                                torch.zeros(1, 9, 3, 4), None, None, (2, 3), 3, False, True, channels_last=5)
