@@ -24,11 +24,11 @@ from . import reference
 from .config import BACKENDS
 
 Number = float | torch.Tensor
-# Classes the one-launch mean-field step holds in one tile: all of them; with a 1×1 compatibility its
-# [C, C] matrix too (compiled for sm_80/sm_90: no spills up to 32 classes, spills at 64).
 # ``storage``: the dtype K and the message pass's Q are kept in (None: the compute dtype).
 STORAGE_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16,
                                                  "float16": torch.float16}
+# Classes the one-launch mean-field step holds in one tile: all of them; with a 1×1 compatibility its
+# [C, C] matrix too (compiled for sm_80/sm_90: no spills up to 32 classes, spills at 64).
 STEP_MAX_CLASSES = 256
 STEP_MAX_CLASSES_COMPAT = 32
 
