@@ -2,7 +2,7 @@
 summary.md; autotune.csv on CUDA). Thin wrapper over ``convcrf-triton bench`` that also works from a bare
 checkout (no ``pip install``): it maps ``kernels/`` to ``convcrf_triton.kernels`` itself.
 
-    python bench/run_all.py --device cuda                # full GPU grid, ~8 min on an H100
+    python bench/run_all.py --device cuda                # full GPU grid, cut at --time-budget (450 s)
     python bench/run_all.py --device cpu --threads 1     # this repo's committed CPU results (~15 min)
     python bench/run_all.py --quick                      # seconds; CI-sized
 
