@@ -45,6 +45,26 @@ FUSED_ABOVE_K_BYTES = 2 << 30
 
 
 @triton.jit
+def _class_offsets(b, cls, C, plane, CS: tl.constexpr):
+    """Offsets of image ``b`` (a scalar) and of its classes ``cls`` (``[BLOCK_C, 1]``; add
+    :func:`_pixel_offsets`), and the load mask over classes: planar ``[B, C, h, w]``, or channels-last
+    ``[B, h, w, CS]`` (CS > 0), whose mask is constant over 4 classes (the padding is zero) so that loads and
+    stores are 16 bytes wide. The scalar is kept apart so that it is added to the base pointer first (one
+    64-bit add, not a 64-bit offset per element)."""
+    if CS > 0:
+        return b * plane * CS, cls[:, None], (cls < CS)[:, None]
+    return b * C * plane, cls[:, None] * plane, (cls < C)[:, None]
+
+
+@triton.jit
+def _pixel_offsets(pix, CS: tl.constexpr):
+    """``[1, BLOCK_P]`` offsets of pixels ``pix`` in the layout of :func:`_class_offsets`."""
+    if CS > 0:
+        return pix[None, :] * CS
+    return pix[None, :]
+
+
+@triton.jit
 def _message_pass_kernel(
     q_ptr, k_ptr, f_ptr, compat_ptr, m_ptr, a_ptr, w_ptr, cm_ptr, C, h, w,
     KSIZE: tl.constexpr, FUSED: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KEEP_CENTRE: tl.constexpr,
@@ -65,15 +85,8 @@ def _message_pass_kernel(
     b, plane, offs, in_img, y, x = _pixel_block(tl.program_id(2), h, w, BLOCK_P, IDX64)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = (cls < C)[:, None]
-    if CS > 0:
-        pix_stride = CS
-        cls_offs = b * plane * CS + cls[:, None]
-        io_mask = (cls < CS)[:, None]  # constant over 4 classes: vector loads and stores
-    else:
-        pix_stride = 1
-        cls_offs = b * C * plane + cls[:, None] * plane
-        io_mask = c_mask
-    q_rows = q_ptr + cls_offs
+    img_off, cls_off, io_mask = _class_offsets(b, cls, C, plane, CS)
+    q_rows = q_ptr + img_off + cls_off
     if FUSED:
         f_ptr += b * (D1 + D2) * plane
         c1, c2 = _load_compats(compat_ptr, D2)
@@ -94,9 +107,9 @@ def _message_pass_kernel(
                     weight = tl.where(t == KSIZE * KSIZE // 2, 0.0, weight)
             else:
                 weight = tl.load(k_row + t * plane, mask=tap_ok, other=0.0).to(tl.float32)
-            q = tl.load(q_rows + nb[None, :] * pix_stride, mask=io_mask & valid[None, :], other=0.0)
+            q = tl.load(q_rows + _pixel_offsets(nb, CS), mask=io_mask & valid[None, :], other=0.0)
             acc += weight[None, :] * q.to(tl.float32)
-    out_offs = cls_offs + offs[None, :] * pix_stride
+    out_offs = img_off + cls_off + _pixel_offsets(offs, CS)
     out_mask = io_mask & in_img[None, :]
     if STEP:
         if HAS_COMPAT:

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -164,7 +165,9 @@ def _child(request: dict) -> None:
     fn = getattr(module, request["name"])
     while not isinstance(fn, JITFunction):
         fn = fn.fn
-    constexprs = request["constexprs"]
+    # Constexprs left out take the kernel's defaults, as in a launch.
+    defaults = {n: p.default for n, p in inspect.signature(fn.fn).parameters.items() if p.default is not p.empty}
+    constexprs = {**{n: v for n, v in defaults.items() if n not in request["signature"]}, **request["constexprs"]}
     # Like JITFunction.run (triton 3.6 - 3.9): every argument in order, constexprs typed "constexpr".
     signature = {a: "constexpr" if a in constexprs else request["signature"][a] for a in fn.arg_names}
     options = {"num_warps": request["num_warps"], "num_stages": request["num_stages"]}
