@@ -59,21 +59,24 @@ class GraphCache:
             raise RuntimeError("CUDA-graph replay is for inference: call it under torch.no_grad() or "
                                "torch.inference_mode()")
         key = self.key(inputs)
-        entry = self.entries.get(key)
-        if entry is None:
-            entry = self._record(inputs)
-            self.entries[key] = entry
-            while len(self.entries) > self.max_entries:
-                self.entries.popitem(last=False)
-        else:
-            self.entries.move_to_end(key)
-        for static, t in zip(entry.inputs, inputs, strict=True):
-            static.copy_(t)
-        entry.graph.replay()
-        return entry.output.clone()
+        with torch.cuda.device(inputs[0].device):
+            entry = self.entries.get(key)
+            if entry is None:
+                entry = self._record(inputs)
+                self.entries[key] = entry
+                while len(self.entries) > self.max_entries:
+                    self.entries.popitem(last=False)
+            else:
+                self.entries.move_to_end(key)
+            for static, t in zip(entry.inputs, inputs, strict=True):
+                static.copy_(t)
+            entry.graph.replay()
+            return entry.output.clone()
 
     def _record(self, inputs: tuple[torch.Tensor, ...]) -> _Entry:
-        static = tuple(t.detach().clone() for t in inputs)
+        # Ordinary tensors even under inference_mode: later calls copy into them in place, in any mode.
+        with torch.inference_mode(False):
+            static = tuple(t.detach().clone() for t in inputs)
         side = torch.cuda.Stream(device=static[0].device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # compile, autotune and allocate outside the recording

@@ -43,3 +43,15 @@ def test_graph_cache_rejects_gradients_and_bad_sizes():
     cache = GraphCache(lambda x: x, lambda: [])
     with pytest.raises(RuntimeError, match="inference"):
         cache(torch.ones(2, requires_grad=True))
+
+
+def test_recorded_under_inference_mode_replays_under_no_grad(device):
+    crf = ConvCRF(3, filter_size=3, blur=2, num_iter=2).to(device).use_cuda_graphs()
+    unary, image = _inputs(7, 1, 3, 10, 12, device)
+    with torch.inference_mode():
+        first = crf(unary, image)
+    with torch.no_grad():
+        again = crf(unary * 0.5, image)
+        want = ConvCRF(3, filter_size=3, blur=2, num_iter=2).to(device)(unary * 0.5, image)
+    assert first.shape == again.shape == unary.shape
+    torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
