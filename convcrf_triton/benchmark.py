@@ -52,7 +52,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -601,8 +601,8 @@ class Bench:
             return lambda: unfold_crf(unary, image, conf, case.C, num_iter=NUM_ITER)
         backend = "torch" if impl == "reference" else "triton"
         crf = ConvCRF.from_convcrf_conf(conf, num_classes=case.C, backend=backend).to(self.dev)
-        if impl == BF16_IMPL:
-            crf = ConvCRF(**{**crf.config.to_dict(), "storage": "bfloat16"}).to(self.dev)
+        if impl == BF16_IMPL:  # storage lives in the config alone: no parameter changes
+            crf.config = replace(crf.config, storage="bfloat16")
         if impl in ("reference", BF16_IMPL):
             return lambda: crf(unary, image)
         if impl == CL_IMPL:
@@ -901,6 +901,12 @@ def _decorate(ax, xlabel: str, ylabel: str, title: str, log_y: bool = False) -> 
     ax.legend(fontsize=8)
 
 
+def _dense(rows, H: int, W: int, C: int, B: int) -> list[dict[str, Any]]:
+    """The measured pydensecrf rows of one image size (drawn as a reference line on the k panels)."""
+    return [r for r in rows if r["mode"] == "densecrf" and not math.isnan(r["median_ms"])
+            and (r["H"], r["W"], r["C"], r["B"]) == (H, W, C, B)]
+
+
 def plot_time_vs_k(rows, path: Path, device: str) -> bool:
     model = _model(rows)
     panels = k_panels(model)
@@ -908,7 +914,6 @@ def plot_time_vs_k(rows, path: Path, device: str) -> bool:
         return False
     C, B = _common(model, "C"), _common(model, "B")
     plt, fig, axes = _axes(len(panels), f"Full inference ({NUM_ITER} iterations), C={C}, B={B} - {device}")
-    dense = [r for r in rows if r["mode"] == "densecrf" and not math.isnan(r["median_ms"])]
     for ax, (H, W, blur) in zip(axes, panels, strict=True):
         for impl in _impls(model):
             s = _series(model, impl, H=H, W=W, blur=blur, C=C, B=B)
@@ -918,9 +923,8 @@ def plot_time_vs_k(rows, path: Path, device: str) -> bool:
                 med = np.array([r["median_ms"] for r in s])
                 err = [med - [r["p20_ms"] for r in s], np.array([r["p80_ms"] for r in s]) - med]
                 ax.errorbar(ks, med, yerr=np.clip(err, 0, None), color=color, marker=marker, label=impl, capsize=2)
-        for r in dense:
-            if (r["H"], r["W"], r["C"], r["B"]) == (H, W, C, B):
-                ax.axhline(r["median_ms"], color=STYLE["pydensecrf"][0], ls="--", label="pydensecrf (full CRF)")
+        for r in _dense(rows, H, W, C, B):
+            ax.axhline(r["median_ms"], color=STYLE["pydensecrf"][0], ls="--", label="pydensecrf (full CRF)")
         _decorate(ax, "filter size k", "time per inference [ms]", f"H×W = {H}×{W}, blur {blur}", log_y=True)
     _finish(plt, fig, path)
     return True
@@ -994,7 +998,6 @@ def plot_speedup(rows, path: Path, device: str, device_type: str) -> bool:
         return False
     C, B = _common(model, "C"), _common(model, "B")
     plt, fig, axes = _axes(len(panels), f"Speed-up over the unfold baseline (same device, same run) - {device}")
-    dense = [r for r in rows if r["mode"] == "densecrf" and not math.isnan(r["median_ms"])]
     for ax, (H, W, blur) in zip(axes, panels, strict=True):
         base = {r["k"]: r["median_ms"] for r in _series(model, "unfold", H=H, W=W, blur=blur, C=C, B=B)}
         for impl in _impls(model):
@@ -1005,11 +1008,10 @@ def plot_speedup(rows, path: Path, device: str, device_type: str) -> bool:
                 color, marker = STYLE[impl]
                 ax.plot([r["k"] for r in s], [base[r["k"]] / r["median_ms"] for r in s], color=color, marker=marker,
                         label=impl)
-        for r in dense:
-            if (r["H"], r["W"], r["C"], r["B"]) == (H, W, C, B):
-                ks = sorted(base)
-                ax.plot(ks, [base[k] / r["median_ms"] for k in ks], color=STYLE["pydensecrf"][0], ls="--",
-                        marker=STYLE["pydensecrf"][1], label="pydensecrf (full CRF)")
+        for r in _dense(rows, H, W, C, B):
+            ks = sorted(base)
+            ax.plot(ks, [base[k] / r["median_ms"] for k in ks], color=STYLE["pydensecrf"][0], ls="--",
+                    marker=STYLE["pydensecrf"][1], label="pydensecrf (full CRF)")
         target = (20.0, "20× (SPEC §7, GPU)") if device_type == "cuda" else \
             ((10.0, "10× (SPEC §7, CPU, k=11)") if blur == 1 else (5.0, "5× (SPEC §7, CPU, k=11)"))
         ax.axhline(target[0], color="k", ls="--", lw=1, label=target[1])

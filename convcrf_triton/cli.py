@@ -90,6 +90,13 @@ def _add_crf_flags(p: argparse.ArgumentParser) -> None:
                    "building one from the flags above")
 
 
+def _add_dataset_flags(p: argparse.ArgumentParser) -> None:
+    """The image/label folders (matched by file stem) and the class count of ``eval`` and ``train``."""
+    p.add_argument("--images", required=True, metavar="DIR", help="images, matched to labels by file stem")
+    p.add_argument("--labels", required=True, metavar="DIR", help="label PNGs (palette or grey, 255 = ignore)")
+    p.add_argument("--num-classes", type=int, default=21, help="default %(default)s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Convolutional CRFs for semantic segmentation (Triton kernels).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -139,9 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Noisy unaries (SPEC §6) from each label map, refined with its image; "
                         "prints {n_images, unary: {acc, miou}, crf: {acc, miou}, seconds} as the last line "
                         "(fractions in [0, 1]; seconds: time spent in CRF inference).")
-    ev.add_argument("--images", required=True, metavar="DIR", help="images, matched to labels by file stem")
-    ev.add_argument("--labels", required=True, metavar="DIR", help="label PNGs (palette or grey, 255 = ignore)")
-    ev.add_argument("--num-classes", type=int, default=21, help="default %(default)s")
+    _add_dataset_flags(ev)
     ev.add_argument("--noise-seed", type=int, default=0, help="every image gets default_rng(seed) "
                     "(default %(default)s)")
     ev.add_argument("--json", metavar="OUT.json", help="also write the JSON object here")
@@ -153,9 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "compatibility) on synthetic noisy unaries drawn fresh each epoch; cross-entropy on the "
                         "CRF output. Reports SPEC §6 mIoU/accuracy on noise it never trains on (--noise-seed) "
                         "before and after, and saves a checkpoint for --checkpoint / ConvCRF.load.")
-    tr.add_argument("--images", required=True, metavar="DIR", help="images, matched to labels by file stem")
-    tr.add_argument("--labels", required=True, metavar="DIR", help="label PNGs (palette or grey, 255 = ignore)")
-    tr.add_argument("--num-classes", type=int, default=21, help="default %(default)s")
+    _add_dataset_flags(tr)
     tr.add_argument("--epochs", type=int, default=10, help="default %(default)s")
     tr.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default %(default)s)")
     tr.add_argument("--seed", type=int, default=0, help="seed of the training noise and order (default %(default)s)")
