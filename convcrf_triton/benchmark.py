@@ -4,12 +4,17 @@ One run times, on one device, every implementation of the same CRF on the same i
 
 - ``triton-graph``: ``ConvCRF(backend="triton").use_cuda_graphs()``, the default dispatch replayed from a
   CUDA graph recorded per shape (whole-model rows, CUDA only);
-- ``triton-cl``: the default dispatch with the one-launch step on channels-last tensors (differs from the
-  default only at blur 1; whole-model rows, CUDA only);
+- ``triton-cl``: the default dispatch with the one-launch step forced onto channels-last tensors (the default
+  from k = 7, :func:`convcrf_triton.kernels.step_channels_last`; differs only at blur 1; whole-model rows,
+  CUDA only);
+- ``triton-composed``: the default dispatch with the blurred iterations composed from PyTorch ops around the
+  message pass (upsample, add, softmax, pool) instead of one :func:`convcrf_triton.kernels.blur_step` launch
+  (differs only at blur > 1; whole-model rows, CUDA only);
 - ``triton-bf16``: the default dispatch with ``storage="bfloat16"`` (message-pass rows: two-pass with ``K``
   and ``Q`` in bfloat16; CUDA only; its output is compared at bfloat16's tolerance);
 - ``triton-fused`` / ``triton-two-pass``: ``ConvCRF(backend="triton")`` with the choice of
-  :func:`convcrf_triton.kernels.prefer_fused` forced one way or the other (CUDA only; on the CPU the
+  :func:`convcrf_triton.kernels.prefer_fused` forced one way or the other, and the blur-1 step in the
+  planar layout (CUDA only; on the CPU the
   Triton path is only the interpreter, so these rows are skipped there);
 - ``reference``: ``ConvCRF(backend="torch")``, the pure-PyTorch path;
 - ``unfold``: :func:`convcrf_triton.baselines.unfold_crf`, the original ConvCRF formulation;
@@ -41,6 +46,7 @@ import csv
 import ctypes
 import datetime as _dt
 import gc
+import importlib
 import inspect
 import json
 import math
@@ -64,11 +70,13 @@ COLUMNS = [
     "implementation", "mode", "k", "H", "W", "C", "B", "blur", "dtype", "median_ms", "p20_ms", "p80_ms",
     "peak_mem_mb", "gflops", "gbs", "roofline_frac", "device", "torch", "triton", "commit", "date",
 ]
-TRITON_IMPLS = ("triton-fused", "triton-two-pass", "triton-graph", "triton-bf16", "triton-cl")
-MODEL_IMPLS = ("unfold", "reference", "triton-fused", "triton-two-pass", "triton-graph", "triton-bf16", "triton-cl")
+TRITON_IMPLS = ("triton-fused", "triton-two-pass", "triton-graph", "triton-bf16", "triton-cl", "triton-composed")
+MODEL_IMPLS = ("unfold", "reference", *TRITON_IMPLS)
 GRAPH_IMPL = "triton-graph"  # whole-model rows only: the default dispatch, replayed from a CUDA graph
 BF16_IMPL = "triton-bf16"  # the default dispatch with storage="bfloat16"; message pass: two-pass, K and Q bf16
 CL_IMPL = "triton-cl"  # whole-model rows only: the default dispatch with the channels-last one-launch step
+COMPOSED_IMPL = "triton-composed"  # whole-model rows only: the default dispatch without blur_step
+MODEL_ONLY_IMPLS = (GRAPH_IMPL, CL_IMPL, COMPOSED_IMPL)
 PLOT_FILES = ("time_vs_filter_size.png", "time_vs_resolution.png", "memory_vs_filter_size.png",
               "speedup_vs_unfold.png", "message_pass_roofline.png")
 NUM_ITER = 5
@@ -393,15 +401,23 @@ COUNTED_OPS = ("gaussian_weights", "message_pass", "fused_message_pass", "mean_f
 
 
 @contextlib.contextmanager
-def channels_last_step() -> Iterator[None]:
-    """Run the one-launch mean-field step on channels-last tensors (``kernels.STEP_CHANNELS_LAST``)."""
-    from .kernels import message_passing
-
-    saved, message_passing.STEP_CHANNELS_LAST = message_passing.STEP_CHANNELS_LAST, True
+def switched(module_name: str, flag: str, value: Any) -> Iterator[None]:
+    """Set the dispatch switch ``convcrf_triton.kernels.<module_name>.<flag>`` for the duration
+    (``message_passing.STEP_CHANNELS_LAST``, ``blur_iteration.BLUR_STEP``)."""
+    module = importlib.import_module(f"{__package__}.kernels.{module_name}")
+    saved = getattr(module, flag)
+    setattr(module, flag, value)
     try:
         yield
     finally:
-        message_passing.STEP_CHANNELS_LAST = saved
+        setattr(module, flag, saved)
+
+
+# What a whole-model row switches on top of the default dispatch.
+ROW_SWITCHES = {CL_IMPL: ("message_passing", "STEP_CHANNELS_LAST", True),
+                COMPOSED_IMPL: ("blur_iteration", "BLUR_STEP", False),
+                "triton-fused": ("message_passing", "STEP_CHANNELS_LAST", False),
+                "triton-two-pass": ("message_passing", "STEP_CHANNELS_LAST", False)}
 
 
 @contextlib.contextmanager
@@ -605,13 +621,13 @@ class Bench:
             crf.config = replace(crf.config, storage="bfloat16")
         if impl in ("reference", BF16_IMPL):
             return lambda: crf(unary, image)
-        if impl == CL_IMPL:
-            def run_cl() -> torch.Tensor:
-                with channels_last_step():
+        if impl in (CL_IMPL, COMPOSED_IMPL):
+            def run_switched() -> torch.Tensor:
+                with switched(*ROW_SWITCHES[impl]):
                     return crf(unary, image)
 
-            run_cl()  # compile and autotune
-            return run_cl
+            run_switched()  # compile and autotune
+            return run_switched
         if impl == GRAPH_IMPL:
             crf.use_cuda_graphs()
             crf(unary, image)  # record
@@ -619,10 +635,10 @@ class Bench:
         fused = impl == "triton-fused"
 
         def run() -> torch.Tensor:
-            with forced_variant(fused):
+            with forced_variant(fused), switched(*ROW_SWITCHES[impl]):
                 return crf(unary, image)
 
-        with forced_variant(fused) as counts:  # check that the forcing works (and compile/autotune)
+        with forced_variant(fused) as counts, switched(*ROW_SWITCHES[impl]):  # check the forcing, compile, tune
             crf(unary, image)
         if variant_ran(counts) != ("fused" if fused else "two-pass"):
             raise RuntimeError(f"could not force {impl}: kernel calls {counts}; the dispatch in functional.py "
@@ -720,15 +736,23 @@ class Bench:
 
     def _check(self, impl: str, case: Case, out: torch.Tensor, first: tuple[str, torch.Tensor] | None
                ) -> tuple[str, torch.Tensor] | None:
-        """All implementations compute the same thing: record the max relative difference to the first."""
+        """All implementations compute the same thing: record the max relative difference to the first.
+
+        bfloat16 storage rounds ``K`` and ``Q`` to 8 bits of mantissa, and mean-field inference amplifies that
+        at pixels whose two best classes nearly tie (the strong synthetic weights give logits of ~100): its
+        largest difference says little, so it is judged by the share of pixels whose label agrees."""
         if first is None:
             return impl, out
         ref_impl, ref = first
         diff = float((out.float() - ref.float()).abs().max() / max(1.0, float(ref.abs().max())))
-        self.meta["checks"].append({"case": case.label(), "implementation": impl, "against": ref_impl,
-                                    "max_rel_diff": diff})
-        if not diff < (5e-2 if impl == BF16_IMPL else 1e-3):  # bfloat16 storage: its own rounding
+        check = {"case": case.label(), "implementation": impl, "against": ref_impl, "max_rel_diff": diff}
+        if impl == BF16_IMPL:
+            check["label_agreement"] = float((out.argmax(1) == ref.argmax(1)).float().mean())
+            if check["label_agreement"] < 0.99:
+                self.log(f"  WARNING {impl} labels agree with {ref_impl} on {check['label_agreement']:.2%} of pixels")
+        elif not diff < 1e-3:
             self.log(f"  WARNING {impl} differs from {ref_impl} by {diff:.2e} (relative)")
+        self.meta["checks"].append(check)
         return first
 
     def run(self, impls: Sequence[str], mp_impls: Sequence[str], densecrf: bool,
@@ -800,6 +824,7 @@ def write_autotune(path: Path) -> int:
 STYLE = {
     "triton-fused": ("tab:red", "o"), "triton-two-pass": ("tab:orange", "s"),
     GRAPH_IMPL: ("tab:purple", "D"), BF16_IMPL: ("tab:brown", "v"), CL_IMPL: ("tab:olive", "P"),
+    COMPOSED_IMPL: ("tab:cyan", "X"),
     "reference": ("tab:blue", "^"),
     "unfold": ("tab:gray", "x"), "pydensecrf": ("tab:green", "D"),
 }
@@ -1173,6 +1198,10 @@ def write_summary(out: Path) -> Path:
         lines += [f"Outputs agree: {len(checks)} comparisons of whole-model outputs between implementations, the "
                   f"largest relative difference {worst['max_rel_diff']:.1e} ({worst['implementation']} vs "
                   f"{worst['against']}, {worst['case']}).", ""]
+        agreement = [c["label_agreement"] for c in checks if "label_agreement" in c]
+        if agreement:
+            lines += [f"bfloat16 storage: labels agree with the float32 output on {min(agreement):.2%} to "
+                      f"{max(agreement):.2%} of pixels ({len(agreement)} cases).", ""]
     skipped = meta.get("skipped", [])
     if skipped:
         lines += [f"Skipped ({len(skipped)}):", ""]
@@ -1334,7 +1363,7 @@ def _main(args: argparse.Namespace) -> int:
         impls = [i for i in impls if i not in TRITON_IMPLS]
         notes.append("Triton rows (triton-fused, triton-two-pass) are skipped on the CPU: there the Triton path is "
                      "only the interpreter, whose timings say nothing about the kernels.")
-    mp_impls = [i for i in impls if (i != "unfold" or args.device == "cuda") and i not in (GRAPH_IMPL, CL_IMPL)]
+    mp_impls = [i for i in impls if (i != "unfold" or args.device == "cuda") and i not in MODEL_ONLY_IMPLS]
     densecrf = (wanted is None or "pydensecrf" in wanted) and densecrf_available()
     if not densecrf and (wanted is None or "pydensecrf" in wanted):
         notes.append("pydensecrf rows are skipped: `import pydensecrf.densecrf` failed "

@@ -131,6 +131,18 @@ def _as_vector(value: Number, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device).reshape(1)
 
 
+def mixer(weight: Number, compat_matrix: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``M ↦ w · (M + compat_matrix @ M)`` per pixel (``M: [B, C, h, w]``): what turns a message into its
+    term of the logits."""
+
+    def mix(M: torch.Tensor) -> torch.Tensor:
+        if compat_matrix is not None:
+            M = M + torch.einsum("dc,bchw->bdhw", compat_matrix, M)
+        return weight * M
+
+    return mix
+
+
 @dataclass
 class _Gaussian:
     """One message-passing term: weights (materialised ``K`` or features for the fused kernel),
@@ -181,36 +193,55 @@ class MessagePasser:
             for g in self.gaussians:
                 g.norm = torch.rsqrt(self._pass(g, ones) + 1e-20)
 
-    def _pass(self, g: _Gaussian, X: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None = None
-              ) -> torch.Tensor:
-        Xp = blur_pool(X, self.blur)
+    def _pooled_pass(self, g: _Gaussian, Xp: torch.Tensor) -> torch.Tensor:
+        """The message of the pooled ``Xp [B, C, h, w]`` (read in the storage dtype), on the pooled grid."""
         if self.storage is not None:
             Xp = Xp.to(self.storage)
         if g.K is None:
-            Mp = self.ops.fused_message_pass(g.feats, g.dims, g.compats, Xp, self.k, self.keep_centre)
-        else:
-            Mp = self.ops.message_pass(g.K, Xp)
-        Mp = Mp.to(X.dtype)
+            return self.ops.fused_message_pass(g.feats, g.dims, g.compats, Xp, self.k, self.keep_centre)
+        return self.ops.message_pass(g.K, Xp)
+
+    def _pass(self, g: _Gaussian, X: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None = None
+              ) -> torch.Tensor:
+        Mp = self._pooled_pass(g, blur_pool(X, self.blur)).to(X.dtype)
         return blur_upsample(Mp if mix is None else mix(Mp), self.blur, self.H, self.W)
 
     def steps(self, Q: torch.Tensor, unary_term: torch.Tensor, weight: Number, compat_matrix: torch.Tensor | None,
               num_iter: int, final_softmax: bool) -> torch.Tensor | None:
-        """All ``num_iter`` iterations as one Triton launch each, where that applies: blur 1, one merged
-        Gaussian, every class in one tile (the ``[C, C]`` compatibility is a register tile too), nothing to
-        differentiate. None otherwise (then the caller composes the message pass with PyTorch ops). Every
-        iteration but the last returns the next ``Q`` in the storage dtype; with the kernels' channels-last
-        step the tensors are converted once before the loop and once after it."""
+        """All ``num_iter`` iterations with one launch per full-resolution pass, where that applies: the
+        Triton backend, one merged Gaussian (``norm='none'``), nothing to differentiate. None otherwise (then
+        the caller composes the message pass with PyTorch ops).
+
+        Blur 1: one launch per iteration (:func:`~convcrf_triton.kernels.mean_field_step`; every class in one
+        tile). Every iteration but the last returns the next ``Q`` in the storage dtype; with the kernels'
+        channels-last step the tensors are converted once before the loop and once after it.
+        Blur > 1: the message on the pooled grid, then one launch for everything at full resolution
+        (:func:`~convcrf_triton.kernels.blur_step`: upsample, add the unary, softmax, pool), which hands the
+        next iteration its pooled ``Q`` directly."""
         tensors = (Q, unary_term, weight, compat_matrix, *(g.feats for g in self.gaussians),
                    *(g.compats for g in self.gaussians))
-        C = Q.shape[1]
-        max_classes = STEP_MAX_CLASSES_COMPAT if compat_matrix is not None else STEP_MAX_CLASSES
-        if (self.ops is reference or self.blur != 1 or len(self.gaussians) != 1 or C > max_classes
+        if (self.ops is reference or len(self.gaussians) != 1 or self.gaussians[0].norm is not None
+                or self.gaussians[0].scale is not None
                 or (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))):
+            return None
+        if self.blur > 1:
+            if not self.ops.blur_step_enabled():
+                return None
+            mix = mixer(weight, compat_matrix)
+            Qp = blur_pool(Q, self.blur)
+            for i in range(num_iter):
+                last = i == num_iter - 1
+                Mp = self._pooled_pass(self.gaussians[0], Qp).to(Q.dtype)
+                Qp = self.ops.blur_step(unary_term, mix(Mp), self.blur, pool=not last,
+                                        softmax=not last or final_softmax)
+            return Qp
+        C = Q.shape[1]
+        if C > (STEP_MAX_CLASSES_COMPAT if compat_matrix is not None else STEP_MAX_CLASSES):
             return None
         g = self.gaussians[0]
         dtype = unary_term.dtype
         weight = torch.as_tensor(weight, dtype=dtype, device=Q.device)
-        channels_last = self.ops.step_channels_last()
+        channels_last = self.ops.step_channels_last(self.k)
         if channels_last:
             Q, unary_term = self.ops.to_channels_last(Q), self.ops.to_channels_last(unary_term)
         if self.storage is not None:
@@ -291,14 +322,10 @@ def mean_field(
     unary_term = (unary_weight - weight) * L  # loop-invariant
     compat_matrix = None if compat_matrix is None else compat_matrix.to(dtype)
 
-    def mix(M: torch.Tensor) -> torch.Tensor:  # w · (M + compat(M)), per pixel
-        if compat_matrix is not None:
-            M = M + torch.einsum("dc,bchw->bdhw", compat_matrix, M)
-        return weight * M
-
     out = passer.steps(Q, unary_term, weight, compat_matrix, num_iter, final_softmax)
     if out is not None:
         return out.to(out_dtype)
+    mix = mixer(weight, compat_matrix)
     for i in range(num_iter):
         Z = unary_term + passer(Q, mix)
         Q = torch.softmax(Z, dim=1) if i < num_iter - 1 or final_softmax else Z  # the last: logits Z

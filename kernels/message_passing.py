@@ -354,15 +354,21 @@ def mean_field_step(
     )
 
 
-# The one-launch step's layout: channels-last (see the kernel) needs 2-3x fewer load instructions per
-# multiply-add in the SASS (16-byte class vectors) but is not measured on a GPU yet, so it is off by default;
-# the benchmark's triton-cl rows turn it on.
-STEP_CHANNELS_LAST = False
+# The one-launch step's layout: None picks by filter size (step_channels_last); True/False force it (the
+# benchmark's triton-cl and planar rows, the tests).
+STEP_CHANNELS_LAST: bool | None = None
+CHANNELS_LAST_MIN_FILTER_SIZE = 7
 
 
-def step_channels_last() -> bool:
-    """Whether the mean-field loop runs the one-launch step on channels-last tensors."""
-    return STEP_CHANNELS_LAST
+def step_channels_last(filter_size: int) -> bool:
+    """Whether the mean-field loop runs the one-launch step on channels-last tensors: 2-3x fewer load
+    instructions per multiply-add (16-byte class vectors) against two layout conversions per call. Measured on
+    an H100 (``bench/results/nvidia-h100``, C = 21, blur 1, 5 iterations): faster from k = 7 (1024×2048: k = 7
+    9.25 → 8.04 ms, k = 11 19.9 → 14.6 ms; 512²: k = 11 3.27 → 2.54 ms, k = 31 19.7 → 14.6 ms), slower at
+    k = 3 (1024×2048: 3.26 → 4.50 ms), where the message pass is too short to pay for the conversions."""
+    if STEP_CHANNELS_LAST is not None:
+        return STEP_CHANNELS_LAST
+    return filter_size >= CHANNELS_LAST_MIN_FILTER_SIZE
 
 
 def class_stride(num_classes: int) -> int:

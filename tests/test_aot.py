@@ -8,6 +8,7 @@ import re
 
 import pytest
 from aot import compile_for, sass
+from convcrf_triton.kernels import blur_iteration as bi
 from convcrf_triton.kernels import merged_kernel as gw
 from convcrf_triton.kernels import message_passing as mp
 
@@ -154,3 +155,32 @@ def test_channels_last_step_reads_classes_16_bytes_at_a_time():
 
     (planar32, planar128), (cl32, cl128) = loads(0), loads(24)
     assert cl128 > planar128 and 4 * cl32 <= planar32, ((planar32, planar128), (cl32, cl128))
+
+
+BLUR_SIGNATURE = {"a_ptr": PTR, "m_ptr": PTR, "out_ptr": PTR, "C": "i32", "H": "i32", "W": "i32", "h": "i32",
+                  "w": "i32", "pad_y": "i32", "pad_x": "i32"}
+BLUR_OUTPUTS = {"pooled": (True, True), "probabilities": (False, True), "logits": (False, False)}
+
+
+def _blur_consts(blur, output, idx64=False):
+    pool, softmax = BLUR_OUTPUTS[output]
+    sp, block_j = bi.blur_blocks(blur)
+    return {"S": blur, "SP": sp, "POOL": pool, "SOFTMAX": softmax, "BLOCK_J": block_j, "IDX64": idx64}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("output", BLUR_OUTPUTS)
+@pytest.mark.parametrize("blur,idx64", [(2, False), (3, False), (4, False), (4, True), (8, False)])
+def test_blur_step_compiles_without_spills(arch, output, blur, idx64):
+    usage = compile_for(bi._blur_step_kernel, BLUR_SIGNATURE, _blur_consts(blur, output, idx64), arch, num_warps=4)
+    print(f"blur_step blur={blur} {output} idx64={idx64} sm_{arch}: {usage}")
+    assert usage.stack == 0 and usage.reg <= 128  # 72-116 measured: the classes are a loop, not a tile
+
+
+def test_blur_step_exponentiates_only_for_the_softmax():
+    """The classes run as a loop over one pixel tile: exp (MUFU.EX2) in the softmax variants only, nothing
+    through local memory."""
+    for output in BLUR_OUTPUTS:
+        ops = _opcodes(sass(bi._blur_step_kernel, BLUR_SIGNATURE, _blur_consts(4, output), 90, num_warps=4))
+        assert not {op for op in ops if op.startswith(("LDL", "STL"))}, (output, ops)
+        assert ("MUFU.EX2" in ops) == BLUR_OUTPUTS[output][1], output

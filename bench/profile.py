@@ -1,0 +1,52 @@
+"""Where the time of one ConvCRF inference goes on the GPU: ``torch.profiler``'s CUDA time per kernel.
+
+    python bench/profile.py --size 1024x2048 --blur 4 --filter-size 11 [--composed] [--rows 15]
+
+The original-compatible configuration of the benchmark (``convcrf_triton.benchmark.conf_for``), its
+synthetic inputs, 5 iterations; warmed up (compiled and autotuned) before the profiled calls. ``--composed``
+runs the blurred iterations as PyTorch ops around the message pass instead of ``kernels.blur_step``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+from run_all import bootstrap
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1024x2048", help="HxW")
+    parser.add_argument("--blur", type=int, default=4)
+    parser.add_argument("--filter-size", type=int, default=11)
+    parser.add_argument("--classes", type=int, default=21)
+    parser.add_argument("--calls", type=int, default=5, help="profiled calls")
+    parser.add_argument("--rows", type=int, default=15, help="kernels listed")
+    parser.add_argument("--composed", action="store_true", help="blur > 1 without kernels.blur_step")
+    args = parser.parse_args()
+    bootstrap()
+    from convcrf_triton.benchmark import conf_for, switched, synthetic_image, synthetic_unary
+    from convcrf_triton.module import ConvCRF
+
+    H, W = (int(v) for v in args.size.split("x"))
+    unary = synthetic_unary(1, args.classes, H, W).cuda()
+    image = synthetic_image(1, H, W).cuda()
+    crf = ConvCRF.from_convcrf_conf(conf_for(args.filter_size, args.blur), num_classes=args.classes).cuda()
+    mode = switched("blur_iteration", "BLUR_STEP", False) if args.composed else contextlib.nullcontext()
+    with torch.no_grad(), mode:
+        for _ in range(3):
+            crf(unary, image)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.calls):
+                crf(unary, image)
+            torch.cuda.synchronize()
+    label = "composed" if args.composed else "blur_step"
+    print(f"== {H}x{W} C={args.classes} k={args.filter_size} blur={args.blur} ({label}), {args.calls} calls")
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The full-resolution half of a blurred mean-field iteration in one pass (SPEC §1's blur path).
+
+At ``blur = s > 1`` the message is computed on the pooled grid ``[B, C, h, w]``; everything else of an
+iteration is full-resolution, elementwise or per pixel, and memory-bound::
+
+    Z  = A + upsample_s(M)          (A = (u - w) L: [B, C, H, W]; M: the mixed message, [B, C, h, w])
+    Q' = pool_s(softmax_c(Z))       (the next iteration's pooled probabilities, [B, C, h, w])
+
+``upsample_s`` is bilinear ×s (``align_corners=False``) cropped by the blur padding, ``pool_s`` the s×s
+average over the real pixels (``count_include_pad=False``), as :func:`convcrf_triton.functional.blur_upsample`
+and :func:`~convcrf_triton.functional.blur_pool`. Composed from PyTorch ops this is ~8 full-resolution
+passes per iteration (upsample, add, softmax's reductions, pool); here it is one read of ``A``. The last
+iteration stores ``Z`` (or ``softmax(Z)``) at full resolution instead of pooling.
+
+Each program owns one pooled row ``i``, ``BLOCK_J`` pooled columns and every class (softmax needs them),
+as a ``[BLOCK_C, BLOCK_J, SP]`` tile: the ``s`` full-resolution columns of a pooled cell on the last axis
+(``SP``: ``s`` rounded up to a power of two, the rest masked), so that each class row of the tile is one
+contiguous run of ``A``. The ``s`` full-resolution rows of the cell are a static loop accumulating the
+pooled sum; the bilinear taps of ``M`` are gathers from the small pooled tensor (cache hits).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import check_on_device, interpreting, needs_int64
+
+
+@triton.jit
+def _source_index(dst, scale, n):
+    """PyTorch's bilinear source index (``align_corners=False``) of destination index ``dst`` in an input of
+    ``n``: the two neighbours and the weight of the second."""
+    src = tl.maximum(scale * (dst.to(tl.float32) + 0.5) - 0.5, 0.0)
+    i0 = src.to(tl.int32)  # src >= 0: truncation is floor
+    i1 = tl.where(i0 < n - 1, i0 + 1, i0)
+    return i0, i1, src - i0.to(tl.float32)
+
+
+@triton.jit
+def _row_lerp(m_row, q, h, jv, jx0, jx1, lx, w):
+    """Pooled row ``q`` of one class's message (``m_row`` points at it), interpolated along x at the columns
+    with neighbours ``jx0``, ``jx1`` and weight ``lx`` (``[1, BLOCK_J, SP]``): both neighbours are among
+    ``jv - 1, jv, jv + 1`` (``jv``: the pooled columns, ``[1, BLOCK_J, 1]``), loaded as three contiguous vectors
+    instead of gathered per full-resolution pixel. Zero where the row is outside the grid."""
+    qv = tl.zeros_like(jv) + q  # a tensor, not a scalar, in the masks (interpreter)
+    row_ok = (qv >= 0) & (qv < h)
+    left = tl.load(m_row + jv - 1, mask=row_ok & (jv >= 1) & (jv <= w), other=0.0)
+    mid = tl.load(m_row + jv, mask=row_ok & (jv < w), other=0.0)
+    right = tl.load(m_row + jv + 1, mask=row_ok & (jv + 1 < w), other=0.0)
+    return (1.0 - lx) * tl.where(jx0 < jv, left, mid) + lx * tl.where(jx1 > jv, right, mid)
+
+
+@triton.jit
+def _logits(a_cls, m_cls, offs, ok, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly):
+    """``Z = A + upsample(M)`` of one class over the tile: the full-resolution rows of pooled row ``i`` read
+    pooled rows ``i - 1, i, i + 1`` only (``iy0 ∈ {i-1, i}``, ``iy1 ∈ {i, i+1}``)."""
+    above = _row_lerp(m_cls + (i - 1) * w, i - 1, h, jv, jx0, jx1, lx, w)
+    same = _row_lerp(m_cls + i * w, i, h, jv, jx0, jx1, lx, w)
+    below = _row_lerp(m_cls + (i + 1) * w, i + 1, h, jv, jx0, jx1, lx, w)
+    up = (1.0 - ly) * tl.where(iy0 < i, above, same) + ly * tl.where(iy1 > i, below, same)
+    return tl.load(a_cls + offs, mask=ok, other=0.0).to(tl.float32) + up
+
+
+@triton.jit
+def _blur_step_kernel(
+    a_ptr, m_ptr, out_ptr, C, H, W, h, w, pad_y, pad_x,
+    S: tl.constexpr, SP: tl.constexpr, POOL: tl.constexpr, SOFTMAX: tl.constexpr, BLOCK_J: tl.constexpr,
+    IDX64: tl.constexpr,
+):
+    # grid: (cdiv(w, BLOCK_J), h, B). Full-resolution pixel (y, x) of pooled cell (i, j), sub-pixel (r, t):
+    #   y = i*S + r - pad_y, x = j*S + t - pad_x; its upsampled index is (y + pad_y, x + pad_x).
+    # The tile [SP, BLOCK_J, SP] is every full-resolution pixel of BLOCK_J cells; the classes are a run-time
+    # loop, twice with the softmax: running max and sum first (online softmax), then the probabilities.
+    i = tl.program_id(1)
+    b = tl.program_id(2)
+    full = H * W
+    plane = h * w
+    if IDX64:
+        i = i.to(tl.int64)
+        b = b.to(tl.int64)
+        full = full.to(tl.int64)
+        plane = plane.to(tl.int64)
+    scale = 1.0 / S
+    r = tl.arange(0, SP)[:, None, None]
+    jv = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)[None, :, None]
+    t = tl.arange(0, SP)[None, None, :]
+    ys = i * S + r
+    xs = jv * S + t
+    y = ys - pad_y
+    x = xs - pad_x
+    ok = (r < S) & (y >= 0) & (y < H) & (t < S) & (jv < w) & (x >= 0) & (x < W)
+    offs = y * W + x
+    iy0, iy1, ly = _source_index(ys, scale, h)
+    jx0, jx1, lx = _source_index(xs, scale, w)
+    a_img = a_ptr + b * C * full
+    m_img = m_ptr + b * C * plane
+    geometry = (offs, ok, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly)
+    if SOFTMAX:
+        top = tl.full((SP, BLOCK_J, SP), float("-inf"), tl.float32)
+        total = tl.zeros((SP, BLOCK_J, SP), dtype=tl.float32)
+        for c in range(C):
+            z = _logits(a_img + c * full, m_img + c * plane, *geometry)
+            new_top = tl.maximum(top, z)
+            total = total * tl.exp(top - new_top) + tl.exp(z - new_top)
+            top = new_top
+        inv_total = 1.0 / total
+    if POOL:
+        count = tl.sum(tl.sum(ok.to(tl.float32), axis=2), axis=0)  # real pixels per cell: [BLOCK_J]
+        j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+        out_row = out_ptr + b * C * plane + i * w + j
+    for c in range(C):
+        z = _logits(a_img + c * full, m_img + c * plane, *geometry)
+        if SOFTMAX:
+            z = tl.exp(z - top) * inv_total
+        if POOL:
+            q = tl.sum(tl.sum(tl.where(ok, z, 0.0), axis=2), axis=0) / tl.maximum(count, 1.0)
+            tl.store(out_row + c * plane, q.to(out_ptr.dtype.element_ty), mask=j < w)
+        else:
+            tl.store(out_ptr + b * C * full + c * full + offs, z.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# Whether the blurred mean-field loop uses blur_step (the benchmark's triton-composed rows turn it off).
+BLUR_STEP = True
+
+
+def blur_step_enabled() -> bool:
+    """Whether inference at blur > 1 runs its full-resolution passes as one :func:`blur_step` launch."""
+    return BLUR_STEP
+
+
+# Full-resolution pixels per program on the GPU (4 warps: 8 per thread): 256 contiguous columns per row at
+# blur 4.
+BLOCK_PIXELS = 1024
+
+
+def blur_blocks(blur: int) -> tuple[int, int]:
+    """``(SP, BLOCK_J)`` on the GPU: the blur rounded up to a power of two, and the pooled columns per program
+    (``BLOCK_PIXELS`` full-resolution pixels: 72-116 registers for blur 2-8 on sm_80/sm_90, no spills)."""
+    sp = triton.next_power_of_2(blur)
+    return sp, max(1, BLOCK_PIXELS // (sp * sp))
+
+
+# Pooled columns per program under the interpreter: one program per pooled row of a test image (the
+# interpreter's cost is per program, not per element).
+INTERPRETER_BLOCK_J = 64
+
+
+@torch.library.custom_op("convcrf_triton::blur_step", mutates_args=())
+def _blur_step_op(unary_term: torch.Tensor, message: torch.Tensor, blur: int, pool: bool, softmax: bool,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    B, C, H, W = unary_term.shape
+    h, w = message.shape[-2:]
+    out = unary_term.new_empty((B, C, h, w) if pool else (B, C, H, W), dtype=out_dtype)
+    sp, block_j = blur_blocks(blur)
+    if interpreting():
+        block_j = INTERPRETER_BLOCK_J
+    grid = (triton.cdiv(w, block_j), h, B)
+    pad_y, pad_x = (h * blur - H + 1) // 2, (w * blur - W + 1) // 2
+    _blur_step_kernel[grid](
+        unary_term, message, out, C, H, W, h, w, pad_y, pad_x, S=blur, SP=sp, POOL=pool, SOFTMAX=softmax,
+        BLOCK_J=block_j, IDX64=needs_int64(unary_term, out), num_warps=4,
+    )
+    return out
+
+
+@_blur_step_op.register_fake
+def _(unary_term, message, blur, pool, softmax, out_dtype):
+    B, C, H, W = unary_term.shape
+    return unary_term.new_empty((B, C, *message.shape[-2:]) if pool else (B, C, H, W), dtype=out_dtype)
+
+
+def blur_step(unary_term: torch.Tensor, message: torch.Tensor, blur: int, *, pool: bool, softmax: bool,
+              out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``Z = unary_term + upsample(message)`` (``unary_term: [B, C, H, W]``, ``message: [B, C, ceil(H/blur),
+    ceil(W/blur)]``), returned as ``pool(softmax(Z))`` (``pool=True``: the next iteration's pooled
+    probabilities, ``[B, C, h, w]``; needs ``softmax``), else ``softmax(Z)`` or ``Z`` at full resolution.
+    float32 arithmetic; the result in ``out_dtype`` (default: that of ``unary_term``). Not differentiable
+    (inference: training composes the PyTorch ops)."""
+    check_on_device(unary_term=unary_term, message=message)
+    if not isinstance(blur, int) or blur < 2:
+        raise ValueError(f"blur must be an int >= 2, got {blur!r}")
+    if unary_term.dim() != 4 or message.dim() != 4:
+        raise ValueError(f"unary_term and message must be 4-D, got {tuple(unary_term.shape)} and "
+                         f"{tuple(message.shape)}")
+    B, C, H, W = unary_term.shape
+    pooled = (B, C, -(-H // blur), -(-W // blur))
+    if tuple(message.shape) != pooled:
+        raise ValueError(f"message must be the pooled grid {pooled} of unary_term {tuple(unary_term.shape)} at "
+                         f"blur={blur}, got {tuple(message.shape)}")
+    if pool and not softmax:
+        raise ValueError("pool=True pools the probabilities: it needs softmax=True")
+    return _blur_step_op(unary_term.contiguous(), message.float().contiguous(), blur, pool, softmax,
+                         out_dtype or unary_term.dtype)
