@@ -1,6 +1,6 @@
 """Where the time of one ConvCRF inference goes on the GPU: ``torch.profiler``'s CUDA time per kernel.
 
-    python bench/profile.py --size 1024x2048 --blur 4 --filter-size 11 [--composed] [--rows 15]
+    python bench/kernel_profile.py --size 1024x2048 --blur 4 --filter-size 11 [--composed] [--rows 15]
 
 The original-compatible configuration of the benchmark (``convcrf_triton.benchmark.conf_for``), its
 synthetic inputs, 5 iterations; warmed up (compiled and autotuned) before the profiled calls. ``--composed``
