@@ -21,6 +21,8 @@ pooled sum; the bilinear taps of ``M`` are gathers from the small pooled tensor 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -66,13 +68,14 @@ def _logits(a_cls, m_cls, offs, ok, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly):
 @triton.jit
 def _blur_step_kernel(
     a_ptr, m_ptr, out_ptr, C, H, W, h, w, pad_y, pad_x,
-    S: tl.constexpr, SP: tl.constexpr, POOL: tl.constexpr, SOFTMAX: tl.constexpr, BLOCK_J: tl.constexpr,
+    S: tl.constexpr, SP: tl.constexpr, POOL: tl.constexpr, SOFTMAX: tl.constexpr, BLOCK_PIXELS: tl.constexpr,
     IDX64: tl.constexpr,
 ):
     # grid: (cdiv(w, BLOCK_J), h, B). Full-resolution pixel (y, x) of pooled cell (i, j), sub-pixel (r, t):
     #   y = i*S + r - pad_y, x = j*S + t - pad_x; its upsampled index is (y + pad_y, x + pad_x).
     # The tile [SP, BLOCK_J, SP] is every full-resolution pixel of BLOCK_J cells; the classes are a run-time
     # loop, twice with the softmax: running max and sum first (online softmax), then the probabilities.
+    BLOCK_J: tl.constexpr = BLOCK_PIXELS // (SP * SP)  # pooled columns per program
     i = tl.program_id(1)
     b = tl.program_id(2)
     full = H * W
@@ -130,16 +133,28 @@ def blur_step_enabled() -> bool:
     return BLUR_STEP
 
 
-# Full-resolution pixels per program on the GPU (4 warps: 8 per thread): 256 contiguous columns per row at
-# blur 4.
-BLOCK_PIXELS = 1024
+def _prune(configs, named_args, **kwargs):
+    """Tiles of at least one pooled cell (``SP²`` pixels); ``CONVCRF_AUTOTUNE=0``: the first, untimed."""
+    sp = kwargs["SP"]
+    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_PIXELS"] >= sp * sp] or [
+        triton.Config({"BLOCK_PIXELS": sp * sp}, num_warps=8)]
+    return kept[:1] if os.environ.get("CONVCRF_AUTOTUNE", "1") == "0" else kept
+
+
+# Full-resolution pixels per program and warps. The first is the default: 1024 pixels on 4 warps (8 per
+# thread; 72-116 registers for blur 2-8 on sm_80/sm_90, no spills; 256 contiguous columns per row at blur 4).
+# Smaller tiles keep the A tile re-read by the softmax's second pass in L1 (21 classes × 1024 × 4 B = 86 KB).
+TUNE_CONFIGS = [triton.Config({"BLOCK_PIXELS": bp}, num_warps=nw)
+                for bp, nw in [(1024, 4), (256, 2), (512, 4), (512, 2), (2048, 8), (1024, 8)]]
+_blur_step_tuned = triton.autotune(configs=TUNE_CONFIGS, key=["C", "H", "W", "S", "POOL", "SOFTMAX"],
+                                   prune_configs_by={"early_config_prune": _prune})(_blur_step_kernel)
 
 
 def blur_blocks(blur: int) -> tuple[int, int]:
-    """``(SP, BLOCK_J)`` on the GPU: the blur rounded up to a power of two, and the pooled columns per program
-    (``BLOCK_PIXELS`` full-resolution pixels: 72-116 registers for blur 2-8 on sm_80/sm_90, no spills)."""
+    """``(SP, BLOCK_PIXELS)`` of the default config: the blur rounded up to a power of two, and the
+    full-resolution pixels per program (at least one pooled cell)."""
     sp = triton.next_power_of_2(blur)
-    return sp, max(1, BLOCK_PIXELS // (sp * sp))
+    return sp, max(sp * sp, TUNE_CONFIGS[0].kwargs["BLOCK_PIXELS"])
 
 
 # Pooled columns per program under the interpreter: one program per pooled row of a test image (the
@@ -153,15 +168,18 @@ def _blur_step_op(unary_term: torch.Tensor, message: torch.Tensor, blur: int, po
     B, C, H, W = unary_term.shape
     h, w = message.shape[-2:]
     out = unary_term.new_empty((B, C, h, w) if pool else (B, C, H, W), dtype=out_dtype)
-    sp, block_j = blur_blocks(blur)
-    if interpreting():
-        block_j = INTERPRETER_BLOCK_J
-    grid = (triton.cdiv(w, block_j), h, B)
+    sp = triton.next_power_of_2(blur)
     pad_y, pad_x = (h * blur - H + 1) // 2, (w * blur - W + 1) // 2
-    _blur_step_kernel[grid](
-        unary_term, message, out, C, H, W, h, w, pad_y, pad_x, S=blur, SP=sp, POOL=pool, SOFTMAX=softmax,
-        BLOCK_J=block_j, IDX64=needs_int64(unary_term, out), num_warps=4,
-    )
+    args = (unary_term, message, out, C, H, W, h, w, pad_y, pad_x)
+    consts = dict(S=blur, SP=sp, POOL=pool, SOFTMAX=softmax, IDX64=needs_int64(unary_term, out))
+    if interpreting():
+        grid = (triton.cdiv(w, INTERPRETER_BLOCK_J), h, B)
+        _blur_step_kernel[grid](*args, BLOCK_PIXELS=INTERPRETER_BLOCK_J * sp * sp, **consts)
+    else:
+        def grid(meta):
+            return (triton.cdiv(w, meta["BLOCK_PIXELS"] // (sp * sp)), h, B)
+
+        _blur_step_tuned[grid](*args, **consts)
     return out
 
 

@@ -162,17 +162,19 @@ BLUR_SIGNATURE = {"a_ptr": PTR, "m_ptr": PTR, "out_ptr": PTR, "C": "i32", "H": "
 BLUR_OUTPUTS = {"pooled": (True, True), "probabilities": (False, True), "logits": (False, False)}
 
 
-def _blur_consts(blur, output, idx64=False):
+def _blur_consts(blur, output, idx64=False, block_pixels=None):
     pool, softmax = BLUR_OUTPUTS[output]
-    sp, block_j = bi.blur_blocks(blur)
-    return {"S": blur, "SP": sp, "POOL": pool, "SOFTMAX": softmax, "BLOCK_J": block_j, "IDX64": idx64}
+    sp, default_pixels = bi.blur_blocks(blur)
+    return {"S": blur, "SP": sp, "POOL": pool, "SOFTMAX": softmax, "BLOCK_PIXELS": block_pixels or default_pixels,
+            "IDX64": idx64}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("output", BLUR_OUTPUTS)
 @pytest.mark.parametrize("blur,idx64", [(2, False), (3, False), (4, False), (4, True), (8, False)])
 def test_blur_step_compiles_without_spills(arch, output, blur, idx64):
-    usage = compile_for(bi._blur_step_kernel, BLUR_SIGNATURE, _blur_consts(blur, output, idx64), arch, num_warps=4)
+    usage = compile_for(bi._blur_step_kernel, BLUR_SIGNATURE, _blur_consts(blur, output, idx64), arch,
+                        num_warps=bi.TUNE_CONFIGS[0].num_warps)
     print(f"blur_step blur={blur} {output} idx64={idx64} sm_{arch}: {usage}")
     assert usage.stack == 0 and usage.reg <= 128  # 72-116 measured: the classes are a loop, not a tile
 
@@ -181,6 +183,14 @@ def test_blur_step_exponentiates_only_for_the_softmax():
     """The classes run as a loop over one pixel tile: exp (MUFU.EX2) in the softmax variants only, nothing
     through local memory."""
     for output in BLUR_OUTPUTS:
-        ops = _opcodes(sass(bi._blur_step_kernel, BLUR_SIGNATURE, _blur_consts(4, output), 90, num_warps=4))
+        ops = _opcodes(sass(bi._blur_step_kernel, BLUR_SIGNATURE, _blur_consts(4, output), 90,
+                            num_warps=bi.TUNE_CONFIGS[0].num_warps))
         assert not {op for op in ops if op.startswith(("LDL", "STL"))}, (output, ops)
         assert ("MUFU.EX2" in ops) == BLUR_OUTPUTS[output][1], output
+
+
+@pytest.mark.parametrize("cfg", bi.TUNE_CONFIGS, ids=str)
+def test_every_blur_step_config_compiles_without_spills_on_sm90(cfg):
+    consts = _blur_consts(4, "pooled", block_pixels=cfg.kwargs["BLOCK_PIXELS"])
+    usage = compile_for(bi._blur_step_kernel, BLUR_SIGNATURE, consts, 90, num_warps=cfg.num_warps)
+    assert usage.stack == 0, f"{cfg} spills: {usage}"
