@@ -41,13 +41,13 @@ def _source_index(dst, scale, n):
 
 
 @triton.jit
-def _row_lerp(m_row, q, h, jv, jx0, jx1, lx, w):
-    """Pooled row ``q`` of one class's message (``m_row`` points at it), interpolated along x at the columns
-    with neighbours ``jx0``, ``jx1`` and weight ``lx`` (``[1, BLOCK_J, SP]``): both neighbours are among
-    ``jv - 1, jv, jv + 1`` (``jv``: the pooled columns, ``[1, BLOCK_J, 1]``), loaded as three contiguous vectors
-    instead of gathered per full-resolution pixel. Zero where the row is outside the grid."""
+def _row_lerp(m_row, q, h, jv, jx0, jx1, lx, w, c_ok):
+    """Pooled row ``q`` of a block of classes' message (``m_row``: ``[BLOCK_C, 1, 1, 1]`` pointers to it),
+    interpolated along x at the columns with neighbours ``jx0``, ``jx1`` and weight ``lx`` (``[1, 1, BLOCK_J,
+    SP]``): both neighbours are among ``jv - 1, jv, jv + 1`` (``jv``: the pooled columns), loaded as three
+    contiguous vectors instead of gathered per full-resolution pixel. Zero where the row is outside the grid."""
     qv = tl.zeros_like(jv) + q  # a tensor, not a scalar, in the masks (interpreter)
-    row_ok = (qv >= 0) & (qv < h)
+    row_ok = c_ok & (qv >= 0) & (qv < h)
     left = tl.load(m_row + jv - 1, mask=row_ok & (jv >= 1) & (jv <= w), other=0.0)
     mid = tl.load(m_row + jv, mask=row_ok & (jv < w), other=0.0)
     right = tl.load(m_row + jv + 1, mask=row_ok & (jv + 1 < w), other=0.0)
@@ -55,26 +55,28 @@ def _row_lerp(m_row, q, h, jv, jx0, jx1, lx, w):
 
 
 @triton.jit
-def _logits(a_cls, m_cls, offs, ok, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly):
-    """``Z = A + upsample(M)`` of one class over the tile: the full-resolution rows of pooled row ``i`` read
-    pooled rows ``i - 1, i, i + 1`` only (``iy0 ∈ {i-1, i}``, ``iy1 ∈ {i, i+1}``)."""
-    above = _row_lerp(m_cls + (i - 1) * w, i - 1, h, jv, jx0, jx1, lx, w)
-    same = _row_lerp(m_cls + i * w, i, h, jv, jx0, jx1, lx, w)
-    below = _row_lerp(m_cls + (i + 1) * w, i + 1, h, jv, jx0, jx1, lx, w)
+def _logits(a_cls, m_cls, c_ok, offs, ok, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly):
+    """``Z = A + upsample(M)`` of a block of classes over the tile: the full-resolution rows of pooled row
+    ``i`` read pooled rows ``i - 1, i, i + 1`` only (``iy0 ∈ {i-1, i}``, ``iy1 ∈ {i, i+1}``)."""
+    above = _row_lerp(m_cls + (i - 1) * w, i - 1, h, jv, jx0, jx1, lx, w, c_ok)
+    same = _row_lerp(m_cls + i * w, i, h, jv, jx0, jx1, lx, w, c_ok)
+    below = _row_lerp(m_cls + (i + 1) * w, i + 1, h, jv, jx0, jx1, lx, w, c_ok)
     up = (1.0 - ly) * tl.where(iy0 < i, above, same) + ly * tl.where(iy1 > i, below, same)
-    return tl.load(a_cls + offs, mask=ok, other=0.0).to(tl.float32) + up
+    return tl.load(a_cls + offs, mask=c_ok & ok, other=0.0).to(tl.float32) + up
 
 
 @triton.jit
 def _blur_step_kernel(
     a_ptr, m_ptr, out_ptr, C, H, W, h, w, pad_y, pad_x,
     S: tl.constexpr, SP: tl.constexpr, POOL: tl.constexpr, SOFTMAX: tl.constexpr, BLOCK_PIXELS: tl.constexpr,
-    IDX64: tl.constexpr,
+    BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
     # grid: (cdiv(w, BLOCK_J), h, B). Full-resolution pixel (y, x) of pooled cell (i, j), sub-pixel (r, t):
     #   y = i*S + r - pad_y, x = j*S + t - pad_x; its upsampled index is (y + pad_y, x + pad_x).
-    # The tile [SP, BLOCK_J, SP] is every full-resolution pixel of BLOCK_J cells; the classes are a run-time
-    # loop, twice with the softmax: running max and sum first (online softmax), then the probabilities.
+    # The tile [BLOCK_C, SP, BLOCK_J, SP] is BLOCK_C classes of every full-resolution pixel of BLOCK_J cells.
+    # The classes are a run-time loop over blocks of BLOCK_C (1 on the GPU: the registers hold one class's
+    # tile; all of them under the interpreter, whose cost is per operation), twice with the softmax: running
+    # max and sum first (online softmax), then the probabilities.
     BLOCK_J: tl.constexpr = BLOCK_PIXELS // (SP * SP)  # pooled columns per program
     i = tl.program_id(1)
     b = tl.program_id(2)
@@ -86,9 +88,9 @@ def _blur_step_kernel(
         full = full.to(tl.int64)
         plane = plane.to(tl.int64)
     scale = 1.0 / S
-    r = tl.arange(0, SP)[:, None, None]
-    jv = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)[None, :, None]
-    t = tl.arange(0, SP)[None, None, :]
+    r = tl.arange(0, SP)[None, :, None, None]
+    jv = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)[None, None, :, None]
+    t = tl.arange(0, SP)[None, None, None, :]
     ys = i * S + r
     xs = jv * S + t
     y = ys - pad_y
@@ -97,31 +99,37 @@ def _blur_step_kernel(
     offs = y * W + x
     iy0, iy1, ly = _source_index(ys, scale, h)
     jx0, jx1, lx = _source_index(xs, scale, w)
-    a_img = a_ptr + b * C * full
-    m_img = m_ptr + b * C * plane
+    cls = tl.arange(0, BLOCK_C)[:, None, None, None]
+    a_img = a_ptr + b * C * full + cls * full
+    m_img = m_ptr + b * C * plane + cls * plane
     geometry = (offs, ok, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly)
     if SOFTMAX:
         top = tl.full((SP, BLOCK_J, SP), float("-inf"), tl.float32)
         total = tl.zeros((SP, BLOCK_J, SP), dtype=tl.float32)
-        for c in range(C):
-            z = _logits(a_img + c * full, m_img + c * plane, *geometry)
-            new_top = tl.maximum(top, z)
-            total = total * tl.exp(top - new_top) + tl.exp(z - new_top)
+        for c0 in range(0, C, BLOCK_C):
+            c_ok = cls + c0 < C
+            z = _logits(a_img + c0 * full, m_img + c0 * plane, c_ok, *geometry)
+            z = tl.where(c_ok, z, float("-inf"))
+            new_top = tl.maximum(top, tl.max(z, axis=0))
+            total = total * tl.exp(top - new_top) + tl.sum(tl.exp(z - new_top[None]), axis=0)
             top = new_top
         inv_total = 1.0 / total
     if POOL:
-        count = tl.sum(tl.sum(ok.to(tl.float32), axis=2), axis=0)  # real pixels per cell: [BLOCK_J]
-        j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
-        out_row = out_ptr + b * C * plane + i * w + j
-    for c in range(C):
-        z = _logits(a_img + c * full, m_img + c * plane, *geometry)
+        count = tl.sum(tl.sum(ok.to(tl.float32), axis=3), axis=1)  # real pixels per cell: [1, BLOCK_J]
+        j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)[None, :]
+        out_row = out_ptr + b * C * plane + tl.arange(0, BLOCK_C)[:, None] * plane + i * w + j
+    for c0 in range(0, C, BLOCK_C):
+        c_ok = cls + c0 < C
+        z = _logits(a_img + c0 * full, m_img + c0 * plane, c_ok, *geometry)
         if SOFTMAX:
-            z = tl.exp(z - top) * inv_total
+            z = tl.exp(z - top[None]) * inv_total[None]
         if POOL:
-            q = tl.sum(tl.sum(tl.where(ok, z, 0.0), axis=2), axis=0) / tl.maximum(count, 1.0)
-            tl.store(out_row + c * plane, q.to(out_ptr.dtype.element_ty), mask=j < w)
+            q = tl.sum(tl.sum(tl.where(ok, z, 0.0), axis=3), axis=1) / tl.maximum(count, 1.0)  # [BLOCK_C, BLOCK_J]
+            q_ok = (tl.arange(0, BLOCK_C)[:, None] + c0 < C) & (j < w)
+            tl.store(out_row + c0 * plane, q.to(out_ptr.dtype.element_ty), mask=q_ok)
         else:
-            tl.store(out_ptr + b * C * full + c * full + offs, z.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.store(out_ptr + b * C * full + (cls + c0) * full + offs, z.to(out_ptr.dtype.element_ty),
+                     mask=c_ok & ok)
 
 
 # Whether the blurred mean-field loop uses blur_step (the benchmark's triton-composed rows turn it off).
@@ -141,11 +149,13 @@ def _prune(configs, named_args, **kwargs):
     return kept[:1] if os.environ.get("CONVCRF_AUTOTUNE", "1") == "0" else kept
 
 
-# Full-resolution pixels per program and warps. The first is the default: 1024 pixels on 4 warps (8 per
-# thread; 72-116 registers for blur 2-8 on sm_80/sm_90, no spills; 256 contiguous columns per row at blur 4).
-# Smaller tiles keep the A tile re-read by the softmax's second pass in L1 (21 classes × 1024 × 4 B = 86 KB).
+# Full-resolution pixels per program and warps; the first is the default (CONVCRF_AUTOTUNE=0). On an H100
+# (bench/results/nvidia-h100-run3, C = 21, blur 4) the tuner picked 256 pixels on 2 warps for the pooled
+# softmax, whose second pass over the classes then re-reads its tile of A from L1 (21 classes × 256 × 4 B =
+# 21 KB), and 1024 on 8 warps for the last iteration's logits (one pass): 261 → 211 µs per call at
+# 1024×2048 against the 1024-pixel, 4-warp tile. Every config compiles without spills for sm_80/sm_90.
 TUNE_CONFIGS = [triton.Config({"BLOCK_PIXELS": bp}, num_warps=nw)
-                for bp, nw in [(1024, 4), (256, 2), (512, 4), (512, 2), (2048, 8), (1024, 8)]]
+                for bp, nw in [(256, 2), (1024, 4), (512, 4), (512, 2), (2048, 8), (1024, 8)]]
 _blur_step_tuned = triton.autotune(configs=TUNE_CONFIGS, key=["C", "H", "W", "S", "POOL", "SOFTMAX"],
                                    prune_configs_by={"early_config_prune": _prune})(_blur_step_kernel)
 
@@ -157,9 +167,10 @@ def blur_blocks(blur: int) -> tuple[int, int]:
     return sp, max(sp * sp, TUNE_CONFIGS[0].kwargs["BLOCK_PIXELS"])
 
 
-# Pooled columns per program under the interpreter: one program per pooled row of a test image (the
-# interpreter's cost is per program, not per element).
+# Under the interpreter, whose cost is per operation, not per element: one program per pooled row of a
+# test image, all classes (up to 64) at once.
 INTERPRETER_BLOCK_J = 64
+INTERPRETER_MAX_BLOCK_C = 64
 
 
 @torch.library.custom_op("convcrf_triton::blur_step", mutates_args=())
@@ -174,12 +185,13 @@ def _blur_step_op(unary_term: torch.Tensor, message: torch.Tensor, blur: int, po
     consts = dict(S=blur, SP=sp, POOL=pool, SOFTMAX=softmax, IDX64=needs_int64(unary_term, out))
     if interpreting():
         grid = (triton.cdiv(w, INTERPRETER_BLOCK_J), h, B)
-        _blur_step_kernel[grid](*args, BLOCK_PIXELS=INTERPRETER_BLOCK_J * sp * sp, **consts)
+        _blur_step_kernel[grid](*args, BLOCK_PIXELS=INTERPRETER_BLOCK_J * sp * sp,
+                                BLOCK_C=min(triton.next_power_of_2(C), INTERPRETER_MAX_BLOCK_C), **consts)
     else:
         def grid(meta):
             return (triton.cdiv(w, meta["BLOCK_PIXELS"] // (sp * sp)), h, B)
 
-        _blur_step_tuned[grid](*args, **consts)
+        _blur_step_tuned[grid](*args, BLOCK_C=1, **consts)
     return out
 
 

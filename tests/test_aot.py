@@ -166,7 +166,7 @@ def _blur_consts(blur, output, idx64=False, block_pixels=None):
     pool, softmax = BLUR_OUTPUTS[output]
     sp, default_pixels = bi.blur_blocks(blur)
     return {"S": blur, "SP": sp, "POOL": pool, "SOFTMAX": softmax, "BLOCK_PIXELS": block_pixels or default_pixels,
-            "IDX64": idx64}
+            "BLOCK_C": 1, "IDX64": idx64}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -176,7 +176,7 @@ def test_blur_step_compiles_without_spills(arch, output, blur, idx64):
     usage = compile_for(bi._blur_step_kernel, BLUR_SIGNATURE, _blur_consts(blur, output, idx64), arch,
                         num_warps=bi.TUNE_CONFIGS[0].num_warps)
     print(f"blur_step blur={blur} {output} idx64={idx64} sm_{arch}: {usage}")
-    assert usage.stack == 0 and usage.reg <= 128  # 72-116 measured: the classes are a loop, not a tile
+    assert usage.stack == 0 and usage.reg <= 128  # 45-80 measured: the classes are a loop, not a tile
 
 
 def test_blur_step_exponentiates_only_for_the_softmax():

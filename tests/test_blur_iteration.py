@@ -113,3 +113,16 @@ def test_blurred_mean_field_composes_where_blur_step_does_not_apply(why, monkeyp
     assert calls == []
     want = functional.mean_field(unary.double(), image.double(), weight=weight.detach().double(), backend="torch", **kw)
     assert rel_err(got.detach(), want) < RTOL
+
+
+def test_blur_step_one_class_at_a_time(monkeypatch, device):
+    """The GPU's class loop (one class per iteration) under the interpreter too, which otherwise takes every
+    class at once: a ragged last block of the interpreter's class tile as well."""
+    g = torch.Generator().manual_seed(11)
+    A, M = torch.randn(2, 5, 9, 14, generator=g) * 3, torch.randn(2, 5, 3, 5, generator=g) * 3
+    Z = A.double() + functional.blur_upsample(M.double(), 3, 9, 14)
+    for block_c in (1, 2):
+        monkeypatch.setattr(blur_iteration, "INTERPRETER_MAX_BLOCK_C", block_c)
+        got = kernels.blur_step(A.to(device), M.to(device), 3, pool=True, softmax=True)
+        want = functional.blur_pool(torch.softmax(Z, 1), 3)
+        assert rel_err(got.cpu(), want) < RTOL
