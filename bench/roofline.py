@@ -1,7 +1,7 @@
 """Write bench/ROOFLINE.md: FLOP and byte counts of one message pass per configuration, the time floor they
 imply on an H100 (issue #6), and, given a GPU run's ``bench.csv``, the measured times against the floor of
 that run's own measured ceilings:
-``python bench/roofline.py bench/results/nvidia-h200-run2/bench.csv > bench/ROOFLINE.md``.
+``python bench/roofline.py bench/results/nvidia-h100/bench.csv > bench/ROOFLINE.md``.
 
 Per message pass on the pooled grid ``h × w = ceil(H/blur) × ceil(W/blur)``, B = 1, fp32:
 - FMAs: ``C·k²·h·w`` (2 FLOP each), both variants; the fused one also recomputes the weights,
