@@ -10,6 +10,8 @@ One run times, on one device, every implementation of the same CRF on the same i
 - ``triton-composed``: the default dispatch with the blurred iterations composed from PyTorch ops around the
   message pass (upsample, add, softmax, pool) instead of one :func:`convcrf_triton.kernels.blur_step` launch
   (differs only at blur > 1; whole-model rows, CUDA only);
+- ``triton-band`` / ``triton-band-tf32``: message-pass rows only, :func:`convcrf_triton.kernels.band_message_pass`
+  (the window sum as banded tensor-core products, tf32x3 / tf32; CUDA only);
 - ``triton-bf16``: the default dispatch with ``storage="bfloat16"`` (message-pass rows: two-pass with ``K``
   and ``Q`` in bfloat16; CUDA only; its output is compared at bfloat16's tolerance);
 - ``triton-fused`` / ``triton-two-pass``: ``ConvCRF(backend="triton")`` with the choice of
@@ -70,8 +72,12 @@ COLUMNS = [
     "implementation", "mode", "k", "H", "W", "C", "B", "blur", "dtype", "median_ms", "p20_ms", "p80_ms",
     "peak_mem_mb", "gflops", "gbs", "roofline_frac", "device", "torch", "triton", "commit", "date",
 ]
-TRITON_IMPLS = ("triton-fused", "triton-two-pass", "triton-graph", "triton-bf16", "triton-cl", "triton-composed")
-MODEL_IMPLS = ("unfold", "reference", *TRITON_IMPLS)
+BAND_IMPL = "triton-band"  # message-pass rows only: kernels.band_message_pass, tf32x3 tensor-core products
+BAND_TF32_IMPL = "triton-band-tf32"  # the same with one tf32 product per product
+MP_ONLY_IMPLS = (BAND_IMPL, BAND_TF32_IMPL)
+TRITON_IMPLS = ("triton-fused", "triton-two-pass", "triton-graph", "triton-bf16", "triton-cl", "triton-composed",
+                *MP_ONLY_IMPLS)
+MODEL_IMPLS = ("unfold", "reference", *TRITON_IMPLS)  # every implementation (message-pass-only ones too)
 GRAPH_IMPL = "triton-graph"  # whole-model rows only: the default dispatch, replayed from a CUDA graph
 BF16_IMPL = "triton-bf16"  # the default dispatch with storage="bfloat16"; message pass: two-pass, K and Q bf16
 CL_IMPL = "triton-cl"  # whole-model rows only: the default dispatch with the channels-last one-launch step
@@ -659,6 +665,12 @@ class Bench:
             from . import kernels
 
             return lambda: kernels.fused_message_pass(feats, FEATURE_DIMS, compats, Q, k, True)
+        if impl in MP_ONLY_IMPLS:
+            from . import kernels
+
+            K = kernels.gaussian_weights(feats, FEATURE_DIMS, compats, k, True)
+            precision = "tf32" if impl == BAND_TF32_IMPL else "tf32x3"
+            return lambda: kernels.band_message_pass(K, Q, precision)
         if impl in ("triton-two-pass", BF16_IMPL):
             from . import kernels
 
@@ -824,7 +836,7 @@ def write_autotune(path: Path) -> int:
 STYLE = {
     "triton-fused": ("tab:red", "o"), "triton-two-pass": ("tab:orange", "s"),
     GRAPH_IMPL: ("tab:purple", "D"), BF16_IMPL: ("tab:brown", "v"), CL_IMPL: ("tab:olive", "P"),
-    COMPOSED_IMPL: ("tab:cyan", "X"),
+    COMPOSED_IMPL: ("tab:cyan", "X"), BAND_IMPL: ("tab:pink", "*"), BAND_TF32_IMPL: ("tab:pink", "p"),
     "reference": ("tab:blue", "^"),
     "unfold": ("tab:gray", "x"), "pydensecrf": ("tab:green", "D"),
 }
@@ -1364,6 +1376,7 @@ def _main(args: argparse.Namespace) -> int:
         notes.append("Triton rows (triton-fused, triton-two-pass) are skipped on the CPU: there the Triton path is "
                      "only the interpreter, whose timings say nothing about the kernels.")
     mp_impls = [i for i in impls if (i != "unfold" or args.device == "cuda") and i not in MODEL_ONLY_IMPLS]
+    impls = [i for i in impls if i not in MP_ONLY_IMPLS]
     densecrf = (wanted is None or "pydensecrf" in wanted) and densecrf_available()
     if not densecrf and (wanted is None or "pydensecrf" in wanted):
         notes.append("pydensecrf rows are skipped: `import pydensecrf.densecrf` failed "

@@ -12,11 +12,14 @@ and :func:`~convcrf_triton.functional.blur_pool`. Composed from PyTorch ops this
 passes per iteration (upsample, add, softmax's reductions, pool); here it is one read of ``A``. The last
 iteration stores ``Z`` (or ``softmax(Z)``) at full resolution instead of pooling.
 
-Each program owns one pooled row ``i``, ``BLOCK_J`` pooled columns and every class (softmax needs them),
-as a ``[BLOCK_C, BLOCK_J, SP]`` tile: the ``s`` full-resolution columns of a pooled cell on the last axis
-(``SP``: ``s`` rounded up to a power of two, the rest masked), so that each class row of the tile is one
-contiguous run of ``A``. The ``s`` full-resolution rows of the cell are a static loop accumulating the
-pooled sum; the bilinear taps of ``M`` are gathers from the small pooled tensor (cache hits).
+Each program owns one pooled row ``i`` and ``BLOCK_J`` pooled columns: a ``[SP, BLOCK_J, SP]`` tile of
+full-resolution pixels (``SP``: ``s`` rounded up to a power of two, the rest masked), whose rows are
+contiguous runs of ``A``. Softmax needs every class of a pixel, but a tile of all classes does not fit in
+registers (254 per thread and spills at C = 21), so the classes are a run-time loop, in blocks of
+``BLOCK_C`` (1 on the GPU): once for the running maximum and sum of ``exp`` (online softmax), once more for
+the probabilities and their s×s sums (the second pass re-reads the program's tile of ``A`` from L1). The
+upsampled message of a class needs pooled rows ``i - 1 .. i + 1`` and columns ``j - 1 .. j + 1`` only: nine
+contiguous vectors of ``BLOCK_J``, interpolated in registers, instead of four gathers per pixel.
 """
 
 from __future__ import annotations

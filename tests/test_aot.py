@@ -8,6 +8,7 @@ import re
 
 import pytest
 from aot import compile_for, sass
+from convcrf_triton.kernels import band_product as bp
 from convcrf_triton.kernels import blur_iteration as bi
 from convcrf_triton.kernels import merged_kernel as gw
 from convcrf_triton.kernels import message_passing as mp
@@ -194,3 +195,29 @@ def test_every_blur_step_config_compiles_without_spills_on_sm90(cfg):
     consts = _blur_consts(4, "pooled", block_pixels=cfg.kwargs["BLOCK_PIXELS"])
     usage = compile_for(bi._blur_step_kernel, BLUR_SIGNATURE, consts, 90, num_warps=cfg.num_warps)
     assert usage.stack == 0, f"{cfg} spills: {usage}"
+
+
+BAND_SIGNATURE = {"q_ptr": PTR, "k_ptr": PTR, "m_ptr": PTR, "C": "i32", "h": "i32", "w": "i32"}
+
+
+def _band_consts(k, precision="tf32x3", idx64=False):
+    ph, pw = bp.PATCH
+    return {"KSIZE": k, "PH": ph, "PW": pw, "BLOCK_N": bp.BLOCK_N, "BLOCK_C": bp.band_blocks(21),
+            "PRECISION": precision, "IDX64": idx64}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("k,precision,idx64", [(3, "tf32x3", False), (11, "tf32x3", False), (11, "tf32", False),
+                                               (31, "tf32x3", True)])
+def test_band_message_pass_runs_on_tensor_cores_without_spills(arch, k, precision, idx64):
+    """The banded product compiles to tensor-core MMAs: HMMA (mma.sync, tf32) on sm_80, HGMMA (wgmma, 64-row
+    warpgroup tiles) on sm_90; tf32x3 issues three per product. Its operands are staged in shared memory by
+    asynchronous copies (LDGSTS), nothing through local memory."""
+    consts = _band_consts(k, precision, idx64)
+    usage = compile_for(bp._band_message_pass_kernel, BAND_SIGNATURE, consts, arch, num_warps=bp.NUM_WARPS)
+    print(f"band_message_pass k={k} {precision} idx64={idx64} sm_{arch}: {usage}")
+    assert usage.stack == 0 and usage.reg <= 255
+    listing = sass(bp._band_message_pass_kernel, BAND_SIGNATURE, consts, arch, num_warps=bp.NUM_WARPS)
+    mma = re.findall(r"\b(?:HMMA|HGMMA)\.\S*TF32\b", listing)
+    assert mma and all(op.startswith("HGMMA" if arch == 90 else "HMMA") for op in mma), set(mma)
+    assert "LDGSTS" in listing and not re.search(r"\b(?:LDL|STL)\b", listing)

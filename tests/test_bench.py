@@ -159,3 +159,22 @@ def test_accuracy_quick_on_a_tiny_set(tmp_path: Path) -> None:
     assert "| method | k | blur | mIoU [%] | accuracy [%] | time / image [ms] |" in (out / "accuracy.md").read_text()
     _assert_png(out / "accuracy.png")
     assert accuracy.main(["--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+
+
+def test_gpu_rows_compute_the_same_as_the_reference_under_the_interpreter() -> None:
+    """Each GPU row's callable, run by the interpreter on CPU tensors: a row that would fail or compute
+    something else must not wait for a lent GPU to show it."""
+    bench = object.__new__(benchmark.Bench)
+    bench.dev = torch.device("cpu")
+    image = benchmark.synthetic_image(1, 10, 12)
+    case = benchmark.Case("message_pass", 5, 10, 12, 3, 1, 1)
+    want = bench.mp_fn("reference", case, image)()
+    for impl in ("triton-two-pass", "triton-fused", benchmark.BAND_IMPL, benchmark.BAND_TF32_IMPL):
+        torch.testing.assert_close(bench.mp_fn(impl, case, image)(), want, rtol=1e-4, atol=1e-6, msg=impl)
+    image, unary = benchmark.synthetic_image(1, 7, 9), benchmark.synthetic_unary(1, 3, 7, 9)
+    for blur in (1, 2):
+        case = benchmark.Case("convcrf", 3, 7, 9, 3, 1, blur)
+        want = bench.model_fn("reference", case, unary, image)()
+        for impl in (benchmark.CL_IMPL, benchmark.COMPOSED_IMPL, benchmark.GRAPH_IMPL, "triton-two-pass"):
+            got = bench.model_fn(impl, case, unary, image)()
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{impl} blur={blur}")

@@ -1,0 +1,110 @@
+"""Message passing on tensor cores: the window sum as a banded matrix product (issue #6, item 2).
+
+``M[b, c, p] = sum_t K[b, t, p] * Q[b, c, p + d_t]`` is, over a patch of ``PH × PW`` pixels ``p`` and the
+``(PH + k - 1) × (PW + k - 1)`` neighbours ``n`` their windows cover, a product with a sparse band matrix::
+
+    M[p, c] = sum_n  W[p, n] · Q[n, c],      W[p, n] = K[t(n - p), p] if n - p lies in the k×k window, else 0
+
+which ``tl.dot`` runs on tensor cores, ``BLOCK_N`` neighbours at a time. The direct kernel
+(:mod:`.message_passing`) issues one 4-byte load per multiply-add and is bound by load issue (~3.3 TFLOP/s on
+an H100/H200); here a patch of 64 pixels at k = 11 loads its 324 neighbours' ``C`` classes once and each weight
+once (as a masked gather into ``W``), ~5× fewer loads at C = 21, and multiplies the band's zeros for free.
+``W`` has density ``k² / ((PH + k - 1)(PW + k - 1))``: 37% at k = 11, 9% at k = 3, so the formulation is for
+large k.
+
+Precision: the products run in ``PRECISION`` (``"tf32x3"``: three tf32 products per float32 product, close to
+float32; ``"tf32"``: one, ~1e-3 relative; ``"ieee"``: plain FMAs), accumulated in float32. Not timed on a GPU
+yet, so not in the default dispatch: :func:`band_message_pass` is the op, and the benchmark's
+``triton-band`` message-pass rows time it against the direct kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import check_on_device, interpreting, needs_int64
+
+PRECISIONS = ("tf32x3", "tf32", "ieee")
+
+
+@triton.jit
+def _band_message_pass_kernel(
+    q_ptr, k_ptr, m_ptr, C, h, w,
+    KSIZE: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr, IDX64: tl.constexpr,
+):
+    # grid: (cdiv(w, PW) * cdiv(h, PH), cdiv(C, BLOCK_C), B). Pixel p of the patch: (y0 + p // PW, x0 + p % PW);
+    # neighbour n of the patch: (y0 - R + n // NW, x0 - R + n % NW), NW = PW + 2R.
+    R: tl.constexpr = KSIZE // 2
+    NW: tl.constexpr = PW + 2 * R
+    NUM_N: tl.constexpr = (PH + 2 * R) * NW
+    tiles_w = tl.cdiv(w, PW)
+    y0 = tl.program_id(0) // tiles_w * PH
+    x0 = tl.program_id(0) % tiles_w * PW
+    b = tl.program_id(2)
+    plane = h * w
+    if IDX64:
+        b = b.to(tl.int64)
+        plane = plane.to(tl.int64)
+    p = tl.arange(0, PH * PW)
+    py = y0 + p // PW
+    px = x0 + p % PW
+    p_ok = (py < h) & (px < w)
+    cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cls < C
+    q_img = q_ptr + b * C * plane + cls[None, :] * plane  # [1, BLOCK_C]
+    k_pix = k_ptr + b * (KSIZE * KSIZE) * plane + (py * w + px)[:, None]  # [PH*PW, 1]
+    acc = tl.zeros((PH * PW, BLOCK_C), dtype=tl.float32)
+    for n0 in range(0, NUM_N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        ny = y0 - R + n // NW
+        nx = x0 - R + n % NW
+        n_ok = (n < NUM_N) & (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+        q = tl.load(q_img + (ny * w + nx)[:, None], mask=n_ok[:, None] & c_ok[None, :], other=0.0)  # [BLOCK_N, C]
+        dy = ny[None, :] - py[:, None]  # [PH*PW, BLOCK_N]
+        dx = nx[None, :] - px[:, None]
+        in_win = (dy >= -R) & (dy <= R) & (dx >= -R) & (dx <= R) & n_ok[None, :] & p_ok[:, None]
+        tap = (dy + R) * KSIZE + (dx + R)
+        band = tl.load(k_pix + tap * plane, mask=in_win, other=0.0)  # W[p, n]
+        acc = tl.dot(band.to(tl.float32), q.to(tl.float32), acc, input_precision=PRECISION)
+    out = m_ptr + b * C * plane + cls[None, :] * plane + (py * w + px)[:, None]
+    tl.store(out, acc.to(m_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+# GPU tile: an 8×8 pixel patch (the M dimension of the product: 64, the width of a Hopper warpgroup MMA),
+# 32 neighbours per product, up to 32 classes per program; 4 warps.
+PATCH = (8, 8)
+BLOCK_N = 32
+NUM_WARPS = 4
+
+
+def band_blocks(C: int) -> int:
+    """Classes per program: all of them up to 32 (at least 16, the MMA's minimum), else 32 per program."""
+    return min(max(16, triton.next_power_of_2(C)), 32)
+
+
+def band_message_pass(K: torch.Tensor, Q: torch.Tensor, precision: str = "tf32x3") -> torch.Tensor:
+    """:func:`~convcrf_triton.kernels.message_pass` as banded tensor-core products: ``K: [B, k*k, h, w]``,
+    ``Q: [B, C, h, w]`` → ``M: [B, C, h, w]`` (Q's dtype), products in ``precision`` (one of
+    :data:`PRECISIONS`), float32 sums. Inference only (not differentiable)."""
+    check_on_device(K=K, Q=Q)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not allowed: expected one of {', '.join(PRECISIONS)}")
+    k = int(round(K.shape[1] ** 0.5))
+    if K.dim() != 4 or Q.dim() != 4 or k * k != K.shape[1] or k % 2 == 0 or K.shape[0] != Q.shape[0] \
+            or K.shape[2:] != Q.shape[2:]:
+        raise ValueError(f"K must be [B, k*k, h, w] with k odd and Q [B, C, h, w] on the same grid, got "
+                         f"{tuple(K.shape)} and {tuple(Q.shape)}")
+    K, Q = K.contiguous(), Q.contiguous()
+    B, C, h, w = Q.shape
+    M = torch.empty_like(Q)
+    ph, pw = PATCH
+    block_c = band_blocks(C)
+    grid = (triton.cdiv(h, ph) * triton.cdiv(w, pw), triton.cdiv(C, block_c), B)
+    _band_message_pass_kernel[grid](
+        Q, K, M, C, h, w, KSIZE=k, PH=ph, PW=pw, BLOCK_N=BLOCK_N, BLOCK_C=block_c, PRECISION=precision,
+        IDX64=needs_int64(Q, K), **({} if interpreting() else {"num_warps": NUM_WARPS}),
+    )
+    return M

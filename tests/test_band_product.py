@@ -1,0 +1,60 @@
+"""The tensor-core (banded matrix product) message pass against the float64 reference message pass."""
+
+import pytest
+import torch
+from convcrf_triton.kernels import band_product as band
+from test_kernels import RTOL, make_inputs, on_gpu_only, rel_err
+
+from convcrf_triton import kernels, reference
+
+# (k, B, C, h, w): SPEC §7's k, grids smaller than a patch and not multiples of it, C from 1 to 150 (several
+# class blocks).
+CASES = [
+    (3, 1, 1, 1, 1),
+    (3, 2, 3, 7, 9),
+    (5, 1, 19, 13, 1),
+    (7, 1, 21, 9, 17),
+    (11, 3, 5, 19, 23),
+    (13, 1, 150, 9, 11),
+    (31, 1, 3, 20, 21),
+    *on_gpu_only((11, 1, 21, 188, 250), (31, 2, 19, 97, 131), (7, 1, 256, 64, 75)),
+]
+
+
+@pytest.mark.parametrize("k,B,C,h,w", CASES)
+def test_band_message_pass_matches_reference(k, B, C, h, w, device):
+    feats, compats, Q = make_inputs(k * 7 + C, B, C, h, w, (2, 3), device=device)
+    K = reference.gaussian_weights(feats.double(), (2, 3), compats.double(), k, False)
+    want = reference.message_pass(K, Q.double())
+    got = kernels.band_message_pass(K.float(), Q)
+    assert got.shape == Q.shape and got.dtype == torch.float32
+    assert (got.double() - want).abs().max().item() <= RTOL * max(want.abs().max().item(), 1e-30)
+
+
+@pytest.mark.gpu_only
+def test_band_message_pass_precisions_on_the_gpu(device):
+    """tf32x3 keeps float32's accuracy; one tf32 product per product ~1e-3 (the issue keeps a tensor-core
+    variant only within 3e-4: tf32x3 is the default)."""
+    feats, compats, Q = make_inputs(5, 1, 21, 130, 150, (2, 3), device=device)
+    K = reference.gaussian_weights(feats.double(), (2, 3), compats.double(), 11, False)
+    want = reference.message_pass(K, Q.double())
+    assert rel_err(kernels.band_message_pass(K.float(), Q, "tf32x3"), want) < 3e-6
+    assert rel_err(kernels.band_message_pass(K.float(), Q, "tf32"), want) < 3e-3
+
+
+def test_band_message_pass_reads_low_precision_weights(device):
+    feats, compats, Q = make_inputs(9, 2, 4, 10, 12, (2, 3), device=device)
+    K = kernels.gaussian_weights(feats, (2, 3), compats, 5, False, out_dtype=torch.bfloat16)
+    want = reference.message_pass(K.double(), Q.double())
+    assert rel_err(kernels.band_message_pass(K, Q), want) < RTOL
+
+
+def test_band_message_pass_rejects_bad_arguments():
+    K, Q = torch.rand(1, 9, 4, 5), torch.rand(1, 2, 4, 5)
+    with pytest.raises(ValueError, match="precision='fp16' is not allowed"):
+        kernels.band_message_pass(K, Q, "fp16")
+    with pytest.raises(ValueError, match=r"K must be \[B, k\*k, h, w\]"):
+        kernels.band_message_pass(torch.rand(1, 8, 4, 5), Q)
+    with pytest.raises(ValueError, match="same grid"):
+        kernels.band_message_pass(K, torch.rand(1, 2, 4, 6))
+    assert band.PRECISIONS[0] == "tf32x3"
