@@ -15,7 +15,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || echo
 echo "== kernel tests on the GPU"
 t0=$(date +%s)
 CONVCRF_AUTOTUNE=0 CONVCRF_TEST_DEVICE=cuda timeout ${TEST_SECONDS:-240} python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/test_kernels.py \
-  tests/test_gradients.py tests/test_graphs.py} -rfE 2>&1 | tail -40
+  tests/test_blur_iteration.py tests/test_band_product.py tests/test_gradients.py tests/test_graphs.py} -rfE 2>&1 | tail -40
 echo "== tests took $(( $(date +%s) - t0 )) s"
 echo "== bench"
 timeout $(( budget + ${BENCH_SLACK:-120} )) python3 bench/run_all.py --device cuda --no-plots --time-budget "$budget" \
