@@ -10,8 +10,9 @@ One run times, on one device, every implementation of the same CRF on the same i
 - ``triton-composed``: the default dispatch with the blurred iterations composed from PyTorch ops around the
   message pass (upsample, add, softmax, pool) instead of one :func:`convcrf_triton.kernels.blur_step` launch
   (differs only at blur > 1; whole-model rows, CUDA only);
-- ``triton-band`` / ``triton-band-tf32``: message-pass rows only, :func:`convcrf_triton.kernels.band_message_pass`
-  (the window sum as banded tensor-core products, tf32x3 / tf32; CUDA only);
+- ``triton-band`` / ``triton-band-tf32``: message-pass rows, :func:`convcrf_triton.kernels.band_message_pass`
+  (the window sum as banded tensor-core products, tf32x3 / tf32); ``triton-band`` whole-model rows: the default
+  dispatch with the blur > 1 message passes on it (``kernels.band_product.BAND``; CUDA only);
 - ``triton-bf16``: the default dispatch with ``storage="bfloat16"`` (message-pass rows: two-pass with ``K``
   and ``Q`` in bfloat16; CUDA only; its output is compared at bfloat16's tolerance);
 - ``triton-fused`` / ``triton-two-pass``: ``ConvCRF(backend="triton")`` with the choice of
@@ -72,9 +73,9 @@ COLUMNS = [
     "implementation", "mode", "k", "H", "W", "C", "B", "blur", "dtype", "median_ms", "p20_ms", "p80_ms",
     "peak_mem_mb", "gflops", "gbs", "roofline_frac", "device", "torch", "triton", "commit", "date",
 ]
-BAND_IMPL = "triton-band"  # message-pass rows only: kernels.band_message_pass, tf32x3 tensor-core products
-BAND_TF32_IMPL = "triton-band-tf32"  # the same with one tf32 product per product
-MP_ONLY_IMPLS = (BAND_IMPL, BAND_TF32_IMPL)
+BAND_IMPL = "triton-band"  # kernels.band_message_pass (tf32x3 tensor-core products); whole model: its blur > 1 passes
+BAND_TF32_IMPL = "triton-band-tf32"  # message-pass rows only: the same with one tf32 product per product
+MP_ONLY_IMPLS = (BAND_TF32_IMPL,)
 TRITON_IMPLS = ("triton-fused", "triton-two-pass", "triton-graph", "triton-bf16", "triton-cl", "triton-composed",
                 *MP_ONLY_IMPLS)
 MODEL_IMPLS = ("unfold", "reference", *TRITON_IMPLS)  # every implementation (message-pass-only ones too)
@@ -422,6 +423,7 @@ def switched(module_name: str, flag: str, value: Any) -> Iterator[None]:
 # What a whole-model row switches on top of the default dispatch.
 ROW_SWITCHES = {CL_IMPL: ("message_passing", "STEP_CHANNELS_LAST", True),
                 COMPOSED_IMPL: ("blur_iteration", "BLUR_STEP", False),
+                BAND_IMPL: ("band_product", "BAND", True),
                 "triton-fused": ("message_passing", "STEP_CHANNELS_LAST", False),
                 "triton-two-pass": ("message_passing", "STEP_CHANNELS_LAST", False)}
 
@@ -627,7 +629,7 @@ class Bench:
             crf.config = replace(crf.config, storage="bfloat16")
         if impl in ("reference", BF16_IMPL):
             return lambda: crf(unary, image)
-        if impl in (CL_IMPL, COMPOSED_IMPL):
+        if impl in (CL_IMPL, COMPOSED_IMPL, BAND_IMPL):
             def run_switched() -> torch.Tensor:
                 with switched(*ROW_SWITCHES[impl]):
                     return crf(unary, image)
@@ -665,7 +667,7 @@ class Bench:
             from . import kernels
 
             return lambda: kernels.fused_message_pass(feats, FEATURE_DIMS, compats, Q, k, True)
-        if impl in MP_ONLY_IMPLS:
+        if impl in (BAND_IMPL, BAND_TF32_IMPL):
             from . import kernels
 
             K = kernels.gaussian_weights(feats, FEATURE_DIMS, compats, k, True)

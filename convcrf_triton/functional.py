@@ -199,6 +199,8 @@ class MessagePasser:
             Xp = Xp.to(self.storage)
         if g.K is None:
             return self.ops.fused_message_pass(g.feats, g.dims, g.compats, Xp, self.k, self.keep_centre)
+        if self.ops is not reference and self.ops.band_enabled() and not (torch.is_grad_enabled() and Xp.requires_grad):
+            return self.ops.band_message_pass(g.K, Xp)
         return self.ops.message_pass(g.K, Xp)
 
     def _pass(self, g: _Gaussian, X: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None = None

@@ -27,6 +27,14 @@ import triton.language as tl
 from ._launch import check_on_device, interpreting, needs_int64
 
 PRECISIONS = ("tf32x3", "tf32", "ieee")
+# Whether inference's pooled-grid message passes (blur > 1) go through band_message_pass instead of the direct
+# kernel: off until timed (the benchmark's triton-band whole-model rows turn it on).
+BAND = False
+
+
+def band_enabled() -> bool:
+    """Whether the mean-field loop routes its two-pass message passes (blur > 1, inference) to the band kernel."""
+    return BAND
 
 
 @triton.jit

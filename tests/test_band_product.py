@@ -5,7 +5,7 @@ import torch
 from convcrf_triton.kernels import band_product as band
 from test_kernels import RTOL, make_inputs, on_gpu_only, rel_err
 
-from convcrf_triton import kernels, reference
+from convcrf_triton import functional, kernels, reference
 
 # (k, B, C, h, w): SPEC §7's k, grids smaller than a patch and not multiples of it, C from 1 to 150 (several
 # class blocks).
@@ -58,3 +58,29 @@ def test_band_message_pass_rejects_bad_arguments():
     with pytest.raises(ValueError, match="same grid"):
         kernels.band_message_pass(K, torch.rand(1, 2, 4, 6))
     assert band.PRECISIONS[0] == "tf32x3"
+
+
+def test_switched_on_it_carries_the_blurred_inference(monkeypatch, device):
+    """``kernels.band_product.BAND``: the pooled-grid message passes of inference go through the band kernel
+    (the benchmark's triton-band whole-model rows); a pass whose input needs a gradient keeps the differentiable
+    direct kernel."""
+    monkeypatch.setattr(band, "BAND", True)
+    calls = []
+    op = kernels.band_message_pass
+    monkeypatch.setattr(kernels, "band_message_pass", lambda *a, **kw: calls.append(1) or op(*a, **kw))
+    g = torch.Generator().manual_seed(4)
+    unary = (torch.randn(2, 3, 11, 14, generator=g) * 2).to(device)
+    image = (torch.rand(2, 3, 11, 14, generator=g) * 255).to(device)
+    kw = dict(filter_size=7, blur=2, num_iter=3, mode="convcrf")
+    with torch.no_grad():
+        got = functional.mean_field(unary, image, backend="triton", **kw)
+    assert len(calls) == 3
+    want = functional.mean_field(unary.double(), image.double(), backend="torch", **kw)
+    assert rel_err(got, want) < RTOL
+    grads = []
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        weight = torch.tensor(0.5, device=device, dtype=dtype, requires_grad=True)
+        functional.mean_field(unary.to(dtype), image.to(dtype), backend=backend, weight=weight, **kw).sum().backward()
+        grads.append(weight.grad)
+    # Only the first pass (Q = L, no gradient to carry) may take the band kernel while training.
+    assert len(calls) == 4 and abs(grads[0].item() - grads[1].item()) <= 1e-4 * abs(grads[1].item())

@@ -175,6 +175,7 @@ def test_gpu_rows_compute_the_same_as_the_reference_under_the_interpreter() -> N
     for blur in (1, 2):
         case = benchmark.Case("convcrf", 3, 7, 9, 3, 1, blur)
         want = bench.model_fn("reference", case, unary, image)()
-        for impl in (benchmark.CL_IMPL, benchmark.COMPOSED_IMPL, benchmark.GRAPH_IMPL, "triton-two-pass"):
+        for impl in (benchmark.CL_IMPL, benchmark.COMPOSED_IMPL, benchmark.GRAPH_IMPL, benchmark.BAND_IMPL,
+                     "triton-two-pass"):
             got = bench.model_fn(impl, case, unary, image)()
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{impl} blur={blur}")

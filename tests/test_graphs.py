@@ -20,7 +20,7 @@ def test_replay_matches_eager_and_records_once_per_shape(blur, filter_size, devi
     eager.load_state_dict(crf.state_dict())
     crf.use_cuda_graphs()
     with torch.no_grad():
-        for seed, shape in enumerate([(2, 4, 19, 23), (2, 4, 19, 23), (1, 4, 24, 17), (2, 4, 19, 23)]):
+        for seed, shape in enumerate([(2, 4, 9, 11), (2, 4, 9, 11), (1, 4, 12, 7), (2, 4, 9, 11)]):
             unary, image = _inputs(seed, *shape, device)
             got, want = crf(unary, image), eager(unary, image)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
