@@ -215,8 +215,9 @@ class MessagePasser:
         the caller composes the message pass with PyTorch ops).
 
         Blur 1: one launch per iteration (:func:`~convcrf_triton.kernels.mean_field_step`; every class in one
-        tile). Every iteration but the last returns the next ``Q`` in the storage dtype; with the kernels'
-        channels-last step the tensors are converted once before the loop and once after it.
+        tile; :func:`~convcrf_triton.kernels.band_mean_field_step` when the band kernel is switched on). Every
+        iteration but the last returns the next ``Q`` in the storage dtype; with the kernels' channels-last step
+        the tensors are converted once before the loop and once after it.
         Blur > 1: the message on the pooled grid, then one launch for everything at full resolution
         (:func:`~convcrf_triton.kernels.blur_step`: upsample, add the unary, softmax, pool), which hands the
         next iteration its pooled ``Q`` directly."""
@@ -243,19 +244,27 @@ class MessagePasser:
         g = self.gaussians[0]
         dtype = unary_term.dtype
         weight = torch.as_tensor(weight, dtype=dtype, device=Q.device)
-        channels_last = self.ops.step_channels_last(self.k)
+        band_limit = self.ops.band_product.STEP_MAX_CLASSES_COMPAT if compat_matrix is not None else \
+            self.ops.band_product.STEP_MAX_CLASSES
+        band = self.ops.band_enabled() and g.K is not None and C <= band_limit
+        channels_last = not band and self.ops.step_channels_last(self.k)
+
+        def step(Q: torch.Tensor, softmax: bool, out_dtype: torch.dtype) -> torch.Tensor:
+            if band:
+                return self.ops.band_mean_field_step(Q, unary_term, weight, compat_matrix, g.K, softmax, out_dtype)
+            return self.ops.mean_field_step(
+                Q, unary_term, weight, compat_matrix, g.K, g.feats if g.K is None else None,
+                g.compats if g.K is None else None, g.dims, self.k, self.keep_centre, softmax, out_dtype=out_dtype,
+                channels_last=C if channels_last else None,
+            )
+
         if channels_last:
             Q, unary_term = self.ops.to_channels_last(Q), self.ops.to_channels_last(unary_term)
         if self.storage is not None:
             Q = Q.to(self.storage)
         for i in range(num_iter):
             last = i == num_iter - 1
-            Q = self.ops.mean_field_step(
-                Q, unary_term, weight, compat_matrix, g.K, g.feats if g.K is None else None,
-                g.compats if g.K is None else None, g.dims, self.k, self.keep_centre, not last or final_softmax,
-                out_dtype=dtype if last or self.storage is None else self.storage,
-                channels_last=C if channels_last else None,
-            )
+            Q = step(Q, not last or final_softmax, dtype if last or self.storage is None else self.storage)
         return self.ops.from_channels_last(Q, C) if channels_last else Q
 
     def __call__(self, Q: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:

@@ -39,12 +39,15 @@ def band_enabled() -> bool:
 
 @triton.jit
 def _band_message_pass_kernel(
-    q_ptr, k_ptr, m_ptr, C, h, w,
+    q_ptr, k_ptr, m_ptr, a_ptr, w_ptr, cm_ptr, C, h, w,
     KSIZE: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    PRECISION: tl.constexpr, IDX64: tl.constexpr,
+    PRECISION: tl.constexpr, IDX64: tl.constexpr, STEP: tl.constexpr = False, W_STRIDE: tl.constexpr = 0,
+    HAS_COMPAT: tl.constexpr = False, SOFTMAX: tl.constexpr = False,
 ):
     # grid: (cdiv(w, PW) * cdiv(h, PH), cdiv(C, BLOCK_C), B). Pixel p of the patch: (y0 + p // PW, x0 + p % PW);
     # neighbour n of the patch: (y0 - R + n // NW, x0 - R + n % NW), NW = PW + 2R.
+    # With STEP (one class block: BLOCK_C >= C) the epilogue is the mean-field step of message_passing.py:
+    #     M' = M + M @ compat^T (HAS_COMPAT),  Z = A + w * M',  out = softmax_c(Z) if SOFTMAX else Z
     R: tl.constexpr = KSIZE // 2
     NW: tl.constexpr = PW + 2 * R
     NUM_N: tl.constexpr = (PH + 2 * R) * NW
@@ -77,15 +80,28 @@ def _band_message_pass_kernel(
         tap = (dy + R) * KSIZE + (dx + R)
         band = tl.load(k_pix + tap * plane, mask=in_win, other=0.0)  # W[p, n]
         acc = tl.dot(band.to(tl.float32), q.to(tl.float32), acc, input_precision=PRECISION)
-    out = m_ptr + b * C * plane + cls[None, :] * plane + (py * w + px)[:, None]
-    tl.store(out, acc.to(m_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+    offs = b * C * plane + cls[None, :] * plane + (py * w + px)[:, None]
+    mask = p_ok[:, None] & c_ok[None, :]
+    if STEP:
+        if HAS_COMPAT:  # mix[d, c] = compat[c, d]: acc[p, c] += sum_d acc[p, d] compat[c, d]
+            mix = tl.load(cm_ptr + cls[None, :] * C + cls[:, None], mask=c_ok[None, :] & c_ok[:, None], other=0.0)
+            acc += tl.dot(acc, mix.to(tl.float32), input_precision="ieee")
+        w_c = tl.load(w_ptr + cls * W_STRIDE, mask=c_ok, other=0.0).to(tl.float32)
+        acc = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32) + w_c[None, :] * acc
+        if SOFTMAX:
+            z = tl.where(c_ok[None, :], acc, float("-inf"))
+            e = tl.exp(z - tl.max(z, axis=1)[:, None])
+            acc = e / tl.sum(e, axis=1)[:, None]
+    tl.store(m_ptr + offs, acc.to(m_ptr.dtype.element_ty), mask=mask)
 
 
 # GPU tile: an 8×8 pixel patch (the M dimension of the product: 64, the width of a Hopper warpgroup MMA),
-# 32 neighbours per product, up to 32 classes per program; 4 warps.
+# 32 neighbours per product, up to 32 classes per program; 4 warps (148-218 registers, no spills on sm_80/sm_90).
+# The step holds every class and its epilogue: 8 warps (4 spill on sm_80 at 32 classes with a compatibility).
 PATCH = (8, 8)
 BLOCK_N = 32
 NUM_WARPS = 4
+STEP_NUM_WARPS = 8
 
 
 def band_blocks(C: int) -> int:
@@ -93,26 +109,76 @@ def band_blocks(C: int) -> int:
     return min(max(16, triton.next_power_of_2(C)), 32)
 
 
+def _check_operands(K: torch.Tensor, Q: torch.Tensor) -> int:
+    """The filter size of ``K: [B, k*k, h, w]`` for ``Q: [B, C, h, w]``, or a ValueError."""
+    k = int(round(K.shape[1] ** 0.5)) if K.dim() == 4 else 0
+    if Q.dim() != 4 or k * k != K.shape[1] or k % 2 == 0 or K.shape[0] != Q.shape[0] or K.shape[2:] != Q.shape[2:]:
+        raise ValueError(f"K must be [B, k*k, h, w] with k odd and Q [B, C, h, w] on the same grid, got "
+                         f"{tuple(K.shape)} and {tuple(Q.shape)}")
+    return k
+
+
+def _launch(K: torch.Tensor, Q: torch.Tensor, precision: str, out: torch.Tensor, block_c: int,
+            step: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool] | None = None) -> torch.Tensor:
+    """One launch: the message pass into ``out``, or with ``step = (A, weight, compat_matrix, softmax)`` the
+    mean-field step."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not allowed: expected one of {', '.join(PRECISIONS)}")
+    B, C, h, w = Q.shape
+    ph, pw = PATCH
+    dummy = Q.new_empty(1, dtype=torch.float32)
+    consts = {}
+    a, weight, mix = dummy, dummy, dummy
+    if step is not None:
+        a, weight, compat, softmax = step
+        mix = dummy if compat is None else compat
+        consts = dict(STEP=True, W_STRIDE=int(weight.numel() > 1), HAS_COMPAT=compat is not None, SOFTMAX=softmax)
+    grid = (triton.cdiv(h, ph) * triton.cdiv(w, pw), triton.cdiv(C, block_c), B)
+    _band_message_pass_kernel[grid](
+        Q, K, out, a, weight, mix, C, h, w, KSIZE=_check_operands(K, Q), PH=ph, PW=pw, BLOCK_N=BLOCK_N,
+        BLOCK_C=block_c, PRECISION=precision, IDX64=needs_int64(Q, K, out), **consts,
+        **({} if interpreting() else {"num_warps": NUM_WARPS if step is None else STEP_NUM_WARPS}),
+    )
+    return out
+
+
 def band_message_pass(K: torch.Tensor, Q: torch.Tensor, precision: str = "tf32x3") -> torch.Tensor:
     """:func:`~convcrf_triton.kernels.message_pass` as banded tensor-core products: ``K: [B, k*k, h, w]``,
     ``Q: [B, C, h, w]`` → ``M: [B, C, h, w]`` (Q's dtype), products in ``precision`` (one of
     :data:`PRECISIONS`), float32 sums. Inference only (not differentiable)."""
     check_on_device(K=K, Q=Q)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not allowed: expected one of {', '.join(PRECISIONS)}")
-    k = int(round(K.shape[1] ** 0.5))
-    if K.dim() != 4 or Q.dim() != 4 or k * k != K.shape[1] or k % 2 == 0 or K.shape[0] != Q.shape[0] \
-            or K.shape[2:] != Q.shape[2:]:
-        raise ValueError(f"K must be [B, k*k, h, w] with k odd and Q [B, C, h, w] on the same grid, got "
-                         f"{tuple(K.shape)} and {tuple(Q.shape)}")
-    K, Q = K.contiguous(), Q.contiguous()
-    B, C, h, w = Q.shape
-    M = torch.empty_like(Q)
-    ph, pw = PATCH
-    block_c = band_blocks(C)
-    grid = (triton.cdiv(h, ph) * triton.cdiv(w, pw), triton.cdiv(C, block_c), B)
-    _band_message_pass_kernel[grid](
-        Q, K, M, C, h, w, KSIZE=k, PH=ph, PW=pw, BLOCK_N=BLOCK_N, BLOCK_C=block_c, PRECISION=precision,
-        IDX64=needs_int64(Q, K), **({} if interpreting() else {"num_warps": NUM_WARPS}),
-    )
-    return M
+    _check_operands(K, Q)
+    Q = Q.contiguous()
+    return _launch(K.contiguous(), Q, precision, torch.empty_like(Q), band_blocks(Q.shape[1]))
+
+
+# Classes the band step holds in one tile (its [64, C] accumulator and, with a compatibility, [C, C]): no
+# spills up to 64, or 32 with the compatibility (sm_80/sm_90, 8 warps).
+STEP_MAX_CLASSES = 64
+STEP_MAX_CLASSES_COMPAT = 32
+
+
+def band_mean_field_step(
+    Q: torch.Tensor, unary_term: torch.Tensor, weight: torch.Tensor, compat_matrix: torch.Tensor | None,
+    K: torch.Tensor, softmax: bool, out_dtype: torch.dtype | None = None, precision: str = "tf32x3",
+) -> torch.Tensor:
+    """:func:`~convcrf_triton.kernels.mean_field_step` (two-pass weights, planar ``[B, C, h, w]`` tensors) with
+    the message pass as banded tensor-core products: ``Z = A + w·(M + compat·M)``, returned as ``softmax(Z)`` or
+    ``Z`` in ``out_dtype`` (default: Q's). At most :data:`STEP_MAX_CLASSES` classes, :data:`STEP_MAX_CLASSES_COMPAT`
+    with ``compat_matrix`` (one tile holds them all)."""
+    check_on_device(Q=Q, unary_term=unary_term, K=K)
+    _check_operands(K, Q)
+    C = Q.shape[1]
+    max_classes = STEP_MAX_CLASSES if compat_matrix is None else STEP_MAX_CLASSES_COMPAT
+    if C > max_classes or unary_term.shape != Q.shape:
+        raise ValueError(f"band_mean_field_step takes up to {max_classes} classes ({STEP_MAX_CLASSES_COMPAT} with a "
+                         f"compat_matrix) and unary_term shaped like Q, got Q {tuple(Q.shape)} and unary_term "
+                         f"{tuple(unary_term.shape)}")
+    weight = weight.reshape(-1).float().contiguous()
+    if weight.numel() not in (1, C):
+        raise ValueError(f"weight must hold 1 or C={C} values, got {weight.numel()}")
+    compat = None if compat_matrix is None else compat_matrix.float().contiguous()
+    Q = Q.contiguous()
+    out = torch.empty_like(Q, dtype=out_dtype or Q.dtype)
+    return _launch(K.contiguous(), Q, precision, out, max(16, triton.next_power_of_2(C)),
+                   (unary_term.contiguous(), weight, compat, softmax))

@@ -197,13 +197,14 @@ def test_every_blur_step_config_compiles_without_spills_on_sm90(cfg):
     assert usage.stack == 0, f"{cfg} spills: {usage}"
 
 
-BAND_SIGNATURE = {"q_ptr": PTR, "k_ptr": PTR, "m_ptr": PTR, "C": "i32", "h": "i32", "w": "i32"}
+BAND_SIGNATURE = {"q_ptr": PTR, "k_ptr": PTR, "m_ptr": PTR, "a_ptr": PTR, "w_ptr": PTR, "cm_ptr": PTR, "C": "i32",
+                  "h": "i32", "w": "i32"}
 
 
-def _band_consts(k, precision="tf32x3", idx64=False):
+def _band_consts(k, precision="tf32x3", idx64=False, block_c=None, **step):
     ph, pw = bp.PATCH
-    return {"KSIZE": k, "PH": ph, "PW": pw, "BLOCK_N": bp.BLOCK_N, "BLOCK_C": bp.band_blocks(21),
-            "PRECISION": precision, "IDX64": idx64}
+    return {"KSIZE": k, "PH": ph, "PW": pw, "BLOCK_N": bp.BLOCK_N, "BLOCK_C": block_c or bp.band_blocks(21),
+            "PRECISION": precision, "IDX64": idx64, **step}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -221,3 +222,12 @@ def test_band_message_pass_runs_on_tensor_cores_without_spills(arch, k, precisio
     mma = re.findall(r"\b(?:HMMA|HGMMA)\.\S*TF32\b", listing)
     assert mma and all(op.startswith("HGMMA" if arch == 90 else "HMMA") for op in mma), set(mma)
     assert "LDGSTS" in listing and not re.search(r"\b(?:LDL|STL)\b", listing)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("block_c,compat", [(32, False), (32, True), (64, False)])
+def test_band_step_compiles_without_spills(arch, block_c, compat):
+    consts = _band_consts(11, block_c=block_c, STEP=True, W_STRIDE=1, HAS_COMPAT=compat, SOFTMAX=True)
+    usage = compile_for(bp._band_message_pass_kernel, BAND_SIGNATURE, consts, arch, num_warps=bp.STEP_NUM_WARPS)
+    print(f"band_mean_field_step classes={block_c} compat={compat} sm_{arch}: {usage}")
+    assert usage.stack == 0 and usage.reg <= 255

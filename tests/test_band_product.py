@@ -84,3 +84,56 @@ def test_switched_on_it_carries_the_blurred_inference(monkeypatch, device):
         grads.append(weight.grad)
     # Only the first pass (Q = L, no gradient to carry) may take the band kernel while training.
     assert len(calls) == 4 and abs(grads[0].item() - grads[1].item()) <= 1e-4 * abs(grads[1].item())
+
+
+# The one-launch mean-field step on the band kernel (blur 1, two-pass weights, inference), switched on.
+STEP_CASES = [
+    dict(k=3, C=2, mode="textbook", compat=False, per_class=False, final_softmax=False),
+    dict(k=7, C=21, mode="convcrf", compat=True, per_class=True, final_softmax=True),
+    dict(k=11, C=64, mode="textbook", compat=False, per_class=True, final_softmax=False),
+]
+
+
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_band_step_matches_reference(case, monkeypatch, device):
+    monkeypatch.setattr(band, "BAND", True)
+    calls = []
+    op = kernels.band_mean_field_step
+    monkeypatch.setattr(kernels, "band_mean_field_step", lambda *a, **kw: calls.append(1) or op(*a, **kw))
+    g = torch.Generator().manual_seed(case["k"] + case["C"])
+    B, C, H, W = 2, case["C"], 9, 13
+    unary = (torch.randn(B, C, H, W, generator=g) * 2).to(device)
+    image = (torch.rand(B, 3, H, W, generator=g) * 255).to(device)
+    weight = (torch.rand(1, C, 1, 1, generator=g) if case["per_class"] else torch.tensor(0.3)).to(device)
+    compat = (torch.randn(C, C, generator=g) * 0.1).to(device) if case["compat"] else None
+    kw = dict(filter_size=case["k"], blur=1, num_iter=3, mode=case["mode"], compat_matrix=compat,
+              final_softmax=case["final_softmax"])
+    with torch.no_grad():
+        got = functional.mean_field(unary, image, weight=weight, backend="triton", **kw)
+    assert len(calls) == 3
+    ref = {**kw, "compat_matrix": None if compat is None else compat.double()}
+    want = functional.mean_field(unary.double(), image.double(), weight=weight.double(), backend="torch", **ref)
+    if case["final_softmax"]:  # probabilities: judged on the logits' scale
+        logits = functional.mean_field(unary.double(), image.double(), weight=weight.double(), backend="torch",
+                                       **{**ref, "final_softmax": False})
+        assert (got.double() - want).abs().max().item() < RTOL * logits.abs().max().item()
+    else:
+        assert rel_err(got, want) < RTOL
+
+
+def test_band_step_limits(monkeypatch):
+    monkeypatch.setattr(band, "BAND", True)
+    K, Q = torch.rand(1, 9, 4, 5), torch.softmax(torch.rand(1, 65, 4, 5), 1)
+    with pytest.raises(ValueError, match="up to 64 classes"):
+        kernels.band_mean_field_step(Q, Q, torch.tensor(0.5), None, K, True)
+    with pytest.raises(ValueError, match=r"up to 32 classes \(32 with a compat_matrix\)"):
+        kernels.band_mean_field_step(Q[:, :33], Q[:, :33], torch.tensor(0.5), torch.zeros(33, 33), K, True)
+    with pytest.raises(ValueError, match="weight must hold 1 or C=3"):
+        kernels.band_mean_field_step(Q[:, :3], Q[:, :3], torch.ones(2), None, K, True)
+    calls = []
+    step = kernels.mean_field_step
+    monkeypatch.setattr(kernels, "mean_field_step", lambda *a, **kw: calls.append(1) or step(*a, **kw))
+    with torch.no_grad():  # 65 classes: the direct step
+        functional.mean_field(torch.randn(1, 65, 4, 5), torch.rand(1, 3, 4, 5) * 255, filter_size=3, blur=1, num_iter=2,
+                              backend="triton")
+    assert len(calls) == 2
