@@ -244,9 +244,8 @@ class MessagePasser:
         g = self.gaussians[0]
         dtype = unary_term.dtype
         weight = torch.as_tensor(weight, dtype=dtype, device=Q.device)
-        band_limit = self.ops.band_product.STEP_MAX_CLASSES_COMPAT if compat_matrix is not None else \
-            self.ops.band_product.STEP_MAX_CLASSES
-        band = self.ops.band_enabled() and g.K is not None and C <= band_limit
+        band = (self.ops.band_enabled() and g.K is not None
+                and C <= self.ops.band_step_max_classes(compat_matrix is not None))
         channels_last = not band and self.ops.step_channels_last(self.k)
 
         def step(Q: torch.Tensor, softmax: bool, out_dtype: torch.dtype) -> torch.Tensor:

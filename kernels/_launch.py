@@ -26,6 +26,11 @@ def interpreter_blocks(C: int, hw: int) -> tuple[int, int]:
     return min(triton.next_power_of_2(C), 256), min(triton.next_power_of_2(hw), 4096)
 
 
+def tuning_off(configs: list) -> list:
+    """``CONVCRF_AUTOTUNE=0``: the first surviving autotune config, no benchmarking (quick GPU test runs)."""
+    return configs[:1] if os.environ.get("CONVCRF_AUTOTUNE", "1") == "0" else configs
+
+
 def check_on_device(**tensors: torch.Tensor) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
     for name, t in tensors.items():

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._launch import check_on_device, interpreting, needs_int64
+from .message_passing import _step_epilogue
 
 PRECISIONS = ("tf32x3", "tf32", "ieee")
 # Whether inference's pooled-grid message passes (blur > 1) go through band_message_pass instead of the direct
@@ -46,8 +47,8 @@ def _band_message_pass_kernel(
 ):
     # grid: (cdiv(w, PW) * cdiv(h, PH), cdiv(C, BLOCK_C), B). Pixel p of the patch: (y0 + p // PW, x0 + p % PW);
     # neighbour n of the patch: (y0 - R + n // NW, x0 - R + n % NW), NW = PW + 2R.
-    # With STEP (one class block: BLOCK_C >= C) the epilogue is the mean-field step of message_passing.py:
-    #     M' = M + M @ compat^T (HAS_COMPAT),  Z = A + w * M',  out = softmax_c(Z) if SOFTMAX else Z
+    # With STEP (one class block: BLOCK_C >= C) the epilogue is the direct kernel's mean-field step
+    # (message_passing._step_epilogue), classes on axis 1.
     R: tl.constexpr = KSIZE // 2
     NW: tl.constexpr = PW + 2 * R
     NUM_N: tl.constexpr = (PH + 2 * R) * NW
@@ -83,15 +84,7 @@ def _band_message_pass_kernel(
     offs = b * C * plane + cls[None, :] * plane + (py * w + px)[:, None]
     mask = p_ok[:, None] & c_ok[None, :]
     if STEP:
-        if HAS_COMPAT:  # mix[d, c] = compat[c, d]: acc[p, c] += sum_d acc[p, d] compat[c, d]
-            mix = tl.load(cm_ptr + cls[None, :] * C + cls[:, None], mask=c_ok[None, :] & c_ok[:, None], other=0.0)
-            acc += tl.dot(acc, mix.to(tl.float32), input_precision="ieee")
-        w_c = tl.load(w_ptr + cls * W_STRIDE, mask=c_ok, other=0.0).to(tl.float32)
-        acc = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32) + w_c[None, :] * acc
-        if SOFTMAX:
-            z = tl.where(c_ok[None, :], acc, float("-inf"))
-            e = tl.exp(z - tl.max(z, axis=1)[:, None])
-            acc = e / tl.sum(e, axis=1)[:, None]
+        acc = _step_epilogue(acc, cls, C, cm_ptr, w_ptr, a_ptr, offs, mask, W_STRIDE, HAS_COMPAT, SOFTMAX, 1)
     tl.store(m_ptr + offs, acc.to(m_ptr.dtype.element_ty), mask=mask)
 
 
@@ -118,10 +111,10 @@ def _check_operands(K: torch.Tensor, Q: torch.Tensor) -> int:
     return k
 
 
-def _launch(K: torch.Tensor, Q: torch.Tensor, precision: str, out: torch.Tensor, block_c: int,
+def _launch(K: torch.Tensor, Q: torch.Tensor, k: int, precision: str, out: torch.Tensor, block_c: int,
             step: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool] | None = None) -> torch.Tensor:
-    """One launch: the message pass into ``out``, or with ``step = (A, weight, compat_matrix, softmax)`` the
-    mean-field step."""
+    """One launch (``k``: the filter size, from :func:`_check_operands`): the message pass into ``out``, or
+    with ``step = (A, weight, compat_matrix, softmax)`` the mean-field step."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not allowed: expected one of {', '.join(PRECISIONS)}")
     B, C, h, w = Q.shape
@@ -135,7 +128,7 @@ def _launch(K: torch.Tensor, Q: torch.Tensor, precision: str, out: torch.Tensor,
         consts = dict(STEP=True, W_STRIDE=int(weight.numel() > 1), HAS_COMPAT=compat is not None, SOFTMAX=softmax)
     grid = (triton.cdiv(h, ph) * triton.cdiv(w, pw), triton.cdiv(C, block_c), B)
     _band_message_pass_kernel[grid](
-        Q, K, out, a, weight, mix, C, h, w, KSIZE=_check_operands(K, Q), PH=ph, PW=pw, BLOCK_N=BLOCK_N,
+        Q, K, out, a, weight, mix, C, h, w, KSIZE=k, PH=ph, PW=pw, BLOCK_N=BLOCK_N,
         BLOCK_C=block_c, PRECISION=precision, IDX64=needs_int64(Q, K, out), **consts,
         **({} if interpreting() else {"num_warps": NUM_WARPS if step is None else STEP_NUM_WARPS}),
     )
@@ -147,15 +140,20 @@ def band_message_pass(K: torch.Tensor, Q: torch.Tensor, precision: str = "tf32x3
     ``Q: [B, C, h, w]`` → ``M: [B, C, h, w]`` (Q's dtype), products in ``precision`` (one of
     :data:`PRECISIONS`), float32 sums. Inference only (not differentiable)."""
     check_on_device(K=K, Q=Q)
-    _check_operands(K, Q)
+    k = _check_operands(K, Q)
     Q = Q.contiguous()
-    return _launch(K.contiguous(), Q, precision, torch.empty_like(Q), band_blocks(Q.shape[1]))
+    return _launch(K.contiguous(), Q, k, precision, torch.empty_like(Q), band_blocks(Q.shape[1]))
 
 
 # Classes the band step holds in one tile (its [64, C] accumulator and, with a compatibility, [C, C]): no
 # spills up to 64, or 32 with the compatibility (sm_80/sm_90, 8 warps).
 STEP_MAX_CLASSES = 64
 STEP_MAX_CLASSES_COMPAT = 32
+
+
+def band_step_max_classes(has_compat: bool) -> int:
+    """The most classes :func:`band_mean_field_step` takes, with or without a compatibility matrix."""
+    return STEP_MAX_CLASSES_COMPAT if has_compat else STEP_MAX_CLASSES
 
 
 def band_mean_field_step(
@@ -167,9 +165,9 @@ def band_mean_field_step(
     ``Z`` in ``out_dtype`` (default: Q's). At most :data:`STEP_MAX_CLASSES` classes, :data:`STEP_MAX_CLASSES_COMPAT`
     with ``compat_matrix`` (one tile holds them all)."""
     check_on_device(Q=Q, unary_term=unary_term, K=K)
-    _check_operands(K, Q)
+    k = _check_operands(K, Q)
     C = Q.shape[1]
-    max_classes = STEP_MAX_CLASSES if compat_matrix is None else STEP_MAX_CLASSES_COMPAT
+    max_classes = band_step_max_classes(compat_matrix is not None)
     if C > max_classes or unary_term.shape != Q.shape:
         raise ValueError(f"band_mean_field_step takes up to {max_classes} classes ({STEP_MAX_CLASSES_COMPAT} with a "
                          f"compat_matrix) and unary_term shaped like Q, got Q {tuple(Q.shape)} and unary_term "
@@ -180,5 +178,5 @@ def band_mean_field_step(
     compat = None if compat_matrix is None else compat_matrix.float().contiguous()
     Q = Q.contiguous()
     out = torch.empty_like(Q, dtype=out_dtype or Q.dtype)
-    return _launch(K.contiguous(), Q, precision, out, max(16, triton.next_power_of_2(C)),
+    return _launch(K.contiguous(), Q, k, precision, out, max(16, triton.next_power_of_2(C)),
                    (unary_term.contiguous(), weight, compat, softmax))

@@ -24,13 +24,11 @@ contiguous vectors of ``BLOCK_J``, interpolated in registers, instead of four ga
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_on_device, interpreting, needs_int64
+from ._launch import check_on_device, interpreting, needs_int64, tuning_off
 
 
 @triton.jit
@@ -149,7 +147,7 @@ def _prune(configs, named_args, **kwargs):
     sp = kwargs["SP"]
     kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_PIXELS"] >= sp * sp] or [
         triton.Config({"BLOCK_PIXELS": sp * sp}, num_warps=8)]
-    return kept[:1] if os.environ.get("CONVCRF_AUTOTUNE", "1") == "0" else kept
+    return tuning_off(kept)
 
 
 # Full-resolution pixels per program and warps; the first is the default (CONVCRF_AUTOTUNE=0). On an H100
@@ -161,13 +159,6 @@ TUNE_CONFIGS = [triton.Config({"BLOCK_PIXELS": bp}, num_warps=nw)
                 for bp, nw in [(256, 2), (1024, 4), (512, 4), (512, 2), (2048, 8), (1024, 8)]]
 _blur_step_tuned = triton.autotune(configs=TUNE_CONFIGS, key=["C", "H", "W", "S", "POOL", "SOFTMAX"],
                                    prune_configs_by={"early_config_prune": _prune})(_blur_step_kernel)
-
-
-def blur_blocks(blur: int) -> tuple[int, int]:
-    """``(SP, BLOCK_PIXELS)`` of the default config: the blur rounded up to a power of two, and the
-    full-resolution pixels per program (at least one pooled cell)."""
-    sp = triton.next_power_of_2(blur)
-    return sp, max(sp * sp, TUNE_CONFIGS[0].kwargs["BLOCK_PIXELS"])
 
 
 # Under the interpreter, whose cost is per operation, not per element: one program per pooled row of a

@@ -26,7 +26,6 @@ picks fused whenever ``K`` would be large (it never allocates k*k memory).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._launch import check_on_device, interpreter_blocks, interpreting, needs_int64
+from ._launch import check_on_device, interpreter_blocks, interpreting, needs_int64, tuning_off
 from .merged_kernel import K_DTYPES, _load_compats, _neighbour, _pixel_block, _tap_weight, feature_meta
 
 # prefer_fused's thresholds (measured, see there): fused for k >= 15 on grids of at most 128² pixels, and
@@ -65,6 +64,34 @@ def _pixel_offsets(pix, CS: tl.constexpr):
 
 
 @triton.jit
+def _step_epilogue(acc, cls, C, cm_ptr, w_ptr, a_ptr, offs, mask, W_STRIDE: tl.constexpr, HAS_COMPAT: tl.constexpr,
+                   SOFTMAX: tl.constexpr, CLASS_AXIS: tl.constexpr):
+    """The mean-field step after the message ``acc`` (every class of its pixels, classes ``cls`` on axis
+    ``CLASS_AXIS`` of the 2-D tile; ``offs``/``mask`` address the tile in ``A``), shared by the direct and the
+    band kernels::
+
+        M' = M + compat @ M (HAS_COMPAT, a tl.dot over the class block)
+        Z  = A + w * M'     (A = (u - w) L, precomputed; w per class, or one: W_STRIDE = 0)
+        out = softmax_c(Z) if SOFTMAX else Z
+    """
+    c_ok = cls < C
+    if HAS_COMPAT:
+        if CLASS_AXIS == 0:  # acc[c, p] += sum_d compat[c, d] acc[d, p]
+            mix = tl.load(cm_ptr + cls[:, None] * C + cls[None, :], mask=c_ok[:, None] & c_ok[None, :], other=0.0)
+            acc += tl.dot(mix.to(tl.float32), acc, input_precision="ieee")
+        else:  # acc[p, c] += sum_d acc[p, d] compat[c, d]
+            mix = tl.load(cm_ptr + cls[None, :] * C + cls[:, None], mask=c_ok[None, :] & c_ok[:, None], other=0.0)
+            acc += tl.dot(acc, mix.to(tl.float32), input_precision="ieee")
+    w_c = tl.load(w_ptr + cls * W_STRIDE, mask=c_ok, other=0.0).to(tl.float32)
+    acc = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32) + tl.expand_dims(w_c, 1 - CLASS_AXIS) * acc
+    if SOFTMAX:
+        z = tl.where(tl.expand_dims(c_ok, 1 - CLASS_AXIS), acc, float("-inf"))
+        e = tl.exp(z - tl.expand_dims(tl.max(z, axis=CLASS_AXIS), CLASS_AXIS))
+        acc = e / tl.expand_dims(tl.sum(e, axis=CLASS_AXIS), CLASS_AXIS)
+    return acc
+
+
+@triton.jit
 def _message_pass_kernel(
     q_ptr, k_ptr, f_ptr, compat_ptr, m_ptr, a_ptr, w_ptr, cm_ptr, C, h, w,
     KSIZE: tl.constexpr, FUSED: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KEEP_CENTRE: tl.constexpr,
@@ -77,14 +104,10 @@ def _message_pass_kernel(
     # Q, M (and A) are [B, C, h, w], or with CS > 0 channels-last [B, h, w, CS]: the classes of a pixel
     # contiguous and zero-padded to CS (a multiple of 4), so that a thread reads 4 classes of a neighbour
     # with one 16-byte load instead of 4 (the padding is loaded, computed and stored as zeros).
-    # With STEP, the epilogue is a whole mean-field step
-    # (one program holds every class of its pixels: BLOCK_C >= C):
-    #     M' = M + compat @ M (HAS_COMPAT, a tl.dot over the class block)
-    #     Z  = A + w * M'     (A = (u - w) L, precomputed; w per class, or one: W_STRIDE = 0)
-    #     out = softmax_c(Z) if SOFTMAX else Z
+    # With STEP, the epilogue is a whole mean-field step (_step_epilogue; one program holds every class of its
+    # pixels: BLOCK_C >= C).
     b, plane, offs, in_img, y, x = _pixel_block(tl.program_id(2), h, w, BLOCK_P, IDX64)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = (cls < C)[:, None]
     img_off, cls_off, io_mask = _class_offsets(b, cls, C, plane, CS)
     q_rows = q_ptr + img_off + cls_off
     if FUSED:
@@ -112,15 +135,7 @@ def _message_pass_kernel(
     out_offs = img_off + cls_off + _pixel_offsets(offs, CS)
     out_mask = io_mask & in_img[None, :]
     if STEP:
-        if HAS_COMPAT:
-            mix = tl.load(cm_ptr + cls[:, None] * C + cls[None, :], mask=c_mask & (cls < C)[None, :], other=0.0)
-            acc += tl.dot(mix.to(tl.float32), acc, input_precision="ieee")
-        w_c = tl.load(w_ptr + cls * W_STRIDE, mask=cls < C, other=0.0).to(tl.float32)
-        acc = tl.load(a_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32) + w_c[:, None] * acc
-        if SOFTMAX:
-            z = tl.where(c_mask, acc, float("-inf"))
-            e = tl.exp(z - tl.max(z, axis=0)[None, :])
-            acc = e / tl.sum(e, axis=0)[None, :]
+        acc = _step_epilogue(acc, cls, C, cm_ptr, w_ptr, a_ptr, out_offs, out_mask, W_STRIDE, HAS_COMPAT, SOFTMAX, 0)
     tl.store(m_ptr + out_offs, acc.to(m_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -189,12 +204,7 @@ def _prune(configs, named_args, **kwargs):
         cfg for cfg in configs
         if cfg.kwargs["BLOCK_C"] <= c_block and cfg.kwargs["BLOCK_C"] * cfg.kwargs["BLOCK_P"] <= 16 * 32 * cfg.num_warps
     ]
-    return _tuning_off(kept or configs[:1])
-
-
-def _tuning_off(configs: list) -> list:
-    """``CONVCRF_AUTOTUNE=0``: the first surviving config, no benchmarking (quick GPU test runs)."""
-    return configs[:1] if os.environ.get("CONVCRF_AUTOTUNE", "1") == "0" else configs
+    return tuning_off(kept or configs[:1])
 
 
 # Tile shapes and tap unroll factors for the GPU; the first is the default (one class block for C <= 32,
@@ -223,7 +233,7 @@ def _prune_step(configs, named_args, **kwargs):
     """The mean-field step's tile is fixed by :func:`step_blocks`; only its warps' count must match it."""
     args = {**named_args, **kwargs}
     num_warps = step_blocks(args["C"], args["HAS_COMPAT"])[2]
-    return _tuning_off([cfg for cfg in configs if cfg.num_warps == num_warps] or configs[:1])
+    return tuning_off([cfg for cfg in configs if cfg.num_warps == num_warps] or configs[:1])
 
 
 # The mean-field step tunes the tap unroll factor only (its tile holds every class, see step_blocks).

@@ -7,6 +7,7 @@ compiled cubins are cached under ``.aot_cache/`` (``CONVCRF_AOT_CACHE``), so rer
 import re
 
 import pytest
+import triton
 from aot import compile_for, sass
 from convcrf_triton.kernels import band_product as bp
 from convcrf_triton.kernels import blur_iteration as bi
@@ -165,7 +166,8 @@ BLUR_OUTPUTS = {"pooled": (True, True), "probabilities": (False, True), "logits"
 
 def _blur_consts(blur, output, idx64=False, block_pixels=None):
     pool, softmax = BLUR_OUTPUTS[output]
-    sp, default_pixels = bi.blur_blocks(blur)
+    sp = triton.next_power_of_2(blur)  # the default config's tile: at least one pooled cell
+    default_pixels = max(sp * sp, bi.TUNE_CONFIGS[0].kwargs["BLOCK_PIXELS"])
     return {"S": blur, "SP": sp, "POOL": pool, "SOFTMAX": softmax, "BLOCK_PIXELS": block_pixels or default_pixels,
             "BLOCK_C": 1, "IDX64": idx64}
 

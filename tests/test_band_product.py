@@ -3,7 +3,7 @@
 import pytest
 import torch
 from convcrf_triton.kernels import band_product as band
-from test_kernels import RTOL, make_inputs, on_gpu_only, rel_err
+from test_kernels import RTOL, make_inputs, on_gpu_only, rel_err, step_inputs
 
 from convcrf_triton import functional, kernels, reference
 
@@ -88,9 +88,9 @@ def test_switched_on_it_carries_the_blurred_inference(monkeypatch, device):
 
 # The one-launch mean-field step on the band kernel (blur 1, two-pass weights, inference), switched on.
 STEP_CASES = [
-    dict(k=3, C=2, mode="textbook", compat=False, per_class=False, final_softmax=False),
-    dict(k=7, C=21, mode="convcrf", compat=True, per_class=True, final_softmax=True),
-    dict(k=11, C=64, mode="textbook", compat=False, per_class=True, final_softmax=False),
+    dict(k=3, C=2, mode="textbook", compat=False, scalar=True, final_softmax=False),
+    dict(k=7, C=21, mode="convcrf", compat=True, scalar=False, final_softmax=True),
+    dict(k=11, C=64, mode="textbook", compat=False, scalar=False, final_softmax=False),
 ]
 
 
@@ -100,12 +100,7 @@ def test_band_step_matches_reference(case, monkeypatch, device):
     calls = []
     op = kernels.band_mean_field_step
     monkeypatch.setattr(kernels, "band_mean_field_step", lambda *a, **kw: calls.append(1) or op(*a, **kw))
-    g = torch.Generator().manual_seed(case["k"] + case["C"])
-    B, C, H, W = 2, case["C"], 9, 13
-    unary = (torch.randn(B, C, H, W, generator=g) * 2).to(device)
-    image = (torch.rand(B, 3, H, W, generator=g) * 255).to(device)
-    weight = (torch.rand(1, C, 1, 1, generator=g) if case["per_class"] else torch.tensor(0.3)).to(device)
-    compat = (torch.randn(C, C, generator=g) * 0.1).to(device) if case["compat"] else None
+    unary, image, weight, compat = step_inputs(case, case["k"] + case["C"], (9, 13), device)
     kw = dict(filter_size=case["k"], blur=1, num_iter=3, mode=case["mode"], compat_matrix=compat,
               final_softmax=case["final_softmax"])
     with torch.no_grad():

@@ -31,6 +31,18 @@ def make_inputs(seed, B, C, h, w, dims, dtype=torch.float32, device="cpu"):
     return feats.to(device), compats.to(device), Q.to(device)
 
 
+def step_inputs(case, seed, size, device):
+    """A mean-field-step case's inputs (2 images of ``case.get("size", size)``): unary logits, RGB image, ``w``
+    (one value if ``case["scalar"]``, else per class) and the ``[C, C]`` compatibility or None."""
+    g = torch.Generator().manual_seed(seed)
+    B, C, (H, W) = 2, case["C"], case.get("size", size)
+    unary = (torch.randn(B, C, H, W, generator=g) * 2).to(device)
+    image = (torch.rand(B, 3, H, W, generator=g) * 255).to(device)
+    weight = (torch.tensor(0.3) if case["scalar"] else torch.rand(1, C, 1, 1, generator=g)).to(device)
+    compat = (torch.randn(C, C, generator=g) * 0.1).to(device) if case["compat"] else None
+    return unary, image, weight, compat
+
+
 def on_gpu_only(*cases):
     """Cases too large for the interpreter: run with ``CONVCRF_TEST_DEVICE=cuda`` only."""
     return [pytest.param(*c, marks=pytest.mark.gpu_only) if isinstance(c, tuple) else
@@ -223,12 +235,7 @@ def test_mean_field_step_matches_reference(case, monkeypatch, device):
     calls = []
     step = kernels.mean_field_step
     monkeypatch.setattr(kernels, "mean_field_step", lambda *a, **kw: calls.append(1) or step(*a, **kw))
-    g = torch.Generator().manual_seed(case["k"] + case["C"])
-    B, C, (H, W) = 2, case["C"], case.get("size", (13, 9))
-    unary = (torch.randn(B, C, H, W, generator=g) * 2).to(device)
-    image = (torch.rand(B, 3, H, W, generator=g) * 255).to(device)
-    weight = (torch.tensor(0.3) if case["scalar"] else torch.rand(1, C, 1, 1, generator=g)).to(device)
-    compat = (torch.randn(C, C, generator=g) * 0.1).to(device) if case["compat"] else None
+    unary, image, weight, compat = step_inputs(case, case["k"] + case["C"], (13, 9), device)
     kw = dict(filter_size=case["k"], blur=1, num_iter=3, mode=case["mode"], weight=weight, compat_matrix=compat,
               final_softmax=case["final_softmax"])
     with torch.no_grad():
@@ -360,12 +367,8 @@ def test_channels_last_step_matches_reference(case, monkeypatch, device):
     step = kernels.mean_field_step
     monkeypatch.setattr(kernels, "mean_field_step",
                         lambda *a, **kw: seen.append(kw["channels_last"]) or step(*a, **kw))
-    g = torch.Generator().manual_seed(case["k"] * case["C"])
-    B, C, (H, W) = 2, case["C"], case.get("size", (11, 9))
-    unary = (torch.randn(B, C, H, W, generator=g) * 2).to(device)
-    image = (torch.rand(B, 3, H, W, generator=g) * 255).to(device)
-    weight = (torch.tensor(0.3) if case["scalar"] else torch.rand(1, C, 1, 1, generator=g)).to(device)
-    compat = (torch.randn(C, C, generator=g) * 0.1).to(device) if case["compat"] else None
+    unary, image, weight, compat = step_inputs(case, case["k"] * case["C"], (11, 9), device)
+    C = case["C"]
     kw = dict(filter_size=case["k"], blur=1, num_iter=3, mode=case["mode"], weight=weight, compat_matrix=compat)
     with torch.no_grad():
         got = functional.mean_field(unary, image, backend="triton", **kw)
