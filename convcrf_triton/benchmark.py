@@ -77,7 +77,7 @@ BAND_IMPL = "triton-band"  # kernels.band_message_pass (tf32x3 tensor-core produ
 BAND_TF32_IMPL = "triton-band-tf32"  # message-pass rows only: the same with one tf32 product per product
 MP_ONLY_IMPLS = (BAND_TF32_IMPL,)
 TRITON_IMPLS = ("triton-fused", "triton-two-pass", "triton-graph", "triton-bf16", "triton-cl", "triton-composed",
-                *MP_ONLY_IMPLS)
+                BAND_IMPL, *MP_ONLY_IMPLS)
 MODEL_IMPLS = ("unfold", "reference", *TRITON_IMPLS)  # every implementation (message-pass-only ones too)
 GRAPH_IMPL = "triton-graph"  # whole-model rows only: the default dispatch, replayed from a CUDA graph
 BF16_IMPL = "triton-bf16"  # the default dispatch with storage="bfloat16"; message pass: two-pass, K and Q bf16

@@ -161,6 +161,13 @@ def test_accuracy_quick_on_a_tiny_set(tmp_path: Path) -> None:
     assert accuracy.main(["--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
 
 
+def test_every_row_can_be_asked_for_by_name() -> None:
+    """Each row the sweep knows how to time is one ``--implementations`` accepts (a row left out of
+    ``TRITON_IMPLS`` was refused on a lent GPU)."""
+    rows = {benchmark.BAND_IMPL, benchmark.BAND_TF32_IMPL, *benchmark.MODEL_ONLY_IMPLS, *benchmark.ROW_SWITCHES}
+    assert rows <= set(benchmark.TRITON_IMPLS) <= set(benchmark.MODEL_IMPLS)
+
+
 def test_gpu_rows_compute_the_same_as_the_reference_under_the_interpreter() -> None:
     """Each GPU row's callable, run by the interpreter on CPU tensors: a row that would fail or compute
     something else must not wait for a lent GPU to show it."""
