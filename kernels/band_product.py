@@ -5,7 +5,7 @@
 
     M[p, c] = sum_n  W[p, n] · Q[n, c],      W[p, n] = K[t(n - p), p] if n - p lies in the k×k window, else 0
 
-which ``tl.dot`` runs on tensor cores, ``BLOCK_N`` neighbours at a time. The direct kernel
+which ``tl.dot`` runs on tensor cores, one row of neighbours at a time. The direct kernel
 (:mod:`.message_passing`) issues one 4-byte load per multiply-add and is bound by load issue (~3.3 TFLOP/s on
 an H100/H200); here a patch of 64 pixels at k = 11 loads its 324 neighbours' ``C`` classes once and each weight
 once (as a masked gather into ``W``), ~5× fewer loads at C = 21, and multiplies the band's zeros for free.
@@ -41,17 +41,19 @@ def band_enabled() -> bool:
 @triton.jit
 def _band_message_pass_kernel(
     q_ptr, k_ptr, m_ptr, a_ptr, w_ptr, cm_ptr, C, h, w,
-    KSIZE: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    KSIZE: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr, IDX64: tl.constexpr, STEP: tl.constexpr = False, W_STRIDE: tl.constexpr = 0,
     HAS_COMPAT: tl.constexpr = False, SOFTMAX: tl.constexpr = False,
 ):
-    # grid: (cdiv(w, PW) * cdiv(h, PH), cdiv(C, BLOCK_C), B). Pixel p of the patch: (y0 + p // PW, x0 + p % PW);
-    # neighbour n of the patch: (y0 - R + n // NW, x0 - R + n % NW), NW = PW + 2R.
+    # grid: (cdiv(w, PW) * cdiv(h, PH), cdiv(C, BLOCK_C), B). Pixel p < PH * PW of the patch: (y0 + p // PW,
+    # x0 + p % PW). Product j takes row j of the patch's neighbourhood, ROW_W = PW + 2R neighbours (a power of
+    # two): n at (y0 - R + j, x0 - R + n), and W[p, n] = K[tap, p] with tap = (j - p // PW) * KSIZE + (n - p % PW)
+    # when both parts lie in [0, KSIZE). The column part (pointers and mask) is the same for every row, so it is
+    # built once, before the loop; a row adds a scalar offset and a per-pixel row test.
     # With STEP (one class block: BLOCK_C >= C) the epilogue is the direct kernel's mean-field step
     # (message_passing._step_epilogue), classes on axis 1.
     R: tl.constexpr = KSIZE // 2
-    NW: tl.constexpr = PW + 2 * R
-    NUM_N: tl.constexpr = (PH + 2 * R) * NW
+    ROW_W: tl.constexpr = PW + 2 * R
     tiles_w = tl.cdiv(w, PW)
     y0 = tl.program_id(0) // tiles_w * PH
     x0 = tl.program_id(0) % tiles_w * PW
@@ -60,27 +62,33 @@ def _band_message_pass_kernel(
     if IDX64:
         b = b.to(tl.int64)
         plane = plane.to(tl.int64)
-    p = tl.arange(0, PH * PW)
+    p = tl.arange(0, BLOCK_P)
     py = y0 + p // PW
     px = x0 + p % PW
-    p_ok = (py < h) & (px < w)
+    p_ok = (p < PH * PW) & (py < h) & (px < w)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cls < C
-    q_img = q_ptr + b * C * plane + cls[None, :] * plane  # [1, BLOCK_C]
-    k_pix = k_ptr + b * (KSIZE * KSIZE) * plane + (py * w + px)[:, None]  # [PH*PW, 1]
-    acc = tl.zeros((PH * PW, BLOCK_C), dtype=tl.float32)
-    for n0 in range(0, NUM_N, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        ny = y0 - R + n // NW
-        nx = x0 - R + n % NW
-        n_ok = (n < NUM_N) & (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-        q = tl.load(q_img + (ny * w + nx)[:, None], mask=n_ok[:, None] & c_ok[None, :], other=0.0)  # [BLOCK_N, C]
-        dy = ny[None, :] - py[:, None]  # [PH*PW, BLOCK_N]
-        dx = nx[None, :] - px[:, None]
-        in_win = (dy >= -R) & (dy <= R) & (dx >= -R) & (dx <= R) & n_ok[None, :] & p_ok[:, None]
-        tap = (dy + R) * KSIZE + (dx + R)
-        band = tl.load(k_pix + tap * plane, mask=in_win, other=0.0)  # W[p, n]
+    n = tl.arange(0, ROW_W)
+    nx = x0 - R + n
+    nx_ok = (nx >= 0) & (nx < w)
+    q_row = q_ptr + b * C * plane + cls[None, :] * plane + ((y0 - R) * w + nx)[:, None]  # [ROW_W, BLOCK_C]
+    tap_x = n[None, :] - (p % PW)[:, None]  # [BLOCK_P, ROW_W]
+    col_ok = (tap_x >= 0) & (tap_x < KSIZE) & nx_ok[None, :]
+    # W[p, n] of row j: K[tap, p] at k_band, which starts at tap row -(p // PW) and moves one tap row (KSIZE
+    # planes) a row; the start in int64 (up to PH - 1 tap rows before K, further than K's own offsets reach).
+    k_band = (k_ptr + b * (KSIZE * KSIZE) * plane + (py * w + px)[:, None] + tap_x * plane
+              - ((p // PW) * KSIZE).to(tl.int64)[:, None] * plane)
+    row_n = tl.full([ROW_W], y0 - R, tl.int32)  # the neighbourhood's first row, per neighbour and per pixel
+    row_p = py - p // PW - R
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for j in range(0, PH + 2 * R):
+        n_ok = nx_ok & (row_n + j >= 0) & (row_n + j < h)
+        q = tl.load(q_row + j * w, mask=n_ok[:, None] & c_ok[None, :], other=0.0)  # [ROW_W, BLOCK_C]
+        tap_y = j - p // PW
+        pix_ok = p_ok & (tap_y >= 0) & (tap_y < KSIZE) & (row_p + j >= 0) & (row_p + j < h)
+        band = tl.load(k_band, mask=col_ok & pix_ok[:, None], other=0.0)  # W[p, n]
         acc = tl.dot(band.to(tl.float32), q.to(tl.float32), acc, input_precision=PRECISION)
+        k_band += KSIZE * plane
     offs = b * C * plane + cls[None, :] * plane + (py * w + px)[:, None]
     mask = p_ok[:, None] & c_ok[None, :]
     if STEP:
@@ -88,13 +96,39 @@ def _band_message_pass_kernel(
     tl.store(m_ptr + offs, acc.to(m_ptr.dtype.element_ty), mask=mask)
 
 
-# GPU tile: an 8×8 pixel patch (the M dimension of the product: 64, the width of a Hopper warpgroup MMA),
-# 32 neighbours per product, up to 32 classes per program; 4 warps (148-218 registers, no spills on sm_80/sm_90).
-# The step holds every class and its epilogue: 8 warps (4 spill on sm_80 at 32 classes with a compatibility).
-PATCH = (8, 8)
-BLOCK_N = 32
+# GPU tile: 64 pixels (the M dimension of the product, the width of a Hopper warpgroup MMA) in a PH × PW patch
+# whose neighbourhood rows are ROW_W = PW + 2R wide, a power of two of at least 16 (the MMA's minimum), one row
+# per product; up to 32 classes per program; 4 warps (8 for 64-wide rows, whose [64, 64] band pointers spill at
+# 4). The step holds every class and its epilogue: 8 warps.
+BLOCK_P = 64
+ROW_WIDTHS = (16, 32, 64)
+# The narrowest patch: K is read PW pixels at a time, so a 2-wide patch reads a quarter of each 32-byte sector
+# (H100, k = 31, 2 × 32 patch: 26.5 ms against 13.3 ms for an 8 × 8 one; bench/NOTES.md).
+MIN_PW = 4
 NUM_WARPS = 4
+WIDE_ROW_NUM_WARPS = 8
 STEP_NUM_WARPS = 8
+
+
+def band_tile(k: int) -> dict[str, int]:
+    """The patch of filter size ``k`` (constexprs ``PH``, ``PW``, ``BLOCK_P``): of the row widths
+    ``ROW_W = PW + 2R`` in :data:`ROW_WIDTHS` with ``PW >= MIN_PW``, the one that loads the fewest band entries
+    per output pixel, ``(PH + 2R) · ROW_W · BLOCK_P / (PH · PW)`` with ``PH = BLOCK_P // PW`` (k = 11: a
+    10 × 6 patch, 16-wide rows: 341 entries, against 2541 loads of the direct kernel at C = 21)."""
+    r = k // 2
+    tiles = [{"PH": BLOCK_P // (rw - 2 * r), "PW": rw - 2 * r, "BLOCK_P": BLOCK_P}
+             for rw in ROW_WIDTHS if MIN_PW <= rw - 2 * r <= BLOCK_P]
+    if not tiles:
+        raise ValueError(f"the band kernel takes filter sizes up to {ROW_WIDTHS[-1] - 2 * MIN_PW + 1}, got k={k}")
+    return min(tiles, key=lambda t: (t["PH"] + 2 * r) * (t["PW"] + 2 * r) / (t["PH"] * t["PW"]))
+
+
+def band_warps(k: int, step: bool) -> int:
+    """Warps per program: :data:`STEP_NUM_WARPS` for the step, else by the row width of ``band_tile(k)``."""
+    if step:
+        return STEP_NUM_WARPS
+    tile = band_tile(k)
+    return NUM_WARPS if tile["PW"] + k - 1 <= 32 else WIDE_ROW_NUM_WARPS
 
 
 def band_blocks(C: int) -> int:
@@ -118,7 +152,7 @@ def _launch(K: torch.Tensor, Q: torch.Tensor, k: int, precision: str, out: torch
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not allowed: expected one of {', '.join(PRECISIONS)}")
     B, C, h, w = Q.shape
-    ph, pw = PATCH
+    tile = band_tile(k)
     dummy = Q.new_empty(1, dtype=torch.float32)
     consts = {}
     a, weight, mix = dummy, dummy, dummy
@@ -126,11 +160,11 @@ def _launch(K: torch.Tensor, Q: torch.Tensor, k: int, precision: str, out: torch
         a, weight, compat, softmax = step
         mix = dummy if compat is None else compat
         consts = dict(STEP=True, W_STRIDE=int(weight.numel() > 1), HAS_COMPAT=compat is not None, SOFTMAX=softmax)
-    grid = (triton.cdiv(h, ph) * triton.cdiv(w, pw), triton.cdiv(C, block_c), B)
+    grid = (triton.cdiv(h, tile["PH"]) * triton.cdiv(w, tile["PW"]), triton.cdiv(C, block_c), B)
     _band_message_pass_kernel[grid](
-        Q, K, out, a, weight, mix, C, h, w, KSIZE=k, PH=ph, PW=pw, BLOCK_N=BLOCK_N,
-        BLOCK_C=block_c, PRECISION=precision, IDX64=needs_int64(Q, K, out), **consts,
-        **({} if interpreting() else {"num_warps": NUM_WARPS if step is None else STEP_NUM_WARPS}),
+        Q, K, out, a, weight, mix, C, h, w, KSIZE=k, **tile, BLOCK_C=block_c, PRECISION=precision,
+        IDX64=needs_int64(Q, K, out), **consts,
+        **({} if interpreting() else {"num_warps": band_warps(k, step is not None)}),
     )
     return out
 

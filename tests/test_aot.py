@@ -204,8 +204,7 @@ BAND_SIGNATURE = {"q_ptr": PTR, "k_ptr": PTR, "m_ptr": PTR, "a_ptr": PTR, "w_ptr
 
 
 def _band_consts(k, precision="tf32x3", idx64=False, block_c=None, **step):
-    ph, pw = bp.PATCH
-    return {"KSIZE": k, "PH": ph, "PW": pw, "BLOCK_N": bp.BLOCK_N, "BLOCK_C": block_c or bp.band_blocks(21),
+    return {"KSIZE": k, **bp.band_tile(k), "BLOCK_C": block_c or bp.band_blocks(21),
             "PRECISION": precision, "IDX64": idx64, **step}
 
 
@@ -217,10 +216,10 @@ def test_band_message_pass_runs_on_tensor_cores_without_spills(arch, k, precisio
     warpgroup tiles) on sm_90; tf32x3 issues three per product. Its operands are staged in shared memory by
     asynchronous copies (LDGSTS), nothing through local memory."""
     consts = _band_consts(k, precision, idx64)
-    usage = compile_for(bp._band_message_pass_kernel, BAND_SIGNATURE, consts, arch, num_warps=bp.NUM_WARPS)
+    usage = compile_for(bp._band_message_pass_kernel, BAND_SIGNATURE, consts, arch, num_warps=bp.band_warps(k, False))
     print(f"band_message_pass k={k} {precision} idx64={idx64} sm_{arch}: {usage}")
     assert usage.stack == 0 and usage.reg <= 255
-    listing = sass(bp._band_message_pass_kernel, BAND_SIGNATURE, consts, arch, num_warps=bp.NUM_WARPS)
+    listing = sass(bp._band_message_pass_kernel, BAND_SIGNATURE, consts, arch, num_warps=bp.band_warps(k, False))
     mma = re.findall(r"\b(?:HMMA|HGMMA)\.\S*TF32\b", listing)
     assert mma and all(op.startswith("HGMMA" if arch == 90 else "HMMA") for op in mma), set(mma)
     assert "LDGSTS" in listing and not re.search(r"\b(?:LDL|STL)\b", listing)
@@ -230,6 +229,6 @@ def test_band_message_pass_runs_on_tensor_cores_without_spills(arch, k, precisio
 @pytest.mark.parametrize("block_c,compat", [(32, False), (32, True), (64, False)])
 def test_band_step_compiles_without_spills(arch, block_c, compat):
     consts = _band_consts(11, block_c=block_c, STEP=True, W_STRIDE=1, HAS_COMPAT=compat, SOFTMAX=True)
-    usage = compile_for(bp._band_message_pass_kernel, BAND_SIGNATURE, consts, arch, num_warps=bp.STEP_NUM_WARPS)
+    usage = compile_for(bp._band_message_pass_kernel, BAND_SIGNATURE, consts, arch, num_warps=bp.band_warps(11, True))
     print(f"band_mean_field_step classes={block_c} compat={compat} sm_{arch}: {usage}")
     assert usage.stack == 0 and usage.reg <= 255

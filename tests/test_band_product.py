@@ -42,6 +42,16 @@ def test_band_message_pass_precisions_on_the_gpu(device):
     assert rel_err(kernels.band_message_pass(K.float(), Q, "tf32"), want) < 3e-3
 
 
+@pytest.mark.gpu_only
+def test_band_message_pass_offsets_past_int32_inside_a_patch(device):
+    """k = 31 over 1024 × 2048: K's offsets fit int32 (2.0e9 elements, so no int64 indexing), but a patch's 62
+    neighbourhood rows reach 61 · 31 planes past its first tap row."""
+    g = torch.Generator(device).manual_seed(3)
+    K = torch.rand(1, 31 * 31, 1024, 2048, device=device, generator=g)
+    Q = torch.rand(1, 2, 1024, 2048, device=device, generator=g)
+    assert rel_err(kernels.band_message_pass(K, Q), kernels.message_pass(K, Q).double()) < RTOL
+
+
 def test_band_message_pass_reads_low_precision_weights(device):
     feats, compats, Q = make_inputs(9, 2, 4, 10, 12, (2, 3), device=device)
     K = kernels.gaussian_weights(feats, (2, 3), compats, 5, False, out_dtype=torch.bfloat16)
