@@ -10,11 +10,14 @@ One run times, on one device, every implementation of the same CRF on the same i
 - ``triton-composed``: the default dispatch with the blurred iterations composed from PyTorch ops around the
   message pass (upsample, add, softmax, pool) instead of one :func:`convcrf_triton.kernels.blur_step` launch
   (differs only at blur > 1; whole-model rows, CUDA only);
-- ``triton-band`` / ``triton-band-tf32``: message-pass rows, :func:`convcrf_triton.kernels.band_message_pass`
-  (the window sum as banded tensor-core products, tf32x3 / tf32); ``triton-band`` whole-model rows: the default
-  dispatch with the blur > 1 message passes on it (``kernels.band_product.BAND``; CUDA only);
+- ``triton-band``: message-pass rows, :func:`convcrf_triton.kernels.band_message_pass` (the window sum as
+  banded tensor-core products, tf32x3); whole-model rows: the default dispatch with every inference pass on it
+  (``kernels.band_product.BAND``; CUDA only);
+- ``triton-tf32``: the default dispatch with ``precision="tf32"`` (k = 5..21 on the band kernel, one tf32
+  product per product); message-pass rows: ``band_message_pass`` in tf32 at every k (CUDA only; its output is
+  judged by label agreement);
 - ``triton-bf16``: the default dispatch with ``storage="bfloat16"`` (message-pass rows: two-pass with ``K``
-  and ``Q`` in bfloat16; CUDA only; its output is compared at bfloat16's tolerance);
+  and ``Q`` in bfloat16; CUDA only; its output is judged by label agreement);
 - ``triton-fused`` / ``triton-two-pass``: ``ConvCRF(backend="triton")`` with the choice of
   :func:`convcrf_triton.kernels.prefer_fused` forced one way or the other, and the blur-1 step in the
   planar layout (CUDA only; on the CPU the
@@ -74,13 +77,13 @@ COLUMNS = [
     "peak_mem_mb", "gflops", "gbs", "roofline_frac", "device", "torch", "triton", "commit", "date",
 ]
 BAND_IMPL = "triton-band"  # kernels.band_message_pass (tf32x3 tensor-core products); whole model: its blur > 1 passes
-BAND_TF32_IMPL = "triton-band-tf32"  # message-pass rows only: the same with one tf32 product per product
-MP_ONLY_IMPLS = (BAND_TF32_IMPL,)
+TF32_IMPL = "triton-tf32"  # precision="tf32"; message pass: band_message_pass with one tf32 product per product
 TRITON_IMPLS = ("triton-fused", "triton-two-pass", "triton-graph", "triton-bf16", "triton-cl", "triton-composed",
-                BAND_IMPL, *MP_ONLY_IMPLS)
+                BAND_IMPL, TF32_IMPL)
 MODEL_IMPLS = ("unfold", "reference", *TRITON_IMPLS)  # every implementation (message-pass-only ones too)
 GRAPH_IMPL = "triton-graph"  # whole-model rows only: the default dispatch, replayed from a CUDA graph
 BF16_IMPL = "triton-bf16"  # the default dispatch with storage="bfloat16"; message pass: two-pass, K and Q bf16
+LOW_PRECISION_IMPLS = (BF16_IMPL, TF32_IMPL)  # outputs judged by label agreement
 CL_IMPL = "triton-cl"  # whole-model rows only: the default dispatch with the channels-last one-launch step
 COMPOSED_IMPL = "triton-composed"  # whole-model rows only: the default dispatch without blur_step
 MODEL_ONLY_IMPLS = (GRAPH_IMPL, CL_IMPL, COMPOSED_IMPL)
@@ -625,9 +628,11 @@ class Bench:
             return lambda: unfold_crf(unary, image, conf, case.C, num_iter=NUM_ITER)
         backend = "torch" if impl == "reference" else "triton"
         crf = ConvCRF.from_convcrf_conf(conf, num_classes=case.C, backend=backend).to(self.dev)
-        if impl == BF16_IMPL:  # storage lives in the config alone: no parameter changes
+        if impl == BF16_IMPL:  # storage and precision live in the config alone: no parameter changes
             crf.config = replace(crf.config, storage="bfloat16")
-        if impl in ("reference", BF16_IMPL):
+        if impl == TF32_IMPL:
+            crf.config = replace(crf.config, precision="tf32")
+        if impl in ("reference", *LOW_PRECISION_IMPLS):
             return lambda: crf(unary, image)
         if impl in (CL_IMPL, COMPOSED_IMPL, BAND_IMPL):
             def run_switched() -> torch.Tensor:
@@ -667,11 +672,11 @@ class Bench:
             from . import kernels
 
             return lambda: kernels.fused_message_pass(feats, FEATURE_DIMS, compats, Q, k, True)
-        if impl in (BAND_IMPL, BAND_TF32_IMPL):
+        if impl in (BAND_IMPL, TF32_IMPL):
             from . import kernels
 
             K = kernels.gaussian_weights(feats, FEATURE_DIMS, compats, k, True)
-            precision = "tf32" if impl == BAND_TF32_IMPL else "tf32x3"
+            precision = "tf32" if impl == TF32_IMPL else "tf32x3"
             return lambda: kernels.band_message_pass(K, Q, precision)
         if impl in ("triton-two-pass", BF16_IMPL):
             from . import kernels
@@ -752,15 +757,16 @@ class Bench:
                ) -> tuple[str, torch.Tensor] | None:
         """All implementations compute the same thing: record the max relative difference to the first.
 
-        bfloat16 storage rounds ``K`` and ``Q`` to 8 bits of mantissa, and mean-field inference amplifies that
-        at pixels whose two best classes nearly tie (the strong synthetic weights give logits of ~100): its
-        largest difference says little, so it is judged by the share of pixels whose label agrees."""
+        bfloat16 storage rounds ``K`` and ``Q`` to 8 bits of mantissa (tf32 products: 10), and mean-field
+        inference amplifies that at pixels whose two best classes nearly tie (the strong synthetic weights give
+        logits of ~100): their largest difference says little, so they are judged by the share of pixels whose
+        label agrees."""
         if first is None:
             return impl, out
         ref_impl, ref = first
         diff = float((out.float() - ref.float()).abs().max() / max(1.0, float(ref.abs().max())))
         check = {"case": case.label(), "implementation": impl, "against": ref_impl, "max_rel_diff": diff}
-        if impl == BF16_IMPL:
+        if impl in LOW_PRECISION_IMPLS:
             check["label_agreement"] = float((out.argmax(1) == ref.argmax(1)).float().mean())
             if check["label_agreement"] < 0.99:
                 self.log(f"  WARNING {impl} labels agree with {ref_impl} on {check['label_agreement']:.2%} of pixels")
@@ -838,7 +844,7 @@ def write_autotune(path: Path) -> int:
 STYLE = {
     "triton-fused": ("tab:red", "o"), "triton-two-pass": ("tab:orange", "s"),
     GRAPH_IMPL: ("tab:purple", "D"), BF16_IMPL: ("tab:brown", "v"), CL_IMPL: ("tab:olive", "P"),
-    COMPOSED_IMPL: ("tab:cyan", "X"), BAND_IMPL: ("tab:pink", "*"), BAND_TF32_IMPL: ("tab:pink", "p"),
+    COMPOSED_IMPL: ("tab:cyan", "X"), BAND_IMPL: ("tab:pink", "*"), TF32_IMPL: ("tab:pink", "p"),
     "reference": ("tab:blue", "^"),
     "unfold": ("tab:gray", "x"), "pydensecrf": ("tab:green", "D"),
 }
@@ -1207,15 +1213,16 @@ def write_summary(out: Path) -> Path:
             lines.append("")
     checks = meta.get("checks", [])
     if checks:
-        worst = max((c for c in checks if c["implementation"] != BF16_IMPL), key=lambda c: c["max_rel_diff"],
-                    default=checks[0])
+        worst = max((c for c in checks if c["implementation"] not in LOW_PRECISION_IMPLS),
+                    key=lambda c: c["max_rel_diff"], default=checks[0])
         lines += [f"Outputs agree: {len(checks)} comparisons of whole-model outputs between implementations, the "
                   f"largest relative difference {worst['max_rel_diff']:.1e} ({worst['implementation']} vs "
                   f"{worst['against']}, {worst['case']}).", ""]
-        agreement = [c["label_agreement"] for c in checks if "label_agreement" in c]
-        if agreement:
-            lines += [f"bfloat16 storage: labels agree with the float32 output on {min(agreement):.2%} to "
-                      f"{max(agreement):.2%} of pixels ({len(agreement)} cases).", ""]
+        for impl, what in ((BF16_IMPL, "bfloat16 storage"), (TF32_IMPL, "tf32 products")):
+            agreement = [c["label_agreement"] for c in checks if c["implementation"] == impl]
+            if agreement:
+                lines += [f"{what}: labels agree with the float32 output on {min(agreement):.2%} to "
+                          f"{max(agreement):.2%} of pixels ({len(agreement)} cases).", ""]
     skipped = meta.get("skipped", [])
     if skipped:
         lines += [f"Skipped ({len(skipped)}):", ""]
@@ -1378,7 +1385,6 @@ def _main(args: argparse.Namespace) -> int:
         notes.append("Triton rows (triton-fused, triton-two-pass) are skipped on the CPU: there the Triton path is "
                      "only the interpreter, whose timings say nothing about the kernels.")
     mp_impls = [i for i in impls if (i != "unfold" or args.device == "cuda") and i not in MODEL_ONLY_IMPLS]
-    impls = [i for i in impls if i not in MP_ONLY_IMPLS]
     densecrf = (wanted is None or "pydensecrf" in wanted) and densecrf_available()
     if not densecrf and (wanted is None or "pydensecrf" in wanted):
         notes.append("pydensecrf rows are skipped: `import pydensecrf.densecrf` failed "

@@ -42,7 +42,7 @@ CRF_FLAGS = {
     "--filter-size": "filter_size", "--blur": "blur", "--iters": "num_iter", "--pos-sdims": "pos_sdims",
     "--pos-compat": "pos_compat", "--col-sdims": "col_sdims", "--col-schan": "col_schan",
     "--col-compat": "col_compat", "--col-use-pos": "col_use_pos", "--mode": "mode", "--backend": "backend",
-    "--storage": "storage",
+    "--storage": "storage", "--precision": "precision",
 }
 
 
@@ -84,6 +84,9 @@ def _add_crf_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--storage", choices=("float32", "bfloat16", "float16"), default=d["storage"],
                    help="dtype of the Gaussian weights and message-pass inputs between kernels; arithmetic "
                         "stays float32 (default %(default)s)")
+    g.add_argument("--precision", choices=("float32", "tf32"), default=d["precision"],
+                   help="tf32: inference message passes (k 5..21, Triton on CUDA) as TF32 tensor-core products, "
+                        "~1e-3 relative error on the messages (default %(default)s)")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N "
                    "(default %(default)s)")
     g.add_argument("--checkpoint", metavar="PATH", help="load a trained ConvCRF (ConvCRF.load) instead of "

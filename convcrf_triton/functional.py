@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .config import BACKENDS
+from .config import BACKENDS, PRECISIONS
 
 Number = float | torch.Tensor
 # ``storage``: the dtype K and the message pass's Q are kept in (None: the compute dtype).
@@ -165,9 +165,11 @@ class MessagePasser:
     def __init__(self, image: torch.Tensor, *, filter_size: int, blur: int, pos_sdims: Number,
                  pos_compat: Number, col_sdims: Number, col_schan: Number, col_compat: Number,
                  col_use_pos: bool, norm: str, keep_centre: bool, ops: ModuleType,
-                 storage: torch.dtype | None = None) -> None:
+                 storage: torch.dtype | None = None, precision: str = "float32") -> None:
         self.k, self.blur, self.keep_centre, self.H, self.W = filter_size, blur, keep_centre, *image.shape[-2:]
         self.storage = storage
+        # The band kernel's product precision for inference's passes (kernels.band_precision), or None.
+        self.band = None if ops is reference else ops.band_precision(filter_size, precision)
         pos, col = features(image, blur, pos_sdims, col_sdims, col_schan, col_use_pos)
         learns_weights = torch.is_grad_enabled() and any(
             isinstance(v, torch.Tensor) and v.requires_grad
@@ -199,8 +201,8 @@ class MessagePasser:
             Xp = Xp.to(self.storage)
         if g.K is None:
             return self.ops.fused_message_pass(g.feats, g.dims, g.compats, Xp, self.k, self.keep_centre)
-        if self.ops is not reference and self.ops.band_enabled() and not (torch.is_grad_enabled() and Xp.requires_grad):
-            return self.ops.band_message_pass(g.K, Xp)
+        if self.band is not None and not (torch.is_grad_enabled() and Xp.requires_grad):
+            return self.ops.band_message_pass(g.K, Xp, self.band)
         return self.ops.message_pass(g.K, Xp)
 
     def _pass(self, g: _Gaussian, X: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -215,7 +217,7 @@ class MessagePasser:
         the caller composes the message pass with PyTorch ops).
 
         Blur 1: one launch per iteration (:func:`~convcrf_triton.kernels.mean_field_step`; every class in one
-        tile; :func:`~convcrf_triton.kernels.band_mean_field_step` when the band kernel is switched on). Every
+        tile; :func:`~convcrf_triton.kernels.band_mean_field_step` where ``kernels.band_precision`` says). Every
         iteration but the last returns the next ``Q`` in the storage dtype; with the kernels' channels-last step
         the tensors are converted once before the loop and once after it.
         Blur > 1: the message on the pooled grid, then one launch for everything at full resolution
@@ -244,13 +246,14 @@ class MessagePasser:
         g = self.gaussians[0]
         dtype = unary_term.dtype
         weight = torch.as_tensor(weight, dtype=dtype, device=Q.device)
-        band = (self.ops.band_enabled() and g.K is not None
+        band = (self.band is not None and g.K is not None
                 and C <= self.ops.band_step_max_classes(compat_matrix is not None))
         channels_last = not band and self.ops.step_channels_last(self.k)
 
         def step(Q: torch.Tensor, softmax: bool, out_dtype: torch.dtype) -> torch.Tensor:
             if band:
-                return self.ops.band_mean_field_step(Q, unary_term, weight, compat_matrix, g.K, softmax, out_dtype)
+                return self.ops.band_mean_field_step(Q, unary_term, weight, compat_matrix, g.K, softmax, out_dtype,
+                                                     self.band)
             return self.ops.mean_field_step(
                 Q, unary_term, weight, compat_matrix, g.K, g.feats if g.K is None else None,
                 g.compats if g.K is None else None, g.dims, self.k, self.keep_centre, softmax, out_dtype=out_dtype,
@@ -303,6 +306,7 @@ def mean_field(
     final_softmax: bool = False,
     backend: str = "auto",
     storage: str = "float32",
+    precision: str = "float32",
 ) -> torch.Tensor:
     """ConvCRF mean-field inference: ``unary [B, C, H, W]``, ``image [B, 3, H, W]`` → refined logits.
 
@@ -312,11 +316,17 @@ def mean_field(
     inputs are computed in float32 and returned in their dtype; float64 stays float64. ``storage``
     (``'float32' | 'bfloat16' | 'float16'``) is the dtype the Gaussian weights ``K`` and the probabilities read
     by the message pass are kept in between kernels (half the bytes and, for ``K``, half the memory); the
-    arithmetic and the logits stay in the compute dtype.
+    arithmetic and the logits stay in the compute dtype. ``precision='tf32'`` lets the Triton backend run the
+    inference message passes of filter sizes 5..21 as TF32 tensor-core products (~1e-3 relative error on the
+    messages, outside the 1e-4 of the default ``'float32'``; see ``kernels.band_precision``); training passes,
+    the PyTorch backend and the other filter sizes stay float32.
     """
     if storage not in STORAGE_DTYPES:
         raise ValueError(f"storage={storage!r} is not allowed: expected one of "
                          + ", ".join(repr(s) for s in STORAGE_DTYPES))
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not allowed: expected one of "
+                         + ", ".join(repr(s) for s in PRECISIONS))
     check_inputs(unary, image)
     out_dtype = unary.dtype
     dtype = torch.float64 if unary.dtype == torch.float64 else torch.float32
@@ -326,6 +336,7 @@ def mean_field(
         image, filter_size=filter_size, blur=blur, pos_sdims=pos_sdims, pos_compat=pos_compat,
         col_sdims=col_sdims, col_schan=col_schan, col_compat=col_compat, col_use_pos=col_use_pos, norm=norm,
         keep_centre=mode == "convcrf", ops=resolve_backend(backend, unary.device), storage=STORAGE_DTYPES[storage],
+        precision=precision,
     )
     L = F.log_softmax(unary, dim=1)
     Q = L if mode == "convcrf" else torch.softmax(L, dim=1)

@@ -62,6 +62,7 @@ class ConvCRF(nn.Module):
         mode: str = "textbook",
         final_softmax: bool = False,
         storage: str = "float32",
+        precision: str = "float32",
     ) -> None:
         super().__init__()
         self.config = CRFConfig(
@@ -69,7 +70,7 @@ class ConvCRF(nn.Module):
             pos_sdims=pos_sdims, pos_compat=pos_compat, col_sdims=col_sdims, col_schan=col_schan,
             col_compat=col_compat, col_use_pos=col_use_pos, weight=weight, weight_init=weight_init,
             unary_weight=unary_weight, norm=norm, merge=merge, convcomp=convcomp, trainable=trainable,
-            backend=backend, mode=mode, final_softmax=final_softmax, storage=storage,
+            backend=backend, mode=mode, final_softmax=final_softmax, storage=storage, precision=precision,
         )
         shape = (1, num_classes, 1, 1) if weight == "vector" else ()
         self._register("weight", torch.full(shape, float(weight_init)))
@@ -138,7 +139,7 @@ class ConvCRF(nn.Module):
             col_schan=self.log_col_schan.exp(), col_compat=self.col_compat, col_use_pos=cfg.col_use_pos,
             weight=self.weight, unary_weight=cfg.unary_weight, norm=cfg.norm,
             compat_matrix=self.compat_matrix, mode=cfg.mode, final_softmax=cfg.final_softmax,
-            backend=cfg.backend, storage=cfg.storage,
+            backend=cfg.backend, storage=cfg.storage, precision=cfg.precision,
         )
 
     def save(self, path: str | Path) -> None:

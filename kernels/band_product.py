@@ -5,17 +5,18 @@
 
     M[p, c] = sum_n  W[p, n] · Q[n, c],      W[p, n] = K[t(n - p), p] if n - p lies in the k×k window, else 0
 
-which ``tl.dot`` runs on tensor cores, one row of neighbours at a time. The direct kernel
-(:mod:`.message_passing`) issues one 4-byte load per multiply-add and is bound by load issue (~3.3 TFLOP/s on
-an H100/H200); here a patch of 64 pixels at k = 11 loads its 324 neighbours' ``C`` classes once and each weight
-once (as a masked gather into ``W``), ~5× fewer loads at C = 21, and multiplies the band's zeros for free.
-``W`` has density ``k² / ((PH + k - 1)(PW + k - 1))``: 37% at k = 11, 9% at k = 3, so the formulation is for
-large k.
+which ``tl.dot`` runs on tensor cores, one row of the patch's neighbourhood (``PW + k - 1`` neighbours, a power
+of two) per product. The direct kernel (:mod:`.message_passing`) issues one 4-byte load per multiply-add and is
+bound by load issue (~3.3 TFLOP/s on an H100/H200); here each weight is loaded once, as a masked gather into
+``W`` (k = 11, 10 × 6 patch: 341 loads per pixel against 2541 at C = 21), and the band's zeros cost MMA time,
+which is cheap. The column part of the gather (pointers, window mask) is the same for every row and is built
+once; a first layout (8 × 8 patches, 32 neighbours in any rows per product) recomputed it per element and
+was 1.2-1.9× slower at k = 3..11 (H100, bench/NOTES.md).
 
 Precision: the products run in ``PRECISION`` (``"tf32x3"``: three tf32 products per float32 product, close to
-float32; ``"tf32"``: one, ~1e-3 relative; ``"ieee"``: plain FMAs), accumulated in float32. Not timed on a GPU
-yet, so not in the default dispatch: :func:`band_message_pass` is the op, and the benchmark's
-``triton-band`` message-pass rows time it against the direct kernel.
+float32; ``"tf32"``: one, ~1e-3 relative; ``"ieee"``: plain FMAs), accumulated in float32. On an H100 tf32x3
+is about as fast as the direct kernel (the operand splits double the work), tf32 1.2-3.0× faster from k = 5:
+:func:`band_precision` says which passes run here.
 """
 
 from __future__ import annotations
@@ -28,14 +29,26 @@ from ._launch import check_on_device, interpreting, needs_int64
 from .message_passing import _step_epilogue
 
 PRECISIONS = ("tf32x3", "tf32", "ieee")
-# Whether inference's pooled-grid message passes (blur > 1) go through band_message_pass instead of the direct
-# kernel: off until timed (the benchmark's triton-band whole-model rows turn it on).
+# Inference's message passes (the blur-1 step, the pooled-grid passes of blur > 1; K materialised, nothing to
+# differentiate) run here instead of the direct kernel
+# - for every filter size, in tf32x3, when BAND is switched on (off: on an H100 tf32x3 is no faster than the
+#   direct kernel but at k = 31; the benchmark's triton-band rows switch it on);
+# - for the filter sizes of TF32_FILTER_SIZES, in tf32, when the model asks for precision="tf32": one tf32
+#   product per product (~1e-3 relative error on the messages), measured 1.2-3.0x faster than the direct kernel
+#   on an H100 at k = 5, 7, 11, 15 (1024 × 2048 and 256 × 512, C = 21 and 64) and below its k = 15 time at
+#   k = 21; slower at k = 3 and 31 (bench/NOTES.md).
 BAND = False
+TF32_FILTER_SIZES = range(5, 22)
 
 
-def band_enabled() -> bool:
-    """Whether the mean-field loop routes its two-pass message passes (blur > 1, inference) to the band kernel."""
-    return BAND
+def band_precision(filter_size: int, precision: str = "float32") -> str | None:
+    """The products' precision of the band kernel for inference's message passes of ``filter_size`` under the
+    model's ``precision`` (``'float32'`` or ``'tf32'``), or None where the direct kernel runs them."""
+    if BAND:
+        return "tf32x3"
+    if precision == "tf32" and filter_size in TF32_FILTER_SIZES:
+        return "tf32"
+    return None
 
 
 @triton.jit

@@ -87,6 +87,8 @@ BAD_PARAMS = [
     ("backend", "cuda"),
     ("storage", "fp8"),
     ("storage", "bf16"),
+    ("precision", "tf32x3"),
+    ("precision", "bfloat16"),
     ("backend", "Torch"),
     ("backend", ""),
     ("backend", None),

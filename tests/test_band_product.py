@@ -96,6 +96,49 @@ def test_switched_on_it_carries_the_blurred_inference(monkeypatch, device):
     assert len(calls) == 4 and abs(grads[0].item() - grads[1].item()) <= 1e-4 * abs(grads[1].item())
 
 
+def test_band_precision_by_filter_size_and_switch(monkeypatch):
+    assert [band.band_precision(k, "tf32") for k in (3, 5, 11, 21, 23, 31)] == [None, *["tf32"] * 3, None, None]
+    assert band.band_precision(11) is None and band.band_precision(11, "float32") is None
+    monkeypatch.setattr(band, "BAND", True)
+    assert band.band_precision(3) == band.band_precision(11, "tf32") == "tf32x3"
+
+
+@pytest.mark.parametrize("k,blur,routed", [(5, 1, True), (7, 2, True), (3, 2, False)])
+def test_tf32_precision_routes_inference_passes_to_the_band_kernel(k, blur, routed, monkeypatch, device):
+    """``precision='tf32'``: inference's passes of k in 5..21 run on the band kernel in tf32 (the blur-1 step,
+    the pooled passes of blur > 1), other filter sizes on the direct kernel. The interpreter multiplies in
+    float32, so on the CPU the output still equals float64's: this checks the plumbing, the GPU test below
+    tf32's error."""
+    precisions = []
+    for name in ("band_message_pass", "band_mean_field_step"):
+        op = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, op=op: precisions.append(a[-1]) or op(*a))
+    case = dict(C=4, scalar=False, compat=blur == 1)
+    unary, image, weight, compat = step_inputs(case, k, (9, 13), device)
+    kw = dict(filter_size=k, blur=blur, num_iter=3, weight=weight)
+    with torch.no_grad():
+        got = functional.mean_field(unary, image, compat_matrix=compat, backend="triton", precision="tf32", **kw)
+    assert precisions == (["tf32"] * 3 if routed else [])
+    want = functional.mean_field(unary.double(), image.double(), compat_matrix=None if compat is None else
+                                 compat.double(), backend="torch", **{**kw, "weight": weight.double()})
+    assert rel_err(got, want) < RTOL
+
+
+@pytest.mark.gpu_only
+def test_tf32_precision_keeps_the_labels_on_the_gpu(device):
+    """One tf32 product per product puts the messages ~1e-3 off; mean-field amplifies that only where classes
+    tie. A CPU emulation (K and Q truncated to tf32 in the PyTorch path) keeps 99.99% of these labels (and
+    99.998% of voc7's): the GPU must keep 99.5%."""
+    for k, blur in ((11, 1), (7, 4)):
+        unary, image, weight, _ = step_inputs(dict(C=21, scalar=False, compat=False), k, (130, 150), device)
+        kw = dict(filter_size=k, blur=blur, weight=weight, backend="triton")
+        with torch.no_grad():
+            want = functional.mean_field(unary, image, **kw)
+            got = functional.mean_field(unary, image, precision="tf32", **kw)
+        assert not torch.equal(got, want)  # tf32 ran
+        assert (got.argmax(1) == want.argmax(1)).double().mean().item() >= 0.995
+
+
 # The one-launch mean-field step on the band kernel (blur 1, two-pass weights, inference), switched on.
 STEP_CASES = [
     dict(k=3, C=2, mode="textbook", compat=False, scalar=True, final_softmax=False),

@@ -319,6 +319,7 @@ def _error_cases(d: Path, t: Path) -> list[tuple[list[str], tuple[str, ...]]]:
         ([*one, "--col-schan", "nan"], ("--col-schan nan",)),
         ([*one, "--backend", "cuda"], ("--backend", "invalid choice")),
         ([*one, "--storage", "fp8"], ("--storage", "invalid choice")),
+        ([*one, "--precision", "tf32x3"], ("--precision", "invalid choice")),
         ([*one, "--device", "tpu"], ("--device tpu",)),
         ([*one, "--device", "cuda:7"], ("--device cuda:7",)),
         ([*one, "--gt-prob", "1.5"], ("--gt-prob",)),
