@@ -317,9 +317,9 @@ def mean_field(
     (``'float32' | 'bfloat16' | 'float16'``) is the dtype the Gaussian weights ``K`` and the probabilities read
     by the message pass are kept in between kernels (half the bytes and, for ``K``, half the memory); the
     arithmetic and the logits stay in the compute dtype. ``precision='tf32'`` lets the Triton backend run the
-    inference message passes of filter sizes 5..21 as TF32 tensor-core products (~1e-3 relative error on the
-    messages, outside the 1e-4 of the default ``'float32'``; see ``kernels.band_precision``); training passes,
-    the PyTorch backend and the other filter sizes stay float32.
+    inference message passes of filter sizes 7..21 as TF32 tensor-core products on rounded operands (messages
+    within ~2e-4 of float32 relative to the largest, outside the 1e-4 of the default ``'float32'``; see
+    ``kernels.band_precision``); training passes, the PyTorch backend and the other filter sizes stay float32.
     """
     if storage not in STORAGE_DTYPES:
         raise ValueError(f"storage={storage!r} is not allowed: expected one of "

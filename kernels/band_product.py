@@ -14,9 +14,10 @@ once; a first layout (8 × 8 patches, 32 neighbours in any rows per product) rec
 was 1.2-1.9× slower at k = 3..11 (H100, bench/NOTES.md).
 
 Precision: the products run in ``PRECISION`` (``"tf32x3"``: three tf32 products per float32 product, close to
-float32; ``"tf32"``: one, ~1e-3 relative; ``"ieee"``: plain FMAs), accumulated in float32. On an H100 tf32x3
-is about as fast as the direct kernel (the operand splits double the work), tf32 1.2-3.0× faster from k = 5:
-:func:`band_precision` says which passes run here.
+float32; ``"tf32"``: one, on operands rounded to the nearest tf32, ~1e-4 relative; ``"ieee"``: plain FMAs),
+accumulated in float32. On an H100 tf32x3 is about as fast as the direct kernel (the operand splits double the
+work) and tf32 (before its operands were rounded) 1.5-3.1× faster from k = 7: :func:`band_precision` says which
+passes run here.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ PRECISIONS = ("tf32x3", "tf32", "ieee")
 # - for every filter size, in tf32x3, when BAND is switched on (off: on an H100 tf32x3 is no faster than the
 #   direct kernel but at k = 31; the benchmark's triton-band rows switch it on);
 # - for the filter sizes of TF32_FILTER_SIZES, in tf32, when the model asks for precision="tf32": one tf32
-#   product per product (~1e-3 relative error on the messages), measured 1.2-3.0x faster than the direct kernel
-#   on an H100 at k = 5, 7, 11, 15 (1024 × 2048 and 256 × 512, C = 21 and 64) and below its k = 15 time at
-#   k = 21; slower at k = 3 and 31 (bench/NOTES.md).
+#   product per product on rounded operands, messages within 2.2e-4 of float64 relative to the largest (k = 7;
+#   less for larger k; 3.3e-4 at k = 5, outside the issue's 3e-4). With truncated operands (Triton's tf32) it
+#   measured 1.5-3.1x faster than the direct kernel on an H100 at k = 7, 11, 15 (1024 × 2048 and 256 × 512,
+#   C = 21 and 64), and at k = 21 below the direct kernel's k = 15 time; the rounding (two integer operations
+#   per operand) has not been timed (bench/NOTES.md).
 BAND = False
-TF32_FILTER_SIZES = range(5, 22)
+TF32_FILTER_SIZES = range(7, 22)
 
 
 def band_precision(filter_size: int, precision: str = "float32") -> str | None:
@@ -49,6 +52,15 @@ def band_precision(filter_size: int, precision: str = "float32") -> str | None:
     if precision == "tf32" and filter_size in TF32_FILTER_SIZES:
         return "tf32"
     return None
+
+
+@triton.jit
+def _round_to_tf32(x):
+    # float32 -> the nearest tf32 (10 mantissa bits, ties away from zero), as float32. Tensor cores drop the low
+    # 13 bits of float32 operands: a bias, ~7e-4 of a sum of positive products at k = 11; rounded first, the
+    # products' errors are unbiased and largely cancel (1.4e-4).
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -99,8 +111,12 @@ def _band_message_pass_kernel(
         q = tl.load(q_row + j * w, mask=n_ok[:, None] & c_ok[None, :], other=0.0)  # [ROW_W, BLOCK_C]
         tap_y = j - p // PW
         pix_ok = p_ok & (tap_y >= 0) & (tap_y < KSIZE) & (row_p + j >= 0) & (row_p + j < h)
-        band = tl.load(k_band, mask=col_ok & pix_ok[:, None], other=0.0)  # W[p, n]
-        acc = tl.dot(band.to(tl.float32), q.to(tl.float32), acc, input_precision=PRECISION)
+        band = tl.load(k_band, mask=col_ok & pix_ok[:, None], other=0.0).to(tl.float32)  # W[p, n]
+        q = q.to(tl.float32)
+        if PRECISION == "tf32":
+            band = _round_to_tf32(band)
+            q = _round_to_tf32(q)
+        acc = tl.dot(band, q, acc, input_precision=PRECISION)
         k_band += KSIZE * plane
     offs = b * C * plane + cls[None, :] * plane + (py * w + px)[:, None]
     mask = p_ok[:, None] & c_ok[None, :]
@@ -110,38 +126,31 @@ def _band_message_pass_kernel(
 
 
 # GPU tile: 64 pixels (the M dimension of the product, the width of a Hopper warpgroup MMA) in a PH × PW patch
-# whose neighbourhood rows are ROW_W = PW + 2R wide, a power of two of at least 16 (the MMA's minimum), one row
-# per product; up to 32 classes per program; 4 warps (8 for 64-wide rows, whose [64, 64] band pointers spill at
-# 4). The step holds every class and its epilogue: 8 warps.
+# whose neighbourhood rows are ROW_W = PW + 2R wide, 16 or 32 (a power of two of at least 16, the MMA's minimum;
+# 64-wide rows spill on sm_80 at k = 31), one row per product; up to 32 classes per program; 4 warps. The step
+# holds every class and its epilogue: 8 warps.
 BLOCK_P = 64
-ROW_WIDTHS = (16, 32, 64)
-# The narrowest patch: K is read PW pixels at a time, so a 2-wide patch reads a quarter of each 32-byte sector
-# (H100, k = 31, 2 × 32 patch: 26.5 ms against 13.3 ms for an 8 × 8 one; bench/NOTES.md).
+ROW_WIDTHS = (16, 32)
+# The narrowest patch where there is a choice: K is read PW pixels at a time, so a 2-wide patch reads a quarter
+# of each 32-byte sector (H100, k = 15: 7.44 ms 2 wide against 5.44 ms 50 wide, tf32x3; bench/NOTES.md). Only
+# k = 31 has no other (26.5 ms in tf32, 13.3 ms with the first layout's 8 × 8 patch).
 MIN_PW = 4
 NUM_WARPS = 4
-WIDE_ROW_NUM_WARPS = 8
 STEP_NUM_WARPS = 8
 
 
 def band_tile(k: int) -> dict[str, int]:
     """The patch of filter size ``k`` (constexprs ``PH``, ``PW``, ``BLOCK_P``): of the row widths
-    ``ROW_W = PW + 2R`` in :data:`ROW_WIDTHS` with ``PW >= MIN_PW``, the one that loads the fewest band entries
-    per output pixel, ``(PH + 2R) · ROW_W · BLOCK_P / (PH · PW)`` with ``PH = BLOCK_P // PW`` (k = 11: a
-    10 × 6 patch, 16-wide rows: 341 entries, against 2541 loads of the direct kernel at C = 21)."""
+    ``ROW_W = PW + 2R`` in :data:`ROW_WIDTHS` (with ``PW >= MIN_PW`` where one has it), the one that loads the
+    fewest band entries per output pixel, ``(PH + 2R) · ROW_W · BLOCK_P / (PH · PW)`` with ``PH = BLOCK_P // PW``
+    (k = 11: a 10 × 6 patch, 16-wide rows: 341 entries, against 2541 loads of the direct kernel at C = 21)."""
     r = k // 2
     tiles = [{"PH": BLOCK_P // (rw - 2 * r), "PW": rw - 2 * r, "BLOCK_P": BLOCK_P}
-             for rw in ROW_WIDTHS if MIN_PW <= rw - 2 * r <= BLOCK_P]
+             for rw in ROW_WIDTHS if rw - 2 * r > 0]
     if not tiles:
-        raise ValueError(f"the band kernel takes filter sizes up to {ROW_WIDTHS[-1] - 2 * MIN_PW + 1}, got k={k}")
+        raise ValueError(f"the band kernel takes filter sizes up to {ROW_WIDTHS[-1] - 1}, got k={k}")
+    tiles = [t for t in tiles if t["PW"] >= MIN_PW] or tiles
     return min(tiles, key=lambda t: (t["PH"] + 2 * r) * (t["PW"] + 2 * r) / (t["PH"] * t["PW"]))
-
-
-def band_warps(k: int, step: bool) -> int:
-    """Warps per program: :data:`STEP_NUM_WARPS` for the step, else by the row width of ``band_tile(k)``."""
-    if step:
-        return STEP_NUM_WARPS
-    tile = band_tile(k)
-    return NUM_WARPS if tile["PW"] + k - 1 <= 32 else WIDE_ROW_NUM_WARPS
 
 
 def band_blocks(C: int) -> int:
@@ -177,7 +186,7 @@ def _launch(K: torch.Tensor, Q: torch.Tensor, k: int, precision: str, out: torch
     _band_message_pass_kernel[grid](
         Q, K, out, a, weight, mix, C, h, w, KSIZE=k, **tile, BLOCK_C=block_c, PRECISION=precision,
         IDX64=needs_int64(Q, K, out), **consts,
-        **({} if interpreting() else {"num_warps": band_warps(k, step is not None)}),
+        **({} if interpreting() else {"num_warps": NUM_WARPS if step is None else STEP_NUM_WARPS}),
     )
     return out
 

@@ -210,25 +210,27 @@ def _band_consts(k, precision="tf32x3", idx64=False, block_c=None, **step):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("k,precision,idx64", [(3, "tf32x3", False), (11, "tf32x3", False), (11, "tf32", False),
-                                               (31, "tf32x3", True)])
+                                               (15, "tf32", False), (21, "tf32", True), (31, "tf32x3", True)])
 def test_band_message_pass_runs_on_tensor_cores_without_spills(arch, k, precision, idx64):
     """The banded product compiles to tensor-core MMAs: HMMA (mma.sync, tf32) on sm_80, HGMMA (wgmma, 64-row
     warpgroup tiles) on sm_90; tf32x3 issues three per product. Its operands are staged in shared memory by
     asynchronous copies (LDGSTS), nothing through local memory."""
     consts = _band_consts(k, precision, idx64)
-    usage = compile_for(bp._band_message_pass_kernel, BAND_SIGNATURE, consts, arch, num_warps=bp.band_warps(k, False))
+    usage = compile_for(bp._band_message_pass_kernel, BAND_SIGNATURE, consts, arch, num_warps=bp.NUM_WARPS)
     print(f"band_message_pass k={k} {precision} idx64={idx64} sm_{arch}: {usage}")
     assert usage.stack == 0 and usage.reg <= 255
-    listing = sass(bp._band_message_pass_kernel, BAND_SIGNATURE, consts, arch, num_warps=bp.band_warps(k, False))
+    listing = sass(bp._band_message_pass_kernel, BAND_SIGNATURE, consts, arch, num_warps=bp.NUM_WARPS)
     mma = re.findall(r"\b(?:HMMA|HGMMA)\.\S*TF32\b", listing)
     assert mma and all(op.startswith("HGMMA" if arch == 90 else "HMMA") for op in mma), set(mma)
     assert "LDGSTS" in listing and not re.search(r"\b(?:LDL|STL)\b", listing)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("block_c,compat", [(32, False), (32, True), (64, False)])
-def test_band_step_compiles_without_spills(arch, block_c, compat):
-    consts = _band_consts(11, block_c=block_c, STEP=True, W_STRIDE=1, HAS_COMPAT=compat, SOFTMAX=True)
-    usage = compile_for(bp._band_message_pass_kernel, BAND_SIGNATURE, consts, arch, num_warps=bp.band_warps(11, True))
-    print(f"band_mean_field_step classes={block_c} compat={compat} sm_{arch}: {usage}")
+@pytest.mark.parametrize("k,precision,block_c,compat", [(11, "tf32x3", 32, False), (11, "tf32x3", 32, True),
+                                                        (11, "tf32x3", 64, False), (21, "tf32", 32, True),
+                                                        (21, "tf32", 64, False)])
+def test_band_step_compiles_without_spills(arch, k, precision, block_c, compat):
+    consts = _band_consts(k, precision, block_c=block_c, STEP=True, W_STRIDE=1, HAS_COMPAT=compat, SOFTMAX=True)
+    usage = compile_for(bp._band_message_pass_kernel, BAND_SIGNATURE, consts, arch, num_warps=bp.STEP_NUM_WARPS)
+    print(f"band_mean_field_step k={k} {precision} classes={block_c} compat={compat} sm_{arch}: {usage}")
     assert usage.stack == 0 and usage.reg <= 255

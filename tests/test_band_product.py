@@ -31,15 +31,29 @@ def test_band_message_pass_matches_reference(k, B, C, h, w, device):
     assert (got.double() - want).abs().max().item() <= RTOL * max(want.abs().max().item(), 1e-30)
 
 
-@pytest.mark.gpu_only
-def test_band_message_pass_precisions_on_the_gpu(device):
-    """tf32x3 keeps float32's accuracy; one tf32 product per product ~1e-3 (the issue keeps a tensor-core
-    variant only within 3e-4: tf32x3 is the default)."""
-    feats, compats, Q = make_inputs(5, 1, 21, 130, 150, (2, 3), device=device)
-    K = reference.gaussian_weights(feats.double(), (2, 3), compats.double(), 11, False)
+@pytest.mark.parametrize("k", [7, 11, 21])
+def test_band_message_pass_in_tf32_stays_within_3e_4(k, device):
+    """One tf32 product per product on operands rounded to the nearest tf32: the issue keeps a tensor-core
+    variant only within 3e-4 (relative to the largest message). Truncated operands, as the tensor cores take
+    float32 ones, were 7-9e-4 off (H100): the rounding happens in the kernel, so the interpreter shows it too.
+    tf32x3 keeps float32's accuracy."""
+    feats, compats, Q = make_inputs(k, 1, 21, 30, 37, (2, 3), device=device)
+    K = reference.gaussian_weights(feats.double(), (2, 3), compats.double(), k, False)
     want = reference.message_pass(K, Q.double())
+    err = rel_err(kernels.band_message_pass(K.float(), Q, "tf32"), want)
+    assert 1e-5 < err < 3e-4  # rounded (not float32), and close
     assert rel_err(kernels.band_message_pass(K.float(), Q, "tf32x3"), want) < 3e-6
-    assert rel_err(kernels.band_message_pass(K.float(), Q, "tf32"), want) < 3e-3
+
+
+def test_tf32_rounding_is_to_nearest_and_symmetric(device):
+    """The operand rounding: float32 → nearest tf32 (10 mantissa bits), halves away from zero, sign kept
+    (the convcrf mode's first pass reads log-probabilities)."""
+    x = torch.tensor([1 + 2**-11, 1 + 2**-11 - 2**-23, 1 + 3 * 2**-11, 0.0, 3.0, 1 - 2**-12], device=device)
+    want = torch.tensor([1 + 2**-10, 1.0, 1 + 2**-9, 0.0, 3.0, 1.0], device=device)
+    for sign in (1, -1):
+        K = torch.ones(1, 1, 1, x.numel(), device=device)
+        got = kernels.band_message_pass(K, (sign * x).reshape(1, 1, 1, -1), "tf32")
+        assert torch.equal(got.reshape(-1), sign * want)
 
 
 @pytest.mark.gpu_only
@@ -97,18 +111,17 @@ def test_switched_on_it_carries_the_blurred_inference(monkeypatch, device):
 
 
 def test_band_precision_by_filter_size_and_switch(monkeypatch):
-    assert [band.band_precision(k, "tf32") for k in (3, 5, 11, 21, 23, 31)] == [None, *["tf32"] * 3, None, None]
+    assert [band.band_precision(k, "tf32") for k in (3, 5, 7, 21, 23, 31)] == [None, None, "tf32", "tf32", None, None]
     assert band.band_precision(11) is None and band.band_precision(11, "float32") is None
     monkeypatch.setattr(band, "BAND", True)
     assert band.band_precision(3) == band.band_precision(11, "tf32") == "tf32x3"
 
 
-@pytest.mark.parametrize("k,blur,routed", [(5, 1, True), (7, 2, True), (3, 2, False)])
+@pytest.mark.parametrize("k,blur,routed", [(7, 1, True), (9, 2, True), (5, 2, False)])
 def test_tf32_precision_routes_inference_passes_to_the_band_kernel(k, blur, routed, monkeypatch, device):
-    """``precision='tf32'``: inference's passes of k in 5..21 run on the band kernel in tf32 (the blur-1 step,
-    the pooled passes of blur > 1), other filter sizes on the direct kernel. The interpreter multiplies in
-    float32, so on the CPU the output still equals float64's: this checks the plumbing, the GPU test below
-    tf32's error."""
+    """``precision='tf32'``: inference's passes of k in 7..21 run on the band kernel in tf32 (the blur-1 step,
+    the pooled passes of blur > 1), other filter sizes on the direct kernel. The messages are within 3e-4
+    (the test above); three iterations compound that to ~5e-4 of the refined logits."""
     precisions = []
     for name in ("band_message_pass", "band_mean_field_step"):
         op = getattr(kernels, name)
@@ -121,14 +134,14 @@ def test_tf32_precision_routes_inference_passes_to_the_band_kernel(k, blur, rout
     assert precisions == (["tf32"] * 3 if routed else [])
     want = functional.mean_field(unary.double(), image.double(), compat_matrix=None if compat is None else
                                  compat.double(), backend="torch", **{**kw, "weight": weight.double()})
-    assert rel_err(got, want) < RTOL
+    assert rel_err(got, want) < (1e-3 if routed else RTOL)
 
 
 @pytest.mark.gpu_only
 def test_tf32_precision_keeps_the_labels_on_the_gpu(device):
-    """One tf32 product per product puts the messages ~1e-3 off; mean-field amplifies that only where classes
-    tie. A CPU emulation (K and Q truncated to tf32 in the PyTorch path) keeps 99.99% of these labels (and
-    99.998% of voc7's): the GPU must keep 99.5%."""
+    """One tf32 product per product puts the messages ~1e-4 off; mean-field amplifies that only where classes
+    tie. A CPU emulation (K and Q rounded to tf32 in the PyTorch path) keeps 99.999% of voc7's labels: the GPU
+    must keep 99.5% of these harsher random ones."""
     for k, blur in ((11, 1), (7, 4)):
         unary, image, weight, _ = step_inputs(dict(C=21, scalar=False, compat=False), k, (130, 150), device)
         kw = dict(filter_size=k, blur=blur, weight=weight, backend="triton")

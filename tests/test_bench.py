@@ -177,12 +177,19 @@ def test_gpu_rows_compute_the_same_as_the_reference_under_the_interpreter() -> N
     case = benchmark.Case("message_pass", 5, 10, 12, 3, 1, 1)
     want = bench.mp_fn("reference", case, image)()
     for impl in ("triton-two-pass", "triton-fused", benchmark.BAND_IMPL, benchmark.TF32_IMPL):
-        torch.testing.assert_close(bench.mp_fn(impl, case, image)(), want, rtol=1e-4, atol=1e-6, msg=impl)
+        got = bench.mp_fn(impl, case, image)()
+        if impl == benchmark.TF32_IMPL:  # tf32 products: judged relative to the largest message
+            assert (got - want).abs().max() < 3e-4 * want.abs().max(), impl
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=impl)
     image, unary = benchmark.synthetic_image(1, 7, 9), benchmark.synthetic_unary(1, 3, 7, 9)
     for blur in (1, 2):
-        case = benchmark.Case("convcrf", 5, 7, 9, 3, 1, blur)  # k = 5: triton-tf32 takes the band kernel
+        case = benchmark.Case("convcrf", 7, 7, 9, 3, 1, blur)  # k = 7: triton-tf32 takes the band kernel
         want = bench.model_fn("reference", case, unary, image)()
         for impl in (benchmark.CL_IMPL, benchmark.COMPOSED_IMPL, benchmark.GRAPH_IMPL, benchmark.BAND_IMPL,
                      benchmark.TF32_IMPL, "triton-two-pass"):
             got = bench.model_fn(impl, case, unary, image)()
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{impl} blur={blur}")
+            if impl == benchmark.TF32_IMPL:
+                assert (got - want).abs().max() < 3e-4 * want.abs().max(), f"{impl} blur={blur}"
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{impl} blur={blur}")
