@@ -13,9 +13,9 @@ One run times, on one device, every implementation of the same CRF on the same i
 - ``triton-band``: message-pass rows, :func:`convcrf_triton.kernels.band_message_pass` (the window sum as
   banded tensor-core products, tf32x3); whole-model rows: the default dispatch with every inference pass on it
   (``kernels.band_product.BAND``; CUDA only);
-- ``triton-tf32``: the default dispatch with ``precision="tf32"`` (k = 7..21 on the band kernel, one tf32
-  product per product); message-pass rows: ``band_message_pass`` in tf32 at every k (CUDA only; its output is
-  judged by label agreement);
+- ``triton-tf32``: the default dispatch with ``precision="tf32"`` (blur > 1, k = 7..21: the pooled-grid passes
+  on the band kernel, one tf32 product per product); message-pass rows: ``band_message_pass`` in tf32 at every
+  k (CUDA only; its output is judged by label agreement);
 - ``triton-bf16``: the default dispatch with ``storage="bfloat16"`` (message-pass rows: two-pass with ``K``
   and ``Q`` in bfloat16; CUDA only; its output is judged by label agreement);
 - ``triton-fused`` / ``triton-two-pass``: ``ConvCRF(backend="triton")`` with the choice of

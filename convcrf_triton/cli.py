@@ -85,8 +85,8 @@ def _add_crf_flags(p: argparse.ArgumentParser) -> None:
                    help="dtype of the Gaussian weights and message-pass inputs between kernels; arithmetic "
                         "stays float32 (default %(default)s)")
     g.add_argument("--precision", choices=("float32", "tf32"), default=d["precision"],
-                   help="tf32: inference message passes (k 7..21, Triton on CUDA) as TF32 tensor-core products, "
-                        "messages within ~2e-4 relative (default %(default)s)")
+                   help="tf32: inference message passes on the pooled grid (blur > 1, k 7..21, Triton on CUDA) as "
+                        "TF32 tensor-core products, messages within ~2e-4 relative (default %(default)s)")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N "
                    "(default %(default)s)")
     g.add_argument("--checkpoint", metavar="PATH", help="load a trained ConvCRF (ConvCRF.load) instead of "

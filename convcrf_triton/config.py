@@ -28,8 +28,8 @@ class CRFConfig:
     ``final_softmax`` returns probabilities instead of logits after the last iteration.
     ``storage`` is the dtype the tensors between kernels are kept in (the Gaussian weights ``K`` and the
     probabilities ``Q`` the message pass reads); arithmetic and logits stay float32 (float64 inputs: float64).
-    ``precision="tf32"`` lets inference on the Triton backend run the message passes of filter sizes 7..21 as
-    TF32 tensor-core products (messages within ~2e-4 relative instead of float32's 1e-6).
+    ``precision="tf32"`` lets inference on the Triton backend run the pooled-grid message passes (blur > 1) of
+    filter sizes 7..21 as TF32 tensor-core products (messages within ~2e-4 relative instead of float32's 1e-6).
     """
 
     num_classes: int

@@ -168,8 +168,10 @@ class MessagePasser:
                  storage: torch.dtype | None = None, precision: str = "float32") -> None:
         self.k, self.blur, self.keep_centre, self.H, self.W = filter_size, blur, keep_centre, *image.shape[-2:]
         self.storage = storage
-        # The band kernel's product precision for inference's passes (kernels.band_precision), or None.
+        # The band kernel's product precision for inference's passes and for the blur-1 step
+        # (kernels.band_precision), or None: the direct kernel.
         self.band = None if ops is reference else ops.band_precision(filter_size, precision)
+        self.band_step = None if ops is reference else ops.band_precision(filter_size, precision, step=True)
         pos, col = features(image, blur, pos_sdims, col_sdims, col_schan, col_use_pos)
         learns_weights = torch.is_grad_enabled() and any(
             isinstance(v, torch.Tensor) and v.requires_grad
@@ -246,14 +248,14 @@ class MessagePasser:
         g = self.gaussians[0]
         dtype = unary_term.dtype
         weight = torch.as_tensor(weight, dtype=dtype, device=Q.device)
-        band = (self.band is not None and g.K is not None
+        band = (self.band_step is not None and g.K is not None
                 and C <= self.ops.band_step_max_classes(compat_matrix is not None))
         channels_last = not band and self.ops.step_channels_last(self.k)
 
         def step(Q: torch.Tensor, softmax: bool, out_dtype: torch.dtype) -> torch.Tensor:
             if band:
                 return self.ops.band_mean_field_step(Q, unary_term, weight, compat_matrix, g.K, softmax, out_dtype,
-                                                     self.band)
+                                                     self.band_step)
             return self.ops.mean_field_step(
                 Q, unary_term, weight, compat_matrix, g.K, g.feats if g.K is None else None,
                 g.compats if g.K is None else None, g.dims, self.k, self.keep_centre, softmax, out_dtype=out_dtype,
@@ -319,7 +321,9 @@ def mean_field(
     arithmetic and the logits stay in the compute dtype. ``precision='tf32'`` lets the Triton backend run the
     inference message passes of filter sizes 7..21 as TF32 tensor-core products on rounded operands (messages
     within ~2e-4 of float32 relative to the largest, outside the 1e-4 of the default ``'float32'``; see
-    ``kernels.band_precision``); training passes, the PyTorch backend and the other filter sizes stay float32.
+    ``kernels.band_precision``): the pooled-grid passes of blur > 1 and the passes of configurations without a
+    one-launch step; the blur-1 step, training passes, the PyTorch backend and the other filter sizes stay
+    float32.
     """
     if storage not in STORAGE_DTYPES:
         raise ValueError(f"storage={storage!r} is not allowed: expected one of "

@@ -34,22 +34,25 @@ PRECISIONS = ("tf32x3", "tf32", "ieee")
 # differentiate) run here instead of the direct kernel
 # - for every filter size, in tf32x3, when BAND is switched on (off: on an H100 tf32x3 is no faster than the
 #   direct kernel but at k = 31; the benchmark's triton-band rows switch it on);
-# - for the filter sizes of TF32_FILTER_SIZES, in tf32, when the model asks for precision="tf32": one tf32
-#   product per product on rounded operands, messages within 2.2e-4 of float64 relative to the largest (k = 7;
-#   less for larger k; 3.3e-4 at k = 5, outside the issue's 3e-4). With truncated operands (Triton's tf32) it
-#   measured 1.5-3.1x faster than the direct kernel on an H100 at k = 7, 11, 15 (1024 × 2048 and 256 × 512,
-#   C = 21 and 64), and at k = 21 below the direct kernel's k = 15 time; the rounding (two integer operations
-#   per operand) has not been timed (bench/NOTES.md).
+# - for the filter sizes of TF32_FILTER_SIZES, in tf32, when the model asks for precision="tf32", the message
+#   passes but not the blur-1 step: one tf32 product per product on rounded operands, messages within 2.2e-4 of
+#   float64 relative to the largest (k = 7; less for larger k; 3.3e-4 at k = 5, outside the issue's 3e-4). With
+#   truncated operands (Triton's tf32) the pass measured 1.5-3.1x faster than the direct kernel on an H100 at
+#   k = 7, 11, 15 (1024 × 2048 and 256 × 512, C = 21 and 64), and at k = 21 below the direct kernel's k = 15
+#   time; the rounding (two integer operations per operand) has not been timed. The band step was 1.3 ms an
+#   iteration slower than the direct planar step at equal message-pass speed (tf32x3, 1024 × 2048, k = 11), more
+#   than tf32 saves, so the blur-1 step stays on the direct kernel (bench/NOTES.md).
 BAND = False
 TF32_FILTER_SIZES = range(7, 22)
 
 
-def band_precision(filter_size: int, precision: str = "float32") -> str | None:
-    """The products' precision of the band kernel for inference's message passes of ``filter_size`` under the
-    model's ``precision`` (``'float32'`` or ``'tf32'``), or None where the direct kernel runs them."""
+def band_precision(filter_size: int, precision: str = "float32", step: bool = False) -> str | None:
+    """The products' precision of the band kernel for inference's message passes (``step``: the blur-1
+    one-launch step) of ``filter_size`` under the model's ``precision`` (``'float32'`` or ``'tf32'``), or None
+    where the direct kernel runs them."""
     if BAND:
         return "tf32x3"
-    if precision == "tf32" and filter_size in TF32_FILTER_SIZES:
+    if precision == "tf32" and filter_size in TF32_FILTER_SIZES and not step:
         return "tf32"
     return None
 
