@@ -123,6 +123,26 @@ def test_forced_variant_reaches_the_kernels(fused: bool) -> None:
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
 
 
+def test_band_ab_script_under_the_interpreter(tmp_path: Path) -> None:
+    """``bench/band_ab.py`` (a GPU A/B, op by op) runs end to end: every variant, outputs that agree with the
+    direct kernel (tf32 within its ~1e-3 on probabilities)."""
+    spec = importlib.util.spec_from_file_location("bench_band_ab", ROOT / "bench" / "band_ab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "ab.csv"
+    assert module.main(["--device", "cpu", "--sizes", "9x12", "--filter-sizes", "7", "--classes", "3",
+                        "--out", str(out)]) == 0
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["op"], r["variant"]) for r in rows] == [
+        ("message_pass", "direct"), ("message_pass", "band-tf32x3"), ("message_pass", "band-tf32"),
+        ("step", "direct-planar"), ("step", "direct-channels-last"), *[
+            ("step", f"band-{p}-{w}w") for p in ("tf32x3", "tf32") for w in (4, 8)]]
+    for r in rows:
+        rounded_tf32 = r["variant"].startswith("band-tf32") and not r["variant"].startswith("band-tf32x3")
+        assert float(r["rel_err"]) < (3e-3 if rounded_tf32 else 1e-5), r
+
+
 def _load_accuracy():
     spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "bench" / "accuracy.py")
     module = importlib.util.module_from_spec(spec)
