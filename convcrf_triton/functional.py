@@ -322,8 +322,8 @@ def mean_field(
     inference message passes of filter sizes 7..21 as TF32 tensor-core products on rounded operands (messages
     within ~2e-4 of float32 relative to the largest, outside the 1e-4 of the default ``'float32'``; see
     ``kernels.band_precision``): the pooled-grid passes of blur > 1 and the passes of configurations without a
-    one-launch step; the blur-1 step, training passes, the PyTorch backend and the other filter sizes stay
-    float32.
+    one-launch step; the blur-1 step, passes that carry a gradient, the PyTorch backend and the other filter
+    sizes stay float32.
     """
     if storage not in STORAGE_DTYPES:
         raise ValueError(f"storage={storage!r} is not allowed: expected one of "
