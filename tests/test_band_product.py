@@ -81,6 +81,8 @@ def test_band_message_pass_rejects_bad_arguments():
         kernels.band_message_pass(torch.rand(1, 8, 4, 5), Q)
     with pytest.raises(ValueError, match="same grid"):
         kernels.band_message_pass(K, torch.rand(1, 2, 4, 6))
+    with pytest.raises(ValueError, match="filter sizes up to 31, got k=33"):
+        kernels.band_message_pass(torch.rand(1, 33 * 33, 4, 5), Q)
     assert band.PRECISIONS[0] == "tf32x3"
 
 
