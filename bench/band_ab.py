@@ -18,7 +18,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,20 +46,12 @@ def timer(device: str) -> Callable[[Callable[[], object]], float]:
     return wall
 
 
-@contextmanager
-def step_warps(module: object, warps: int) -> Iterator[None]:
-    saved = module.STEP_NUM_WARPS
-    module.STEP_NUM_WARPS = warps
-    try:
-        yield
-    finally:
-        module.STEP_NUM_WARPS = saved
-
-
-def variants(kernels: object, band: object, K: torch.Tensor, Q: torch.Tensor, A: torch.Tensor, k: int
+def variants(kernels: object, K: torch.Tensor, Q: torch.Tensor, A: torch.Tensor, k: int
              ) -> Iterator[tuple[str, str, Callable[[], torch.Tensor]]]:
     """``(op, variant, fn)``: the direct kernel's first for each op (the reference of ``rel_err``); every
     ``fn`` returns planar ``[B, C, h, w]``."""
+    from convcrf_triton.benchmark import switched
+
     C = Q.shape[1]
     weight = torch.tensor(0.3, device=Q.device)
     yield "message_pass", "direct", lambda: kernels.message_pass(K, Q)
@@ -79,7 +70,7 @@ def variants(kernels: object, band: object, K: torch.Tensor, Q: torch.Tensor, A:
     for precision in ("tf32x3", "tf32"):
         for warps in (4, 8):
             def run(p: str = precision, nw: int = warps) -> torch.Tensor:
-                with step_warps(band, nw):
+                with switched("band_product", "STEP_NUM_WARPS", nw):
                     return kernels.band_mean_field_step(Q, A, weight, None, K, True, None, p)
 
             yield "step", f"band-{precision}-{warps}w", run
@@ -98,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     bootstrap()
-    from convcrf_triton.kernels import band_product
-
     from convcrf_triton import kernels
 
     time_ms = timer(args.device)
@@ -116,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                     Q = torch.softmax(torch.randn(1, C, h, w, generator=g), 1).to(args.device)
                     A = (torch.randn(1, C, h, w, generator=g) * 2).to(args.device)
                     want: dict[str, torch.Tensor] = {}
-                    for op, variant, fn in variants(kernels, band_product, K, Q, A, k):
+                    for op, variant, fn in variants(kernels, K, Q, A, k):
                         out = fn()
                         ref = want.setdefault(op, out)
                         err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()

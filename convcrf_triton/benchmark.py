@@ -76,14 +76,16 @@ COLUMNS = [
     "implementation", "mode", "k", "H", "W", "C", "B", "blur", "dtype", "median_ms", "p20_ms", "p80_ms",
     "peak_mem_mb", "gflops", "gbs", "roofline_frac", "device", "torch", "triton", "commit", "date",
 ]
-BAND_IMPL = "triton-band"  # kernels.band_message_pass (tf32x3 tensor-core products); whole model: its blur > 1 passes
+BAND_IMPL = "triton-band"  # kernels.band_message_pass (tf32x3 tensor-core products); whole model: kernels' BAND on
 TF32_IMPL = "triton-tf32"  # precision="tf32"; message pass: band_message_pass with one tf32 product per product
 TRITON_IMPLS = ("triton-fused", "triton-two-pass", "triton-graph", "triton-bf16", "triton-cl", "triton-composed",
                 BAND_IMPL, TF32_IMPL)
-MODEL_IMPLS = ("unfold", "reference", *TRITON_IMPLS)  # every implementation (message-pass-only ones too)
+MODEL_IMPLS = ("unfold", "reference", *TRITON_IMPLS)  # every implementation
 GRAPH_IMPL = "triton-graph"  # whole-model rows only: the default dispatch, replayed from a CUDA graph
 BF16_IMPL = "triton-bf16"  # the default dispatch with storage="bfloat16"; message pass: two-pass, K and Q bf16
-LOW_PRECISION_IMPLS = (BF16_IMPL, TF32_IMPL)  # outputs judged by label agreement
+# What a whole-model row changes in the default configuration; their outputs are judged by label agreement.
+ROW_CONFIGS = {BF16_IMPL: {"storage": "bfloat16"}, TF32_IMPL: {"precision": "tf32"}}
+LOW_PRECISION_IMPLS = tuple(ROW_CONFIGS)
 CL_IMPL = "triton-cl"  # whole-model rows only: the default dispatch with the channels-last one-launch step
 COMPOSED_IMPL = "triton-composed"  # whole-model rows only: the default dispatch without blur_step
 MODEL_ONLY_IMPLS = (GRAPH_IMPL, CL_IMPL, COMPOSED_IMPL)
@@ -628,11 +630,9 @@ class Bench:
             return lambda: unfold_crf(unary, image, conf, case.C, num_iter=NUM_ITER)
         backend = "torch" if impl == "reference" else "triton"
         crf = ConvCRF.from_convcrf_conf(conf, num_classes=case.C, backend=backend).to(self.dev)
-        if impl == BF16_IMPL:  # storage and precision live in the config alone: no parameter changes
-            crf.config = replace(crf.config, storage="bfloat16")
-        if impl == TF32_IMPL:
-            crf.config = replace(crf.config, precision="tf32")
-        if impl in ("reference", *LOW_PRECISION_IMPLS):
+        if impl in ROW_CONFIGS:  # storage and precision live in the config alone: no parameter changes
+            crf.config = replace(crf.config, **ROW_CONFIGS[impl])
+        if impl in ("reference", *ROW_CONFIGS):
             return lambda: crf(unary, image)
         if impl in (CL_IMPL, COMPOSED_IMPL, BAND_IMPL):
             def run_switched() -> torch.Tensor:

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._launch import check_on_device, interpreting, needs_int64
-from .message_passing import _step_epilogue
+from .message_passing import _step_epilogue, step_mixing
 
 PRECISIONS = ("tf32x3", "tf32", "ieee")
 # Inference's message passes (the blur-1 step, the pooled-grid passes of blur > 1; K materialised, nothing to
@@ -231,10 +231,7 @@ def band_mean_field_step(
         raise ValueError(f"band_mean_field_step takes up to {max_classes} classes ({STEP_MAX_CLASSES_COMPAT} with a "
                          f"compat_matrix) and unary_term shaped like Q, got Q {tuple(Q.shape)} and unary_term "
                          f"{tuple(unary_term.shape)}")
-    weight = weight.reshape(-1).float().contiguous()
-    if weight.numel() not in (1, C):
-        raise ValueError(f"weight must hold 1 or C={C} values, got {weight.numel()}")
-    compat = None if compat_matrix is None else compat_matrix.float().contiguous()
+    weight, compat = step_mixing(weight, compat_matrix, C)
     Q = Q.contiguous()
     out = torch.empty_like(Q, dtype=out_dtype or Q.dtype)
     return _launch(K.contiguous(), Q, k, precision, out, max(16, triton.next_power_of_2(C)),

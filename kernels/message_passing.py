@@ -332,6 +332,16 @@ def _(Q, unary_term, weight, compat_matrix, K, feats, compats, dims, filter_size
     return Q.new_empty(Q.shape, dtype=out_dtype)
 
 
+def step_mixing(weight: torch.Tensor, compat_matrix: torch.Tensor | None, C: int
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A step's ``w`` (one or ``C`` values, flat) and ``[C, C]`` compatibility as its kernels read them
+    (float32, contiguous), or a ValueError naming the weight."""
+    weight = weight.reshape(-1).float().contiguous()
+    if weight.numel() not in (1, C):
+        raise ValueError(f"weight must hold 1 or C={C} values, got {weight.numel()}")
+    return weight, None if compat_matrix is None else compat_matrix.float().contiguous()
+
+
 def mean_field_step(
     Q: torch.Tensor, unary_term: torch.Tensor, weight: torch.Tensor, compat_matrix: torch.Tensor | None,
     K: torch.Tensor | None, feats: torch.Tensor | None, compats: torch.Tensor | None, dims: Sequence[int],
@@ -351,14 +361,11 @@ def mean_field_step(
     if channels_last is not None and (Q.shape[-1] % 4 or not 0 < C <= Q.shape[-1] or unary_term.shape != Q.shape):
         raise ValueError(f"channels_last={C}: Q and unary_term must be [B, h, w, CS] with CS a multiple of 4 "
                          f">= C, got {tuple(Q.shape)} and {tuple(unary_term.shape)}")
-    weight = weight.reshape(-1).float().contiguous()
-    if weight.numel() not in (1, C):
-        raise ValueError(f"weight must hold 1 or C={C} values, got {weight.numel()}")
+    weight, compat_matrix = step_mixing(weight, compat_matrix, C)
     if feats is not None:
         feats, compats = feats.contiguous().float(), compats.contiguous().float()
     return _mean_field_step_op(
-        Q.contiguous(), unary_term.contiguous(), weight,
-        None if compat_matrix is None else compat_matrix.float().contiguous(),
+        Q.contiguous(), unary_term.contiguous(), weight, compat_matrix,
         None if K is None else _weights_operand(K), feats, compats, list(dims), filter_size, keep_centre,
         softmax, out_dtype or Q.dtype, C, channels_last is not None,
     )
