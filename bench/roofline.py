@@ -1,7 +1,8 @@
 """Write bench/ROOFLINE.md: FLOP and byte counts of one message pass per configuration, the time floor they
 imply on an H100 (issue #6), and, given a GPU run's ``bench.csv``, the measured times against the floor of
 that run's own measured ceilings:
-``python bench/roofline.py bench/results/nvidia-h100/bench.csv > bench/ROOFLINE.md``.
+``python bench/roofline.py bench/results/nvidia-h100/bench.csv bench/results/nvidia-h100-run3/bench.csv >
+bench/ROOFLINE.md`` (each run's message-pass and whole-model rows, where it has them).
 
 Per message pass on the pooled grid ``h × w = ceil(H/blur) × ceil(W/blur)``, B = 1, fp32:
 - FMAs: ``C·k²·h·w`` (2 FLOP each), both variants; the fused one also recomputes the weights,
@@ -10,6 +11,13 @@ Per message pass on the pooled grid ``h × w = ceil(H/blur) × ceil(W/blur)``, B
   write M), fused ``4·(2·C + D)·h·w``; the unfold formulation ``4·(4·C·k² + 2·C + k²)·h·w`` (write the unfolded
   Q, read it, write and read the product, read K, write M).
 - Floor = max(bytes / 3.0 TB/s, FLOP / 60 TFLOP/s): the H100 copy bandwidth and fp32 FMA rate the issue quotes.
+
+The whole model at blur > 1 (T = 5 iterations, the default path) adds full-resolution traffic that no message
+pass can hide, in units of one float32 logits tensor ``N = 4·C·H·W`` bytes: the input check reads the unary
+(1 N), ``blur_start`` reads it (1 N), each ``blur_step`` reads it (T N; plus a per-pixel log-sum-exp plane,
+``4·H·W``), and the last one writes the output (1 N): (T + 3) N. Before ``blur_start`` the set-up was PyTorch's
+log-softmax, softmax, scaling (each a read and a write) and pooling, and the steps read a stored unary term: (T + 9)
+N, and the unary term's N bytes of memory held through the loop.
 """
 
 from __future__ import annotations
@@ -36,6 +44,17 @@ def counts(H: int, W: int, blur: int, C: int, k: int) -> dict[str, float]:
         "bytes_fused": 4.0 * (2 * C + D) * hw,
         "bytes_unfold": 4.0 * (4 * C * k * k + 2 * C + k * k) * hw,
     }
+
+
+def model_bytes(H: int, W: int, blur: int, C: int, k: int, T: int = 5) -> dict[str, float]:
+    """DRAM bytes of one blurred inference (two-pass message passes), ideal caching: ``ours`` now, ``before``
+    the set-up was fused (module docstring)."""
+    hw = math.ceil(H / blur) * math.ceil(W / blur)
+    n, plane = 4.0 * C * H * W, 4.0 * H * W
+    image = 2 * 3 * plane  # the input check's read and the pooled features'
+    pooled = T * (counts(H, W, blur, C, k)["bytes_two_pass"] + 4 * 4.0 * C * hw) + 4.0 * k * k * hw  # + mix, K
+    ours = (T + 3) * n + (1 + T) * plane + image + pooled
+    return {"ours": ours, "before": ours + 6 * n - (1 + T) * plane}
 
 
 def floor_us(flop: float, nbytes: float) -> tuple[float, str]:
@@ -66,8 +85,17 @@ def main() -> None:
           "formulation moves 4·C·k² floats a pixel, memory-bound everywhere, 17–120× above the fused floor. "
           "The 5-iteration model adds per iteration one softmax and the weighting over C·H·W (≈ 3 more passes of "
           "4·C·H·W bytes: ~22 µs at 512², ~176 µs at 1024×2048), plus pooling and bilinear upsampling at blur > 1.")
-    if len(sys.argv) > 1:
-        measured(Path(sys.argv[1]))
+    print("\nThe whole model at blur 4 (T = 5, C = 21, two-pass message passes; bytes per inference and their copy "
+          "floor; 'before': the set-up as PyTorch ops):\n")
+    print("| H×W | k | MB | floor µs | MB before | floor before µs |")
+    print("|---|---|---|---|---|---|")
+    for H, W in ((512, 512), (1024, 2048)):
+        for k in (3, 11):
+            m = model_bytes(H, W, 4, 21, k)
+            print(f"| {H}×{W} | {k} | {m['ours'] / 1e6:.0f} | {1e6 * m['ours'] / COPY_BPS:.0f} "
+                  f"| {m['before'] / 1e6:.0f} | {1e6 * m['before'] / COPY_BPS:.0f} |")
+    for path in sys.argv[1:]:
+        measured(Path(path))
 
 
 def measured(path: Path) -> None:
@@ -78,10 +106,12 @@ def measured(path: Path) -> None:
     fma = 1e9 * float(next(r["gflops"] for r in rows if r["implementation"] == "device" and r["mode"] == "matmul"))
     print(f"\n## Measured: {device} ({path.parent.name})\n")
     print(f"Ceilings measured in the same run: copy {copy_bps / 1e12:.2f} TB/s (read + write), fp32 matmul "
-          f"{fma / 1e12:.1f} TFLOP/s. One message pass (`mode=message_pass` rows, median µs), C = 21, B = 1; "
-          "fraction = floor / measured (the benchmark's `roofline_frac`, which uses the nominal FLOPs):\n")
-    print("| H×W | blur | k | two-pass µs | floor µs | fraction | fused µs | floor µs | fraction | unfold µs |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"{fma / 1e12:.1f} TFLOP/s.")
+    if any(r["implementation"] == "triton-two-pass" and r["mode"] == "message_pass" for r in rows):
+        print("\nOne message pass (`mode=message_pass` rows, median µs), C = 21, B = 1; fraction = floor / measured "
+              "(the benchmark's `roofline_frac`, which uses the nominal FLOPs):\n")
+        print("| H×W | blur | k | two-pass µs | floor µs | fraction | fused µs | floor µs | fraction | unfold µs |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["implementation"] != "triton-two-pass" or r["mode"] != "message_pass":
             continue
@@ -99,6 +129,34 @@ def measured(path: Path) -> None:
                        and x["mode"] == "message_pass" and (x["H"], x["W"], x["blur"], x["k"]) ==
                        (r["H"], r["W"], r["blur"], r["k"])), "–")
         print(f"| {H}×{W} | {blur} | {k} | " + " | ".join(cells) + f" | {unfold} |")
+    whole_model(rows, copy_bps)
+
+
+def whole_model(rows: list[dict[str, str]], copy_bps: float) -> None:
+    """The blurred whole-model rows against their copy floor (``model_bytes``) and the unfold formulation: the
+    speed-up over unfold that the floor allows, next to SPEC §7's 20×."""
+    def median(impl, r):
+        return next((float(x["median_ms"]) for x in rows if x["implementation"] == impl and x["mode"] == "convcrf"
+                     and all(x[n] == r[n] for n in ("H", "W", "blur", "k", "C", "B"))), None)
+
+    lines = []
+    for r in rows:
+        if r["implementation"] != "triton-two-pass" or r["mode"] != "convcrf" or int(r["blur"]) == 1:
+            continue
+        H, W, blur, k, C, B = (int(r[n]) for n in ("H", "W", "blur", "k", "C", "B"))
+        floor = 1e3 * B * model_bytes(H, W, blur, C, k)["ours"] / copy_bps
+        eager, graph, unfold = (median(impl, r) for impl in ("triton-two-pass", "triton-graph", "unfold"))
+        ours = min(eager, graph or eager)
+        ratio = "–" if unfold is None else f"{unfold / ours:.1f}× (floor allows {unfold / floor:.1f}×)"
+        lines.append(f"| {H}×{W} | {blur} | {k} | {eager:.2f} | {'–' if graph is None else f'{graph:.2f}'} "
+                     f"| {floor:.2f} | {floor / ours:.2f} | {'–' if unfold is None else f'{unfold:.2f}'} | {ratio} |")
+    if lines:
+        print("\nWhole model (`mode=convcrf` rows, T = 5, median ms; eager, and replayed from a CUDA graph where the "
+              "run has it) against its copy floor with today's byte count (`model_bytes`; the run may predate "
+              "`blur_start`) and the unfold formulation; fraction and speed-up of the faster of the two:\n")
+        print("| H×W | blur | k | ms | graph ms | floor ms | fraction | unfold ms | speed-up over unfold |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -131,6 +131,15 @@ def _as_vector(value: Number, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device).reshape(1)
 
 
+def unary_setup(unary: torch.Tensor, mode: str, unary_weight: Number, weight: Number
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first iteration's input ``Q`` (``softmax(u)``; ``mode='convcrf'``: ``log_softmax(u)``) and the
+    loop-invariant unary term ``(unary_weight - w) · log_softmax(u)``, both ``[B, C, H, W]``."""
+    L = F.log_softmax(unary, dim=1)
+    Q = L if mode == "convcrf" else torch.softmax(L, dim=1)
+    return Q, (unary_weight - weight) * L
+
+
 def mixer(weight: Number, compat_matrix: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``M ↦ w · (M + compat_matrix @ M)`` per pixel (``M: [B, C, h, w]``): what turns a message into its
     term of the logits."""
@@ -212,8 +221,8 @@ class MessagePasser:
         Mp = self._pooled_pass(g, blur_pool(X, self.blur)).to(X.dtype)
         return blur_upsample(Mp if mix is None else mix(Mp), self.blur, self.H, self.W)
 
-    def steps(self, Q: torch.Tensor, unary_term: torch.Tensor, weight: Number, compat_matrix: torch.Tensor | None,
-              num_iter: int, final_softmax: bool) -> torch.Tensor | None:
+    def steps(self, unary: torch.Tensor, mode: str, unary_weight: Number, weight: Number,
+              compat_matrix: torch.Tensor | None, num_iter: int, final_softmax: bool) -> torch.Tensor | None:
         """All ``num_iter`` iterations with one launch per full-resolution pass, where that applies: the
         Triton backend, one merged Gaussian (``norm='none'``), nothing to differentiate. None otherwise (then
         the caller composes the message pass with PyTorch ops).
@@ -222,30 +231,35 @@ class MessagePasser:
         tile; :func:`~convcrf_triton.kernels.band_mean_field_step` where ``kernels.band_precision`` says). Every
         iteration but the last returns the next ``Q`` in the storage dtype; with the kernels' channels-last step
         the tensors are converted once before the loop and once after it.
-        Blur > 1: the message on the pooled grid, then one launch for everything at full resolution
-        (:func:`~convcrf_triton.kernels.blur_step`: upsample, add the unary, softmax, pool), which hands the
-        next iteration its pooled ``Q`` directly."""
-        tensors = (Q, unary_term, weight, compat_matrix, *(g.feats for g in self.gaussians),
+        Blur > 1: one launch for the set-up (:func:`~convcrf_triton.kernels.blur_start`: the unary's log-sum-exp
+        and the first pooled ``Q``); each iteration the message on the pooled grid, then one launch for everything
+        at full resolution (:func:`~convcrf_triton.kernels.blur_step`: the unary term ``(unary_weight - w) ·
+        log_softmax(u)`` from ``u`` and its log-sum-exp, upsample, add, softmax, pool), which hands the next
+        iteration its pooled ``Q`` directly. No full-resolution tensor but the output is written."""
+        tensors = (unary, unary_weight, weight, compat_matrix, *(g.feats for g in self.gaussians),
                    *(g.compats for g in self.gaussians))
         if (self.ops is reference or len(self.gaussians) != 1 or self.gaussians[0].norm is not None
                 or self.gaussians[0].scale is not None
                 or (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))):
             return None
+        C = unary.shape[1]
         if self.blur > 1:
-            if not self.ops.blur_step_enabled():
+            a = torch.as_tensor(unary_weight - weight, dtype=unary.dtype, device=unary.device).reshape(-1)
+            if not self.ops.blur_step_enabled() or a.numel() not in (1, C):
                 return None
+            a = a.expand(C).float().contiguous()
             mix = mixer(weight, compat_matrix)
-            Qp = blur_pool(Q, self.blur)
+            lse, Qp = self.ops.blur_start(unary, self.blur, log=mode == "convcrf")
             for i in range(num_iter):
                 last = i == num_iter - 1
-                Mp = self._pooled_pass(self.gaussians[0], Qp).to(Q.dtype)
-                Qp = self.ops.blur_step(unary_term, mix(Mp), self.blur, pool=not last,
+                Mp = self._pooled_pass(self.gaussians[0], Qp).to(unary.dtype)
+                Qp = self.ops.blur_step(unary, lse, a, mix(Mp), self.blur, pool=not last,
                                         softmax=not last or final_softmax)
             return Qp
-        C = Q.shape[1]
         if C > (STEP_MAX_CLASSES_COMPAT if compat_matrix is not None else STEP_MAX_CLASSES):
             return None
         g = self.gaussians[0]
+        Q, unary_term = unary_setup(unary, mode, unary_weight, weight)
         dtype = unary_term.dtype
         weight = torch.as_tensor(weight, dtype=dtype, device=Q.device)
         band = (self.band_step is not None and g.K is not None
@@ -342,14 +356,11 @@ def mean_field(
         keep_centre=mode == "convcrf", ops=resolve_backend(backend, unary.device), storage=STORAGE_DTYPES[storage],
         precision=precision,
     )
-    L = F.log_softmax(unary, dim=1)
-    Q = L if mode == "convcrf" else torch.softmax(L, dim=1)
-    unary_term = (unary_weight - weight) * L  # loop-invariant
     compat_matrix = None if compat_matrix is None else compat_matrix.to(dtype)
-
-    out = passer.steps(Q, unary_term, weight, compat_matrix, num_iter, final_softmax)
+    out = passer.steps(unary, mode, unary_weight, weight, compat_matrix, num_iter, final_softmax)
     if out is not None:
         return out.to(out_dtype)
+    Q, unary_term = unary_setup(unary, mode, unary_weight, weight)
     mix = mixer(weight, compat_matrix)
     for i in range(num_iter):
         Z = unary_term + passer(Q, mix)

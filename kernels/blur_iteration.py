@@ -3,21 +3,27 @@
 At ``blur = s > 1`` the message is computed on the pooled grid ``[B, C, h, w]``; everything else of an
 iteration is full-resolution, elementwise or per pixel, and memory-bound::
 
-    Z  = A + upsample_s(M)          (A = (u - w) L: [B, C, H, W]; M: the mixed message, [B, C, h, w])
-    Q' = pool_s(softmax_c(Z))       (the next iteration's pooled probabilities, [B, C, h, w])
+    Z  = a · (u - lse) + upsample_s(M)   (u: the unary logits [B, C, H, W]; lse = log Σ_c exp(u_c): [B, 1, H, W];
+                                          a = unary_weight - w: [C]; M: the mixed message, [B, C, h, w])
+    Q' = pool_s(softmax_c(Z))            (the next iteration's pooled probabilities, [B, C, h, w])
 
+``a · (u - lse)`` is the loop-invariant unary term ``(unary_weight - w) · log_softmax(u)``, recomputed from
+``u`` and one plane of ``lse`` instead of stored: no full-resolution tensor lives between iterations.
 ``upsample_s`` is bilinear ×s (``align_corners=False``) cropped by the blur padding, ``pool_s`` the s×s
 average over the real pixels (``count_include_pad=False``), as :func:`convcrf_triton.functional.blur_upsample`
 and :func:`~convcrf_triton.functional.blur_pool`. Composed from PyTorch ops this is ~8 full-resolution
-passes per iteration (upsample, add, softmax's reductions, pool); here it is one read of ``A``. The last
-iteration stores ``Z`` (or ``softmax(Z)``) at full resolution instead of pooling.
+passes per iteration (upsample, add, softmax's reductions, pool); here it is one read of ``u``. The last
+iteration stores ``Z`` (or ``softmax(Z)``) at full resolution instead of pooling. The loop's set-up is the
+same pass with ``Z = u`` and no message (``START``): it stores ``lse`` and the first iteration's pooled
+``softmax(u)`` (or ``log_softmax(u)``), one read of ``u`` instead of PyTorch's log-softmax, softmax, scaling
+and pooling (~7 full-resolution passes).
 
 Each program owns one pooled row ``i`` and ``BLOCK_J`` pooled columns: a ``[SP, BLOCK_J, SP]`` tile of
 full-resolution pixels (``SP``: ``s`` rounded up to a power of two, the rest masked), whose rows are
-contiguous runs of ``A``. Softmax needs every class of a pixel, but a tile of all classes does not fit in
+contiguous runs of ``u``. Softmax needs every class of a pixel, but a tile of all classes does not fit in
 registers (254 per thread and spills at C = 21), so the classes are a run-time loop, in blocks of
 ``BLOCK_C`` (1 on the GPU): once for the running maximum and sum of ``exp`` (online softmax), once more for
-the probabilities and their s×s sums (the second pass re-reads the program's tile of ``A`` from L1). The
+the probabilities and their s×s sums (the second pass re-reads the program's tile of ``u`` from L1). The
 upsampled message of a class needs pooled rows ``i - 1 .. i + 1`` and columns ``j - 1 .. j + 1`` only: nine
 contiguous vectors of ``BLOCK_J``, interpolated in registers, instead of four gathers per pixel.
 """
@@ -56,28 +62,33 @@ def _row_lerp(m_row, q, h, jv, jx0, jx1, lx, w, c_ok):
 
 
 @triton.jit
-def _logits(a_cls, m_cls, c_ok, offs, ok, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly):
-    """``Z = A + upsample(M)`` of a block of classes over the tile: the full-resolution rows of pooled row
-    ``i`` read pooled rows ``i - 1, i, i + 1`` only (``iy0 ∈ {i-1, i}``, ``iy1 ∈ {i, i+1}``)."""
-    above = _row_lerp(m_cls + (i - 1) * w, i - 1, h, jv, jx0, jx1, lx, w, c_ok)
-    same = _row_lerp(m_cls + i * w, i, h, jv, jx0, jx1, lx, w, c_ok)
-    below = _row_lerp(m_cls + (i + 1) * w, i + 1, h, jv, jx0, jx1, lx, w, c_ok)
-    up = (1.0 - ly) * tl.where(iy0 < i, above, same) + ly * tl.where(iy1 > i, below, same)
-    return tl.load(a_cls + offs, mask=c_ok & ok, other=0.0).to(tl.float32) + up
+def _logits(u_cls, m_cls, a_cls, lse, c_ok, offs, ok, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly, START: tl.constexpr):
+    """``Z = a · (u - lse) + upsample(M)`` of a block of classes over the tile (``u`` itself at the ``START``):
+    the full-resolution rows of pooled row ``i`` read pooled rows ``i - 1, i, i + 1`` only (``iy0 ∈ {i-1, i}``,
+    ``iy1 ∈ {i, i+1}``)."""
+    z = tl.load(u_cls + offs, mask=c_ok & ok, other=0.0).to(tl.float32)
+    if not START:
+        above = _row_lerp(m_cls + (i - 1) * w, i - 1, h, jv, jx0, jx1, lx, w, c_ok)
+        same = _row_lerp(m_cls + i * w, i, h, jv, jx0, jx1, lx, w, c_ok)
+        below = _row_lerp(m_cls + (i + 1) * w, i + 1, h, jv, jx0, jx1, lx, w, c_ok)
+        up = (1.0 - ly) * tl.where(iy0 < i, above, same) + ly * tl.where(iy1 > i, below, same)
+        z = tl.load(a_cls, mask=c_ok, other=0.0) * (z - lse) + up
+    return z
 
 
 @triton.jit
 def _blur_step_kernel(
-    a_ptr, m_ptr, out_ptr, C, H, W, h, w, pad_y, pad_x,
-    S: tl.constexpr, SP: tl.constexpr, POOL: tl.constexpr, SOFTMAX: tl.constexpr, BLOCK_PIXELS: tl.constexpr,
-    BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+    u_ptr, lse_ptr, a_ptr, m_ptr, out_ptr, C, H, W, h, w, pad_y, pad_x,
+    S: tl.constexpr, SP: tl.constexpr, START: tl.constexpr, POOL: tl.constexpr, SOFTMAX: tl.constexpr,
+    LOG: tl.constexpr, BLOCK_PIXELS: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
     # grid: (cdiv(w, BLOCK_J), h, B). Full-resolution pixel (y, x) of pooled cell (i, j), sub-pixel (r, t):
     #   y = i*S + r - pad_y, x = j*S + t - pad_x; its upsampled index is (y + pad_y, x + pad_x).
     # The tile [BLOCK_C, SP, BLOCK_J, SP] is BLOCK_C classes of every full-resolution pixel of BLOCK_J cells.
     # The classes are a run-time loop over blocks of BLOCK_C (1 on the GPU: the registers hold one class's
     # tile; all of them under the interpreter, whose cost is per operation), twice with the softmax: running
-    # max and sum first (online softmax), then the probabilities.
+    # max and sum first (online softmax), then the probabilities (LOG: their logarithms, Z - lse(Z)).
+    # START: Z = u, no message; the first pass also stores lse(u) to lse_ptr (a_ptr and m_ptr unused).
     BLOCK_J: tl.constexpr = BLOCK_PIXELS // (SP * SP)  # pooled columns per program
     i = tl.program_id(1)
     b = tl.program_id(2)
@@ -101,29 +112,40 @@ def _blur_step_kernel(
     iy0, iy1, ly = _source_index(ys, scale, h)
     jx0, jx1, lx = _source_index(xs, scale, w)
     cls = tl.arange(0, BLOCK_C)[:, None, None, None]
-    a_img = a_ptr + b * C * full + cls * full
+    u_img = u_ptr + b * C * full + cls * full
     m_img = m_ptr + b * C * plane + cls * plane
-    geometry = (offs, ok, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly)
+    lse_img = lse_ptr + b * full + offs
+    lse = 0.0
+    if not START:
+        lse = tl.load(lse_img, mask=ok, other=0.0)  # the unary's, loaded once for every class
+    geometry = (offs, ok, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly, START)
     if SOFTMAX:
         top = tl.full((SP, BLOCK_J, SP), float("-inf"), tl.float32)
         total = tl.zeros((SP, BLOCK_J, SP), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             c_ok = cls + c0 < C
-            z = _logits(a_img + c0 * full, m_img + c0 * plane, c_ok, *geometry)
+            z = _logits(u_img + c0 * full, m_img + c0 * plane, a_ptr + c0 + cls, lse, c_ok, *geometry)
             z = tl.where(c_ok, z, float("-inf"))
             new_top = tl.maximum(top, tl.max(z, axis=0))
             total = total * tl.exp(top - new_top) + tl.sum(tl.exp(z - new_top[None]), axis=0)
             top = new_top
         inv_total = 1.0 / total
+        if LOG or START:
+            z_lse = top + tl.log(total)
+        if START:
+            tl.store(lse_img, z_lse[None], mask=ok)
     if POOL:
         count = tl.sum(tl.sum(ok.to(tl.float32), axis=3), axis=1)  # real pixels per cell: [1, BLOCK_J]
         j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)[None, :]
         out_row = out_ptr + b * C * plane + tl.arange(0, BLOCK_C)[:, None] * plane + i * w + j
     for c0 in range(0, C, BLOCK_C):
         c_ok = cls + c0 < C
-        z = _logits(a_img + c0 * full, m_img + c0 * plane, c_ok, *geometry)
+        z = _logits(u_img + c0 * full, m_img + c0 * plane, a_ptr + c0 + cls, lse, c_ok, *geometry)
         if SOFTMAX:
-            z = tl.exp(z - top[None]) * inv_total[None]
+            if LOG:
+                z = z - z_lse[None]
+            else:
+                z = tl.exp(z - top[None]) * inv_total[None]
         if POOL:
             q = tl.sum(tl.sum(tl.where(ok, z, 0.0), axis=3), axis=1) / tl.maximum(count, 1.0)  # [BLOCK_C, BLOCK_J]
             q_ok = (tl.arange(0, BLOCK_C)[:, None] + c0 < C) & (j < w)
@@ -157,7 +179,7 @@ def _prune(configs, named_args, **kwargs):
 # 1024×2048 against the 1024-pixel, 4-warp tile. Every config compiles without spills for sm_80/sm_90.
 TUNE_CONFIGS = [triton.Config({"BLOCK_PIXELS": bp}, num_warps=nw)
                 for bp, nw in [(256, 2), (1024, 4), (512, 4), (512, 2), (2048, 8), (1024, 8)]]
-_blur_step_tuned = triton.autotune(configs=TUNE_CONFIGS, key=["C", "H", "W", "S", "POOL", "SOFTMAX"],
+_blur_step_tuned = triton.autotune(configs=TUNE_CONFIGS, key=["C", "H", "W", "S", "START", "POOL", "SOFTMAX", "LOG"],
                                    prune_configs_by={"early_config_prune": _prune})(_blur_step_kernel)
 
 
@@ -167,16 +189,14 @@ INTERPRETER_BLOCK_J = 64
 INTERPRETER_MAX_BLOCK_C = 64
 
 
-@torch.library.custom_op("convcrf_triton::blur_step", mutates_args=())
-def _blur_step_op(unary_term: torch.Tensor, message: torch.Tensor, blur: int, pool: bool, softmax: bool,
-                  out_dtype: torch.dtype) -> torch.Tensor:
-    B, C, H, W = unary_term.shape
-    h, w = message.shape[-2:]
-    out = unary_term.new_empty((B, C, h, w) if pool else (B, C, H, W), dtype=out_dtype)
+def _launch(unary: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, message: torch.Tensor, out: torch.Tensor,
+            blur: int, *, start: bool, pool: bool, softmax: bool, log: bool) -> None:
+    B, C, H, W = unary.shape
+    h, w = -(-H // blur), -(-W // blur)
     sp = triton.next_power_of_2(blur)
     pad_y, pad_x = (h * blur - H + 1) // 2, (w * blur - W + 1) // 2
-    args = (unary_term, message, out, C, H, W, h, w, pad_y, pad_x)
-    consts = dict(S=blur, SP=sp, POOL=pool, SOFTMAX=softmax, IDX64=needs_int64(unary_term, out))
+    args = (unary, lse, a, message, out, C, H, W, h, w, pad_y, pad_x)
+    consts = dict(S=blur, SP=sp, START=start, POOL=pool, SOFTMAX=softmax, LOG=log, IDX64=needs_int64(unary, out))
     if interpreting():
         grid = (triton.cdiv(w, INTERPRETER_BLOCK_J), h, B)
         _blur_step_kernel[grid](*args, BLOCK_PIXELS=INTERPRETER_BLOCK_J * sp * sp,
@@ -186,34 +206,76 @@ def _blur_step_op(unary_term: torch.Tensor, message: torch.Tensor, blur: int, po
             return (triton.cdiv(w, meta["BLOCK_PIXELS"] // (sp * sp)), h, B)
 
         _blur_step_tuned[grid](*args, BLOCK_C=1, **consts)
+
+
+@torch.library.custom_op("convcrf_triton::blur_start", mutates_args=())
+def _blur_start_op(unary: torch.Tensor, blur: int, log: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    B, C, H, W = unary.shape
+    lse = unary.new_empty((B, 1, H, W), dtype=torch.float32)
+    pooled = unary.new_empty((B, C, -(-H // blur), -(-W // blur)))
+    _launch(unary, lse, unary, unary, pooled, blur, start=True, pool=True, softmax=True, log=log)
+    return lse, pooled
+
+
+@_blur_start_op.register_fake
+def _(unary, blur, log):
+    B, C, H, W = unary.shape
+    return (unary.new_empty((B, 1, H, W), dtype=torch.float32),
+            unary.new_empty((B, C, -(-H // blur), -(-W // blur))))
+
+
+@torch.library.custom_op("convcrf_triton::blur_step", mutates_args=())
+def _blur_step_op(unary: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, message: torch.Tensor, blur: int,
+                  pool: bool, softmax: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    B, C, H, W = unary.shape
+    out = unary.new_empty((B, C, *message.shape[-2:]) if pool else (B, C, H, W), dtype=out_dtype)
+    _launch(unary, lse, a, message, out, blur, start=False, pool=pool, softmax=softmax, log=False)
     return out
 
 
 @_blur_step_op.register_fake
-def _(unary_term, message, blur, pool, softmax, out_dtype):
-    B, C, H, W = unary_term.shape
-    return unary_term.new_empty((B, C, *message.shape[-2:]) if pool else (B, C, H, W), dtype=out_dtype)
+def _(unary, lse, a, message, blur, pool, softmax, out_dtype):
+    B, C, H, W = unary.shape
+    return unary.new_empty((B, C, *message.shape[-2:]) if pool else (B, C, H, W), dtype=out_dtype)
 
 
-def blur_step(unary_term: torch.Tensor, message: torch.Tensor, blur: int, *, pool: bool, softmax: bool,
-              out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``Z = unary_term + upsample(message)`` (``unary_term: [B, C, H, W]``, ``message: [B, C, ceil(H/blur),
-    ceil(W/blur)]``), returned as ``pool(softmax(Z))`` (``pool=True``: the next iteration's pooled
-    probabilities, ``[B, C, h, w]``; needs ``softmax``), else ``softmax(Z)`` or ``Z`` at full resolution.
-    float32 arithmetic; the result in ``out_dtype`` (default: that of ``unary_term``). Not differentiable
-    (inference: training composes the PyTorch ops)."""
-    check_on_device(unary_term=unary_term, message=message)
+def _check_unary(unary: torch.Tensor, blur: int) -> tuple[int, int, int, int]:
     if not isinstance(blur, int) or blur < 2:
         raise ValueError(f"blur must be an int >= 2, got {blur!r}")
-    if unary_term.dim() != 4 or message.dim() != 4:
-        raise ValueError(f"unary_term and message must be 4-D, got {tuple(unary_term.shape)} and "
-                         f"{tuple(message.shape)}")
-    B, C, H, W = unary_term.shape
+    if unary.dim() != 4:
+        raise ValueError(f"unary must be 4-D [B, C, H, W], got shape {tuple(unary.shape)}")
+    return tuple(unary.shape)
+
+
+def blur_start(unary: torch.Tensor, blur: int, *, log: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blurred loop's set-up in one read of the unary logits ``u: [B, C, H, W]``: their per-pixel
+    log-sum-exp ``lse = log Σ_c exp(u_c)`` (``[B, 1, H, W]``, float32) and the first iteration's pooled input,
+    ``pool(softmax(u))`` (``log=True``: ``pool(log_softmax(u))``, ConvCRF's first pass on the
+    log-probabilities), ``[B, C, ceil(H/blur), ceil(W/blur)]`` in the dtype of ``u``. float32 arithmetic."""
+    check_on_device(unary=unary)
+    _check_unary(unary, blur)
+    return _blur_start_op(unary.contiguous(), blur, log)
+
+
+def blur_step(unary: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, message: torch.Tensor, blur: int, *,
+              pool: bool, softmax: bool, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``Z = a · (unary - lse) + upsample(message)`` (``unary: [B, C, H, W]`` logits, ``lse: [B, 1, H, W]`` their
+    log-sum-exp from :func:`blur_start`, ``a: [C]`` the unary term's per-class factor ``unary_weight - w``,
+    ``message: [B, C, ceil(H/blur), ceil(W/blur)]``), returned as ``pool(softmax(Z))`` (``pool=True``: the next
+    iteration's pooled probabilities, ``[B, C, h, w]``; needs ``softmax``), else ``softmax(Z)`` or ``Z`` at full
+    resolution. float32 arithmetic; the result in ``out_dtype`` (default: that of ``unary``). Not
+    differentiable (inference: training composes the PyTorch ops)."""
+    check_on_device(unary=unary, lse=lse, a=a, message=message)
+    B, C, H, W = _check_unary(unary, blur)
     pooled = (B, C, -(-H // blur), -(-W // blur))
     if tuple(message.shape) != pooled:
-        raise ValueError(f"message must be the pooled grid {pooled} of unary_term {tuple(unary_term.shape)} at "
+        raise ValueError(f"message must be the pooled grid {pooled} of unary {tuple(unary.shape)} at "
                          f"blur={blur}, got {tuple(message.shape)}")
+    if tuple(lse.shape) != (B, 1, H, W):
+        raise ValueError(f"lse must be the unary's per-pixel log-sum-exp {(B, 1, H, W)}, got {tuple(lse.shape)}")
+    if tuple(a.shape) != (C,):
+        raise ValueError(f"a must be the {C} classes' unary factors, shape ({C},), got {tuple(a.shape)}")
     if pool and not softmax:
         raise ValueError("pool=True pools the probabilities: it needs softmax=True")
-    return _blur_step_op(unary_term.contiguous(), message.float().contiguous(), blur, pool, softmax,
-                         out_dtype or unary_term.dtype)
+    return _blur_step_op(unary.contiguous(), lse.float().contiguous(), a.float().contiguous(),
+                         message.float().contiguous(), blur, pool, softmax, out_dtype or unary.dtype)

@@ -159,37 +159,53 @@ def test_channels_last_step_reads_classes_16_bytes_at_a_time():
     assert cl128 > planar128 and 4 * cl32 <= planar32, ((planar32, planar128), (cl32, cl128))
 
 
-BLUR_SIGNATURE = {"a_ptr": PTR, "m_ptr": PTR, "out_ptr": PTR, "C": "i32", "H": "i32", "W": "i32", "h": "i32",
-                  "w": "i32", "pad_y": "i32", "pad_x": "i32"}
-BLUR_OUTPUTS = {"pooled": (True, True), "probabilities": (False, True), "logits": (False, False)}
+BLUR_SIGNATURE = {"u_ptr": PTR, "lse_ptr": PTR, "a_ptr": PTR, "m_ptr": PTR, "out_ptr": PTR, "C": "i32", "H": "i32",
+                  "W": "i32", "h": "i32", "w": "i32", "pad_y": "i32", "pad_x": "i32"}
+# (start, pool, softmax, log): the set-up (lse and the pooled softmax or log-softmax of u), then the iterations'.
+BLUR_OUTPUTS = {"start": (True, True, True, False), "start-log": (True, True, True, True),
+                "pooled": (False, True, True, False), "probabilities": (False, False, True, False),
+                "logits": (False, False, False, False)}
 
 
 def _blur_consts(blur, output, idx64=False, block_pixels=None):
-    pool, softmax = BLUR_OUTPUTS[output]
+    start, pool, softmax, log = BLUR_OUTPUTS[output]
     sp = triton.next_power_of_2(blur)  # the default config's tile: at least one pooled cell
     default_pixels = max(sp * sp, bi.TUNE_CONFIGS[0].kwargs["BLOCK_PIXELS"])
-    return {"S": blur, "SP": sp, "POOL": pool, "SOFTMAX": softmax, "BLOCK_PIXELS": block_pixels or default_pixels,
-            "BLOCK_C": 1, "IDX64": idx64}
+    return {"S": blur, "SP": sp, "START": start, "POOL": pool, "SOFTMAX": softmax, "LOG": log,
+            "BLOCK_PIXELS": block_pixels or default_pixels, "BLOCK_C": 1, "IDX64": idx64}
+
+
+# The iterations' outputs at every blur kind (2, odd, 4, int64 offsets, 8); the set-up, a smaller kernel (no
+# message), at blur 3 and 4.
+BLUR_CASES = [(blur, idx64, output) for output in BLUR_OUTPUTS
+              for blur, idx64 in ([(3, False), (4, True)] if BLUR_OUTPUTS[output][0]
+                                  else [(2, False), (3, False), (4, False), (4, True), (8, False)])]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("output", BLUR_OUTPUTS)
-@pytest.mark.parametrize("blur,idx64", [(2, False), (3, False), (4, False), (4, True), (8, False)])
-def test_blur_step_compiles_without_spills(arch, output, blur, idx64):
+@pytest.mark.parametrize("blur,idx64,output", BLUR_CASES, ids=lambda c: str(c))
+def test_blur_step_compiles_without_spills(arch, blur, idx64, output):
     usage = compile_for(bi._blur_step_kernel, BLUR_SIGNATURE, _blur_consts(blur, output, idx64), arch,
                         num_warps=bi.TUNE_CONFIGS[0].num_warps)
     print(f"blur_step blur={blur} {output} idx64={idx64} sm_{arch}: {usage}")
-    assert usage.stack == 0 and usage.reg <= 128  # 45-80 measured: the classes are a loop, not a tile
+    assert usage.stack == 0 and usage.reg <= 128  # the classes are a loop, not a tile
 
 
 def test_blur_step_exponentiates_only_for_the_softmax():
     """The classes run as a loop over one pixel tile: exp (MUFU.EX2) in the softmax variants only, nothing
-    through local memory."""
-    for output in BLUR_OUTPUTS:
-        ops = _opcodes(sass(bi._blur_step_kernel, BLUR_SIGNATURE, _blur_consts(4, output), 90,
-                            num_warps=bi.TUNE_CONFIGS[0].num_warps))
+    through local memory; the set-up reads no message, lse or unary factor, and stores lse."""
+    listings = {output: sass(bi._blur_step_kernel, BLUR_SIGNATURE, _blur_consts(4, output), 90,
+                             num_warps=bi.TUNE_CONFIGS[0].num_warps) for output in BLUR_OUTPUTS}
+    for output, listing in listings.items():
+        ops = _opcodes(listing)
         assert not {op for op in ops if op.startswith(("LDL", "STL"))}, (output, ops)
-        assert ("MUFU.EX2" in ops) == BLUR_OUTPUTS[output][1], output
+        assert ("MUFU.EX2" in ops) == BLUR_OUTPUTS[output][2], output
+
+    def count(pattern):
+        return {output: len(re.findall(pattern, listing)) for output, listing in listings.items()}
+
+    loads, stores = count(r"\bLDG\.E"), count(r"\bSTG\.E")
+    assert loads["start"] < loads["pooled"] and stores["start"] > stores["pooled"], (loads, stores)
 
 
 @pytest.mark.parametrize("cfg", bi.TUNE_CONFIGS, ids=str)

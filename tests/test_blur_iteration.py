@@ -1,5 +1,6 @@
-"""The blurred iteration's full-resolution kernel (``kernels.blur_step``) against the PyTorch composition
-it replaces (``blur_upsample``, add, softmax, ``blur_pool``) in float64, and its place in the mean-field loop."""
+"""The blurred loop's full-resolution kernels (``kernels.blur_start``, ``kernels.blur_step``) against the
+PyTorch composition they replace (``blur_upsample``, add, softmax, ``blur_pool``) in float64, and their place
+in the mean-field loop."""
 
 import pytest
 import torch
@@ -24,19 +25,33 @@ CASES = [
 OUTPUTS = [(True, True), (False, True), (False, False)]  # (pool, softmax)
 
 
+def _inputs(case, seed):
+    """Unary logits ``u``, their float64 log-sum-exp, per-class unary factors ``a`` (either sign, as a trained
+    ``unary_weight - w`` can be) and a pooled message ``M``."""
+    B, C, H, W, s = case
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(B, C, H, W, generator=g) * 3
+    a = torch.rand(C, generator=g) * 2 - 0.5
+    M = torch.randn(B, C, -(-H // s), -(-W // s), generator=g) * 3
+    return u, torch.logsumexp(u.double(), 1, keepdim=True), a, M
+
+
+def _logits(u, lse, a, M, s):
+    """``Z = a · (u - lse) + upsample(M)`` in float64."""
+    return a.double().view(1, -1, 1, 1) * (u.double() - lse) + functional.blur_upsample(M.double(), s, *u.shape[-2:])
+
+
 @pytest.mark.parametrize("pool,softmax", OUTPUTS, ids=["pooled-probabilities", "probabilities", "logits"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_blur_step_matches_composition(case, pool, softmax, device):
     B, C, H, W, s = case
-    g = torch.Generator().manual_seed(B * 1000 + C * 10 + s)
-    h, w = -(-H // s), -(-W // s)
-    A = torch.randn(B, C, H, W, generator=g) * 3
-    M = torch.randn(B, C, h, w, generator=g) * 3
-    Z = A.double() + functional.blur_upsample(M.double(), s, H, W)
+    u, lse, a, M = _inputs(case, B * 1000 + C * 10 + s)
+    Z = _logits(u, lse, a, M, s)
     want = torch.softmax(Z, 1) if softmax else Z
     if pool:
         want = functional.blur_pool(want, s)
-    got = kernels.blur_step(A.to(device), M.to(device), s, pool=pool, softmax=softmax)
+    got = kernels.blur_step(u.to(device), lse.float().to(device), a.to(device), M.to(device), s, pool=pool,
+                            softmax=softmax)
     assert got.shape == want.shape and got.dtype == torch.float32
     # Probabilities are judged on the logits' scale (softmax is 1-Lipschitz in the max norm): the bilinear
     # source index is float32 arithmetic, as in PyTorch's float32 upsampling (1e-7 of an index of ~1000).
@@ -44,23 +59,52 @@ def test_blur_step_matches_composition(case, pool, softmax, device):
     assert ((got.cpu().double() - want).abs().max() / scale).item() < RTOL
 
 
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log-softmax"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_blur_start_matches_composition(case, log, device):
+    """The set-up: the unary's log-sum-exp and the first iteration's pooled (log-)probabilities."""
+    B, C, H, W, s = case
+    u, want_lse, _, _ = _inputs(case, B * 1000 + C * 10 + s + 1)
+    lse, pooled = kernels.blur_start(u.to(device), s, log=log)
+    assert lse.shape == (B, 1, H, W) and lse.dtype == torch.float32
+    assert pooled.shape == (B, C, -(-H // s), -(-W // s)) and pooled.dtype == torch.float32
+    scale = u.abs().max().item()
+    assert (lse.cpu().double() - want_lse).abs().max().item() / scale < RTOL
+    L = u.double() - want_lse
+    want = functional.blur_pool(L if log else L.exp(), s)
+    assert (pooled.cpu().double() - want).abs().max().item() / scale < RTOL
+
+
 def test_blur_step_output_dtype_and_errors():
-    A, M = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 2, 2)
-    assert kernels.blur_step(A, M, 4, pool=False, softmax=False, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+    u, M = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 2, 2)
+    lse, a = torch.logsumexp(u, 1, keepdim=True), torch.ones(3)
+    got = kernels.blur_step(u, lse, a, M, 4, pool=False, softmax=False, out_dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert kernels.blur_start(u.double(), 4)[1].dtype == torch.float64
     with pytest.raises(ValueError, match="blur must be an int >= 2"):
-        kernels.blur_step(A, M, 1, pool=True, softmax=True)
+        kernels.blur_step(u, lse, a, M, 1, pool=True, softmax=True)
+    with pytest.raises(ValueError, match="blur must be an int >= 2"):
+        kernels.blur_start(u, 1)
     with pytest.raises(ValueError, match=r"message must be the pooled grid \(1, 3, 4, 4\)"):
-        kernels.blur_step(A, M, 2, pool=True, softmax=True)
+        kernels.blur_step(u, lse, a, M, 2, pool=True, softmax=True)
+    with pytest.raises(ValueError, match=r"lse must be the unary's per-pixel log-sum-exp \(1, 1, 8, 8\)"):
+        kernels.blur_step(u, lse[:, :, :4], a, M, 4, pool=True, softmax=True)
+    with pytest.raises(ValueError, match=r"a must be the 3 classes' unary factors, shape \(3,\)"):
+        kernels.blur_step(u, lse, a[:1], M, 4, pool=True, softmax=True)
     with pytest.raises(ValueError, match="needs softmax=True"):
-        kernels.blur_step(A, M, 4, pool=True, softmax=False)
+        kernels.blur_step(u, lse, a, M, 4, pool=True, softmax=False)
     with pytest.raises(ValueError, match="must be 4-D"):
-        kernels.blur_step(A[0], M, 4, pool=True, softmax=True)
+        kernels.blur_step(u[0], lse, a, M, 4, pool=True, softmax=True)
+    with pytest.raises(ValueError, match="must be 4-D"):
+        kernels.blur_start(u[0], 4)
 
 
 def _counting(monkeypatch):
+    """The keyword arguments of every blur_step call, after a ``("start", log)`` entry for each blur_start call."""
     calls = []
-    step = kernels.blur_step
+    step, start = kernels.blur_step, kernels.blur_start
     monkeypatch.setattr(kernels, "blur_step", lambda *a, **kw: calls.append(kw) or step(*a, **kw))
+    monkeypatch.setattr(kernels, "blur_start", lambda *a, **kw: calls.append(("start", kw["log"])) or start(*a, **kw))
     return calls
 
 
@@ -88,7 +132,9 @@ def test_blurred_mean_field_runs_one_blur_step_per_iteration(case, monkeypatch, 
     calls = _counting(monkeypatch)
     with torch.no_grad():
         got = functional.mean_field(unary, image, num_iter=3, backend="triton", storage=storage, **case)
-    assert [(c["pool"], c["softmax"]) for c in calls] == [(True, True), (True, True), (False, case["final_softmax"])]
+    assert calls[0] == ("start", case["mode"] == "convcrf")
+    outputs = [(c["pool"], c["softmax"]) for c in calls[1:]]
+    assert outputs == [(True, True), (True, True), (False, case["final_softmax"])]
     ref = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
     want = functional.mean_field(unary.double(), image.double(), num_iter=3, backend="torch", **ref)
     if storage == "float32":
@@ -97,7 +143,7 @@ def test_blurred_mean_field_runs_one_blur_step_per_iteration(case, monkeypatch, 
         monkeypatch.setattr(blur_iteration, "BLUR_STEP", False)
         with torch.no_grad():
             composed = functional.mean_field(unary, image, num_iter=3, backend="triton", storage=storage, **case)
-        assert len(calls) == 3 and rel_err(got, composed) < 1e-4
+        assert len(calls) == 4 and rel_err(got, composed) < 1e-4
 
 
 @pytest.mark.parametrize("why", ["norm", "grad", "switched-off"])
@@ -118,11 +164,14 @@ def test_blurred_mean_field_composes_where_blur_step_does_not_apply(why, monkeyp
 def test_blur_step_one_class_at_a_time(monkeypatch, device):
     """The GPU's class loop (one class per iteration) under the interpreter too, which otherwise takes every
     class at once: a ragged last block of the interpreter's class tile as well."""
-    g = torch.Generator().manual_seed(11)
-    A, M = torch.randn(2, 5, 9, 14, generator=g) * 3, torch.randn(2, 5, 3, 5, generator=g) * 3
-    Z = A.double() + functional.blur_upsample(M.double(), 3, 9, 14)
+    case = (2, 5, 9, 14, 3)
+    u, lse, a, M = _inputs(case, 11)
+    Z = _logits(u, lse, a, M, 3)
     for block_c in (1, 2):
         monkeypatch.setattr(blur_iteration, "INTERPRETER_MAX_BLOCK_C", block_c)
-        got = kernels.blur_step(A.to(device), M.to(device), 3, pool=True, softmax=True)
-        want = functional.blur_pool(torch.softmax(Z, 1), 3)
-        assert rel_err(got.cpu(), want) < RTOL
+        got = kernels.blur_step(u.to(device), lse.float().to(device), a.to(device), M.to(device), 3, pool=True,
+                                softmax=True)
+        assert rel_err(got.cpu(), functional.blur_pool(torch.softmax(Z, 1), 3)) < RTOL
+        got_lse, got_log = kernels.blur_start(u.to(device), 3, log=True)
+        assert rel_err(got_lse.cpu(), lse) < RTOL
+        assert rel_err(got_log.cpu(), functional.blur_pool(u.double() - lse, 3)) < RTOL
