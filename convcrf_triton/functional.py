@@ -227,7 +227,9 @@ class MessagePasser:
         Triton backend, one merged Gaussian (``norm='none'``), nothing to differentiate. None otherwise (then
         the caller composes the message pass with PyTorch ops).
 
-        Blur 1: one launch per iteration (:func:`~convcrf_triton.kernels.mean_field_step`; every class in one
+        Blur 1: one launch for the set-up (:func:`~convcrf_triton.kernels.mean_field_start`: the first ``Q`` and the
+        unary term ``(unary_weight - w) · log_softmax(u)``), then one launch per iteration
+        (:func:`~convcrf_triton.kernels.mean_field_step`; every class in one
         tile; :func:`~convcrf_triton.kernels.band_mean_field_step` where ``kernels.band_precision`` says). Every
         iteration but the last returns the next ``Q`` in the storage dtype; with the kernels' channels-last step
         the tensors are converted once before the loop and once after it.
@@ -243,11 +245,15 @@ class MessagePasser:
                 or (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))):
             return None
         C = unary.shape[1]
+        # The unary term's per-class factor a = unary_weight - w, [C] (a fill, not a host-to-device copy).
+        a = unary_weight - weight
+        a = a.reshape(-1).float() if isinstance(a, torch.Tensor) else unary.new_full((1,), a, dtype=torch.float32)
+        if a.numel() not in (1, C):
+            return None
+        a = a.expand(C).contiguous()
         if self.blur > 1:
-            a = torch.as_tensor(unary_weight - weight, dtype=unary.dtype, device=unary.device).reshape(-1)
-            if not self.ops.blur_step_enabled() or a.numel() not in (1, C):
+            if not self.ops.blur_step_enabled():
                 return None
-            a = a.expand(C).float().contiguous()
             mix = mixer(weight, compat_matrix)
             lse, Qp = self.ops.blur_start(unary, self.blur, log=mode == "convcrf")
             for i in range(num_iter):
@@ -259,9 +265,9 @@ class MessagePasser:
         if C > (STEP_MAX_CLASSES_COMPAT if compat_matrix is not None else STEP_MAX_CLASSES):
             return None
         g = self.gaussians[0]
-        Q, unary_term = unary_setup(unary, mode, unary_weight, weight)
+        Q, unary_term = self.ops.mean_field_start(unary, a, log=mode == "convcrf")
         dtype = unary_term.dtype
-        weight = torch.as_tensor(weight, dtype=dtype, device=Q.device)
+        weight = weight if isinstance(weight, torch.Tensor) else unary.new_full((1,), weight, dtype=dtype)
         band = (self.band_step is not None and g.K is not None
                 and C <= self.ops.band_step_max_classes(compat_matrix is not None))
         channels_last = not band and self.ops.step_channels_last(self.k)

@@ -1,7 +1,7 @@
 """Triton kernels of convcrf-triton (installed as ``convcrf_triton.kernels``)."""
 
 from .band_product import band_mean_field_step, band_message_pass, band_precision, band_step_max_classes
-from .blur_iteration import blur_start, blur_step, blur_step_enabled
+from .blur_iteration import blur_start, blur_step, blur_step_enabled, mean_field_start
 from .merged_kernel import gaussian_weights
 from .message_passing import (
     from_channels_last,
@@ -15,5 +15,5 @@ from .message_passing import (
 
 __all__ = ["gaussian_weights", "message_pass", "fused_message_pass", "mean_field_step", "prefer_fused",
            "step_channels_last", "to_channels_last", "from_channels_last", "blur_start", "blur_step",
-           "blur_step_enabled",
+           "blur_step_enabled", "mean_field_start",
            "band_message_pass", "band_mean_field_step", "band_precision", "band_step_max_classes"]

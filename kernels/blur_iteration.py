@@ -16,7 +16,9 @@ passes per iteration (upsample, add, softmax's reductions, pool); here it is one
 iteration stores ``Z`` (or ``softmax(Z)``) at full resolution instead of pooling. The loop's set-up is the
 same pass with ``Z = u`` and no message (``START``): it stores ``lse`` and the first iteration's pooled
 ``softmax(u)`` (or ``log_softmax(u)``), one read of ``u`` instead of PyTorch's log-softmax, softmax, scaling
-and pooling (~7 full-resolution passes).
+and pooling (~7 full-resolution passes). At blur 1 (``S = 1``: pooling and upsampling are the identity) the same
+set-up hands the one-launch steps of :mod:`.message_passing` their first ``Q`` and the unary term
+``a · log_softmax(u)`` (``TERM``; :func:`mean_field_start`): one read and two writes instead of six passes.
 
 Each program owns one pooled row ``i`` and ``BLOCK_J`` pooled columns: a ``[SP, BLOCK_J, SP]`` tile of
 full-resolution pixels (``SP``: ``s`` rounded up to a power of two, the rest masked), whose rows are
@@ -78,9 +80,9 @@ def _logits(u_cls, m_cls, a_cls, lse, c_ok, offs, ok, i, h, w, jv, jx0, jx1, lx,
 
 @triton.jit
 def _blur_step_kernel(
-    u_ptr, lse_ptr, a_ptr, m_ptr, out_ptr, C, H, W, h, w, pad_y, pad_x,
-    S: tl.constexpr, SP: tl.constexpr, START: tl.constexpr, POOL: tl.constexpr, SOFTMAX: tl.constexpr,
-    LOG: tl.constexpr, BLOCK_PIXELS: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+    u_ptr, lse_ptr, a_ptr, m_ptr, out_ptr, term_ptr, C, H, W, h, w, pad_y, pad_x,
+    S: tl.constexpr, SP: tl.constexpr, START: tl.constexpr, TERM: tl.constexpr, POOL: tl.constexpr,
+    SOFTMAX: tl.constexpr, LOG: tl.constexpr, BLOCK_PIXELS: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
     # grid: (cdiv(w, BLOCK_J), h, B). Full-resolution pixel (y, x) of pooled cell (i, j), sub-pixel (r, t):
     #   y = i*S + r - pad_y, x = j*S + t - pad_x; its upsampled index is (y + pad_y, x + pad_x).
@@ -88,7 +90,8 @@ def _blur_step_kernel(
     # The classes are a run-time loop over blocks of BLOCK_C (1 on the GPU: the registers hold one class's
     # tile; all of them under the interpreter, whose cost is per operation), twice with the softmax: running
     # max and sum first (online softmax), then the probabilities (LOG: their logarithms, Z - lse(Z)).
-    # START: Z = u, no message; the first pass also stores lse(u) to lse_ptr (a_ptr and m_ptr unused).
+    # START: Z = u, no message (m_ptr unused); the first pass stores lse(u) to lse_ptr, or with TERM the second
+    # stores the unary term a * (u - lse(u)) to term_ptr at full resolution (blur 1's steps read it).
     BLOCK_J: tl.constexpr = BLOCK_PIXELS // (SP * SP)  # pooled columns per program
     i = tl.program_id(1)
     b = tl.program_id(2)
@@ -132,7 +135,7 @@ def _blur_step_kernel(
         inv_total = 1.0 / total
         if LOG or START:
             z_lse = top + tl.log(total)
-        if START:
+        if START and not TERM:
             tl.store(lse_img, z_lse[None], mask=ok)
     if POOL:
         count = tl.sum(tl.sum(ok.to(tl.float32), axis=3), axis=1)  # real pixels per cell: [1, BLOCK_J]
@@ -141,6 +144,10 @@ def _blur_step_kernel(
     for c0 in range(0, C, BLOCK_C):
         c_ok = cls + c0 < C
         z = _logits(u_img + c0 * full, m_img + c0 * plane, a_ptr + c0 + cls, lse, c_ok, *geometry)
+        full_offs = b * C * full + (cls + c0) * full + offs
+        if TERM:
+            term = tl.load(a_ptr + c0 + cls, mask=c_ok, other=0.0) * (z - z_lse[None])
+            tl.store(term_ptr + full_offs, term.to(term_ptr.dtype.element_ty), mask=c_ok & ok)
         if SOFTMAX:
             if LOG:
                 z = z - z_lse[None]
@@ -151,8 +158,7 @@ def _blur_step_kernel(
             q_ok = (tl.arange(0, BLOCK_C)[:, None] + c0 < C) & (j < w)
             tl.store(out_row + c0 * plane, q.to(out_ptr.dtype.element_ty), mask=q_ok)
         else:
-            tl.store(out_ptr + b * C * full + (cls + c0) * full + offs, z.to(out_ptr.dtype.element_ty),
-                     mask=c_ok & ok)
+            tl.store(out_ptr + full_offs, z.to(out_ptr.dtype.element_ty), mask=c_ok & ok)
 
 
 # Whether the blurred mean-field loop uses blur_step (the benchmark's triton-composed rows turn it off).
@@ -179,7 +185,8 @@ def _prune(configs, named_args, **kwargs):
 # 1024×2048 against the 1024-pixel, 4-warp tile. Every config compiles without spills for sm_80/sm_90.
 TUNE_CONFIGS = [triton.Config({"BLOCK_PIXELS": bp}, num_warps=nw)
                 for bp, nw in [(256, 2), (1024, 4), (512, 4), (512, 2), (2048, 8), (1024, 8)]]
-_blur_step_tuned = triton.autotune(configs=TUNE_CONFIGS, key=["C", "H", "W", "S", "START", "POOL", "SOFTMAX", "LOG"],
+_blur_step_tuned = triton.autotune(configs=TUNE_CONFIGS,
+                                   key=["C", "H", "W", "S", "START", "TERM", "POOL", "SOFTMAX", "LOG"],
                                    prune_configs_by={"early_config_prune": _prune})(_blur_step_kernel)
 
 
@@ -190,13 +197,15 @@ INTERPRETER_MAX_BLOCK_C = 64
 
 
 def _launch(unary: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, message: torch.Tensor, out: torch.Tensor,
-            blur: int, *, start: bool, pool: bool, softmax: bool, log: bool) -> None:
+            term: torch.Tensor | None, blur: int, *, start: bool, pool: bool, softmax: bool, log: bool) -> None:
+    """One launch; the unused pointers (the message at the start, ``lse`` or ``term``) are any tensor."""
     B, C, H, W = unary.shape
     h, w = -(-H // blur), -(-W // blur)
     sp = triton.next_power_of_2(blur)
     pad_y, pad_x = (h * blur - H + 1) // 2, (w * blur - W + 1) // 2
-    args = (unary, lse, a, message, out, C, H, W, h, w, pad_y, pad_x)
-    consts = dict(S=blur, SP=sp, START=start, POOL=pool, SOFTMAX=softmax, LOG=log, IDX64=needs_int64(unary, out))
+    args = (unary, lse, a, message, out, out if term is None else term, C, H, W, h, w, pad_y, pad_x)
+    consts = dict(S=blur, SP=sp, START=start, TERM=term is not None, POOL=pool, SOFTMAX=softmax, LOG=log,
+                  IDX64=needs_int64(unary, out))
     if interpreting():
         grid = (triton.cdiv(w, INTERPRETER_BLOCK_J), h, B)
         _blur_step_kernel[grid](*args, BLOCK_PIXELS=INTERPRETER_BLOCK_J * sp * sp,
@@ -213,7 +222,7 @@ def _blur_start_op(unary: torch.Tensor, blur: int, log: bool) -> tuple[torch.Ten
     B, C, H, W = unary.shape
     lse = unary.new_empty((B, 1, H, W), dtype=torch.float32)
     pooled = unary.new_empty((B, C, -(-H // blur), -(-W // blur)))
-    _launch(unary, lse, unary, unary, pooled, blur, start=True, pool=True, softmax=True, log=log)
+    _launch(unary, lse, unary, unary, pooled, None, blur, start=True, pool=True, softmax=True, log=log)
     return lse, pooled
 
 
@@ -229,7 +238,7 @@ def _blur_step_op(unary: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, messa
                   pool: bool, softmax: bool, out_dtype: torch.dtype) -> torch.Tensor:
     B, C, H, W = unary.shape
     out = unary.new_empty((B, C, *message.shape[-2:]) if pool else (B, C, H, W), dtype=out_dtype)
-    _launch(unary, lse, a, message, out, blur, start=False, pool=pool, softmax=softmax, log=False)
+    _launch(unary, lse, a, message, out, None, blur, start=False, pool=pool, softmax=softmax, log=False)
     return out
 
 
@@ -237,6 +246,18 @@ def _blur_step_op(unary: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, messa
 def _(unary, lse, a, message, blur, pool, softmax, out_dtype):
     B, C, H, W = unary.shape
     return unary.new_empty((B, C, *message.shape[-2:]) if pool else (B, C, H, W), dtype=out_dtype)
+
+
+@torch.library.custom_op("convcrf_triton::mean_field_start", mutates_args=())
+def _mean_field_start_op(unary: torch.Tensor, a: torch.Tensor, log: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    Q, term = torch.empty_like(unary), torch.empty_like(unary)
+    _launch(unary, Q, a, unary, Q, term, 1, start=True, pool=True, softmax=True, log=log)
+    return Q, term
+
+
+@_mean_field_start_op.register_fake
+def _(unary, a, log):
+    return torch.empty_like(unary), torch.empty_like(unary)
 
 
 def _check_unary(unary: torch.Tensor, blur: int) -> tuple[int, int, int, int]:
@@ -257,6 +278,23 @@ def blur_start(unary: torch.Tensor, blur: int, *, log: bool = False) -> tuple[to
     return _blur_start_op(unary.contiguous(), blur, log)
 
 
+def _check_factors(a: torch.Tensor, C: int) -> None:
+    if tuple(a.shape) != (C,):
+        raise ValueError(f"a must be the {C} classes' unary factors, shape ({C},), got {tuple(a.shape)}")
+
+
+def mean_field_start(unary: torch.Tensor, a: torch.Tensor, *, log: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The set-up of the one-launch steps at blur 1 (:func:`~convcrf_triton.kernels.mean_field_step`) in one read
+    of the unary logits ``u: [B, C, H, W]``: the first iteration's input ``Q = softmax(u)`` (``log=True``:
+    ``log_softmax(u)``) and the loop-invariant unary term ``A = a · log_softmax(u)`` (``a: [C]``, the
+    per-class ``unary_weight - w``), both ``[B, C, H, W]`` in the dtype of ``u``. float32 arithmetic."""
+    check_on_device(unary=unary, a=a)
+    if unary.dim() != 4:
+        raise ValueError(f"unary must be 4-D [B, C, H, W], got shape {tuple(unary.shape)}")
+    _check_factors(a, unary.shape[1])
+    return _mean_field_start_op(unary.contiguous(), a.float().contiguous(), log)
+
+
 def blur_step(unary: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, message: torch.Tensor, blur: int, *,
               pool: bool, softmax: bool, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``Z = a · (unary - lse) + upsample(message)`` (``unary: [B, C, H, W]`` logits, ``lse: [B, 1, H, W]`` their
@@ -273,8 +311,7 @@ def blur_step(unary: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, message: 
                          f"blur={blur}, got {tuple(message.shape)}")
     if tuple(lse.shape) != (B, 1, H, W):
         raise ValueError(f"lse must be the unary's per-pixel log-sum-exp {(B, 1, H, W)}, got {tuple(lse.shape)}")
-    if tuple(a.shape) != (C,):
-        raise ValueError(f"a must be the {C} classes' unary factors, shape ({C},), got {tuple(a.shape)}")
+    _check_factors(a, C)
     if pool and not softmax:
         raise ValueError("pool=True pools the probabilities: it needs softmax=True")
     return _blur_step_op(unary.contiguous(), lse.float().contiguous(), a.float().contiguous(),

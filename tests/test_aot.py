@@ -159,26 +159,29 @@ def test_channels_last_step_reads_classes_16_bytes_at_a_time():
     assert cl128 > planar128 and 4 * cl32 <= planar32, ((planar32, planar128), (cl32, cl128))
 
 
-BLUR_SIGNATURE = {"u_ptr": PTR, "lse_ptr": PTR, "a_ptr": PTR, "m_ptr": PTR, "out_ptr": PTR, "C": "i32", "H": "i32",
-                  "W": "i32", "h": "i32", "w": "i32", "pad_y": "i32", "pad_x": "i32"}
-# (start, pool, softmax, log): the set-up (lse and the pooled softmax or log-softmax of u), then the iterations'.
-BLUR_OUTPUTS = {"start": (True, True, True, False), "start-log": (True, True, True, True),
-                "pooled": (False, True, True, False), "probabilities": (False, False, True, False),
-                "logits": (False, False, False, False)}
+BLUR_SIGNATURE = {"u_ptr": PTR, "lse_ptr": PTR, "a_ptr": PTR, "m_ptr": PTR, "out_ptr": PTR, "term_ptr": PTR,
+                  "C": "i32", "H": "i32", "W": "i32", "h": "i32", "w": "i32", "pad_y": "i32", "pad_x": "i32"}
+# (start, term, pool, softmax, log): the set-ups (blur > 1: lse and the pooled softmax or log-softmax of u;
+# blur 1: softmax(u) and the unary term), then the iterations'.
+BLUR_OUTPUTS = {"start": (True, False, True, True, False), "start-log": (True, False, True, True, True),
+                "start-term": (True, True, True, True, False),
+                "pooled": (False, False, True, True, False), "probabilities": (False, False, False, True, False),
+                "logits": (False, False, False, False, False)}
 
 
 def _blur_consts(blur, output, idx64=False, block_pixels=None):
-    start, pool, softmax, log = BLUR_OUTPUTS[output]
+    start, term, pool, softmax, log = BLUR_OUTPUTS[output]
     sp = triton.next_power_of_2(blur)  # the default config's tile: at least one pooled cell
     default_pixels = max(sp * sp, bi.TUNE_CONFIGS[0].kwargs["BLOCK_PIXELS"])
-    return {"S": blur, "SP": sp, "START": start, "POOL": pool, "SOFTMAX": softmax, "LOG": log,
+    return {"S": blur, "SP": sp, "START": start, "TERM": term, "POOL": pool, "SOFTMAX": softmax, "LOG": log,
             "BLOCK_PIXELS": block_pixels or default_pixels, "BLOCK_C": 1, "IDX64": idx64}
 
 
-# The iterations' outputs at every blur kind (2, odd, 4, int64 offsets, 8); the set-up, a smaller kernel (no
-# message), at blur 3 and 4.
+# The iterations' outputs at every blur kind (2, odd, 4, int64 offsets, 8); the blurred set-up, a smaller kernel
+# (no message), at blur 3 and 4; blur 1's set-up at blur 1.
 BLUR_CASES = [(blur, idx64, output) for output in BLUR_OUTPUTS
-              for blur, idx64 in ([(3, False), (4, True)] if BLUR_OUTPUTS[output][0]
+              for blur, idx64 in ([(1, False), (1, True)] if BLUR_OUTPUTS[output][1]
+                                  else [(3, False), (4, True)] if BLUR_OUTPUTS[output][0]
                                   else [(2, False), (3, False), (4, False), (4, True), (8, False)])]
 
 
@@ -199,7 +202,7 @@ def test_blur_step_exponentiates_only_for_the_softmax():
     for output, listing in listings.items():
         ops = _opcodes(listing)
         assert not {op for op in ops if op.startswith(("LDL", "STL"))}, (output, ops)
-        assert ("MUFU.EX2" in ops) == BLUR_OUTPUTS[output][2], output
+        assert ("MUFU.EX2" in ops) == BLUR_OUTPUTS[output][3], output
 
     def count(pattern):
         return {output: len(re.findall(pattern, listing)) for output, listing in listings.items()}

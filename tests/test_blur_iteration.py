@@ -75,6 +75,20 @@ def test_blur_start_matches_composition(case, log, device):
     assert (pooled.cpu().double() - want).abs().max().item() / scale < RTOL
 
 
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log-softmax"])
+@pytest.mark.parametrize("case", CASES[:3] + CASES[6:], ids=lambda c: "x".join(map(str, c[:4])))
+def test_mean_field_start_matches_composition(case, log, device):
+    """Blur 1's set-up: the first (log-)probabilities and the unary term ``a · log_softmax(u)``."""
+    B, C, H, W, s = case
+    u, lse, a, _ = _inputs(case, B * 1000 + C * 10 + s + 2)
+    Q, term = kernels.mean_field_start(u.to(device), a.to(device), log=log)
+    L = u.double() - lse
+    assert Q.shape == term.shape == u.shape and Q.dtype == term.dtype == torch.float32
+    scale = u.abs().max().item()
+    assert (Q.cpu().double() - (L if log else L.exp())).abs().max().item() / scale < RTOL
+    assert (term.cpu().double() - a.double().view(1, -1, 1, 1) * L).abs().max().item() / scale < RTOL
+
+
 def test_blur_step_output_dtype_and_errors():
     u, M = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 2, 2)
     lse, a = torch.logsumexp(u, 1, keepdim=True), torch.ones(3)
@@ -97,6 +111,11 @@ def test_blur_step_output_dtype_and_errors():
         kernels.blur_step(u[0], lse, a, M, 4, pool=True, softmax=True)
     with pytest.raises(ValueError, match="must be 4-D"):
         kernels.blur_start(u[0], 4)
+    assert [t.dtype for t in kernels.mean_field_start(u.double(), a)] == [torch.float64] * 2
+    with pytest.raises(ValueError, match=r"a must be the 3 classes' unary factors, shape \(3,\)"):
+        kernels.mean_field_start(u, a.view(1, 3, 1, 1))
+    with pytest.raises(ValueError, match="must be 4-D"):
+        kernels.mean_field_start(u[0], a)
 
 
 def _counting(monkeypatch):

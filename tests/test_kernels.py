@@ -233,8 +233,9 @@ STEP_CASES = [
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_mean_field_step_matches_reference(case, monkeypatch, device):
     calls = []
-    step = kernels.mean_field_step
-    monkeypatch.setattr(kernels, "mean_field_step", lambda *a, **kw: calls.append(1) or step(*a, **kw))
+    step, start = kernels.mean_field_step, kernels.mean_field_start
+    monkeypatch.setattr(kernels, "mean_field_step", lambda *a, **kw: calls.append("step") or step(*a, **kw))
+    monkeypatch.setattr(kernels, "mean_field_start", lambda *a, **kw: calls.append(kw) or start(*a, **kw))
     unary, image, weight, compat = step_inputs(case, case["k"] + case["C"], (13, 9), device)
     kw = dict(filter_size=case["k"], blur=1, num_iter=3, mode=case["mode"], weight=weight, compat_matrix=compat,
               final_softmax=case["final_softmax"])
@@ -242,7 +243,7 @@ def test_mean_field_step_matches_reference(case, monkeypatch, device):
         got = functional.mean_field(unary, image, backend="triton", **{**kw, "final_softmax": False})
     want = functional.mean_field(unary.double(), image.double(), backend="torch",
                                  **{**kw, "weight": weight.double(), "compat_matrix": compat, "final_softmax": False})
-    assert len(calls) == 3, "every iteration should be one fused step"
+    assert calls == [{"log": case["mode"] == "convcrf"}] + ["step"] * 3, "one set-up, every iteration one step"
     assert rel_err(got, want) < RTOL
     if case["final_softmax"]:
         # Probabilities: softmax moves each by at most 2·max|ΔZ| (its ∞-norm Lipschitz bound), so their
