@@ -191,8 +191,9 @@ _blur_step_tuned = triton.autotune(configs=TUNE_CONFIGS,
 
 
 # Under the interpreter, whose cost is per operation, not per element: one program per pooled row of a
-# test image, all classes (up to 64) at once.
+# test image (or 1024 pixels of it), all classes (up to 64) at once.
 INTERPRETER_BLOCK_J = 64
+INTERPRETER_PIXELS = 1024
 INTERPRETER_MAX_BLOCK_C = 64
 
 
@@ -207,8 +208,9 @@ def _launch(unary: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, message: to
     consts = dict(S=blur, SP=sp, START=start, TERM=term is not None, POOL=pool, SOFTMAX=softmax, LOG=log,
                   IDX64=needs_int64(unary, out))
     if interpreting():
-        grid = (triton.cdiv(w, INTERPRETER_BLOCK_J), h, B)
-        _blur_step_kernel[grid](*args, BLOCK_PIXELS=INTERPRETER_BLOCK_J * sp * sp,
+        block_j = max(INTERPRETER_BLOCK_J, INTERPRETER_PIXELS // (sp * sp))
+        grid = (triton.cdiv(w, block_j), h, B)
+        _blur_step_kernel[grid](*args, BLOCK_PIXELS=block_j * sp * sp,
                                 BLOCK_C=min(triton.next_power_of_2(C), INTERPRETER_MAX_BLOCK_C), **consts)
     else:
         def grid(meta):
@@ -251,7 +253,9 @@ def _(unary, lse, a, message, blur, pool, softmax, out_dtype):
 @torch.library.custom_op("convcrf_triton::mean_field_start", mutates_args=())
 def _mean_field_start_op(unary: torch.Tensor, a: torch.Tensor, log: bool) -> tuple[torch.Tensor, torch.Tensor]:
     Q, term = torch.empty_like(unary), torch.empty_like(unary)
-    _launch(unary, Q, a, unary, Q, term, 1, start=True, pool=True, softmax=True, log=log)
+    B, C, H, W = unary.shape
+    flat = unary.view(B, C, 1, H * W)  # pixels are independent without a message: one row, no ragged row ends
+    _launch(flat, Q, a, flat, Q, term, 1, start=True, pool=True, softmax=True, log=log)
     return Q, term
 
 

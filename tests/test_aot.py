@@ -177,12 +177,11 @@ def _blur_consts(blur, output, idx64=False, block_pixels=None):
             "BLOCK_PIXELS": block_pixels or default_pixels, "BLOCK_C": 1, "IDX64": idx64}
 
 
-# The iterations' outputs at every blur kind (2, odd, 4, int64 offsets, 8); the blurred set-up, a smaller kernel
-# (no message), at blur 3 and 4; blur 1's set-up at blur 1.
+# The iterations' outputs at every blur kind (2, odd, 4, int64 offsets, 8); the set-ups, smaller kernels (no
+# message), once each: blur 1's with int64 offsets.
+SETUP_BLURS = {"start": [(4, True)], "start-log": [(3, False)], "start-term": [(1, True)]}
 BLUR_CASES = [(blur, idx64, output) for output in BLUR_OUTPUTS
-              for blur, idx64 in ([(1, False), (1, True)] if BLUR_OUTPUTS[output][1]
-                                  else [(3, False), (4, True)] if BLUR_OUTPUTS[output][0]
-                                  else [(2, False), (3, False), (4, False), (4, True), (8, False)])]
+              for blur, idx64 in SETUP_BLURS.get(output, [(2, False), (3, False), (4, False), (4, True), (8, False)])]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
