@@ -83,13 +83,15 @@ def _blur_step_kernel(
     u_ptr, lse_ptr, a_ptr, m_ptr, out_ptr, term_ptr, C, H, W, h, w, pad_y, pad_x,
     S: tl.constexpr, SP: tl.constexpr, START: tl.constexpr, TERM: tl.constexpr, POOL: tl.constexpr,
     SOFTMAX: tl.constexpr, LOG: tl.constexpr, BLOCK_PIXELS: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+    ONE_PASS: tl.constexpr = False,
 ):
     # grid: (cdiv(w, BLOCK_J), h, B). Full-resolution pixel (y, x) of pooled cell (i, j), sub-pixel (r, t):
     #   y = i*S + r - pad_y, x = j*S + t - pad_x; its upsampled index is (y + pad_y, x + pad_x).
     # The tile [BLOCK_C, SP, BLOCK_J, SP] is BLOCK_C classes of every full-resolution pixel of BLOCK_J cells.
-    # The classes are a run-time loop over blocks of BLOCK_C (1 on the GPU: the registers hold one class's
-    # tile; all of them under the interpreter, whose cost is per operation), twice with the softmax: running
-    # max and sum first (online softmax), then the probabilities (LOG: their logarithms, Z - lse(Z)).
+    # The classes are a run-time loop over blocks of BLOCK_C, twice with the softmax: running max and sum
+    # first (online softmax), then the probabilities (LOG: their logarithms, Z - lse(Z)); the second pass
+    # re-reads u, from L1 if the program's tile of every class is still there. ONE_PASS (BLOCK_C >= C: a tile
+    # of every class in registers, so few pixels a program) reads u once and keeps Z for the second pass.
     # START: Z = u, no message (m_ptr unused); the first pass stores lse(u) to lse_ptr, or with TERM the second
     # stores the unary term a * (u - lse(u)) to term_ptr at full resolution (blur 1's steps read it).
     BLOCK_J: tl.constexpr = BLOCK_PIXELS // (SP * SP)  # pooled columns per program
@@ -122,16 +124,23 @@ def _blur_step_kernel(
     if not START:
         lse = tl.load(lse_img, mask=ok, other=0.0)  # the unary's, loaded once for every class
     geometry = (offs, ok, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly, START)
+    if ONE_PASS:
+        z_all = _logits(u_img, m_img, a_ptr + cls, lse, cls < C, *geometry)
     if SOFTMAX:
-        top = tl.full((SP, BLOCK_J, SP), float("-inf"), tl.float32)
-        total = tl.zeros((SP, BLOCK_J, SP), dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            c_ok = cls + c0 < C
-            z = _logits(u_img + c0 * full, m_img + c0 * plane, a_ptr + c0 + cls, lse, c_ok, *geometry)
-            z = tl.where(c_ok, z, float("-inf"))
-            new_top = tl.maximum(top, tl.max(z, axis=0))
-            total = total * tl.exp(top - new_top) + tl.sum(tl.exp(z - new_top[None]), axis=0)
-            top = new_top
+        if ONE_PASS:
+            z = tl.where(cls < C, z_all, float("-inf"))
+            top = tl.max(z, axis=0)
+            total = tl.sum(tl.exp(z - top[None]), axis=0)
+        else:
+            top = tl.full((SP, BLOCK_J, SP), float("-inf"), tl.float32)
+            total = tl.zeros((SP, BLOCK_J, SP), dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                c_ok = cls + c0 < C
+                z = _logits(u_img + c0 * full, m_img + c0 * plane, a_ptr + c0 + cls, lse, c_ok, *geometry)
+                z = tl.where(c_ok, z, float("-inf"))
+                new_top = tl.maximum(top, tl.max(z, axis=0))
+                total = total * tl.exp(top - new_top) + tl.sum(tl.exp(z - new_top[None]), axis=0)
+                top = new_top
         inv_total = 1.0 / total
         if LOG or START:
             z_lse = top + tl.log(total)
@@ -141,9 +150,12 @@ def _blur_step_kernel(
         count = tl.sum(tl.sum(ok.to(tl.float32), axis=3), axis=1)  # real pixels per cell: [1, BLOCK_J]
         j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)[None, :]
         out_row = out_ptr + b * C * plane + tl.arange(0, BLOCK_C)[:, None] * plane + i * w + j
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(0, C, BLOCK_C):  # ONE_PASS: one block, c0 = 0
         c_ok = cls + c0 < C
-        z = _logits(u_img + c0 * full, m_img + c0 * plane, a_ptr + c0 + cls, lse, c_ok, *geometry)
+        if ONE_PASS:
+            z = z_all
+        else:
+            z = _logits(u_img + c0 * full, m_img + c0 * plane, a_ptr + c0 + cls, lse, c_ok, *geometry)
         full_offs = b * C * full + (cls + c0) * full + offs
         if TERM:
             term = tl.load(a_ptr + c0 + cls, mask=c_ok, other=0.0) * (z - z_lse[None])
@@ -171,20 +183,35 @@ def blur_step_enabled() -> bool:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Tiles of at least one pooled cell (``SP²`` pixels); ``CONVCRF_AUTOTUNE=0``: the first, untimed."""
-    sp = kwargs["SP"]
-    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_PIXELS"] >= sp * sp] or [
-        triton.Config({"BLOCK_PIXELS": sp * sp}, num_warps=8)]
-    return tuning_off(kept)
+    """Tiles of at least one pooled cell (``SP²`` pixels); the class-tile configs (``BLOCK_C = 0``) get every
+    class (``ONE_PASS``) where that keeps at most :data:`ONE_PASS_MAX_VALUES` tile values a thread, and are
+    dropped elsewhere; ``CONVCRF_AUTOTUNE=0``: the first, untimed."""
+    sp, classes = kwargs["SP"], triton.next_power_of_2(named_args["C"])
+    kept = []
+    for cfg in configs:
+        pixels = cfg.kwargs["BLOCK_PIXELS"]
+        if pixels < sp * sp:
+            continue
+        if cfg.kwargs["BLOCK_C"] == 0:
+            if classes * pixels > ONE_PASS_MAX_VALUES * 32 * cfg.num_warps:
+                continue
+            cfg = triton.Config({"BLOCK_PIXELS": pixels, "BLOCK_C": classes, "ONE_PASS": True}, num_warps=cfg.num_warps)
+        kept.append(cfg)
+    return tuning_off(kept or [triton.Config({"BLOCK_PIXELS": sp * sp, "BLOCK_C": 1}, num_warps=8)])
 
 
 # Full-resolution pixels per program and warps; the first is the default (CONVCRF_AUTOTUNE=0). On an H100
 # (bench/results/nvidia-h100-run3, C = 21, blur 4) the tuner picked 256 pixels on 2 warps for the pooled
 # softmax, whose second pass over the classes then re-reads its tile of A from L1 (21 classes × 256 × 4 B =
 # 21 KB), and 1024 on 8 warps for the last iteration's logits (one pass): 261 → 211 µs per call at
-# 1024×2048 against the 1024-pixel, 4-warp tile. Every config compiles without spills for sm_80/sm_90.
-TUNE_CONFIGS = [triton.Config({"BLOCK_PIXELS": bp}, num_warps=nw)
-                for bp, nw in [(256, 2), (1024, 4), (512, 4), (512, 2), (2048, 8), (1024, 8)]]
+# 1024×2048 against the 1024-pixel, 4-warp tile (0.29 of the copy floor: the second pass probably misses L1
+# with 16 such programs an SM). Hence the class-tile configs (BLOCK_C = 0: every class, ONE_PASS): few pixels
+# a program, u read once; not yet timed. Every config compiles without spills for sm_80/sm_90.
+ONE_PASS_MAX_VALUES = 32
+TUNE_CONFIGS = ([triton.Config({"BLOCK_PIXELS": bp, "BLOCK_C": 1}, num_warps=nw)
+                 for bp, nw in [(256, 2), (1024, 4), (512, 4), (512, 2), (2048, 8), (1024, 8)]]
+                + [triton.Config({"BLOCK_PIXELS": bp, "BLOCK_C": 0}, num_warps=nw)
+                   for bp, nw in [(64, 2), (128, 4), (256, 8), (64, 4), (128, 8)]])
 _blur_step_tuned = triton.autotune(configs=TUNE_CONFIGS,
                                    key=["C", "H", "W", "S", "START", "TERM", "POOL", "SOFTMAX", "LOG"],
                                    prune_configs_by={"early_config_prune": _prune})(_blur_step_kernel)
@@ -210,13 +237,14 @@ def _launch(unary: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, message: to
     if interpreting():
         block_j = max(INTERPRETER_BLOCK_J, INTERPRETER_PIXELS // (sp * sp))
         grid = (triton.cdiv(w, block_j), h, B)
-        _blur_step_kernel[grid](*args, BLOCK_PIXELS=block_j * sp * sp,
-                                BLOCK_C=min(triton.next_power_of_2(C), INTERPRETER_MAX_BLOCK_C), **consts)
+        block_c = min(triton.next_power_of_2(C), INTERPRETER_MAX_BLOCK_C)
+        _blur_step_kernel[grid](*args, BLOCK_PIXELS=block_j * sp * sp, BLOCK_C=block_c, ONE_PASS=block_c >= C,
+                                **consts)
     else:
         def grid(meta):
             return (triton.cdiv(w, meta["BLOCK_PIXELS"] // (sp * sp)), h, B)
 
-        _blur_step_tuned[grid](*args, BLOCK_C=1, **consts)
+        _blur_step_tuned[grid](*args, **consts)
 
 
 @torch.library.custom_op("convcrf_triton::blur_start", mutates_args=())

@@ -210,11 +210,39 @@ def test_blur_step_exponentiates_only_for_the_softmax():
     assert loads["start"] < loads["pooled"] and stores["start"] > stores["pooled"], (loads, stores)
 
 
-@pytest.mark.parametrize("cfg", bi.TUNE_CONFIGS, ids=str)
-def test_every_blur_step_config_compiles_without_spills_on_sm90(cfg):
-    consts = _blur_consts(4, "pooled", block_pixels=cfg.kwargs["BLOCK_PIXELS"])
-    usage = compile_for(bi._blur_step_kernel, BLUR_SIGNATURE, consts, 90, num_warps=cfg.num_warps)
+# The configs the tuner times at blur 4: every one for C = 21 (the class tile: 32), the class-tile ones that
+# survive pruning for C = 64 (the others do not depend on C).
+PRUNED_BLUR_CONFIGS = [(C, cfg) for C in (21, 64) for cfg in bi._prune(bi.TUNE_CONFIGS, {"C": C}, SP=4)
+                       if C == 21 or cfg.kwargs.get("ONE_PASS")]
+
+
+@pytest.mark.parametrize("C,cfg", PRUNED_BLUR_CONFIGS, ids=str)
+def test_every_blur_step_config_compiles_without_spills_on_sm90(C, cfg):
+    usage = compile_for(bi._blur_step_kernel, BLUR_SIGNATURE, {**_blur_consts(4, "pooled"), **cfg.kwargs}, 90,
+                        num_warps=cfg.num_warps)
+    print(f"blur_step C={C} {cfg}: {usage}")
     assert usage.stack == 0, f"{cfg} spills: {usage}"
+
+
+def test_blur_step_class_tiles_follow_the_register_budget():
+    """Every class in one tile where it fits (32 values a thread), never for 150 classes; the default first."""
+    def one_pass(C):
+        return [(cfg.kwargs["BLOCK_PIXELS"], cfg.num_warps, cfg.kwargs["BLOCK_C"])
+                for cfg in bi._prune(bi.TUNE_CONFIGS, {"C": C}, SP=4) if cfg.kwargs.get("ONE_PASS")]
+
+    assert one_pass(21) == [(64, 2, 32), (128, 4, 32), (256, 8, 32), (64, 4, 32), (128, 8, 32)]
+    assert one_pass(64) == [(64, 4, 64), (128, 8, 64)] and one_pass(128) == one_pass(150) == []
+    assert bi._prune(bi.TUNE_CONFIGS, {"C": 21}, SP=4)[0] is bi.TUNE_CONFIGS[0]
+
+
+@pytest.mark.parametrize("output", BLUR_OUTPUTS)
+def test_blur_step_class_tile_compiles_without_spills_on_sm80(output):
+    """The one-pass variant of every output (32 values a thread: C = 21 on 128 pixels, 4 warps)."""
+    blur, idx64 = SETUP_BLURS.get(output, [(4, False)])[0]
+    consts = {**_blur_consts(blur, output, idx64), "BLOCK_PIXELS": 128, "BLOCK_C": 32, "ONE_PASS": True}
+    usage = compile_for(bi._blur_step_kernel, BLUR_SIGNATURE, consts, 80, num_warps=4)
+    print(f"blur_step one pass blur={blur} {output} sm_80: {usage}")
+    assert usage.stack == 0, usage
 
 
 BAND_SIGNATURE = {"q_ptr": PTR, "k_ptr": PTR, "m_ptr": PTR, "a_ptr": PTR, "w_ptr": PTR, "cm_ptr": PTR, "C": "i32",

@@ -4,6 +4,7 @@ in the mean-field loop."""
 
 import pytest
 import torch
+import triton
 from convcrf_triton.kernels import blur_iteration
 from test_kernels import RTOL, on_gpu_only, rel_err
 
@@ -194,3 +195,33 @@ def test_blur_step_one_class_at_a_time(monkeypatch, device):
         got_lse, got_log = kernels.blur_start(u.to(device), 3, log=True)
         assert rel_err(got_lse.cpu(), lse) < RTOL
         assert rel_err(got_log.cpu(), functional.blur_pool(u.double() - lse, 3)) < RTOL
+
+
+@pytest.mark.parametrize("which", range(5), ids=lambda i: f"class-tile-config-{i}")
+def test_blur_kernels_with_each_class_tile_config(which, monkeypatch, device):
+    """The GPU's one-pass configs (every class in registers), which the tuner may pick but the GPU test run
+    (CONVCRF_AUTOTUNE=0: the first, two-pass config) would not: each forced in turn (on the GPU as the tuner's
+    only config, under the interpreter as its tile), the step and both set-ups."""
+    case = (2, 21, 130, 257, 4) if device.type == "cuda" else (1, 21, 19, 27, 4)
+    u, lse, a, M = _inputs(case, 5)
+    for blur in (4, 1):
+        sp = triton.next_power_of_2(blur)
+        cfg = [c for c in blur_iteration._prune(blur_iteration.TUNE_CONFIGS, {"C": 21}, SP=sp)
+               if c.kwargs.get("ONE_PASS")][which]
+        if device.type == "cuda":
+            monkeypatch.setattr(blur_iteration._blur_step_tuned, "configs", [cfg])
+            monkeypatch.setattr(blur_iteration._blur_step_tuned, "cache", {})
+        else:
+            monkeypatch.setattr(blur_iteration, "INTERPRETER_BLOCK_J", cfg.kwargs["BLOCK_PIXELS"] // (sp * sp))
+            monkeypatch.setattr(blur_iteration, "INTERPRETER_PIXELS", 0)
+        if blur == 4:
+            got = kernels.blur_step(u.to(device), lse.float().to(device), a.to(device), M.to(device), 4, pool=True,
+                                    softmax=True)
+            assert rel_err(got.cpu(), functional.blur_pool(torch.softmax(_logits(u, lse, a, M, 4), 1), 4)) < RTOL
+            got_lse, got_q = kernels.blur_start(u.to(device), 4)
+            assert rel_err(got_lse.cpu(), lse) < RTOL
+            assert rel_err(got_q.cpu(), functional.blur_pool((u.double() - lse).exp(), 4)) < RTOL
+        else:
+            got_q, got_term = kernels.mean_field_start(u.to(device), a.to(device))
+            assert rel_err(got_q.cpu(), (u.double() - lse).exp()) < RTOL
+            assert rel_err(got_term.cpu(), a.double().view(1, -1, 1, 1) * (u.double() - lse)) < RTOL
