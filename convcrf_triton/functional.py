@@ -140,14 +140,24 @@ def unary_setup(unary: torch.Tensor, mode: str, unary_weight: Number, weight: Nu
     return Q, (unary_weight - weight) * L
 
 
-def mixer(weight: Number, compat_matrix: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def _per_class(value: Number, C: int, like: torch.Tensor) -> torch.Tensor | None:
+    """``value`` (a number, or a tensor of 1 or ``C`` values) as ``C`` contiguous float32 values on the device of
+    ``like`` (a number by a fill, not a host-to-device copy); None if it holds another count."""
+    if isinstance(value, torch.Tensor):
+        v = value.reshape(-1).float()
+    else:
+        v = like.new_full((1,), value, dtype=torch.float32)
+    return v.expand(C).contiguous() if v.numel() in (1, C) else None
+
+
+def mixer(weight: Number | None, compat_matrix: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``M ↦ w · (M + compat_matrix @ M)`` per pixel (``M: [B, C, h, w]``): what turns a message into its
-    term of the logits."""
+    term of the logits (``weight=None``: the compatibility only)."""
 
     def mix(M: torch.Tensor) -> torch.Tensor:
         if compat_matrix is not None:
             M = M + torch.einsum("dc,bchw->bdhw", compat_matrix, M)
-        return weight * M
+        return M if weight is None else weight * M
 
     return mix
 
@@ -245,21 +255,20 @@ class MessagePasser:
                 or (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))):
             return None
         C = unary.shape[1]
-        # The unary term's per-class factor a = unary_weight - w, [C] (a fill, not a host-to-device copy).
-        a = unary_weight - weight
-        a = a.reshape(-1).float() if isinstance(a, torch.Tensor) else unary.new_full((1,), a, dtype=torch.float32)
-        if a.numel() not in (1, C):
+        a = _per_class(unary_weight - weight, C, unary)  # the unary term's factor
+        if a is None:
             return None
-        a = a.expand(C).contiguous()
         if self.blur > 1:
-            if not self.ops.blur_step_enabled():
+            w = _per_class(weight, C, unary)
+            if not self.ops.blur_step_enabled() or w is None:
                 return None
-            mix = mixer(weight, compat_matrix)
+            factors = torch.stack([a, w])
+            mix = mixer(None, compat_matrix)  # w is applied by blur_step
             lse, Qp = self.ops.blur_start(unary, self.blur, log=mode == "convcrf")
             for i in range(num_iter):
                 last = i == num_iter - 1
                 Mp = self._pooled_pass(self.gaussians[0], Qp).to(unary.dtype)
-                Qp = self.ops.blur_step(unary, lse, a, mix(Mp), self.blur, pool=not last,
+                Qp = self.ops.blur_step(unary, lse, factors, mix(Mp), self.blur, pool=not last,
                                         softmax=not last or final_softmax)
             return Qp
         if C > (STEP_MAX_CLASSES_COMPAT if compat_matrix is not None else STEP_MAX_CLASSES):

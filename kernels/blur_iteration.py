@@ -3,9 +3,10 @@
 At ``blur = s > 1`` the message is computed on the pooled grid ``[B, C, h, w]``; everything else of an
 iteration is full-resolution, elementwise or per pixel, and memory-bound::
 
-    Z  = a · (u - lse) + upsample_s(M)   (u: the unary logits [B, C, H, W]; lse = log Σ_c exp(u_c): [B, 1, H, W];
-                                          a = unary_weight - w: [C]; M: the mixed message, [B, C, h, w])
-    Q' = pool_s(softmax_c(Z))            (the next iteration's pooled probabilities, [B, C, h, w])
+    Z  = a · (u - lse) + w · upsample_s(M)   (u: the unary logits [B, C, H, W]; lse = log Σ_c exp(u_c):
+                                              [B, 1, H, W]; the factors (a, w) = (unary_weight - w, w): [2, C];
+                                              M: the message, compatibility applied, [B, C, h, w])
+    Q' = pool_s(softmax_c(Z))                (the next iteration's pooled probabilities, [B, C, h, w])
 
 ``a · (u - lse)`` is the loop-invariant unary term ``(unary_weight - w) · log_softmax(u)``, recomputed from
 ``u`` and one plane of ``lse`` instead of stored: no full-resolution tensor lives between iterations.
@@ -64,8 +65,9 @@ def _row_lerp(m_row, q, h, jv, jx0, jx1, lx, w, c_ok):
 
 
 @triton.jit
-def _logits(u_cls, m_cls, a_cls, lse, c_ok, offs, ok, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly, START: tl.constexpr):
-    """``Z = a · (u - lse) + upsample(M)`` of a block of classes over the tile (``u`` itself at the ``START``):
+def _logits(u_cls, m_cls, a_cls, lse, c_ok, offs, ok, C, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly,
+            START: tl.constexpr):
+    """``Z = a · (u - lse) + w · upsample(M)`` of a block of classes over the tile (``u`` itself at the ``START``):
     the full-resolution rows of pooled row ``i`` read pooled rows ``i - 1, i, i + 1`` only (``iy0 ∈ {i-1, i}``,
     ``iy1 ∈ {i, i+1}``)."""
     z = tl.load(u_cls + offs, mask=c_ok & ok, other=0.0).to(tl.float32)
@@ -74,13 +76,13 @@ def _logits(u_cls, m_cls, a_cls, lse, c_ok, offs, ok, i, h, w, jv, jx0, jx1, lx,
         same = _row_lerp(m_cls + i * w, i, h, jv, jx0, jx1, lx, w, c_ok)
         below = _row_lerp(m_cls + (i + 1) * w, i + 1, h, jv, jx0, jx1, lx, w, c_ok)
         up = (1.0 - ly) * tl.where(iy0 < i, above, same) + ly * tl.where(iy1 > i, below, same)
-        z = tl.load(a_cls, mask=c_ok, other=0.0) * (z - lse) + up
+        z = tl.load(a_cls, mask=c_ok, other=0.0) * (z - lse) + tl.load(a_cls + C, mask=c_ok, other=0.0) * up
     return z
 
 
 @triton.jit
 def _blur_step_kernel(
-    u_ptr, lse_ptr, a_ptr, m_ptr, out_ptr, term_ptr, C, H, W, h, w, pad_y, pad_x,
+    u_ptr, lse_ptr, f_ptr, m_ptr, out_ptr, term_ptr, C, H, W, h, w, pad_y, pad_x,
     S: tl.constexpr, SP: tl.constexpr, START: tl.constexpr, TERM: tl.constexpr, POOL: tl.constexpr,
     SOFTMAX: tl.constexpr, LOG: tl.constexpr, BLOCK_PIXELS: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
     ONE_PASS: tl.constexpr = False,
@@ -123,9 +125,9 @@ def _blur_step_kernel(
     lse = 0.0
     if not START:
         lse = tl.load(lse_img, mask=ok, other=0.0)  # the unary's, loaded once for every class
-    geometry = (offs, ok, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly, START)
+    geometry = (offs, ok, C, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly, START)
     if ONE_PASS:
-        z_all = _logits(u_img, m_img, a_ptr + cls, lse, cls < C, *geometry)
+        z_all = _logits(u_img, m_img, f_ptr + cls, lse, cls < C, *geometry)
     if SOFTMAX:
         if ONE_PASS:
             z = tl.where(cls < C, z_all, float("-inf"))
@@ -136,7 +138,7 @@ def _blur_step_kernel(
             total = tl.zeros((SP, BLOCK_J, SP), dtype=tl.float32)
             for c0 in range(0, C, BLOCK_C):
                 c_ok = cls + c0 < C
-                z = _logits(u_img + c0 * full, m_img + c0 * plane, a_ptr + c0 + cls, lse, c_ok, *geometry)
+                z = _logits(u_img + c0 * full, m_img + c0 * plane, f_ptr + c0 + cls, lse, c_ok, *geometry)
                 z = tl.where(c_ok, z, float("-inf"))
                 new_top = tl.maximum(top, tl.max(z, axis=0))
                 total = total * tl.exp(top - new_top) + tl.sum(tl.exp(z - new_top[None]), axis=0)
@@ -155,10 +157,10 @@ def _blur_step_kernel(
         if ONE_PASS:
             z = z_all
         else:
-            z = _logits(u_img + c0 * full, m_img + c0 * plane, a_ptr + c0 + cls, lse, c_ok, *geometry)
+            z = _logits(u_img + c0 * full, m_img + c0 * plane, f_ptr + c0 + cls, lse, c_ok, *geometry)
         full_offs = b * C * full + (cls + c0) * full + offs
         if TERM:
-            term = tl.load(a_ptr + c0 + cls, mask=c_ok, other=0.0) * (z - z_lse[None])
+            term = tl.load(f_ptr + c0 + cls, mask=c_ok, other=0.0) * (z - z_lse[None])
             tl.store(term_ptr + full_offs, term.to(term_ptr.dtype.element_ty), mask=c_ok & ok)
         if SOFTMAX:
             if LOG:
@@ -224,14 +226,15 @@ INTERPRETER_PIXELS = 1024
 INTERPRETER_MAX_BLOCK_C = 64
 
 
-def _launch(unary: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, message: torch.Tensor, out: torch.Tensor,
+def _launch(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, message: torch.Tensor, out: torch.Tensor,
             term: torch.Tensor | None, blur: int, *, start: bool, pool: bool, softmax: bool, log: bool) -> None:
-    """One launch; the unused pointers (the message at the start, ``lse`` or ``term``) are any tensor."""
+    """One launch. ``factors``: ``[2, C]`` (a; w), at the start ``a`` alone (``TERM``) or unused, like the message
+    there and ``lse`` or ``term``: unused pointers are any tensor."""
     B, C, H, W = unary.shape
     h, w = -(-H // blur), -(-W // blur)
     sp = triton.next_power_of_2(blur)
     pad_y, pad_x = (h * blur - H + 1) // 2, (w * blur - W + 1) // 2
-    args = (unary, lse, a, message, out, out if term is None else term, C, H, W, h, w, pad_y, pad_x)
+    args = (unary, lse, factors, message, out, out if term is None else term, C, H, W, h, w, pad_y, pad_x)
     consts = dict(S=blur, SP=sp, START=start, TERM=term is not None, POOL=pool, SOFTMAX=softmax, LOG=log,
                   IDX64=needs_int64(unary, out))
     if interpreting():
@@ -264,16 +267,16 @@ def _(unary, blur, log):
 
 
 @torch.library.custom_op("convcrf_triton::blur_step", mutates_args=())
-def _blur_step_op(unary: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, message: torch.Tensor, blur: int,
+def _blur_step_op(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, message: torch.Tensor, blur: int,
                   pool: bool, softmax: bool, out_dtype: torch.dtype) -> torch.Tensor:
     B, C, H, W = unary.shape
     out = unary.new_empty((B, C, *message.shape[-2:]) if pool else (B, C, H, W), dtype=out_dtype)
-    _launch(unary, lse, a, message, out, None, blur, start=False, pool=pool, softmax=softmax, log=False)
+    _launch(unary, lse, factors, message, out, None, blur, start=False, pool=pool, softmax=softmax, log=False)
     return out
 
 
 @_blur_step_op.register_fake
-def _(unary, lse, a, message, blur, pool, softmax, out_dtype):
+def _(unary, lse, factors, message, blur, pool, softmax, out_dtype):
     B, C, H, W = unary.shape
     return unary.new_empty((B, C, *message.shape[-2:]) if pool else (B, C, H, W), dtype=out_dtype)
 
@@ -310,9 +313,10 @@ def blur_start(unary: torch.Tensor, blur: int, *, log: bool = False) -> tuple[to
     return _blur_start_op(unary.contiguous(), blur, log)
 
 
-def _check_factors(a: torch.Tensor, C: int) -> None:
-    if tuple(a.shape) != (C,):
-        raise ValueError(f"a must be the {C} classes' unary factors, shape ({C},), got {tuple(a.shape)}")
+def _check_factors(name: str, factors: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(factors.shape) != shape:
+        raise ValueError(f"{name} must hold the classes' unary factors (and message weights), shape {shape}, got "
+                         f"{tuple(factors.shape)}")
 
 
 def mean_field_start(unary: torch.Tensor, a: torch.Tensor, *, log: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,19 +327,20 @@ def mean_field_start(unary: torch.Tensor, a: torch.Tensor, *, log: bool = False)
     check_on_device(unary=unary, a=a)
     if unary.dim() != 4:
         raise ValueError(f"unary must be 4-D [B, C, H, W], got shape {tuple(unary.shape)}")
-    _check_factors(a, unary.shape[1])
+    _check_factors("a", a, (unary.shape[1],))
     return _mean_field_start_op(unary.contiguous(), a.float().contiguous(), log)
 
 
-def blur_step(unary: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, message: torch.Tensor, blur: int, *,
+def blur_step(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, message: torch.Tensor, blur: int, *,
               pool: bool, softmax: bool, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``Z = a · (unary - lse) + upsample(message)`` (``unary: [B, C, H, W]`` logits, ``lse: [B, 1, H, W]`` their
-    log-sum-exp from :func:`blur_start`, ``a: [C]`` the unary term's per-class factor ``unary_weight - w``,
-    ``message: [B, C, ceil(H/blur), ceil(W/blur)]``), returned as ``pool(softmax(Z))`` (``pool=True``: the next
-    iteration's pooled probabilities, ``[B, C, h, w]``; needs ``softmax``), else ``softmax(Z)`` or ``Z`` at full
-    resolution. float32 arithmetic; the result in ``out_dtype`` (default: that of ``unary``). Not
-    differentiable (inference: training composes the PyTorch ops)."""
-    check_on_device(unary=unary, lse=lse, a=a, message=message)
+    """``Z = a · (unary - lse) + w · upsample(message)``: ``unary: [B, C, H, W]`` logits, ``lse: [B, 1, H, W]``
+    their log-sum-exp from :func:`blur_start`, ``factors: [2, C]`` the per-class ``a = unary_weight - w`` (row 0)
+    and ``w`` (row 1), ``message: [B, C, ceil(H/blur), ceil(W/blur)]`` (the compatibility applied). Returned as
+    ``pool(softmax(Z))`` (``pool=True``: the next iteration's pooled probabilities, ``[B, C, h, w]``; needs
+    ``softmax``), else ``softmax(Z)`` or ``Z`` at full resolution. float32 arithmetic; the result in
+    ``out_dtype`` (default: that of ``unary``). Not differentiable (inference: training composes the PyTorch
+    ops). One tensor of factors, so that the kernel holds one pointer for both (a second spilled on sm_90)."""
+    check_on_device(unary=unary, lse=lse, factors=factors, message=message)
     B, C, H, W = _check_unary(unary, blur)
     pooled = (B, C, -(-H // blur), -(-W // blur))
     if tuple(message.shape) != pooled:
@@ -343,8 +348,8 @@ def blur_step(unary: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, message: 
                          f"blur={blur}, got {tuple(message.shape)}")
     if tuple(lse.shape) != (B, 1, H, W):
         raise ValueError(f"lse must be the unary's per-pixel log-sum-exp {(B, 1, H, W)}, got {tuple(lse.shape)}")
-    _check_factors(a, C)
+    _check_factors("factors", factors, (2, C))
     if pool and not softmax:
         raise ValueError("pool=True pools the probabilities: it needs softmax=True")
-    return _blur_step_op(unary.contiguous(), lse.float().contiguous(), a.float().contiguous(),
+    return _blur_step_op(unary.contiguous(), lse.float().contiguous(), factors.float().contiguous(),
                          message.float().contiguous(), blur, pool, softmax, out_dtype or unary.dtype)

@@ -159,7 +159,7 @@ def test_channels_last_step_reads_classes_16_bytes_at_a_time():
     assert cl128 > planar128 and 4 * cl32 <= planar32, ((planar32, planar128), (cl32, cl128))
 
 
-BLUR_SIGNATURE = {"u_ptr": PTR, "lse_ptr": PTR, "a_ptr": PTR, "m_ptr": PTR, "out_ptr": PTR, "term_ptr": PTR,
+BLUR_SIGNATURE = {"u_ptr": PTR, "lse_ptr": PTR, "f_ptr": PTR, "m_ptr": PTR, "out_ptr": PTR, "term_ptr": PTR,
                   "C": "i32", "H": "i32", "W": "i32", "h": "i32", "w": "i32", "pad_y": "i32", "pad_x": "i32"}
 # (start, term, pool, softmax, log): the set-ups (blur > 1: lse and the pooled softmax or log-softmax of u;
 # blur 1: softmax(u) and the unary term), then the iterations'.

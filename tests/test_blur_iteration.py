@@ -28,31 +28,37 @@ OUTPUTS = [(True, True), (False, True), (False, False)]  # (pool, softmax)
 
 def _inputs(case, seed):
     """Unary logits ``u``, their float64 log-sum-exp, per-class unary factors ``a`` (either sign, as a trained
-    ``unary_weight - w`` can be) and a pooled message ``M``."""
+    ``unary_weight - w`` can be), per-class message weights ``w`` and a pooled message ``M``."""
     B, C, H, W, s = case
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(B, C, H, W, generator=g) * 3
     a = torch.rand(C, generator=g) * 2 - 0.5
+    w = torch.rand(C, generator=g) + 0.1
     M = torch.randn(B, C, -(-H // s), -(-W // s), generator=g) * 3
-    return u, torch.logsumexp(u.double(), 1, keepdim=True), a, M
+    return u, torch.logsumexp(u.double(), 1, keepdim=True), a, w, M
 
 
-def _logits(u, lse, a, M, s):
-    """``Z = a · (u - lse) + upsample(M)`` in float64."""
-    return a.double().view(1, -1, 1, 1) * (u.double() - lse) + functional.blur_upsample(M.double(), s, *u.shape[-2:])
+def _logits(u, lse, a, w, M, s):
+    """``Z = a · (u - lse) + w · upsample(M)`` in float64."""
+    up = functional.blur_upsample(M.double(), s, *u.shape[-2:])
+    return a.double().view(1, -1, 1, 1) * (u.double() - lse) + w.double().view(1, -1, 1, 1) * up
+
+
+def _step(device, u, lse, a, w, M, s, **kw):
+    """``kernels.blur_step`` on ``device``."""
+    return kernels.blur_step(*(t.float().to(device) for t in (u, lse, torch.stack([a, w]), M)), s, **kw)
 
 
 @pytest.mark.parametrize("pool,softmax", OUTPUTS, ids=["pooled-probabilities", "probabilities", "logits"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_blur_step_matches_composition(case, pool, softmax, device):
     B, C, H, W, s = case
-    u, lse, a, M = _inputs(case, B * 1000 + C * 10 + s)
-    Z = _logits(u, lse, a, M, s)
+    u, lse, a, w, M = _inputs(case, B * 1000 + C * 10 + s)
+    Z = _logits(u, lse, a, w, M, s)
     want = torch.softmax(Z, 1) if softmax else Z
     if pool:
         want = functional.blur_pool(want, s)
-    got = kernels.blur_step(u.to(device), lse.float().to(device), a.to(device), M.to(device), s, pool=pool,
-                            softmax=softmax)
+    got = _step(device, u, lse, a, w, M, s, pool=pool, softmax=softmax)
     assert got.shape == want.shape and got.dtype == torch.float32
     # Probabilities are judged on the logits' scale (softmax is 1-Lipschitz in the max norm): the bilinear
     # source index is float32 arithmetic, as in PyTorch's float32 upsampling (1e-7 of an index of ~1000).
@@ -65,7 +71,7 @@ def test_blur_step_matches_composition(case, pool, softmax, device):
 def test_blur_start_matches_composition(case, log, device):
     """The set-up: the unary's log-sum-exp and the first iteration's pooled (log-)probabilities."""
     B, C, H, W, s = case
-    u, want_lse, _, _ = _inputs(case, B * 1000 + C * 10 + s + 1)
+    u, want_lse, *_ = _inputs(case, B * 1000 + C * 10 + s + 1)
     lse, pooled = kernels.blur_start(u.to(device), s, log=log)
     assert lse.shape == (B, 1, H, W) and lse.dtype == torch.float32
     assert pooled.shape == (B, C, -(-H // s), -(-W // s)) and pooled.dtype == torch.float32
@@ -81,7 +87,7 @@ def test_blur_start_matches_composition(case, log, device):
 def test_mean_field_start_matches_composition(case, log, device):
     """Blur 1's set-up: the first (log-)probabilities and the unary term ``a · log_softmax(u)``."""
     B, C, H, W, s = case
-    u, lse, a, _ = _inputs(case, B * 1000 + C * 10 + s + 2)
+    u, lse, a, *_ = _inputs(case, B * 1000 + C * 10 + s + 2)
     Q, term = kernels.mean_field_start(u.to(device), a.to(device), log=log)
     L = u.double() - lse
     assert Q.shape == term.shape == u.shape and Q.dtype == term.dtype == torch.float32
@@ -92,28 +98,28 @@ def test_mean_field_start_matches_composition(case, log, device):
 
 def test_blur_step_output_dtype_and_errors():
     u, M = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 2, 2)
-    lse, a = torch.logsumexp(u, 1, keepdim=True), torch.ones(3)
-    got = kernels.blur_step(u, lse, a, M, 4, pool=False, softmax=False, out_dtype=torch.bfloat16)
+    lse, a, aw = torch.logsumexp(u, 1, keepdim=True), torch.ones(3), torch.tensor([[1.0] * 3, [0.5] * 3])
+    got = kernels.blur_step(u, lse, aw, M, 4, pool=False, softmax=False, out_dtype=torch.bfloat16)
     assert got.dtype == torch.bfloat16
     assert kernels.blur_start(u.double(), 4)[1].dtype == torch.float64
     with pytest.raises(ValueError, match="blur must be an int >= 2"):
-        kernels.blur_step(u, lse, a, M, 1, pool=True, softmax=True)
+        kernels.blur_step(u, lse, aw, M, 1, pool=True, softmax=True)
     with pytest.raises(ValueError, match="blur must be an int >= 2"):
         kernels.blur_start(u, 1)
     with pytest.raises(ValueError, match=r"message must be the pooled grid \(1, 3, 4, 4\)"):
-        kernels.blur_step(u, lse, a, M, 2, pool=True, softmax=True)
+        kernels.blur_step(u, lse, aw, M, 2, pool=True, softmax=True)
     with pytest.raises(ValueError, match=r"lse must be the unary's per-pixel log-sum-exp \(1, 1, 8, 8\)"):
-        kernels.blur_step(u, lse[:, :, :4], a, M, 4, pool=True, softmax=True)
-    with pytest.raises(ValueError, match=r"a must be the 3 classes' unary factors, shape \(3,\)"):
-        kernels.blur_step(u, lse, a[:1], M, 4, pool=True, softmax=True)
+        kernels.blur_step(u, lse[:, :, :4], aw, M, 4, pool=True, softmax=True)
+    with pytest.raises(ValueError, match=r"factors must hold the classes' .*, shape \(2, 3\), got \(3,\)"):
+        kernels.blur_step(u, lse, a, M, 4, pool=True, softmax=True)
     with pytest.raises(ValueError, match="needs softmax=True"):
-        kernels.blur_step(u, lse, a, M, 4, pool=True, softmax=False)
+        kernels.blur_step(u, lse, aw, M, 4, pool=True, softmax=False)
     with pytest.raises(ValueError, match="must be 4-D"):
-        kernels.blur_step(u[0], lse, a, M, 4, pool=True, softmax=True)
+        kernels.blur_step(u[0], lse, aw, M, 4, pool=True, softmax=True)
     with pytest.raises(ValueError, match="must be 4-D"):
         kernels.blur_start(u[0], 4)
     assert [t.dtype for t in kernels.mean_field_start(u.double(), a)] == [torch.float64] * 2
-    with pytest.raises(ValueError, match=r"a must be the 3 classes' unary factors, shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"a must hold the classes' .*, shape \(3,\), got \(1, 3, 1, 1\)"):
         kernels.mean_field_start(u, a.view(1, 3, 1, 1))
     with pytest.raises(ValueError, match="must be 4-D"):
         kernels.mean_field_start(u[0], a)
@@ -185,12 +191,11 @@ def test_blur_step_one_class_at_a_time(monkeypatch, device):
     """The GPU's class loop (one class per iteration) under the interpreter too, which otherwise takes every
     class at once: a ragged last block of the interpreter's class tile as well."""
     case = (2, 5, 9, 14, 3)
-    u, lse, a, M = _inputs(case, 11)
-    Z = _logits(u, lse, a, M, 3)
+    u, lse, a, w, M = _inputs(case, 11)
+    Z = _logits(u, lse, a, w, M, 3)
     for block_c in (1, 2):
         monkeypatch.setattr(blur_iteration, "INTERPRETER_MAX_BLOCK_C", block_c)
-        got = kernels.blur_step(u.to(device), lse.float().to(device), a.to(device), M.to(device), 3, pool=True,
-                                softmax=True)
+        got = _step(device, u, lse, a, w, M, 3, pool=True, softmax=True)
         assert rel_err(got.cpu(), functional.blur_pool(torch.softmax(Z, 1), 3)) < RTOL
         got_lse, got_log = kernels.blur_start(u.to(device), 3, log=True)
         assert rel_err(got_lse.cpu(), lse) < RTOL
@@ -203,7 +208,7 @@ def test_blur_kernels_with_each_class_tile_config(which, monkeypatch, device):
     (CONVCRF_AUTOTUNE=0: the first, two-pass config) would not: each forced in turn (on the GPU as the tuner's
     only config, under the interpreter as its tile), the step and both set-ups."""
     case = (2, 21, 130, 257, 4) if device.type == "cuda" else (1, 21, 19, 27, 4)
-    u, lse, a, M = _inputs(case, 5)
+    u, lse, a, w, M = _inputs(case, 5)
     for blur in (4, 1):
         sp = triton.next_power_of_2(blur)
         cfg = [c for c in blur_iteration._prune(blur_iteration.TUNE_CONFIGS, {"C": 21}, SP=sp)
@@ -215,9 +220,8 @@ def test_blur_kernels_with_each_class_tile_config(which, monkeypatch, device):
             monkeypatch.setattr(blur_iteration, "INTERPRETER_BLOCK_J", cfg.kwargs["BLOCK_PIXELS"] // (sp * sp))
             monkeypatch.setattr(blur_iteration, "INTERPRETER_PIXELS", 0)
         if blur == 4:
-            got = kernels.blur_step(u.to(device), lse.float().to(device), a.to(device), M.to(device), 4, pool=True,
-                                    softmax=True)
-            assert rel_err(got.cpu(), functional.blur_pool(torch.softmax(_logits(u, lse, a, M, 4), 1), 4)) < RTOL
+            got = _step(device, u, lse, a, w, M, 4, pool=True, softmax=True)
+            assert rel_err(got.cpu(), functional.blur_pool(torch.softmax(_logits(u, lse, a, w, M, 4), 1), 4)) < RTOL
             got_lse, got_q = kernels.blur_start(u.to(device), 4)
             assert rel_err(got_lse.cpu(), lse) < RTOL
             assert rel_err(got_q.cpu(), functional.blur_pool((u.double() - lse).exp(), 4)) < RTOL
