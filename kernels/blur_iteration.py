@@ -67,9 +67,9 @@ def _row_lerp(m_row, q, h, jv, jx0, jx1, lx, w, c_ok):
 @triton.jit
 def _logits(u_cls, m_cls, a_cls, lse, c_ok, offs, ok, C, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly,
             START: tl.constexpr):
-    """``Z = a · (u - lse) + w · upsample(M)`` of a block of classes over the tile (``u`` itself at the ``START``):
-    the full-resolution rows of pooled row ``i`` read pooled rows ``i - 1, i, i + 1`` only (``iy0 ∈ {i-1, i}``,
-    ``iy1 ∈ {i, i+1}``)."""
+    """``Z = a · (u - lse) + w · upsample(M)`` of a block of classes over the tile (``u`` itself at the ``START``;
+    ``a`` at ``a_cls``, ``w`` a row of ``C`` further, in the ``[2, C]`` factors): the full-resolution rows of
+    pooled row ``i`` read pooled rows ``i - 1, i, i + 1`` only (``iy0 ∈ {i-1, i}``, ``iy1 ∈ {i, i+1}``)."""
     z = tl.load(u_cls + offs, mask=c_ok & ok, other=0.0).to(tl.float32)
     if not START:
         above = _row_lerp(m_cls + (i - 1) * w, i - 1, h, jv, jx0, jx1, lx, w, c_ok)
@@ -94,6 +94,7 @@ def _blur_step_kernel(
     # first (online softmax), then the probabilities (LOG: their logarithms, Z - lse(Z)); the second pass
     # re-reads u, from L1 if the program's tile of every class is still there. ONE_PASS (BLOCK_C >= C: a tile
     # of every class in registers, so few pixels a program) reads u once and keeps Z for the second pass.
+    # f_ptr: the factors [2, C], a = unary_weight - w and w (at the START a alone, read with TERM only).
     # START: Z = u, no message (m_ptr unused); the first pass stores lse(u) to lse_ptr, or with TERM the second
     # stores the unary term a * (u - lse(u)) to term_ptr at full resolution (blur 1's steps read it).
     BLOCK_J: tl.constexpr = BLOCK_PIXELS // (SP * SP)  # pooled columns per program
