@@ -5,8 +5,8 @@
 The original-compatible configuration of the benchmark (``convcrf_triton.benchmark.conf_for``), its
 synthetic inputs, 5 iterations; warmed up (compiled and autotuned) before the profiled calls. ``--composed``
 runs the blurred iterations as PyTorch ops around the message pass instead of ``kernels.blur_step``. The
-``_blur_step_kernel`` rows hold the set-up too (``blur_start``, or ``mean_field_start`` at blur 1: one call an
-inference, the same kernel), so their call count is T + 1 an inference.
+``_blur_step_kernel`` rows hold the set-up too (``blur_start``, or ``mean_field_start`` at blur 1, the same
+kernel): T + 1 calls an inference at blur > 1, one at blur 1.
 """
 
 from __future__ import annotations
