@@ -247,7 +247,7 @@ class MessagePasser:
         and the first pooled ``Q``); each iteration the message on the pooled grid, then one launch for everything
         at full resolution (:func:`~convcrf_triton.kernels.blur_step`: the unary term ``(unary_weight - w) ·
         log_softmax(u)`` from ``u`` and its log-sum-exp, upsample, add, softmax, pool), which hands the next
-        iteration its pooled ``Q`` directly. No full-resolution tensor but the output is written."""
+        iteration its pooled ``Q`` directly. No C×H×W tensor but the output is written."""
         tensors = (unary, unary_weight, weight, compat_matrix, *(g.feats for g in self.gaussians),
                    *(g.compats for g in self.gaussians))
         if (self.ops is reference or len(self.gaussians) != 1 or self.gaussians[0].norm is not None

@@ -9,7 +9,7 @@ iteration is full-resolution, elementwise or per pixel, and memory-bound::
     Q' = pool_s(softmax_c(Z))                (the next iteration's pooled probabilities, [B, C, h, w])
 
 ``a · (u - lse)`` is the loop-invariant unary term ``(unary_weight - w) · log_softmax(u)``, recomputed from
-``u`` and one plane of ``lse`` instead of stored: no full-resolution tensor lives between iterations.
+``u`` and one plane of ``lse`` instead of stored: no C×H×W tensor lives between iterations.
 ``upsample_s`` is bilinear ×s (``align_corners=False``) cropped by the blur padding, ``pool_s`` the s×s
 average over the real pixels (``count_include_pad=False``), as :func:`convcrf_triton.functional.blur_upsample`
 and :func:`~convcrf_triton.functional.blur_pool`. Composed from PyTorch ops this is ~8 full-resolution
