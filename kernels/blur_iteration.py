@@ -296,8 +296,9 @@ def _(unary, a, log):
     return torch.empty_like(unary), torch.empty_like(unary)
 
 
-def _check_unary(unary: torch.Tensor, blur: int) -> tuple[int, int, int, int]:
-    if not isinstance(blur, int) or blur < 2:
+def _check_unary(unary: torch.Tensor, blur: int | None = None) -> tuple[int, int, int, int]:
+    """``unary``'s shape, or a ValueError; ``blur``: the blurred kernels' factor, checked when given."""
+    if blur is not None and (not isinstance(blur, int) or blur < 2):
         raise ValueError(f"blur must be an int >= 2, got {blur!r}")
     if unary.dim() != 4:
         raise ValueError(f"unary must be 4-D [B, C, H, W], got shape {tuple(unary.shape)}")
@@ -326,9 +327,7 @@ def mean_field_start(unary: torch.Tensor, a: torch.Tensor, *, log: bool = False)
     ``log_softmax(u)``) and the loop-invariant unary term ``A = a · log_softmax(u)`` (``a: [C]``, the
     per-class ``unary_weight - w``), both ``[B, C, H, W]`` in the dtype of ``u``. float32 arithmetic."""
     check_on_device(unary=unary, a=a)
-    if unary.dim() != 4:
-        raise ValueError(f"unary must be 4-D [B, C, H, W], got shape {tuple(unary.shape)}")
-    _check_factors("a", a, (unary.shape[1],))
+    _check_factors("a", a, (_check_unary(unary)[1],))
     return _mean_field_start_op(unary.contiguous(), a.float().contiguous(), log)
 
 
