@@ -6,9 +6,12 @@ One kernel body, two ways of getting the tap weight (constexpr ``FUSED``):
   ``_tap_weight`` as the merged-kernel kernel, so no k*k-sized tensor exists at all.
 
 Each program owns a tile of ``BLOCK_C`` classes × ``BLOCK_P`` pixels (flattened row-major, so every
-neighbour load is a contiguous run) and walks the k×k window with a run-time loop (unrolling it
-explodes compile time and spills for k ≥ 7), accumulating in float32. The Gaussian kernel is symmetric
-(``K[p, d] = K[p + d, -d]``), so the gradient w.r.t. ``Q`` is the message pass of the output gradient.
+neighbour load is a contiguous run) and walks the k×k window by tap rows and columns with run-time loops
+(:func:`_window_sum`; unrolling all k² taps explodes compile time and spills for k ≥ 7), accumulating in
+float32. A block whose pixels and neighbours all lie inside the image (most blocks of a large image) runs
+the loop without a single mask; the others test each neighbour against the image's bounds. The Gaussian
+kernel is symmetric (``K[p, d] = K[p + d, -d]``), so the gradient w.r.t. ``Q`` is the message pass of the
+output gradient.
 
 With the constexpr ``STEP`` the same kernel ends in a whole mean-field iteration (:func:`mean_field_step`:
 compatibility as an in-kernel ``tl.dot``, weighting, unary add and the softmax of the next iteration), one
@@ -92,6 +95,56 @@ def _step_epilogue(acc, cls, C, cm_ptr, w_ptr, a_ptr, offs, mask, W_STRIDE: tl.c
 
 
 @triton.jit
+def _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, offs, in_img, y, x, h, w, plane,
+                KSIZE: tl.constexpr, FUSED: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                KEEP_CENTRE: tl.constexpr, UNROLL: tl.constexpr, CS: tl.constexpr, BORDER: tl.constexpr):
+    """``acc[c, p] += sum_t weight[t, p] * Q[c, p + d_t]`` over the k×k window of the pixels ``offs``.
+
+    The window is walked a tap row at a time, and within a row ``UNROLL`` taps at a time (the last group
+    masked), so that ``UNROLL`` independent neighbour loads are in flight before the first multiply-add.
+    ``BORDER=False``: the caller has checked that every pixel and every neighbour lies inside the image, so
+    no load is masked (no predicates, no zero fills). ``BORDER=True``: a neighbour is valid when
+    ``0 <= y + dy < h`` and ``0 <= x + dx < w``, two unsigned compares (the caller has moved the rows ``y``
+    of pixels past the image below it, so that nothing else, in particular no per-pixel state carried
+    across taps, is needed).
+    """
+    R: tl.constexpr = KSIZE // 2
+    pix_ok = in_img if BORDER else tl.full(offs.shape, True, tl.int1)
+    rows0 = tl.zeros(q_mask.shape, tl.int32)
+    for i in range(KSIZE):
+        for j0 in range(0, KSIZE, UNROLL):
+            for u in tl.static_range(UNROLL):
+                j = j0 + u
+                if BORDER:
+                    valid = ((y + (i - R)).to(tl.uint32, bitcast=True) < h.to(tl.uint32, bitcast=True)) & (
+                        (x + (j - R)).to(tl.uint32, bitcast=True) < w.to(tl.uint32, bitcast=True))
+                else:
+                    valid = pix_ok
+                tap_ok = pix_ok  # the planar weights' mask: constant over a thread's run of pixels (16-byte loads)
+                if KSIZE % UNROLL != 0:
+                    in_window = tl.zeros_like(offs) + j < KSIZE  # a tensor mask (interpreter)
+                    valid = valid & in_window
+                    tap_ok = tap_ok & in_window
+                nb = offs + ((i - R) * w + (j - R))
+                t = i * KSIZE + j
+                if FUSED:
+                    weight = _tap_weight(f_ptr, offs, pix_ok, nb, valid, plane, c1, c2, D1, D2)
+                    if not KEEP_CENTRE:
+                        weight = tl.where(t == KSIZE * KSIZE // 2, 0.0, weight)
+                    weight = weight[None, :]
+                elif CS > 0:
+                    weight = tl.load(k_row + t * plane, mask=valid, other=0.0)[None, :]  # a thread's pixels: strided
+                else:
+                    # Planar: loaded in the tile's own shape (each thread its run of pixels' weights, the
+                    # same address for every class row it holds: one load). As a [BLOCK_P] vector it takes
+                    # a layout of its own and a trip through shared memory, two barriers, at every tap.
+                    weight = tl.load(k_row[None, :] + t * plane + rows0, mask=tap_ok[None, :], other=0.0)
+                q = tl.load(q_rows + _pixel_offsets(nb, CS), mask=q_mask & valid[None, :], other=0.0)
+                acc += weight.to(tl.float32) * q.to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _message_pass_kernel(
     q_ptr, k_ptr, f_ptr, compat_ptr, m_ptr, a_ptr, w_ptr, cm_ptr, C, h, w,
     KSIZE: tl.constexpr, FUSED: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KEEP_CENTRE: tl.constexpr,
@@ -99,8 +152,7 @@ def _message_pass_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr, UNROLL: tl.constexpr = 1,
     CS: tl.constexpr = 0,
 ):
-    # grid: (cdiv(h*w, BLOCK_P), cdiv(C, BLOCK_C), B). The k*k taps run UNROLL at a time (the last group
-    # masked), so that UNROLL independent neighbour loads are in flight before the first multiply-add.
+    # grid: (cdiv(h*w, BLOCK_P), cdiv(C, BLOCK_C), B); the window sum is _window_sum's.
     # Q, M (and A) are [B, C, h, w], or with CS > 0 channels-last [B, h, w, CS]: the classes of a pixel
     # contiguous and zero-padded to CS (a multiple of 4), so that a thread reads 4 classes of a neighbour
     # with one 16-byte load instead of 4 (the padding is loaded, computed and stored as zeros).
@@ -109,29 +161,30 @@ def _message_pass_kernel(
     b, plane, offs, in_img, y, x = _pixel_block(tl.program_id(2), h, w, BLOCK_P, IDX64)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     img_off, cls_off, io_mask = _class_offsets(b, cls, C, plane, CS)
-    q_rows = q_ptr + img_off + cls_off
-    if FUSED:
-        f_ptr += b * (D1 + D2) * plane
-        c1, c2 = _load_compats(compat_ptr, D2)
+    # The neighbour loads' rows: planar rows past C read class C - 1 instead of being masked (their sums are
+    # never stored, and no per-element class predicate joins the pixel's in the loop).
+    if CS > 0:
+        q_rows, q_mask = q_ptr + img_off + cls_off, io_mask
     else:
-        k_row = k_ptr + b * (KSIZE * KSIZE) * plane + offs
+        q_rows = q_ptr + img_off + tl.minimum(cls, C - 1)[:, None] * plane
+        q_mask = tl.full(io_mask.shape, True, tl.int1)
+    k_row = k_ptr + b * (KSIZE * KSIZE) * plane + offs
+    f_ptr += b * (D1 + D2) * plane
+    c1, c2 = _load_compats(compat_ptr, D2)
+    # A block whose every pixel and neighbour lies inside the image (one image row, R columns and rows
+    # from the edges: most blocks of a large image) walks the window without a single mask.
+    p0 = tl.program_id(0) * BLOCK_P
+    x0 = p0 % w
+    interior = (x0 >= KSIZE // 2) & (x0 + BLOCK_P + KSIZE // 2 <= w)
+    interior = interior & (p0 >= (KSIZE // 2) * w) & (p0 + (KSIZE // 2 + 1) * w <= plane)
+    y = tl.where(in_img, y, h + KSIZE)  # pixels past the image: every neighbour row out of range
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    for t0 in range(0, KSIZE * KSIZE, UNROLL):
-        for j in tl.static_range(UNROLL):
-            t = t0 + j
-            nb, valid = _neighbour(offs, y, x, in_img, t, h, w, KSIZE)
-            tap_ok = in_img
-            if (KSIZE * KSIZE) % UNROLL != 0:
-                tap_ok = tap_ok & (tl.zeros_like(offs) + t < KSIZE * KSIZE)  # a tensor mask (interpreter)
-                valid = valid & tap_ok
-            if FUSED:
-                weight = _tap_weight(f_ptr, offs, in_img, nb, valid, plane, c1, c2, D1, D2)
-                if not KEEP_CENTRE:
-                    weight = tl.where(t == KSIZE * KSIZE // 2, 0.0, weight)
-            else:
-                weight = tl.load(k_row + t * plane, mask=tap_ok, other=0.0).to(tl.float32)
-            q = tl.load(q_rows + _pixel_offsets(nb, CS), mask=io_mask & valid[None, :], other=0.0)
-            acc += weight[None, :] * q.to(tl.float32)
+    if interior:
+        acc = _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, offs, in_img, y, x, h, w, plane,
+                          KSIZE, FUSED, D1, D2, KEEP_CENTRE, UNROLL, CS, False)
+    else:
+        acc = _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, offs, in_img, y, x, h, w, plane,
+                          KSIZE, FUSED, D1, D2, KEEP_CENTRE, UNROLL, CS, True)
     out_offs = img_off + cls_off + _pixel_offsets(offs, CS)
     out_mask = io_mask & in_img[None, :]
     if STEP:

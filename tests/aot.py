@@ -149,6 +149,36 @@ def sass(
     return _cuobjdump(["-sass"], cubin)
 
 
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.M)
+_BACK_BRANCH = re.compile(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)")
+
+
+def opcode(instruction: str) -> str:
+    """``@!P0 LDG.E.128 R4, desc[...]`` → ``LDG``."""
+    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
+
+
+def loops(listing: str) -> list[list[str]]:
+    """The instructions of every loop of a ``cuobjdump -sass`` listing (a branch back to a lower address and
+    everything from its target to it), innermost and outer loops alike, in address order."""
+    code = [(int(m[1], 16), m[2]) for m in _SASS_LINE.finditer(listing)]
+    found = []
+    for addr, text in code:
+        back = _BACK_BRANCH.search(text)
+        if back and int(back[1], 16) < addr:
+            found.append([t for a, t in code if int(back[1], 16) <= a <= addr])
+    return found
+
+
+def instructions_per_ffma(listing: str) -> float:
+    """The fewest instructions per ``FFMA`` over the loops that hold any: the hot loop's overhead (address and
+    mask arithmetic, loads, layout conversions) per multiply-add."""
+    ratios = [len(body) / n for body in loops(listing) if (n := sum(opcode(t) == "FFMA" for t in body))]
+    if not ratios:
+        raise AssertionError("no loop with an FFMA in the listing")
+    return min(ratios)
+
+
 def _child(request: dict) -> None:
     """Child-process side: import the kernel, compile it, print the cache entry as one JSON line."""
     from triton.backends.compiler import GPUTarget

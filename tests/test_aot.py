@@ -8,7 +8,7 @@ import re
 
 import pytest
 import triton
-from aot import compile_for, sass
+from aot import compile_for, instructions_per_ffma, loops, opcode, sass
 from convcrf_triton.kernels import band_product as bp
 from convcrf_triton.kernels import blur_iteration as bi
 from convcrf_triton.kernels import merged_kernel as gw
@@ -108,6 +108,33 @@ def test_message_pass_sass(cfg, fused):
     assert not {op for op in ops if op.startswith(("LDL", "STL"))}, ops
     assert "STG.E.128" in ops, ops
     assert ("MUFU.EX2" in ops) == fused, ops
+
+
+# The window sum's hot loop (an interior block's: no masks), in instructions per multiply-add, k = 7, sm_90.
+# Before _window_sum split the interior from the border blocks and walked the window by rows, every config
+# took 6.6-11.4 (two-pass and steps) and 7.4-10.8 (fused): a mask, a zero fill and a 64-bit address per
+# load, the tap's row and column from a division, and in the 8 × 128 tiles a trip of the weights through
+# shared memory between two barriers at every tap. Now 2.3-4.3 and 3.7-6.8.
+MAX_INSTRUCTIONS_PER_FFMA = {"two-pass": 4.5, "fused": 7.0, "step": 4.0}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("cfg", mp.TUNE_CONFIGS, ids=str)
+def test_message_pass_hot_loop_overhead(cfg, fused):
+    listing = sass(mp._message_pass_kernel, MP_SIGNATURE, _mp_constexprs(cfg, 7, fused), 90,
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, divisible=ALIGNED_MP)
+    assert instructions_per_ffma(listing) <= MAX_INSTRUCTIONS_PER_FFMA["fused" if fused else "two-pass"]
+    if not fused:  # the K weights load in the tile's own layout: no shared memory, no barrier in any loop
+        assert not [t for body in loops(listing) for t in body if opcode(t) in ("BAR", "LDS", "STS")]
+
+
+@pytest.mark.parametrize("cs", [0, 24])
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_mean_field_step_hot_loop_overhead(cs, unroll):
+    consts, num_warps = _step_consts(21, False, cs)
+    listing = sass(mp._message_pass_kernel, MP_SIGNATURE, {**consts, "UNROLL": unroll}, 90, num_warps=num_warps,
+                   divisible=ALIGNED_MP)
+    assert instructions_per_ffma(listing) <= MAX_INSTRUCTIONS_PER_FFMA["step"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

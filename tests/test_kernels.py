@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import triton
 from convcrf_triton.kernels import _launch
 from convcrf_triton.kernels import message_passing as mp
 
@@ -134,6 +135,56 @@ def test_unrolled_taps_match_reference(unroll, monkeypatch, device):
         got = kernels.mean_field_step(Q, unary.float(), torch.tensor(0.3), None, K.float(), None, None, (2, 3), k,
                                       False, False)
         assert rel_err(got, want) < RTOL
+
+
+# Blocks whose every pixel and neighbour lies inside the image walk the window without masks (_window_sum's
+# interior path). 16-pixel blocks on a 40-pixel-wide image give both kinds, and blocks on either side of each
+# bound: rows that start on a block (x0 = 0: border) and blocks that straddle two rows (x0 = 32), x0 = 8
+# (interior from row R on) and x0 = 24 (ends on the right edge: border).
+INTERIOR_TILE = {"BLOCK_C": 8, "BLOCK_P": 16}
+
+
+@pytest.mark.parametrize("unroll", [1, 2])
+@pytest.mark.parametrize("fused", [False, True])
+def test_interior_blocks_match_reference(fused, unroll, device):
+    """Every neighbour load of an interior block unmasked, against the reference (k = 5 with UNROLL 2: a
+    masked last tap of each row even there). The two-pass weights are random, nonzero at the taps outside the
+    image too, so that only Q's zeros outside the image (the masks) make those taps vanish."""
+    cfg = triton.Config({**INTERIOR_TILE, "UNROLL": unroll}, num_warps=1)
+    feats, compats, Q = make_inputs(17 + unroll, 1, 5, 10, 40, (2, 3), device=device)
+    for k in (3, 5):
+        if fused:
+            K = reference.gaussian_weights(feats.double(), (2, 3), compats.double(), k, False)
+        else:
+            K = torch.rand(1, k * k, 10, 40, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+        want = reference.message_pass(K.to(device), Q.double())
+        if fused:
+            got = mp._launch(Q, None, feats, compats, (2, 3), k, False, config=cfg)
+        else:
+            got = mp._launch(Q, K.float(), None, None, (), k, False, config=cfg)
+        assert rel_err(got, want) < RTOL
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_interior_blocks_of_the_step_match_reference(channels_last, monkeypatch, device):
+    """The one-launch step (planar, and channels-last: 16-byte class loads with the padding classes' mask) over
+    interior and border blocks."""
+    if device.type == "cuda":
+        pytest.skip("on the GPU the step's tile is step_blocks'; this sets the interpreter's")
+    monkeypatch.setattr(mp, "STEP_CHANNELS_LAST", channels_last)
+    monkeypatch.setattr(mp, "interpreter_blocks", lambda C, hw: (triton.next_power_of_2(C), 16))
+    seen = []
+    step = kernels.mean_field_step
+    monkeypatch.setattr(kernels, "mean_field_step",
+                        lambda *a, **kw: seen.append(kw["channels_last"]) or step(*a, **kw))
+    case = dict(C=5, scalar=False, compat=True)
+    unary, image, weight, compat = step_inputs(case, 3, (9, 40), device)
+    kw = dict(filter_size=5, blur=1, num_iter=2, mode="textbook", weight=weight, compat_matrix=compat)
+    with torch.no_grad():
+        got = functional.mean_field(unary, image, backend="triton", **kw)
+    want = functional.mean_field(unary.double(), image.double(), backend="torch", **{**kw, "weight": weight.double()})
+    assert seen == [5 if channels_last else None] * 2
+    assert rel_err(got, want) < RTOL
 
 
 @pytest.mark.gpu_only
