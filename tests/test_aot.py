@@ -114,8 +114,9 @@ def test_message_pass_sass(cfg, fused):
 # Before _window_sum split the interior from the border blocks and walked the window by rows, every config
 # took 6.6-11.4 (two-pass and steps) and 7.4-10.8 (fused): a mask, a zero fill and a 64-bit address per
 # load, the tap's row and column from a division, and in the 8 × 128 tiles a trip of the weights through
-# shared memory between two barriers at every tap. Now 2.3-4.3 and 3.7-6.8.
-MAX_INSTRUCTIONS_PER_FFMA = {"two-pass": 4.5, "fused": 7.0, "step": 4.0}
+# shared memory between two barriers at every tap. Now 2.3-4.3 and 3.7-6.8 (triton 3.6, the GPU image's:
+# 2.4-4.3 and 3.9-7.25).
+MAX_INSTRUCTIONS_PER_FFMA = {"two-pass": 4.5, "fused": 7.3, "step": 4.0}
 
 
 @pytest.mark.parametrize("fused", [False, True])
