@@ -41,41 +41,44 @@ from ._launch import check_on_device, interpreting, needs_int64, tuning_off
 
 
 @triton.jit
-def _source_index(dst, scale, n):
-    """PyTorch's bilinear source index (``align_corners=False``) of destination index ``dst`` in an input of
-    ``n``: the two neighbours and the weight of the second."""
+def _source_weights(dst, scale, n, centre):
+    """PyTorch's bilinear source (``align_corners=False``) of destination index ``dst`` in an input of ``n``, as
+    the weights of the three pooled indices ``centre - 1, centre, centre + 1`` (its two neighbours are among
+    them; at the last index both are ``centre``). They depend on the pixel only, so they are computed once for
+    every class, and a class's interpolation is three multiply-adds an axis, without selects."""
     src = tl.maximum(scale * (dst.to(tl.float32) + 0.5) - 0.5, 0.0)
     i0 = src.to(tl.int32)  # src >= 0: truncation is floor
     i1 = tl.where(i0 < n - 1, i0 + 1, i0)
-    return i0, i1, src - i0.to(tl.float32)
+    frac = src - i0.to(tl.float32)
+    same = tl.where(i0 == centre, 1.0 - frac, 0.0) + tl.where(i1 == centre, frac, 0.0)
+    return tl.where(i0 < centre, 1.0 - frac, 0.0), same, tl.where(i1 > centre, frac, 0.0)
 
 
 @triton.jit
-def _row_lerp(m_row, q, h, jv, jx0, jx1, lx, w, c_ok):
+def _row_lerp(m_row, q, h, jv, wx, w, c_ok):
     """Pooled row ``q`` of a block of classes' message (``m_row``: ``[BLOCK_C, 1, 1, 1]`` pointers to it),
-    interpolated along x at the columns with neighbours ``jx0``, ``jx1`` and weight ``lx`` (``[1, 1, BLOCK_J,
-    SP]``): both neighbours are among ``jv - 1, jv, jv + 1`` (``jv``: the pooled columns), loaded as three
-    contiguous vectors instead of gathered per full-resolution pixel. Zero where the row is outside the grid."""
+    interpolated along x with the weights ``wx`` of pooled columns ``jv - 1, jv, jv + 1`` (``jv``: the pooled
+    columns; :func:`_source_weights`), loaded as three contiguous vectors instead of gathered per
+    full-resolution pixel. Zero where the row is outside the grid."""
     qv = tl.zeros_like(jv) + q  # a tensor, not a scalar, in the masks (interpreter)
     row_ok = c_ok & (qv >= 0) & (qv < h)
     left = tl.load(m_row + jv - 1, mask=row_ok & (jv >= 1) & (jv <= w), other=0.0)
     mid = tl.load(m_row + jv, mask=row_ok & (jv < w), other=0.0)
     right = tl.load(m_row + jv + 1, mask=row_ok & (jv + 1 < w), other=0.0)
-    return (1.0 - lx) * tl.where(jx0 < jv, left, mid) + lx * tl.where(jx1 > jv, right, mid)
+    return wx[0] * left + wx[1] * mid + wx[2] * right
 
 
 @triton.jit
-def _logits(u_cls, m_cls, a_cls, lse, c_ok, offs, ok, C, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly,
-            START: tl.constexpr):
+def _logits(u_cls, m_cls, a_cls, lse, c_ok, offs, ok, C, i, h, w, jv, wx, wy, START: tl.constexpr):
     """``Z = a · (u - lse) + w · upsample(M)`` of a block of classes over the tile (``u`` itself at the ``START``;
     ``a`` at ``a_cls``, ``w`` a row of ``C`` further, in the ``[2, C]`` factors): the full-resolution rows of
-    pooled row ``i`` read pooled rows ``i - 1, i, i + 1`` only (``iy0 ∈ {i-1, i}``, ``iy1 ∈ {i, i+1}``)."""
+    pooled row ``i`` read pooled rows ``i - 1, i, i + 1`` only, weighted by ``wy`` (and columns by ``wx``)."""
     z = tl.load(u_cls + offs, mask=c_ok & ok, other=0.0).to(tl.float32)
     if not START:
-        above = _row_lerp(m_cls + (i - 1) * w, i - 1, h, jv, jx0, jx1, lx, w, c_ok)
-        same = _row_lerp(m_cls + i * w, i, h, jv, jx0, jx1, lx, w, c_ok)
-        below = _row_lerp(m_cls + (i + 1) * w, i + 1, h, jv, jx0, jx1, lx, w, c_ok)
-        up = (1.0 - ly) * tl.where(iy0 < i, above, same) + ly * tl.where(iy1 > i, below, same)
+        above = _row_lerp(m_cls + (i - 1) * w, i - 1, h, jv, wx, w, c_ok)
+        same = _row_lerp(m_cls + i * w, i, h, jv, wx, w, c_ok)
+        below = _row_lerp(m_cls + (i + 1) * w, i + 1, h, jv, wx, w, c_ok)
+        up = wy[0] * above + wy[1] * same + wy[2] * below
         z = tl.load(a_cls, mask=c_ok, other=0.0) * (z - lse) + tl.load(a_cls + C, mask=c_ok, other=0.0) * up
     return z
 
@@ -117,8 +120,8 @@ def _blur_step_kernel(
     x = xs - pad_x
     ok = (r < S) & (y >= 0) & (y < H) & (t < S) & (jv < w) & (x >= 0) & (x < W)
     offs = y * W + x
-    iy0, iy1, ly = _source_index(ys, scale, h)
-    jx0, jx1, lx = _source_index(xs, scale, w)
+    wy = _source_weights(ys, scale, h, i)
+    wx = _source_weights(xs, scale, w, jv)
     cls = tl.arange(0, BLOCK_C)[:, None, None, None]
     u_img = u_ptr + b * C * full + cls * full
     m_img = m_ptr + b * C * plane + cls * plane
@@ -126,7 +129,7 @@ def _blur_step_kernel(
     lse = 0.0
     if not START:
         lse = tl.load(lse_img, mask=ok, other=0.0)  # the unary's, loaded once for every class
-    geometry = (offs, ok, C, i, h, w, jv, jx0, jx1, lx, iy0, iy1, ly, START)
+    geometry = (offs, ok, C, i, h, w, jv, wx, wy, START)
     if ONE_PASS:
         z_all = _logits(u_img, m_img, f_ptr + cls, lse, cls < C, *geometry)
     if SOFTMAX:

@@ -238,6 +238,20 @@ def test_blur_step_exponentiates_only_for_the_softmax():
     assert loads["start"] < loads["pooled"] and stores["start"] > stores["pooled"], (loads, stores)
 
 
+def test_blur_step_class_loop_overhead():
+    """blur_step is issue-bound (bench/NOTES.md: run 3's 211 µs a call at 1024×2048 is its instruction count at
+    ~75% of the H100's issue rate): the two class loops of the tuner's pick (256 pixels, 2 warps: 4 a thread)
+    in instructions per tile element. With the bilinear neighbours chosen per class by selects: 106; with
+    pixel-only weights (_source_weights): 90."""
+    cfg = bi.TUNE_CONFIGS[0]
+    listing = sass(bi._blur_step_kernel, BLUR_SIGNATURE, _blur_consts(4, "pooled"), 90, num_warps=cfg.num_warps,
+                   divisible=tuple(BLUR_SIGNATURE))
+    per_thread = cfg.kwargs["BLOCK_PIXELS"] // (32 * cfg.num_warps)
+    class_loops = loops(listing)
+    assert len(class_loops) == 2  # the online softmax's pass and the probabilities' pass
+    assert sum(map(len, class_loops)) / per_thread <= 95
+
+
 # The configs the tuner times at blur 4: every one for C = 21 (the class tile: 32), the class-tile ones that
 # survive pruning for C = 64 (the others do not depend on C).
 PRUNED_BLUR_CONFIGS = [(C, cfg) for C in (21, 64) for cfg in bi._prune(bi.TUNE_CONFIGS, {"C": C}, SP=4)
