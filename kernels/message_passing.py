@@ -168,9 +168,11 @@ def _message_pass_kernel(
     else:
         q_rows = q_ptr + img_off + tl.minimum(cls, C - 1)[:, None] * plane
         q_mask = tl.full(io_mask.shape, True, tl.int1)
-    k_row = k_ptr + b * (KSIZE * KSIZE) * plane + offs
-    f_ptr += b * (D1 + D2) * plane
-    c1, c2 = _load_compats(compat_ptr, D2)
+    k_row = k_ptr + b * (KSIZE * KSIZE) * plane + offs  # the two-pass weights (FUSED: k_ptr is a dummy)
+    f_ptr += b * (D1 + D2) * plane  # the fused pass's features (two-pass: a dummy)
+    c1, c2 = 0.0, 0.0
+    if FUSED:
+        c1, c2 = _load_compats(compat_ptr, D2)
     # A block whose every pixel and neighbour lies inside the image (one image row, R columns and rows
     # from the edges: most blocks of a large image) walks the window without a single mask.
     p0 = tl.program_id(0) * BLOCK_P
