@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_on_device, interpreting, needs_int64
+from ._launch import COMPILE_OPTIONS, check_on_device, interpreting, needs_int64
 from .message_passing import _step_epilogue, step_mixing
 
 PRECISIONS = ("tf32x3", "tf32", "ieee")
@@ -188,7 +188,7 @@ def _launch(K: torch.Tensor, Q: torch.Tensor, k: int, precision: str, out: torch
     grid = (triton.cdiv(h, tile["PH"]) * triton.cdiv(w, tile["PW"]), triton.cdiv(C, block_c), B)
     _band_message_pass_kernel[grid](
         Q, K, out, a, weight, mix, C, h, w, KSIZE=k, **tile, BLOCK_C=block_c, PRECISION=precision,
-        IDX64=needs_int64(Q, K, out), **consts,
+        IDX64=needs_int64(Q, K, out), **consts, **COMPILE_OPTIONS,
         **({} if interpreting() else {"num_warps": NUM_WARPS if step is None else STEP_NUM_WARPS}),
     )
     return out

@@ -34,58 +34,59 @@ contiguous vectors of ``BLOCK_J``, interpolated in registers, instead of four ga
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._launch import check_on_device, interpreting, needs_int64, tuning_off
+from ._launch import COMPILE_OPTIONS, check_on_device, interpreting, needs_int64, tuning_off
+from ._math import exp
 
 
 @triton.jit
 def _source_weights(dst, scale, n, centre):
     """PyTorch's bilinear source (``align_corners=False``) of destination index ``dst`` in an input of ``n``, as
-    the weights of the three pooled indices ``centre - 1, centre, centre + 1`` (its two neighbours are among
-    them; at the last index both are ``centre``). They depend on the pixel only, so they are computed once for
-    every class, and a class's interpolation is three multiply-adds an axis, without selects."""
+    the weights of the three pooled indices ``centre - 1, centre, centre + 1`` (``centre`` within one of
+    ``dst``'s cell, so that its two sources are among them). They depend on the pixel only, so they are computed
+    once for every class, and a class's interpolation is three multiply-adds an axis, without selects."""
     src = tl.maximum(scale * (dst.to(tl.float32) + 0.5) - 0.5, 0.0)
     i0 = src.to(tl.int32)  # src >= 0: truncation is floor
     i1 = tl.where(i0 < n - 1, i0 + 1, i0)
     frac = src - i0.to(tl.float32)
-    same = tl.where(i0 == centre, 1.0 - frac, 0.0) + tl.where(i1 == centre, frac, 0.0)
-    return tl.where(i0 < centre, 1.0 - frac, 0.0), same, tl.where(i1 > centre, frac, 0.0)
+    d0 = i0 - centre
+    d1 = i1 - centre
+    before = tl.where(d0 == -1, 1.0 - frac, 0.0) + tl.where(d1 == -1, frac, 0.0)
+    same = tl.where(d0 == 0, 1.0 - frac, 0.0) + tl.where(d1 == 0, frac, 0.0)
+    return before, same, tl.where(d0 == 1, 1.0 - frac, 0.0) + tl.where(d1 == 1, frac, 0.0)
 
 
 @triton.jit
-def _row_lerp(m_row, q, h, jv, wx, w, c_ok):
-    """Pooled row ``q`` of a block of classes' message (``m_row``: ``[BLOCK_C, 1, 1, 1]`` pointers to it),
-    interpolated along x with the weights ``wx`` of pooled columns ``jv - 1, jv, jv + 1`` (``jv``: the pooled
-    columns; :func:`_source_weights`), loaded as three contiguous vectors instead of gathered per
-    full-resolution pixel. Zero where the row is outside the grid."""
-    qv = tl.zeros_like(jv) + q  # a tensor, not a scalar, in the masks (interpreter)
-    row_ok = c_ok & (qv >= 0) & (qv < h)
-    left = tl.load(m_row + jv - 1, mask=row_ok & (jv >= 1) & (jv <= w), other=0.0)
-    mid = tl.load(m_row + jv, mask=row_ok & (jv < w), other=0.0)
-    right = tl.load(m_row + jv + 1, mask=row_ok & (jv + 1 < w), other=0.0)
-    return wx[0] * left + wx[1] * mid + wx[2] * right
+def _column(m_rows, dj: tl.constexpr, wy):
+    """Column ``jc + dj`` of the three pooled rows at ``m_rows`` (pointers to column ``jc``), interpolated along
+    y with the weights ``wy``: one base address a row, the columns at constant offsets from it."""
+    return wy[0] * tl.load(m_rows[0] + dj) + wy[1] * tl.load(m_rows[1] + dj) + wy[2] * tl.load(m_rows[2] + dj)
 
 
 @triton.jit
-def _logits(u_cls, m_cls, a_cls, lse, c_ok, offs, ok, C, i, h, w, jv, wx, wy, START: tl.constexpr):
+def _logits(u_cls, m_cls, a_cls, lse, c_ok, offs, ok, C, rows, cols, wx, wy, START: tl.constexpr):
     """``Z = a · (u - lse) + w · upsample(M)`` of a block of classes over the tile (``u`` itself at the ``START``;
     ``a`` at ``a_cls``, ``w`` a row of ``C`` further, in the ``[2, C]`` factors): the full-resolution rows of
-    pooled row ``i`` read pooled rows ``i - 1, i, i + 1`` only, weighted by ``wy`` (and columns by ``wx``)."""
+    pooled row ``i`` read pooled rows ``i - 1, i, i + 1`` only (``rows``: their offsets, each clamped to the grid)
+    weighted by ``wy``, and columns ``jc - 1, jc, jc + 1`` (``cols``: ``jc``, pooled column ``j`` clamped to
+    ``[1, mw - 2]``) by ``wx``. No message load needs a mask: clamped rows and columns have weight zero, and the
+    classes of ``m_cls`` are clamped to ``C - 1``."""
     z = tl.load(u_cls + offs, mask=c_ok & ok, other=0.0).to(tl.float32)
     if not START:
-        above = _row_lerp(m_cls + (i - 1) * w, i - 1, h, jv, wx, w, c_ok)
-        same = _row_lerp(m_cls + i * w, i, h, jv, wx, w, c_ok)
-        below = _row_lerp(m_cls + (i + 1) * w, i + 1, h, jv, wx, w, c_ok)
-        up = wy[0] * above + wy[1] * same + wy[2] * below
+        # Along y first, at the pooled columns ([BLOCK_C, SP, BLOCK_J, 1]: a thread's run of sub-pixels t
+        # shares them), then along x per pixel: 3 multiply-adds a pixel, not 12.
+        m_rows = (m_cls + rows[0] + cols, m_cls + rows[1] + cols, m_cls + rows[2] + cols)
+        up = wx[0] * _column(m_rows, -1, wy) + wx[1] * _column(m_rows, 0, wy) + wx[2] * _column(m_rows, 1, wy)
         z = tl.load(a_cls, mask=c_ok, other=0.0) * (z - lse) + tl.load(a_cls + C, mask=c_ok, other=0.0) * up
     return z
 
 
 @triton.jit
 def _blur_step_kernel(
-    u_ptr, lse_ptr, f_ptr, m_ptr, out_ptr, term_ptr, C, H, W, h, w, pad_y, pad_x,
+    u_ptr, lse_ptr, f_ptr, m_ptr, out_ptr, term_ptr, C, H, W, h, w, mw, pad_y, pad_x,
     S: tl.constexpr, SP: tl.constexpr, START: tl.constexpr, TERM: tl.constexpr, POOL: tl.constexpr,
     SOFTMAX: tl.constexpr, LOG: tl.constexpr, BLOCK_PIXELS: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
     ONE_PASS: tl.constexpr = False,
@@ -97,6 +98,8 @@ def _blur_step_kernel(
     # first (online softmax), then the probabilities (LOG: their logarithms, Z - lse(Z)); the second pass
     # re-reads u, from L1 if the program's tile of every class is still there. ONE_PASS (BLOCK_C >= C: a tile
     # of every class in registers, so few pixels a program) reads u once and keeps Z for the second pass.
+    # m_ptr: the message [B, C, h, mw], mw = max(w, 3) (narrower grids padded by the launcher, so that the
+    # clamped columns jc - 1 .. jc + 1 lie in the row).
     # f_ptr: the factors [2, C], a = unary_weight - w and w (at the START a alone, read with TERM only).
     # START: Z = u, no message (m_ptr unused); the first pass stores lse(u) to lse_ptr, or with TERM the second
     # stores the unary term a * (u - lse(u)) to term_ptr at full resolution (blur 1's steps read it).
@@ -120,32 +123,38 @@ def _blur_step_kernel(
     x = xs - pad_x
     ok = (r < S) & (y >= 0) & (y < H) & (t < S) & (jv < w) & (x >= 0) & (x < W)
     offs = y * W + x
+    jc = tl.minimum(tl.maximum(jv, 1), mw - 2)  # the middle of the three pooled columns a pixel reads
     wy = _source_weights(ys, scale, h, i)
-    wx = _source_weights(xs, scale, w, jv)
+    wx = _source_weights(xs, scale, w, jc)
     cls = tl.arange(0, BLOCK_C)[:, None, None, None]
     u_img = u_ptr + b * C * full + cls * full
-    m_img = m_ptr + b * C * plane + cls * plane
+    m_plane = h * mw
+    if IDX64:
+        m_plane = m_plane.to(tl.int64)
+    m_img = m_ptr + b * C * m_plane
     lse_img = lse_ptr + b * full + offs
     lse = 0.0
     if not START:
         lse = tl.load(lse_img, mask=ok, other=0.0)  # the unary's, loaded once for every class
-    geometry = (offs, ok, C, i, h, w, jv, wx, wy, START)
+    rows = (tl.maximum(i - 1, 0) * mw, i * mw, tl.minimum(i + 1, h - 1) * mw)  # pooled rows i - 1 .. i + 1
+    geometry = (offs, ok, C, rows, jc, wx, wy, START)
     if ONE_PASS:
-        z_all = _logits(u_img, m_img, f_ptr + cls, lse, cls < C, *geometry)
+        z_all = _logits(u_img, m_img + tl.minimum(cls, C - 1) * m_plane, f_ptr + cls, lse, cls < C, *geometry)
     if SOFTMAX:
         if ONE_PASS:
             z = tl.where(cls < C, z_all, float("-inf"))
             top = tl.max(z, axis=0)
-            total = tl.sum(tl.exp(z - top[None]), axis=0)
+            total = tl.sum(exp(z - top[None]), axis=0)
         else:
             top = tl.full((SP, BLOCK_J, SP), float("-inf"), tl.float32)
             total = tl.zeros((SP, BLOCK_J, SP), dtype=tl.float32)
             for c0 in range(0, C, BLOCK_C):
                 c_ok = cls + c0 < C
-                z = _logits(u_img + c0 * full, m_img + c0 * plane, f_ptr + c0 + cls, lse, c_ok, *geometry)
+                m_cls = m_img + tl.minimum(cls + c0, C - 1) * m_plane  # classes past C read class C - 1
+                z = _logits(u_img + c0 * full, m_cls, f_ptr + c0 + cls, lse, c_ok, *geometry)
                 z = tl.where(c_ok, z, float("-inf"))
                 new_top = tl.maximum(top, tl.max(z, axis=0))
-                total = total * tl.exp(top - new_top) + tl.sum(tl.exp(z - new_top[None]), axis=0)
+                total = total * exp(top - new_top) + tl.sum(exp(z - new_top[None]), axis=0)
                 top = new_top
         inv_total = 1.0 / total
         if LOG or START:
@@ -154,6 +163,7 @@ def _blur_step_kernel(
             tl.store(lse_img, z_lse[None], mask=ok)
     if POOL:
         count = tl.sum(tl.sum(ok.to(tl.float32), axis=3), axis=1)  # real pixels per cell: [1, BLOCK_J]
+        inv_count = 1.0 / tl.maximum(count, 1.0)
         j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)[None, :]
         out_row = out_ptr + b * C * plane + tl.arange(0, BLOCK_C)[:, None] * plane + i * w + j
     for c0 in range(0, C, BLOCK_C):  # ONE_PASS: one block, c0 = 0
@@ -161,7 +171,8 @@ def _blur_step_kernel(
         if ONE_PASS:
             z = z_all
         else:
-            z = _logits(u_img + c0 * full, m_img + c0 * plane, f_ptr + c0 + cls, lse, c_ok, *geometry)
+            m_cls = m_img + tl.minimum(cls + c0, C - 1) * m_plane
+            z = _logits(u_img + c0 * full, m_cls, f_ptr + c0 + cls, lse, c_ok, *geometry)
         full_offs = b * C * full + (cls + c0) * full + offs
         if TERM:
             term = tl.load(f_ptr + c0 + cls, mask=c_ok, other=0.0) * (z - z_lse[None])
@@ -170,9 +181,9 @@ def _blur_step_kernel(
             if LOG:
                 z = z - z_lse[None]
             else:
-                z = tl.exp(z - top[None]) * inv_total[None]
+                z = exp(z - top[None]) * inv_total[None]
         if POOL:
-            q = tl.sum(tl.sum(tl.where(ok, z, 0.0), axis=3), axis=1) / tl.maximum(count, 1.0)  # [BLOCK_C, BLOCK_J]
+            q = tl.sum(tl.sum(tl.where(ok, z, 0.0), axis=3), axis=1) * inv_count  # [BLOCK_C, BLOCK_J]
             q_ok = (tl.arange(0, BLOCK_C)[:, None] + c0 < C) & (j < w)
             tl.store(out_row + c0 * plane, q.to(out_ptr.dtype.element_ty), mask=q_ok)
         else:
@@ -238,7 +249,10 @@ def _launch(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, messa
     h, w = -(-H // blur), -(-W // blur)
     sp = triton.next_power_of_2(blur)
     pad_y, pad_x = (h * blur - H + 1) // 2, (w * blur - W + 1) // 2
-    args = (unary, lse, factors, message, out, out if term is None else term, C, H, W, h, w, pad_y, pad_x)
+    mw = max(w, 3)  # the kernel reads three pooled columns from a clamped middle one
+    if not start and w < mw:
+        message = F.pad(message, (0, mw - w))
+    args = (unary, lse, factors, message, out, out if term is None else term, C, H, W, h, w, mw, pad_y, pad_x)
     consts = dict(S=blur, SP=sp, START=start, TERM=term is not None, POOL=pool, SOFTMAX=softmax, LOG=log,
                   IDX64=needs_int64(unary, out))
     if interpreting():
@@ -246,12 +260,12 @@ def _launch(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, messa
         grid = (triton.cdiv(w, block_j), h, B)
         block_c = min(triton.next_power_of_2(C), INTERPRETER_MAX_BLOCK_C)
         _blur_step_kernel[grid](*args, BLOCK_PIXELS=block_j * sp * sp, BLOCK_C=block_c, ONE_PASS=block_c >= C,
-                                **consts)
+                                **consts, **COMPILE_OPTIONS)
     else:
         def grid(meta):
             return (triton.cdiv(w, meta["BLOCK_PIXELS"] // (sp * sp)), h, B)
 
-        _blur_step_tuned[grid](*args, **consts)
+        _blur_step_tuned[grid](*args, **consts, **COMPILE_OPTIONS)
 
 
 @torch.library.custom_op("convcrf_triton::blur_start", mutates_args=())

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_on_device, interpreter_blocks, interpreting, needs_int64
+from ._launch import COMPILE_OPTIONS, check_on_device, interpreter_blocks, interpreting, needs_int64
+from ._math import gaussian
 
 
 @triton.jit
@@ -62,9 +63,9 @@ def _tap_weight(f_ptr, offs, in_img, nb, valid, plane, c1, c2, D1: tl.constexpr,
             e1 += diff * diff
         else:
             e2 += diff * diff
-    weight = c1 * tl.exp(-0.5 * e1)
+    weight = c1 * gaussian(e1)
     if D2 > 0:
-        weight += c2 * tl.exp(-0.5 * e2)
+        weight += c2 * gaussian(e2)
     return tl.where(valid, weight, 0.0)
 
 
@@ -115,7 +116,7 @@ def _gaussian_weights_op(feats: torch.Tensor, compats: torch.Tensor, dims: list[
     grid = (triton.cdiv(h * w, block_p), B)
     _gaussian_weights_kernel[grid](
         feats, compats, K, h, w, KSIZE=filter_size, KEEP_CENTRE=keep_centre, BLOCK_P=block_p,
-        IDX64=needs_int64(feats, K), **feature_meta(feats, dims, compats),
+        IDX64=needs_int64(feats, K), **feature_meta(feats, dims, compats), **COMPILE_OPTIONS,
     )
     return K
 

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._launch import check_on_device, interpreter_blocks, interpreting, needs_int64, tuning_off
+from ._launch import COMPILE_OPTIONS, check_on_device, interpreter_blocks, interpreting, needs_int64, tuning_off
+from ._math import exp, gaussian
 from .merged_kernel import K_DTYPES, _load_compats, _neighbour, _pixel_block, _tap_weight, feature_meta
 
 # prefer_fused's thresholds (measured, see there): fused for k >= 15 on grids of at most 128² pixels, and
@@ -89,8 +90,8 @@ def _step_epilogue(acc, cls, C, cm_ptr, w_ptr, a_ptr, offs, mask, W_STRIDE: tl.c
     acc = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32) + tl.expand_dims(w_c, 1 - CLASS_AXIS) * acc
     if SOFTMAX:
         z = tl.where(tl.expand_dims(c_ok, 1 - CLASS_AXIS), acc, float("-inf"))
-        e = tl.exp(z - tl.expand_dims(tl.max(z, axis=CLASS_AXIS), CLASS_AXIS))
-        acc = e / tl.expand_dims(tl.sum(e, axis=CLASS_AXIS), CLASS_AXIS)
+        e = exp(z - tl.expand_dims(tl.max(z, axis=CLASS_AXIS), CLASS_AXIS))
+        acc = e * tl.expand_dims(1.0 / tl.sum(e, axis=CLASS_AXIS), CLASS_AXIS)  # a division a pixel, not a class
     return acc
 
 
@@ -236,11 +237,11 @@ def _weight_grad_kernel(
             a = tl.sum(g_own * q_nb + q_own * g_nb, axis=0)
             diff = f_own - tl.load(f_rows + nb[None, :], mask=f_mask & valid[None, :], other=0.0).to(tl.float32)
             sq = diff * diff
-            e1 = tl.where(valid, tl.exp(-0.5 * tl.sum(tl.where(rows < D1, sq, 0.0), axis=0)), 0.0)
+            e1 = tl.where(valid, gaussian(tl.sum(tl.where(rows < D1, sq, 0.0), axis=0)), 0.0)
             acc_c1 += e1 * a
             coef = tl.where(rows < D1, (c1 * e1 * a)[None, :], 0.0)
             if D2 > 0:
-                e2 = tl.where(valid, tl.exp(-0.5 * tl.sum(tl.where(rows >= D1, sq, 0.0), axis=0)), 0.0)
+                e2 = tl.where(valid, gaussian(tl.sum(tl.where(rows >= D1, sq, 0.0), axis=0)), 0.0)
                 acc_c2 += e2 * a
                 coef = tl.where(rows >= D1, (c2 * e2 * a)[None, :], coef)
             acc_f -= coef * diff
@@ -314,16 +315,17 @@ def _launch(Q: torch.Tensor, K: torch.Tensor | None, feats: torch.Tensor | None,
     if config is not None:
         tile = config.kwargs
         grid = (triton.cdiv(h * w, tile["BLOCK_P"]), triton.cdiv(C, tile["BLOCK_C"]), B)
-        _message_pass_kernel[grid](*args, **tile, **consts, num_warps=config.num_warps)
+        _message_pass_kernel[grid](*args, **tile, **consts, num_warps=config.num_warps, **COMPILE_OPTIONS)
     elif interpreting():
         block_c, block_p = interpreter_blocks(C, h * w)
         grid = (triton.cdiv(h * w, block_p), triton.cdiv(C, block_c), B)
-        _message_pass_kernel[grid](*args, BLOCK_C=block_c, BLOCK_P=block_p, UNROLL=INTERPRETER_UNROLL, **consts)
+        _message_pass_kernel[grid](*args, BLOCK_C=block_c, BLOCK_P=block_p, UNROLL=INTERPRETER_UNROLL, **consts,
+                                   **COMPILE_OPTIONS)
     else:
         def grid(meta):
             return (triton.cdiv(h * w, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]), B)
 
-        _message_pass_tuned[grid](*args, **consts)
+        _message_pass_tuned[grid](*args, **consts, **COMPILE_OPTIONS)
     return M
 
 
@@ -372,12 +374,12 @@ def _mean_field_step_op(
         block_c, block_p = interpreter_blocks(max(C, cs, 16), max(h * w, 16))
         grid = (triton.cdiv(h * w, block_p), 1, B)
         _message_pass_kernel[grid](*args, out, unary_term, weight, mix, C, h, w, BLOCK_C=block_c, BLOCK_P=block_p,
-                                   UNROLL=INTERPRETER_UNROLL, **step, **consts)
+                                   UNROLL=INTERPRETER_UNROLL, **step, **consts, **COMPILE_OPTIONS)
     else:
         block_c, block_p, _ = step_blocks(max(C, cs), compat_matrix is not None)
         grid = (triton.cdiv(h * w, block_p), 1, B)
         _mean_field_step_tuned[grid](*args, out, unary_term, weight, mix, C, h, w, BLOCK_C=block_c,
-                                     BLOCK_P=block_p, **step, **consts)
+                                     BLOCK_P=block_p, **step, **consts, **COMPILE_OPTIONS)
     return out
 
 
@@ -476,6 +478,7 @@ def _weight_grad(Q: torch.Tensor, G: torch.Tensor, feats: torch.Tensor, compats:
     _weight_grad_kernel[grid](
         Q, G, feats, compats, grad_f, partials, C, h, w, KSIZE=filter_size, BLOCK_D=block_d,
         KEEP_CENTRE=keep_centre, BLOCK_C=block_c, BLOCK_P=block_p, IDX64=needs_int64(Q, feats), **meta,
+        **COMPILE_OPTIONS,
     )
     return grad_f, partials.sum(0)[: len(dims)]
 

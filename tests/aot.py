@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import triton
+from convcrf_triton.kernels._launch import COMPILE_OPTIONS
 
 CACHE_DIR = Path(os.environ.get("CONVCRF_AOT_CACHE", Path(__file__).resolve().parents[1] / ".aot_cache"))
 _USAGE_RE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)")
@@ -200,7 +201,8 @@ def _child(request: dict) -> None:
     constexprs = {**{n: v for n, v in defaults.items() if n not in request["signature"]}, **request["constexprs"]}
     # Like JITFunction.run (triton 3.6 - 3.9): every argument in order, constexprs typed "constexpr".
     signature = {a: "constexpr" if a in constexprs else request["signature"][a] for a in fn.arg_names}
-    options = {"num_warps": request["num_warps"], "num_stages": request["num_stages"]}
+    # The launches' options (fused multiply-adds), whatever the triton version's default.
+    options = {"num_warps": request["num_warps"], "num_stages": request["num_stages"], **COMPILE_OPTIONS}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in request["divisible"]}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", request["arch"], 32), options=options)

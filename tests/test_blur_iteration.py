@@ -10,7 +10,8 @@ from test_kernels import RTOL, on_gpu_only, rel_err
 
 from convcrf_triton import functional, kernels
 
-# (B, C, H, W, blur): padding on one or both sides, a single pooled row/column, non-power-of-two blur,
+# (B, C, H, W, blur): padding on one or both sides, a single pooled row/column, grids narrower than the
+# three pooled columns the kernel reads (2 and 1), non-power-of-two blur,
 # C from 1 to 150.
 CASES = [
     (2, 5, 13, 11, 4),
@@ -20,6 +21,7 @@ CASES = [
     (1, 1, 6, 3, 2),
     (1, 19, 30, 17, 8),
     (1, 150, 2, 5, 2),
+    (1, 4, 5, 3, 4),
     *on_gpu_only(*[(c,) for c in [(1, 21, 512, 1024, 4), (2, 19, 250, 333, 3), (1, 150, 97, 131, 4),
                                   (3, 7, 301, 299, 8)]]),
 ]
