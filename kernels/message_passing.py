@@ -96,52 +96,80 @@ def _step_epilogue(acc, cls, C, cm_ptr, w_ptr, a_ptr, offs, mask, W_STRIDE: tl.c
 
 
 @triton.jit
-def _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, offs, in_img, y, x, h, w, plane,
+def _tap_weights(k_row, f_ptr, c1, c2, offs, pix_ok, nb, valid, tap_ok, plane, rows0, t,
+                 KSIZE: tl.constexpr, FUSED: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                 KEEP_CENTRE: tl.constexpr, CS: tl.constexpr):
+    """Tap ``t``'s weights of the pixels ``offs``, in a shape that broadcasts over the class rows: computed from
+    the features (``FUSED``) or read from ``K`` (``[k*k, h, w]`` at ``k_row``, this block's pixels)."""
+    if FUSED:
+        weight = _tap_weight(f_ptr, offs, pix_ok, nb, valid, plane, c1, c2, D1, D2)
+        if not KEEP_CENTRE:
+            weight = tl.where(t == KSIZE * KSIZE // 2, 0.0, weight)
+        weight = weight[None, :]
+    elif CS > 0:
+        weight = tl.load(k_row + t * plane, mask=valid, other=0.0)[None, :]  # a thread's pixels: strided
+    else:
+        # Planar: loaded in the tile's own shape (each thread its run of pixels' weights, the same address
+        # for every class row it holds: one load). As a [BLOCK_P] vector it takes a layout of its own and a
+        # trip through shared memory, two barriers, at every tap.
+        weight = tl.load(k_row[None, :] + t * plane + rows0, mask=tap_ok[None, :], other=0.0)
+    return weight.to(tl.float32)
+
+
+@triton.jit
+def _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
                 KSIZE: tl.constexpr, FUSED: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
                 KEEP_CENTRE: tl.constexpr, UNROLL: tl.constexpr, CS: tl.constexpr, BORDER: tl.constexpr):
     """``acc[c, p] += sum_t weight[t, p] * Q[c, p + d_t]`` over the k×k window of the pixels ``offs``.
 
-    The window is walked a tap row at a time, and within a row ``UNROLL`` taps at a time (the last group
-    masked), so that ``UNROLL`` independent neighbour loads are in flight before the first multiply-add.
-    ``BORDER=False``: the caller has checked that every pixel and every neighbour lies inside the image, so
-    no load is masked (no predicates, no zero fills). ``BORDER=True``: a neighbour is valid when
+    The window is walked a tap row at a time. ``BORDER=False``: the caller has checked that every pixel and
+    every neighbour lies inside the image, so no load is masked (no predicates, no zero fills), and the taps
+    of a row are unrolled, ``ROW_CHUNK`` at a time, their neighbours addressed by constant offsets from one
+    pointer a chunk: the taps read overlapping runs of a thread's consecutive pixels, and the compiler loads
+    each value once for all of them (k = 7, 4 pixels a thread: 10 loads for a class row's 28 multiply-adds)
+    with no address arithmetic. (Whole rows at k >= 15 took up to 168 registers; the fused pass, which
+    computes each tap's weights, unrolls 4: with 8, k = 31 spilled.)
+    ``BORDER=True``: ``UNROLL`` taps at a time (the last group masked), so that ``UNROLL`` independent
+    neighbour loads are in flight before the first multiply-add; a neighbour is valid when
     ``0 <= y + dy < h`` and ``0 <= x + dx < w``, two unsigned compares (the caller has moved the rows ``y``
     of pixels past the image below it, so that nothing else, in particular no per-pixel state carried
     across taps, is needed).
     """
     R: tl.constexpr = KSIZE // 2
-    pix_ok = in_img if BORDER else tl.full(offs.shape, True, tl.int1)
+    PIXEL: tl.constexpr = CS if CS > 0 else 1  # a pixel's stride in Q
+    ROW_CHUNK: tl.constexpr = 4 if FUSED else 8  # taps unrolled together in an interior row
     rows0 = tl.zeros(q_mask.shape, tl.int32)
+    if not BORDER:
+        every = tl.full(offs.shape, True, tl.int1)
+        # The block's first pixel added to the row pointers first, then each thread's small lane offsets: the
+        # compiler then sees a thread's neighbours as constant offsets from one address.
+        q_tile = (q_rows + p0 * PIXEL) + _pixel_offsets(tl.arange(0, offs.shape[0]), CS)
+        for i in range(KSIZE):
+            for j0 in tl.static_range(0, KSIZE, ROW_CHUNK):
+                q_row = q_tile + ((i - R) * w + (j0 - R)) * PIXEL  # tap (i, j0)'s neighbours
+                for u in tl.static_range(min(ROW_CHUNK, KSIZE - j0)):
+                    j = j0 + u
+                    weight = _tap_weights(k_row, f_ptr, c1, c2, offs, every, offs + ((i - R) * w + (j - R)), every,
+                                          every, plane, rows0, i * KSIZE + j, KSIZE, FUSED, D1, D2, KEEP_CENTRE, CS)
+                    q = tl.load(q_row + u * PIXEL, mask=q_mask, other=0.0)
+                    acc += weight * q.to(tl.float32)
+        return acc
     for i in range(KSIZE):
         for j0 in range(0, KSIZE, UNROLL):
             for u in tl.static_range(UNROLL):
                 j = j0 + u
-                if BORDER:
-                    valid = ((y + (i - R)).to(tl.uint32, bitcast=True) < h.to(tl.uint32, bitcast=True)) & (
-                        (x + (j - R)).to(tl.uint32, bitcast=True) < w.to(tl.uint32, bitcast=True))
-                else:
-                    valid = pix_ok
-                tap_ok = pix_ok  # the planar weights' mask: constant over a thread's run of pixels (16-byte loads)
+                valid = ((y + (i - R)).to(tl.uint32, bitcast=True) < h.to(tl.uint32, bitcast=True)) & (
+                    (x + (j - R)).to(tl.uint32, bitcast=True) < w.to(tl.uint32, bitcast=True))
+                tap_ok = in_img  # the planar weights' mask: constant over a thread's run of pixels (16-byte loads)
                 if KSIZE % UNROLL != 0:
                     in_window = tl.zeros_like(offs) + j < KSIZE  # a tensor mask (interpreter)
                     valid = valid & in_window
                     tap_ok = tap_ok & in_window
                 nb = offs + ((i - R) * w + (j - R))
-                t = i * KSIZE + j
-                if FUSED:
-                    weight = _tap_weight(f_ptr, offs, pix_ok, nb, valid, plane, c1, c2, D1, D2)
-                    if not KEEP_CENTRE:
-                        weight = tl.where(t == KSIZE * KSIZE // 2, 0.0, weight)
-                    weight = weight[None, :]
-                elif CS > 0:
-                    weight = tl.load(k_row + t * plane, mask=valid, other=0.0)[None, :]  # a thread's pixels: strided
-                else:
-                    # Planar: loaded in the tile's own shape (each thread its run of pixels' weights, the
-                    # same address for every class row it holds: one load). As a [BLOCK_P] vector it takes
-                    # a layout of its own and a trip through shared memory, two barriers, at every tap.
-                    weight = tl.load(k_row[None, :] + t * plane + rows0, mask=tap_ok[None, :], other=0.0)
+                weight = _tap_weights(k_row, f_ptr, c1, c2, offs, in_img, nb, valid, tap_ok, plane, rows0,
+                                      i * KSIZE + j, KSIZE, FUSED, D1, D2, KEEP_CENTRE, CS)
                 q = tl.load(q_rows + _pixel_offsets(nb, CS), mask=q_mask & valid[None, :], other=0.0)
-                acc += weight.to(tl.float32) * q.to(tl.float32)
+                acc += weight * q.to(tl.float32)
     return acc
 
 
@@ -183,10 +211,10 @@ def _message_pass_kernel(
     y = tl.where(in_img, y, h + KSIZE)  # pixels past the image: every neighbour row out of range
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     if interior:
-        acc = _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, offs, in_img, y, x, h, w, plane,
+        acc = _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
                           KSIZE, FUSED, D1, D2, KEEP_CENTRE, UNROLL, CS, False)
     else:
-        acc = _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, offs, in_img, y, x, h, w, plane,
+        acc = _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
                           KSIZE, FUSED, D1, D2, KEEP_CENTRE, UNROLL, CS, True)
     out_offs = img_off + cls_off + _pixel_offsets(offs, CS)
     out_mask = io_mask & in_img[None, :]

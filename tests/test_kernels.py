@@ -148,15 +148,16 @@ INTERIOR_TILE = {"BLOCK_C": 8, "BLOCK_P": 16}
 @pytest.mark.parametrize("fused", [False, True])
 def test_interior_blocks_match_reference(fused, unroll, device):
     """Every neighbour load of an interior block unmasked, against the reference (k = 5 with UNROLL 2: a
-    masked last tap of each row even there). The two-pass weights are random, nonzero at the taps outside the
-    image too, so that only Q's zeros outside the image (the masks) make those taps vanish."""
+    masked last tap of each border row; k = 9: the interior's tap rows in two chunks, three when fused). The
+    two-pass weights are random, nonzero at the taps outside the image too, so that only Q's zeros outside
+    the image (the masks) make those taps vanish."""
     cfg = triton.Config({**INTERIOR_TILE, "UNROLL": unroll}, num_warps=1)
-    feats, compats, Q = make_inputs(17 + unroll, 1, 5, 10, 40, (2, 3), device=device)
-    for k in (3, 5):
+    feats, compats, Q = make_inputs(17 + unroll, 1, 5, 13, 40, (2, 3), device=device)
+    for k in (3, 5) if unroll == 2 else (3, 9):
         if fused:
             K = reference.gaussian_weights(feats.double(), (2, 3), compats.double(), k, False)
         else:
-            K = torch.rand(1, k * k, 10, 40, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+            K = torch.rand(1, k * k, 13, 40, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
         want = reference.message_pass(K.to(device), Q.double())
         if fused:
             got = mp._launch(Q, None, feats, compats, (2, 3), k, False, config=cfg)
