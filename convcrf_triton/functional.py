@@ -128,7 +128,12 @@ def features(
 
 
 def _as_vector(value: Number, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(value, dtype=like.dtype, device=like.device).reshape(1)
+    """``value`` (a number or a one-element tensor) as ``[1]`` in the dtype and on the device of ``like``: a number
+    by a fill, not a host-to-device copy (which waits for the host, and would be one more node in a recorded
+    CUDA graph)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype=like.dtype, device=like.device).reshape(1)
+    return like.new_full((1,), value)
 
 
 def unary_setup(unary: torch.Tensor, mode: str, unary_weight: Number, weight: Number
