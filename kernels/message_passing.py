@@ -123,50 +123,54 @@ def _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, p0, offs, in_img, y, 
     """``acc[c, p] += sum_t weight[t, p] * Q[c, p + d_t]`` over the k×k window of the pixels ``offs``.
 
     The window is walked a tap row at a time. ``BORDER=False``: the caller has checked that every pixel and
-    every neighbour lies inside the image, so no load is masked (no predicates, no zero fills), and the taps
-    of a row are unrolled, ``ROW_CHUNK`` at a time, their neighbours addressed by constant offsets from one
-    pointer a chunk: the taps read overlapping runs of a thread's consecutive pixels, and the compiler loads
-    each value once for all of them (k = 7, 4 pixels a thread: 10 loads for a class row's 28 multiply-adds)
-    with no address arithmetic. (Whole rows at k >= 15 took up to 168 registers; the fused pass, which
-    computes each tap's weights, unrolls 4: with 8, k = 31 spilled.)
-    ``BORDER=True``: ``UNROLL`` taps at a time (the last group masked), so that ``UNROLL`` independent
-    neighbour loads are in flight before the first multiply-add; a neighbour is valid when
+    every neighbour lies inside the image, so no load is masked (no predicates, no zero fills). In the planar
+    layout the taps of a row are then unrolled, ``ROW_CHUNK`` at a time, their neighbours addressed by
+    constant offsets from one pointer a chunk: the taps read overlapping runs of a thread's consecutive
+    pixels, and the compiler loads each value once for all of them (k = 7, 4 pixels a thread: 10 loads for a
+    class row's 28 multiply-adds) with no address arithmetic. (Whole rows at k >= 11 took up to 168
+    registers; the fused pass, which computes each tap's weights, unrolls 4: with 8, k = 31 spilled. The
+    channels-last step, whose thread holds one pixel's classes, reuses nothing that way and went from 127 to
+    168-255 registers, spilling with triton 3.6: it keeps the loop below.)
+    Otherwise ``UNROLL`` taps at a time (the last group masked), so that ``UNROLL`` independent neighbour
+    loads are in flight before the first multiply-add; with ``BORDER=True`` a neighbour is valid when
     ``0 <= y + dy < h`` and ``0 <= x + dx < w``, two unsigned compares (the caller has moved the rows ``y``
     of pixels past the image below it, so that nothing else, in particular no per-pixel state carried
     across taps, is needed).
     """
     R: tl.constexpr = KSIZE // 2
-    PIXEL: tl.constexpr = CS if CS > 0 else 1  # a pixel's stride in Q
-    ROW_CHUNK: tl.constexpr = 4 if FUSED else 8  # taps unrolled together in an interior row
+    ROW_CHUNK: tl.constexpr = 4 if FUSED else 8  # taps unrolled together in a planar interior row
     rows0 = tl.zeros(q_mask.shape, tl.int32)
-    if not BORDER:
-        every = tl.full(offs.shape, True, tl.int1)
+    every = tl.full(offs.shape, True, tl.int1)
+    if not BORDER and CS == 0:
         # The block's first pixel added to the row pointers first, then each thread's small lane offsets: the
         # compiler then sees a thread's neighbours as constant offsets from one address.
-        q_tile = (q_rows + p0 * PIXEL) + _pixel_offsets(tl.arange(0, offs.shape[0]), CS)
+        q_tile = (q_rows + p0) + tl.arange(0, offs.shape[0])[None, :]
         for i in range(KSIZE):
             for j0 in tl.static_range(0, KSIZE, ROW_CHUNK):
-                q_row = q_tile + ((i - R) * w + (j0 - R)) * PIXEL  # tap (i, j0)'s neighbours
+                q_row = q_tile + ((i - R) * w + (j0 - R))  # tap (i, j0)'s neighbours
                 for u in tl.static_range(min(ROW_CHUNK, KSIZE - j0)):
                     j = j0 + u
                     weight = _tap_weights(k_row, f_ptr, c1, c2, offs, every, offs + ((i - R) * w + (j - R)), every,
                                           every, plane, rows0, i * KSIZE + j, KSIZE, FUSED, D1, D2, KEEP_CENTRE, CS)
-                    q = tl.load(q_row + u * PIXEL, mask=q_mask, other=0.0)
-                    acc += weight * q.to(tl.float32)
+                    acc += weight * tl.load(q_row + u).to(tl.float32)
         return acc
+    pix_ok = in_img if BORDER else every
     for i in range(KSIZE):
         for j0 in range(0, KSIZE, UNROLL):
             for u in tl.static_range(UNROLL):
                 j = j0 + u
-                valid = ((y + (i - R)).to(tl.uint32, bitcast=True) < h.to(tl.uint32, bitcast=True)) & (
-                    (x + (j - R)).to(tl.uint32, bitcast=True) < w.to(tl.uint32, bitcast=True))
-                tap_ok = in_img  # the planar weights' mask: constant over a thread's run of pixels (16-byte loads)
+                if BORDER:
+                    valid = ((y + (i - R)).to(tl.uint32, bitcast=True) < h.to(tl.uint32, bitcast=True)) & (
+                        (x + (j - R)).to(tl.uint32, bitcast=True) < w.to(tl.uint32, bitcast=True))
+                else:
+                    valid = every
+                tap_ok = pix_ok  # the planar weights' mask: constant over a thread's run of pixels (16-byte loads)
                 if KSIZE % UNROLL != 0:
                     in_window = tl.zeros_like(offs) + j < KSIZE  # a tensor mask (interpreter)
                     valid = valid & in_window
                     tap_ok = tap_ok & in_window
                 nb = offs + ((i - R) * w + (j - R))
-                weight = _tap_weights(k_row, f_ptr, c1, c2, offs, in_img, nb, valid, tap_ok, plane, rows0,
+                weight = _tap_weights(k_row, f_ptr, c1, c2, offs, pix_ok, nb, valid, tap_ok, plane, rows0,
                                       i * KSIZE + j, KSIZE, FUSED, D1, D2, KEEP_CENTRE, CS)
                 q = tl.load(q_rows + _pixel_offsets(nb, CS), mask=q_mask & valid[None, :], other=0.0)
                 acc += weight * q.to(tl.float32)
@@ -294,12 +298,14 @@ def _prune(configs, named_args, **kwargs):
 # Tile shapes and tap unroll factors for the GPU; the first is the default (one class block for C <= 32,
 # ~120 registers). Registers measured for sm_90 at k = 7 (AOT, no spills anywhere): 8x128 U1 32, U4 62;
 # 8x256 U2 80; 16x128 U2 96; 32x64 U1 120. The H200 run of 2026-11-26 picked 8x128 / 8x256 (U1, the only
-# factor then) for nearly every key: narrow class blocks, more resident warps.
+# factor then) for nearly every key: narrow class blocks, more resident warps. 32 pixels on 2 warps (untimed):
+# on the narrow grids of blur > 1 (128 wide at 512², blur 4) a block takes the unmasked interior loop only if
+# it lies R pixels from both edges, which no 64-pixel block of a 128-wide row does, and two 32-pixel ones do.
 TUNE_CONFIGS = [
     triton.Config({"BLOCK_C": bc, "BLOCK_P": bp, "UNROLL": u}, num_warps=nw)
     for bc, bp, nw, u in [
         (32, 64, 4, 1), (8, 128, 4, 1), (8, 128, 4, 4), (8, 256, 4, 1), (8, 256, 4, 2), (16, 128, 4, 2),
-        (16, 256, 8, 2), (32, 128, 8, 1),
+        (16, 256, 8, 2), (32, 128, 8, 1), (32, 32, 2, 1),
     ]
 ]
 DEFAULT_CONFIG = TUNE_CONFIGS[0]
