@@ -469,11 +469,13 @@ CHANNELS_LAST_MIN_FILTER_SIZE = 7
 
 
 def step_channels_last(filter_size: int) -> bool:
-    """Whether the mean-field loop runs the one-launch step on channels-last tensors: 2-3x fewer load
-    instructions per multiply-add (16-byte class vectors) against two layout conversions per call. Measured on
-    an H100 (``bench/results/nvidia-h100``, C = 21, blur 1, 5 iterations): faster from k = 7 (1024×2048: k = 7
-    9.25 → 8.04 ms, k = 11 19.9 → 14.6 ms; 512²: k = 11 3.27 → 2.54 ms, k = 31 19.7 → 14.6 ms), slower at
-    k = 3 (1024×2048: 3.26 → 4.50 ms), where the message pass is too short to pay for the conversions."""
+    """Whether the mean-field loop runs the one-launch step on channels-last tensors (16-byte class vectors)
+    against two layout conversions per call. Measured on an H100 (``bench/results/nvidia-h100``, C = 21, blur 1,
+    5 iterations) with the loops of then, when the planar step issued a 4-byte load per multiply-add: faster
+    from k = 7 (1024×2048: k = 7 9.25 → 8.04 ms, k = 11 19.9 → 14.6 ms; 512²: k = 11 3.27 → 2.54 ms, k = 31
+    19.7 → 14.6 ms), slower at k = 3 (1024×2048: 3.26 → 4.50 ms), where the message pass is too short to pay
+    for the conversions. Not yet re-timed: the planar step's unrolled interior rows now issue 0.42 loads and
+    1.7-2.0 instructions per multiply-add, the channels-last step's loop 0.5 and 2.8-3.3 (bench/NOTES.md)."""
     if STEP_CHANNELS_LAST is not None:
         return STEP_CHANNELS_LAST
     return filter_size >= CHANNELS_LAST_MIN_FILTER_SIZE
