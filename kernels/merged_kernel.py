@@ -6,8 +6,8 @@ For tap ``t`` (offset ``d_t = (t // k - r, t % k - r)``) and pixel ``p``::
 
 where ``f1`` is the first ``D1`` feature channels and ``f2`` the next ``D2`` (``D2 = 0``: one Gaussian);
 ``K`` is 0 where ``p + d_t`` leaves the image, and at the centre tap unless ``KEEP_CENTRE``.
-``_pixel_block``, ``_neighbour``, ``_tap_weight`` and ``_load_compats`` are shared with the message-passing
-kernels.
+``_pixel_block``, ``_neighbour``, ``_own_features``, ``_tap_weight`` and ``_load_compats`` are shared with the
+message-passing kernels.
 """
 
 from __future__ import annotations
@@ -20,6 +20,12 @@ import triton.language as tl
 
 from ._launch import COMPILE_OPTIONS, check_on_device, interpreter_blocks, interpreting, needs_int64
 from ._math import gaussian
+
+# Pixels per program on the GPU (4 warps): 4 consecutive pixels a thread, so that the weights' stores are
+# 16 bytes wide. The tap loop (sm_90, k = 7): 35 instructions per pixel and tap, 47 at 1 pixel a thread (89
+# before the own features were hoisted by hand and the taps walked as rows × columns). The columns are a
+# run-time loop: unrolled (31 per pixel and tap) they spilled at k = 31.
+WEIGHTS_BLOCK_P = 512
 
 
 @triton.jit
@@ -46,19 +52,29 @@ def _neighbour(offs, y, x, in_img, t, h, w, KSIZE: tl.constexpr):
 
 
 @triton.jit
-def _tap_weight(f_ptr, offs, in_img, nb, valid, plane, c1, c2, D1: tl.constexpr, D2: tl.constexpr):
+def _own_features(f_ptr, offs, in_img, plane, D: tl.constexpr):
+    """The pixels' ``D`` feature channels (``f_ptr``: the image's ``[D, h, w]``), a tuple of ``[BLOCK_P]``
+    float32 vectors loaded once before a tap loop: a loop that stores (the weights kernel) keeps the compiler
+    from hoisting them itself, since the store may alias them."""
+    own = ()
+    for i in tl.static_range(D):
+        own = own + (tl.load(f_ptr + i * plane + offs, mask=in_img, other=0.0).to(tl.float32),)
+    return own
+
+
+@triton.jit
+def _tap_weight(f_ptr, own, nb, valid, plane, c1, c2, D1: tl.constexpr, D2: tl.constexpr):
     """Weight of one tap for a block of pixels: the (up to two) Gaussians of SPEC §1, compat-weighted.
 
-    ``f_ptr`` points at this image's features ``[D1 + D2, h, w]``; ``offs``/``in_img`` are the pixels,
-    ``nb``/``valid: [BLOCK_P]`` their neighbours. The feature loop is unrolled (D ≤ 10) and each channel
-    is a 1-D vector, so the squared distance sums within a thread; the pixels' own features do not
-    change between taps (loop-invariant loads the compiler hoists). Returns ``[BLOCK_P]`` float32.
+    ``f_ptr`` points at this image's features ``[D1 + D2, h, w]``, ``own`` holds the pixels' (from
+    :func:`_own_features`), ``nb``/``valid: [BLOCK_P]`` are their neighbours. The feature loop is unrolled
+    (D ≤ 10) and each channel is a 1-D vector, so the squared distance sums within a thread. Returns
+    ``[BLOCK_P]`` float32.
     """
-    e1 = tl.zeros(offs.shape, dtype=tl.float32)
-    e2 = tl.zeros(offs.shape, dtype=tl.float32)
+    e1 = tl.zeros(nb.shape, dtype=tl.float32)
+    e2 = tl.zeros(nb.shape, dtype=tl.float32)
     for i in tl.static_range(D1 + D2):
-        own = tl.load(f_ptr + i * plane + offs, mask=in_img, other=0.0).to(tl.float32)
-        diff = tl.load(f_ptr + i * plane + nb, mask=valid, other=0.0).to(tl.float32) - own
+        diff = tl.load(f_ptr + i * plane + nb, mask=valid, other=0.0).to(tl.float32) - own[i]
         if i < D1:
             e1 += diff * diff
         else:
@@ -85,17 +101,25 @@ def _gaussian_weights_kernel(
     KSIZE: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     KEEP_CENTRE: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr,
 ):
-    # grid: (cdiv(h*w, BLOCK_P), B); one program writes all k*k taps of BLOCK_P pixels.
+    # grid: (cdiv(h*w, BLOCK_P), B); one program writes all k*k taps of BLOCK_P pixels, as rows × columns of
+    # taps (no division per tap); a neighbour is valid when 0 <= y + dy < h and 0 <= x + dx < w, two unsigned
+    # compares (pixels past the image get a row past it).
     b, plane, offs, in_img, y, x = _pixel_block(tl.program_id(1), h, w, BLOCK_P, IDX64)
     f_ptr += b * (D1 + D2) * plane
     c1, c2 = _load_compats(compat_ptr, D2)
+    own = _own_features(f_ptr, offs, in_img, plane, D1 + D2)
     out = k_ptr + b * (KSIZE * KSIZE) * plane + offs
-    for t in range(KSIZE * KSIZE):
-        nb, valid = _neighbour(offs, y, x, in_img, t, h, w, KSIZE)
-        weight = _tap_weight(f_ptr, offs, in_img, nb, valid, plane, c1, c2, D1, D2)
-        if not KEEP_CENTRE:
-            weight = tl.where(t == KSIZE * KSIZE // 2, 0.0, weight)
-        tl.store(out + t * plane, weight.to(k_ptr.dtype.element_ty), mask=in_img)
+    R: tl.constexpr = KSIZE // 2
+    y = tl.where(in_img, y, h + KSIZE)
+    for i in range(KSIZE):
+        row_ok = (y + (i - R)).to(tl.uint32, bitcast=True) < h.to(tl.uint32, bitcast=True)
+        for j in range(KSIZE):
+            valid = row_ok & ((x + (j - R)).to(tl.uint32, bitcast=True) < w.to(tl.uint32, bitcast=True))
+            weight = _tap_weight(f_ptr, own, offs + ((i - R) * w + (j - R)), valid, plane, c1, c2, D1, D2)
+            t = i * KSIZE + j
+            if not KEEP_CENTRE:
+                weight = tl.where(t == KSIZE * KSIZE // 2, 0.0, weight)
+            tl.store(out + t * plane, weight.to(k_ptr.dtype.element_ty), mask=in_img)
 
 
 def feature_meta(feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor) -> dict:
@@ -112,7 +136,7 @@ def _gaussian_weights_op(feats: torch.Tensor, compats: torch.Tensor, dims: list[
                          keep_centre: bool, out_dtype: torch.dtype) -> torch.Tensor:
     B, _, h, w = feats.shape
     K = feats.new_empty(B, filter_size * filter_size, h, w, dtype=out_dtype)
-    block_p = interpreter_blocks(1, h * w)[1] if interpreting() else 128
+    block_p = interpreter_blocks(1, h * w)[1] if interpreting() else WEIGHTS_BLOCK_P
     grid = (triton.cdiv(h * w, block_p), B)
     _gaussian_weights_kernel[grid](
         feats, compats, K, h, w, KSIZE=filter_size, KEEP_CENTRE=keep_centre, BLOCK_P=block_p,

@@ -38,7 +38,15 @@ import triton.language as tl
 
 from ._launch import COMPILE_OPTIONS, check_on_device, interpreter_blocks, interpreting, needs_int64, tuning_off
 from ._math import exp, gaussian
-from .merged_kernel import K_DTYPES, _load_compats, _neighbour, _pixel_block, _tap_weight, feature_meta
+from .merged_kernel import (
+    K_DTYPES,
+    _load_compats,
+    _neighbour,
+    _own_features,
+    _pixel_block,
+    _tap_weight,
+    feature_meta,
+)
 
 # prefer_fused's thresholds (measured, see there): fused for k >= 15 on grids of at most 128² pixels, and
 # whenever the materialised K would take more than 2 GiB.
@@ -96,13 +104,13 @@ def _step_epilogue(acc, cls, C, cm_ptr, w_ptr, a_ptr, offs, mask, W_STRIDE: tl.c
 
 
 @triton.jit
-def _tap_weights(k_row, f_ptr, c1, c2, offs, pix_ok, nb, valid, tap_ok, plane, rows0, t,
+def _tap_weights(k_row, f_ptr, own, c1, c2, nb, valid, tap_ok, plane, rows0, t,
                  KSIZE: tl.constexpr, FUSED: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
                  KEEP_CENTRE: tl.constexpr, CS: tl.constexpr):
-    """Tap ``t``'s weights of the pixels ``offs``, in a shape that broadcasts over the class rows: computed from
-    the features (``FUSED``) or read from ``K`` (``[k*k, h, w]`` at ``k_row``, this block's pixels)."""
+    """Tap ``t``'s weights of this block's pixels, in a shape that broadcasts over the class rows: computed from
+    the features (``FUSED``: ``own``, the pixels' own) or read from ``K`` (``[k*k, h, w]`` at ``k_row``)."""
     if FUSED:
-        weight = _tap_weight(f_ptr, offs, pix_ok, nb, valid, plane, c1, c2, D1, D2)
+        weight = _tap_weight(f_ptr, own, nb, valid, plane, c1, c2, D1, D2)
         if not KEEP_CENTRE:
             weight = tl.where(t == KSIZE * KSIZE // 2, 0.0, weight)
         weight = weight[None, :]
@@ -141,6 +149,10 @@ def _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, p0, offs, in_img, y, 
     ROW_CHUNK: tl.constexpr = 4 if FUSED else 8  # taps unrolled together in a planar interior row
     rows0 = tl.zeros(q_mask.shape, tl.int32)
     every = tl.full(offs.shape, True, tl.int1)
+    pix_ok = in_img if BORDER else every
+    own = ()
+    if FUSED:
+        own = _own_features(f_ptr, offs, pix_ok, plane, D1 + D2)
     if not BORDER and CS == 0:
         # The block's first pixel added to the row pointers first, then each thread's small lane offsets: the
         # compiler then sees a thread's neighbours as constant offsets from one address.
@@ -150,11 +162,10 @@ def _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, p0, offs, in_img, y, 
                 q_row = q_tile + ((i - R) * w + (j0 - R))  # tap (i, j0)'s neighbours
                 for u in tl.static_range(min(ROW_CHUNK, KSIZE - j0)):
                     j = j0 + u
-                    weight = _tap_weights(k_row, f_ptr, c1, c2, offs, every, offs + ((i - R) * w + (j - R)), every,
-                                          every, plane, rows0, i * KSIZE + j, KSIZE, FUSED, D1, D2, KEEP_CENTRE, CS)
+                    weight = _tap_weights(k_row, f_ptr, own, c1, c2, offs + ((i - R) * w + (j - R)), every, every,
+                                          plane, rows0, i * KSIZE + j, KSIZE, FUSED, D1, D2, KEEP_CENTRE, CS)
                     acc += weight * tl.load(q_row + u).to(tl.float32)
         return acc
-    pix_ok = in_img if BORDER else every
     for i in range(KSIZE):
         for j0 in range(0, KSIZE, UNROLL):
             for u in tl.static_range(UNROLL):
@@ -170,7 +181,7 @@ def _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, p0, offs, in_img, y, 
                     valid = valid & in_window
                     tap_ok = tap_ok & in_window
                 nb = offs + ((i - R) * w + (j - R))
-                weight = _tap_weights(k_row, f_ptr, c1, c2, offs, pix_ok, nb, valid, tap_ok, plane, rows0,
+                weight = _tap_weights(k_row, f_ptr, own, c1, c2, nb, valid, tap_ok, plane, rows0,
                                       i * KSIZE + j, KSIZE, FUSED, D1, D2, KEEP_CENTRE, CS)
                 q = tl.load(q_rows + _pixel_offsets(nb, CS), mask=q_mask & valid[None, :], other=0.0)
                 acc += weight * q.to(tl.float32)

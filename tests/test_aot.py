@@ -35,9 +35,22 @@ def _mp_constexprs(cfg, k, fused, idx64=False, gaussians=TWO_GAUSSIANS):
 ])
 def test_gaussian_weights_kernel_compiles_without_spills(arch, k, idx64, gaussians):
     usage = compile_for(gw._gaussian_weights_kernel, GW_SIGNATURE,
-                        {"KSIZE": k, "KEEP_CENTRE": k == 3, "BLOCK_P": 128, "IDX64": idx64, **gaussians}, arch)
+                        {"KSIZE": k, "KEEP_CENTRE": k == 3, "BLOCK_P": gw.WEIGHTS_BLOCK_P, "IDX64": idx64,
+                         **gaussians}, arch)
     print(f"gaussian_weights k={k} sm_{arch}: {usage}")
     assert usage.stack == 0 and usage.reg <= 255
+
+
+def test_gaussian_weights_tap_loop_overhead():
+    """The weights kernel stores inside its tap loop, so the compiler cannot hoist the pixels' own features out
+    of it (the store may alias them): they are loaded once before it (_own_features), the taps are walked as
+    rows × columns (no division a tap), 4 pixels a thread (16-byte stores). sm_90, k = 7: 35 instructions per
+    pixel and tap (89 with the own features reloaded and a division every tap, 1 pixel a thread)."""
+    listing = sass(gw._gaussian_weights_kernel, GW_SIGNATURE, {"KSIZE": 7, "KEEP_CENTRE": False,
+                   "BLOCK_P": gw.WEIGHTS_BLOCK_P, "IDX64": False, **TWO_GAUSSIANS}, 90, divisible=tuple(GW_SIGNATURE))
+    tap = min((body for body in loops(listing) if any(opcode(t) == "MUFU" for t in body)), key=len)  # one tap a trip
+    assert len(tap) / (gw.WEIGHTS_BLOCK_P // 128) <= 38
+    assert re.search(r"\bSTG\.E\.128\b", listing)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -160,7 +173,8 @@ def test_low_precision_storage_compiles_without_spills(arch, storage, step):
     usage = compile_for(mp._message_pass_kernel, signature, consts, arch, num_warps=num_warps)
     assert usage.stack == 0 and usage.reg <= 255, usage
     gw_usage = compile_for(gw._gaussian_weights_kernel, {**GW_SIGNATURE, "k_ptr": storage},
-                           {"KSIZE": 7, "KEEP_CENTRE": False, "BLOCK_P": 128, "IDX64": False, **TWO_GAUSSIANS}, arch)
+                           {"KSIZE": 7, "KEEP_CENTRE": False, "BLOCK_P": gw.WEIGHTS_BLOCK_P, "IDX64": False,
+                            **TWO_GAUSSIANS}, arch)
     assert gw_usage.stack == 0, gw_usage
 
 
