@@ -22,8 +22,8 @@ from ._launch import COMPILE_OPTIONS, check_on_device, interpreter_blocks, inter
 from ._math import gaussian
 
 # Pixels per program on the GPU (4 warps): 4 consecutive pixels a thread, so that the weights' stores are
-# 16 bytes wide. The tap loop (sm_90, k = 7): 35 instructions per pixel and tap, 47 at 1 pixel a thread (89
-# before the own features were hoisted by hand and the taps walked as rows × columns). The columns are a
+# 16 bytes wide. The tap loop (sm_90, k = 7): 38 instructions per pixel and tap (triton 3.6 and 3.9), 89
+# before the own features were hoisted by hand and the taps walked as rows × columns. The columns are a
 # run-time loop: unrolled (31 per pixel and tap) they spilled at k = 31.
 WEIGHTS_BLOCK_P = 512
 
@@ -71,8 +71,8 @@ def _tap_weight(f_ptr, own, nb, valid, plane, c1, c2, D1: tl.constexpr, D2: tl.c
     (D ≤ 10) and each channel is a 1-D vector, so the squared distance sums within a thread. Returns
     ``[BLOCK_P]`` float32.
     """
-    e1 = tl.zeros(nb.shape, dtype=tl.float32)
-    e2 = tl.zeros(nb.shape, dtype=tl.float32)
+    e1 = tl.zeros(valid.shape, dtype=tl.float32)
+    e2 = tl.zeros(valid.shape, dtype=tl.float32)
     for i in tl.static_range(D1 + D2):
         diff = tl.load(f_ptr + i * plane + nb, mask=valid, other=0.0).to(tl.float32) - own[i]
         if i < D1:
@@ -109,13 +109,16 @@ def _gaussian_weights_kernel(
     c1, c2 = _load_compats(compat_ptr, D2)
     own = _own_features(f_ptr, offs, in_img, plane, D1 + D2)
     out = k_ptr + b * (KSIZE * KSIZE) * plane + offs
+    # The block's first pixel added to the pointer before the threads' lane offsets: a thread's pixels are
+    # then constant offsets from one address (no 64-bit address per element and tap).
+    f_tile = (f_ptr + tl.program_id(0) * BLOCK_P) + tl.arange(0, BLOCK_P)
     R: tl.constexpr = KSIZE // 2
     y = tl.where(in_img, y, h + KSIZE)
     for i in range(KSIZE):
         row_ok = (y + (i - R)).to(tl.uint32, bitcast=True) < h.to(tl.uint32, bitcast=True)
         for j in range(KSIZE):
             valid = row_ok & ((x + (j - R)).to(tl.uint32, bitcast=True) < w.to(tl.uint32, bitcast=True))
-            weight = _tap_weight(f_ptr, own, offs + ((i - R) * w + (j - R)), valid, plane, c1, c2, D1, D2)
+            weight = _tap_weight(f_tile, own, (i - R) * w + (j - R), valid, plane, c1, c2, D1, D2)
             t = i * KSIZE + j
             if not KEEP_CENTRE:
                 weight = tl.where(t == KSIZE * KSIZE // 2, 0.0, weight)

@@ -44,12 +44,13 @@ def test_gaussian_weights_kernel_compiles_without_spills(arch, k, idx64, gaussia
 def test_gaussian_weights_tap_loop_overhead():
     """The weights kernel stores inside its tap loop, so the compiler cannot hoist the pixels' own features out
     of it (the store may alias them): they are loaded once before it (_own_features), the taps are walked as
-    rows × columns (no division a tap), 4 pixels a thread (16-byte stores). sm_90, k = 7: 35 instructions per
-    pixel and tap (89 with the own features reloaded and a division every tap, 1 pixel a thread)."""
+    rows × columns (no division a tap), 4 pixels a thread (16-byte stores) addressed from one pointer a
+    thread. sm_90, k = 7: 38 instructions per pixel and tap, triton 3.6 and 3.9 (89 with the own features
+    reloaded and a division every tap, 1 pixel a thread)."""
     listing = sass(gw._gaussian_weights_kernel, GW_SIGNATURE, {"KSIZE": 7, "KEEP_CENTRE": False,
                    "BLOCK_P": gw.WEIGHTS_BLOCK_P, "IDX64": False, **TWO_GAUSSIANS}, 90, divisible=tuple(GW_SIGNATURE))
     tap = min((body for body in loops(listing) if any(opcode(t) == "MUFU" for t in body)), key=len)  # one tap a trip
-    assert len(tap) / (gw.WEIGHTS_BLOCK_P // 128) <= 38
+    assert len(tap) / (gw.WEIGHTS_BLOCK_P // 128) <= 40
     assert re.search(r"\bSTG\.E\.128\b", listing)
 
 
