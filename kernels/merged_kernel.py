@@ -6,8 +6,8 @@ For tap ``t`` (offset ``d_t = (t // k - r, t % k - r)``) and pixel ``p``::
 
 where ``f1`` is the first ``D1`` feature channels and ``f2`` the next ``D2`` (``D2 = 0``: one Gaussian);
 ``K`` is 0 where ``p + d_t`` leaves the image, and at the centre tap unless ``KEEP_CENTRE``.
-``_pixel_block``, ``_neighbour``, ``_own_features``, ``_tap_weight`` and ``_load_compats`` are shared with the
-message-passing kernels.
+``_pixel_block``, ``_inside``, ``_neighbour``, ``_own_features``, ``_tap_weight`` and ``_load_compats`` are shared
+with the message-passing kernels.
 """
 
 from __future__ import annotations
@@ -30,14 +30,23 @@ WEIGHTS_BLOCK_P = 512
 
 @triton.jit
 def _pixel_block(b, h, w, BLOCK_P: tl.constexpr, IDX64: tl.constexpr):
-    """Every kernel's prologue: image ``b``, plane size, this program's flat pixels and their rows and
-    columns; with ``IDX64`` the batch and plane offsets are int64 (tensors of 2^31 elements or more)."""
+    """Every kernel's prologue: image ``b``, plane size, this program's flat pixels, whether they lie in the
+    image, and their rows and columns; pixels past the image get a row far below it, so that every neighbour
+    test (:func:`_inside`) rejects them. With ``IDX64`` the batch and plane offsets are int64 (tensors of 2^31
+    elements or more)."""
     plane = h * w
     if IDX64:
         b = b.to(tl.int64)
         plane = plane.to(tl.int64)
     offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    return b, plane, offs, offs < plane, offs // w, offs % w
+    in_img = offs < plane
+    return b, plane, offs, in_img, tl.where(in_img, offs // w, 1 << 30), offs % w
+
+
+@triton.jit
+def _inside(v, n):
+    """``0 <= v < n`` as one unsigned compare."""
+    return v.to(tl.uint32, bitcast=True) < n.to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -66,8 +75,10 @@ def _own_features(f_ptr, offs, in_img, plane, D: tl.constexpr):
 def _tap_weight(f_ptr, own, nb, valid, plane, c1, c2, D1: tl.constexpr, D2: tl.constexpr):
     """Weight of one tap for a block of pixels: the (up to two) Gaussians of SPEC §1, compat-weighted.
 
-    ``f_ptr`` points at this image's features ``[D1 + D2, h, w]``, ``own`` holds the pixels' (from
-    :func:`_own_features`), ``nb``/``valid: [BLOCK_P]`` are their neighbours. The feature loop is unrolled
+    ``f_ptr + nb`` points at the neighbours' first feature channel (``f_ptr``: this image's features
+    ``[D1 + D2, h, w]`` and ``nb`` their offsets, or ``f_ptr`` a pointer per pixel and ``nb`` one offset),
+    ``valid: [BLOCK_P]`` where they lie in the image; ``own`` holds the pixels' features (from
+    :func:`_own_features`). The feature loop is unrolled
     (D ≤ 10) and each channel is a 1-D vector, so the squared distance sums within a thread. Returns
     ``[BLOCK_P]`` float32.
     """
@@ -102,8 +113,7 @@ def _gaussian_weights_kernel(
     KEEP_CENTRE: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr,
 ):
     # grid: (cdiv(h*w, BLOCK_P), B); one program writes all k*k taps of BLOCK_P pixels, as rows × columns of
-    # taps (no division per tap); a neighbour is valid when 0 <= y + dy < h and 0 <= x + dx < w, two unsigned
-    # compares (pixels past the image get a row past it).
+    # taps (no division per tap); a neighbour is valid when 0 <= y + dy < h and 0 <= x + dx < w.
     b, plane, offs, in_img, y, x = _pixel_block(tl.program_id(1), h, w, BLOCK_P, IDX64)
     f_ptr += b * (D1 + D2) * plane
     c1, c2 = _load_compats(compat_ptr, D2)
@@ -113,11 +123,10 @@ def _gaussian_weights_kernel(
     # then constant offsets from one address (no 64-bit address per element and tap).
     f_tile = (f_ptr + tl.program_id(0) * BLOCK_P) + tl.arange(0, BLOCK_P)
     R: tl.constexpr = KSIZE // 2
-    y = tl.where(in_img, y, h + KSIZE)
     for i in range(KSIZE):
-        row_ok = (y + (i - R)).to(tl.uint32, bitcast=True) < h.to(tl.uint32, bitcast=True)
+        row_ok = _inside(y + (i - R), h)
         for j in range(KSIZE):
-            valid = row_ok & ((x + (j - R)).to(tl.uint32, bitcast=True) < w.to(tl.uint32, bitcast=True))
+            valid = row_ok & _inside(x + (j - R), w)
             weight = _tap_weight(f_tile, own, (i - R) * w + (j - R), valid, plane, c1, c2, D1, D2)
             t = i * KSIZE + j
             if not KEEP_CENTRE:

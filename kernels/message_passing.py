@@ -40,6 +40,7 @@ from ._launch import COMPILE_OPTIONS, check_on_device, interpreter_blocks, inter
 from ._math import exp, gaussian
 from .merged_kernel import (
     K_DTYPES,
+    _inside,
     _load_compats,
     _neighbour,
     _own_features,
@@ -141,9 +142,9 @@ def _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, p0, offs, in_img, y, 
     168-255 registers, spilling with triton 3.6: it keeps the loop below.)
     Otherwise ``UNROLL`` taps at a time (the last group masked), so that ``UNROLL`` independent neighbour
     loads are in flight before the first multiply-add; with ``BORDER=True`` a neighbour is valid when
-    ``0 <= y + dy < h`` and ``0 <= x + dx < w``, two unsigned compares (the caller has moved the rows ``y``
-    of pixels past the image below it, so that nothing else, in particular no per-pixel state carried
-    across taps, is needed).
+    ``0 <= y + dy < h`` and ``0 <= x + dx < w``, two unsigned compares (:func:`_pixel_block` has moved the
+    rows ``y`` of pixels past the image far below it, so that nothing else, in particular no per-pixel state
+    carried across taps, is needed).
     """
     R: tl.constexpr = KSIZE // 2
     ROW_CHUNK: tl.constexpr = 4 if FUSED else 8  # taps unrolled together in a planar interior row
@@ -171,8 +172,7 @@ def _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, p0, offs, in_img, y, 
             for u in tl.static_range(UNROLL):
                 j = j0 + u
                 if BORDER:
-                    valid = ((y + (i - R)).to(tl.uint32, bitcast=True) < h.to(tl.uint32, bitcast=True)) & (
-                        (x + (j - R)).to(tl.uint32, bitcast=True) < w.to(tl.uint32, bitcast=True))
+                    valid = _inside(y + (i - R), h) & _inside(x + (j - R), w)
                 else:
                     valid = every
                 tap_ok = pix_ok  # the planar weights' mask: constant over a thread's run of pixels (16-byte loads)
@@ -223,7 +223,6 @@ def _message_pass_kernel(
     x0 = p0 % w
     interior = (x0 >= KSIZE // 2) & (x0 + BLOCK_P + KSIZE // 2 <= w)
     interior = interior & (p0 >= (KSIZE // 2) * w) & (p0 + (KSIZE // 2 + 1) * w <= plane)
-    y = tl.where(in_img, y, h + KSIZE)  # pixels past the image: every neighbour row out of range
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     if interior:
         acc = _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
