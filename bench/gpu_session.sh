@@ -1,23 +1,42 @@
 #!/usr/bin/env bash
-# One lent-GPU session in one call (device tool): environment, the kernel tests compiled on the GPU against
-# the float64 reference, then the benchmark sweep. Everything lands under $OUT (log.txt, r/...).
-#   bash bench/gpu_session.sh [BENCH_SECONDS] [extra flags for bench/run_all.py...]
+# One lent-GPU session in one call (device tool): environment, every device test compiled on the GPU against
+# the float64 reference (8 pytest workers: compilation dominates), then the benchmark sections in priority
+# order, each its own run with its own time budget. What comes back fits the tool's 8-file limit:
+#   $OUT/log.txt, and per section $OUT/<section>/{bench.csv,autotune.csv,meta.json} (summary.md and the plots
+#   are redrawn here with `python bench/run_all.py --plot-only --out <folder>`).
+#   bash bench/gpu_session.sh [IMPLEMENTATIONS] [FILTER_SIZES]
+# Budgets (seconds; environment): TEST_SECONDS (170), MP_SECONDS (110, the message_pass section),
+# FS_SECONDS (120, the filter_size section), SLACK (30, each section's grace to write what it measured).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench-results/gpu-session}
-mkdir -p "$OUT/r"
-budget=${1:-210}; shift || true
+impls=${1:-unfold,triton-two-pass,triton-fused,triton-tf32,triton-cl,triton-graph}
+ks=${2:-3,7,11,15,21}
+mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 python3 -c "import torch, triton, sys; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', \
 triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
+git log -1 --format='commit %h %s' 2>/dev/null; git status --short 2>/dev/null | head
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || echo "pip install failed"
-echo "== kernel tests on the GPU"
+
+echo "== device tests"
 t0=$(date +%s)
-CONVCRF_AUTOTUNE=0 CONVCRF_TEST_DEVICE=cuda timeout ${TEST_SECONDS:-240} python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/test_kernels.py \
-  tests/test_blur_iteration.py tests/test_band_product.py tests/test_gradients.py tests/test_graphs.py} -rfE 2>&1 | tail -40
+CONVCRF_AUTOTUNE=0 CONVCRF_TEST_DEVICE=cuda timeout "${TEST_SECONDS:-170}" python3 -m pytest -q -p no:cacheprovider \
+  -n "${TEST_WORKERS:-8}" ${GPU_TESTS:-tests} -rfE 2>&1 | tail -60
 echo "== tests took $(( $(date +%s) - t0 )) s"
-echo "== bench"
-timeout $(( budget + ${BENCH_SLACK:-120} )) python3 bench/run_all.py --device cuda --no-plots --time-budget "$budget" \
-  --sections filter_size,message_pass,resolution,classes_batch --out "$OUT/r" "$@"
-echo "== bench exit $?"
+
+section() {  # section budget implementations...
+  local name=$1 budget=$2; shift 2
+  echo "== bench $name ($budget s)"
+  timeout --signal=TERM --kill-after=15 $(( budget + ${SLACK:-30} )) python3 bench/run_all.py --device cuda \
+    --no-plots --time-budget "$budget" --sections "$name" --out "/tmp/bench-$name" "$@"
+  echo "== bench $name exit $?"
+  mkdir -p "$OUT/$name"
+  for f in bench.csv autotune.csv meta.json; do cp "/tmp/bench-$name/$f" "$OUT/$name/" 2>/dev/null; done
+}
+section message_pass "${MP_SECONDS:-110}" --filter-sizes "$ks" \
+  --implementations "$(tr , '\n' <<<"$impls" | grep -v -e triton-cl -e triton-graph | paste -sd,)"
+section filter_size "${FS_SECONDS:-120}" --filter-sizes "$ks" \
+  --implementations "$(tr , '\n' <<<"$impls" | grep -v -e unfold -e triton-tf32 | paste -sd,)"
+nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
