@@ -6,7 +6,8 @@
 #   are redrawn here with `python bench/run_all.py --plot-only --out <folder>`).
 #   bash bench/gpu_session.sh [IMPLEMENTATIONS] [FILTER_SIZES]
 # Budgets (seconds; environment): TEST_SECONDS (170), MP_SECONDS (110, the message_pass section),
-# FS_SECONDS (120, the filter_size section), SLACK (30, each section's grace to write what it measured).
+# FS_SECONDS (120, the filter_size section), SLACK (30, each section's grace to write what it measured);
+# BENCH_ARGS: more flags for both sections (e.g. "--k-resolutions 1024x2048 --blurs 1").
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench-results/gpu-session}
@@ -30,7 +31,7 @@ section() {  # section budget implementations...
   local name=$1 budget=$2; shift 2
   echo "== bench $name ($budget s)"
   timeout --signal=TERM --kill-after=15 $(( budget + ${SLACK:-30} )) python3 bench/run_all.py --device cuda \
-    --no-plots --time-budget "$budget" --sections "$name" --out "/tmp/bench-$name" "$@"
+    --no-plots --time-budget "$budget" --sections "$name" --out "/tmp/bench-$name" ${BENCH_ARGS:-} "$@"
   echo "== bench $name exit $?"
   mkdir -p "$OUT/$name"
   for f in bench.csv autotune.csv meta.json; do cp "/tmp/bench-$name/$f" "$OUT/$name/" 2>/dev/null; done

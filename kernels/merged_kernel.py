@@ -45,8 +45,9 @@ def _pixel_block(b, h, w, BLOCK_P: tl.constexpr, IDX64: tl.constexpr):
 
 @triton.jit
 def _inside(v, n):
-    """``0 <= v < n`` as one unsigned compare."""
-    return v.to(tl.uint32, bitcast=True) < n.to(tl.uint32, bitcast=True)
+    """``0 <= v < n`` as one unsigned compare. ``n`` may be a plain int: a launch specialises a size of 1 to a
+    constant."""
+    return v.to(tl.uint32, bitcast=True) < tl.cast(n, tl.uint32, bitcast=True)
 
 
 @triton.jit

@@ -352,3 +352,42 @@ def test_band_step_compiles_without_spills(arch, k, precision, block_c, compat):
     usage = compile_for(bp._band_message_pass_kernel, BAND_SIGNATURE, consts, arch, num_warps=bp.STEP_NUM_WARPS)
     print(f"band_mean_field_step k={k} {precision} classes={block_c} compat={compat} sm_{arch}: {usage}")
     assert usage.stack == 0 and usage.reg <= 255
+
+
+def _ones(signature: dict[str, str]) -> dict[str, int]:
+    """Every integer argument of ``signature`` as the constant 1: what a launch compiles when a size is 1
+    (Triton specialises an int argument equal to 1, so inside the kernel it is a plain int, not a tensor)."""
+    return {name: 1 for name, kind in signature.items() if kind == "i32" and name != "mw"}
+
+
+def _pointers(signature: dict[str, str]) -> dict[str, str]:
+    return {name: kind for name, kind in signature.items() if kind != "i32" or name == "mw"}
+
+
+# A 1-pixel-wide or -high image, one class: each kernel compiled as such a launch compiles it (a size method
+# such as ``w.to(...)`` fails on the constant; the interpreter never specialises, so only this test sees it).
+SIZE_ONE_CASES = {
+    "gaussian_weights": (gw._gaussian_weights_kernel, GW_SIGNATURE,
+                         {"KSIZE": 3, "KEEP_CENTRE": False, "BLOCK_P": gw.WEIGHTS_BLOCK_P, "IDX64": False,
+                          **TWO_GAUSSIANS}, 4),
+    "message_pass": (mp._message_pass_kernel, MP_SIGNATURE, _mp_constexprs(mp.DEFAULT_CONFIG, 3, False),
+                     mp.DEFAULT_CONFIG.num_warps),
+    "fused_message_pass": (mp._message_pass_kernel, MP_SIGNATURE, _mp_constexprs(mp.DEFAULT_CONFIG, 3, True),
+                           mp.DEFAULT_CONFIG.num_warps),
+    "mean_field_step": (mp._message_pass_kernel, MP_SIGNATURE,
+                        {**_mp_constexprs(mp.STEP_CONFIGS[0], 3, True), "STEP": True, "W_STRIDE": 1,
+                         "HAS_COMPAT": True, "SOFTMAX": True, "BLOCK_C": mp.step_blocks(1, True)[0],
+                         "BLOCK_P": mp.step_blocks(1, True)[1]}, mp.step_blocks(1, True)[2]),
+    "weight_grad": (mp._weight_grad_kernel, WG_SIGNATURE,
+                    {"KSIZE": 3, "KEEP_CENTRE": False, "BLOCK_C": mp.WEIGHT_GRAD_BLOCKS[0],
+                     "BLOCK_P": mp.WEIGHT_GRAD_BLOCKS[1], "IDX64": False, **TWO_GAUSSIANS, "BLOCK_D": 8}, 4),
+    "blur_step": (bi._blur_step_kernel, BLUR_SIGNATURE, _blur_consts(4, "pooled"), bi.TUNE_CONFIGS[0].num_warps),
+    "band_message_pass": (bp._band_message_pass_kernel, BAND_SIGNATURE, _band_consts(3), bp.NUM_WARPS),
+}
+
+
+@pytest.mark.parametrize("name", SIZE_ONE_CASES)
+def test_kernels_compile_with_sizes_of_one(name):
+    fn, signature, consts, num_warps = SIZE_ONE_CASES[name]
+    usage = compile_for(fn, _pointers(signature), {**consts, **_ones(signature)}, 90, num_warps=num_warps)
+    assert usage.stack == 0

@@ -162,7 +162,7 @@ def test_interior_blocks_match_reference(fused, unroll, device):
         if fused:
             got = mp._launch(Q, None, feats, compats, (2, 3), k, False, config=cfg)
         else:
-            got = mp._launch(Q, K.float(), None, None, (), k, False, config=cfg)
+            got = mp._launch(Q, K.float().to(device), None, None, (), k, False, config=cfg)
         assert rel_err(got, want) < RTOL
 
 
