@@ -37,7 +37,7 @@ def _pixel_block(b, h, w, BLOCK_P: tl.constexpr, IDX64: tl.constexpr):
     plane = h * w
     if IDX64:
         b = b.to(tl.int64)
-        plane = plane.to(tl.int64)
+        plane = tl.cast(plane, tl.int64)  # a plain int where h = w = 1
     offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     in_img = offs < plane
     return b, plane, offs, in_img, tl.where(in_img, offs // w, 1 << 30), offs % w

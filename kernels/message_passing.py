@@ -126,17 +126,72 @@ def _tap_weights(k_row, f_ptr, own, c1, c2, nb, valid, tap_ok, plane, rows0, t,
 
 
 @triton.jit
-def _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
+def _split4(x):
+    """``x: [BLOCK_C, BQ, 4]`` (a thread's 4 consecutive pixels in its registers) as 4 tiles ``[BLOCK_C, BQ]``,
+    one per pixel of the run. Each is a sum over the run of the values where the index matches, and -0.0
+    elsewhere: the selects have constant conditions in every register and ``v + -0.0 = v``, so it compiles to
+    nothing (``tl.split`` of a reshape took triton 3.6 to 4-byte loads)."""
+    e = tl.arange(0, 4)[None, None, :]
+    return (tl.sum(tl.where(e == 0, x, -0.0), axis=2), tl.sum(tl.where(e == 1, x, -0.0), axis=2),
+            tl.sum(tl.where(e == 2, x, -0.0), axis=2), tl.sum(tl.where(e == 3, x, -0.0), axis=2))
+
+
+@triton.jit
+def _interior_rows(q_img, k_img, p0, w, plane, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                   KSIZE: tl.constexpr, ROW_CHUNK: tl.constexpr):
+    """The two-pass window sum of an interior block (no masks), planar: ``[BLOCK_C, BLOCK_P]``.
+
+    A thread holds runs of 4 consecutive pixels (``[BLOCK_C, BLOCK_P // 4, 4]``). A tap row's neighbours of
+    such a run, shifted by ``dx = -R .. R``, lie in the aligned 4-pixel chunks ``floor(dx / 4)`` to
+    ``floor((dx + 3) / 4)`` of the same row: each is one 16-byte load (``ALIGNED``: the launcher's
+    :func:`_aligned`), split into its 4 values, and every tap of the row picks its 4 operands among them by a
+    constant index. k = 7: 3 loads of 16 bytes for a class row's 28 multiply-adds, where 4-byte loads of
+    shifted runs took 10, each touching 4-5 sectors a warp (lanes 16 bytes apart) for 128 useful bytes."""
+    R: tl.constexpr = KSIZE // 2
+    BQ: tl.constexpr = BLOCK_P // 4
+    lanes = (tl.arange(0, BQ) * 4)[None, :, None] + tl.arange(0, 4)[None, None, :]
+    q_tile = (q_img + p0) + lanes  # [BLOCK_C, BQ, 4] with q_img's [BLOCK_C, 1, 1] class rows
+    k_tile = (k_img + p0) + lanes + tl.zeros([BLOCK_C, 1, 1], tl.int32)  # every class row: the same address
+    a0 = tl.zeros([BLOCK_C, BQ], tl.float32)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    for i in range(KSIZE):
+        q_row = q_tile + (i - R) * w
+        k_row = k_tile + (i * KSIZE) * plane
+        for j0 in tl.static_range(0, KSIZE, ROW_CHUNK):
+            # The chunks from that of the first tap's first pixel (dx = j0 - R) to that of the last tap's last
+            # (dx = j0 + n - 1 - R, plus 3), n = min(ROW_CHUNK, KSIZE - j0); floor division of values >= 0.
+            v = ()
+            for m in tl.static_range((j0 - R + 64) // 4 - 16, (j0 + min(ROW_CHUNK, KSIZE - j0) + 2 - R + 64) // 4 - 15):
+                v = v + _split4(tl.load(q_row + 4 * m).to(tl.float32))
+            for u in tl.static_range(min(ROW_CHUNK, KSIZE - j0)):
+                # pixel e of a run at tap j0 + u: v[e + j0 + u - R - 4 * (first chunk)]
+                k0, k1, k2, k3 = _split4(tl.load(k_row + (j0 + u) * plane).to(tl.float32))
+                a0 += k0 * v[j0 + u - R - 4 * ((j0 - R + 64) // 4 - 16)]
+                a1 += k1 * v[j0 + u - R - 4 * ((j0 - R + 64) // 4 - 16) + 1]
+                a2 += k2 * v[j0 + u - R - 4 * ((j0 - R + 64) // 4 - 16) + 2]
+                a3 += k3 * v[j0 + u - R - 4 * ((j0 - R + 64) // 4 - 16) + 3]
+    e = tl.arange(0, 4)[None, None, :]
+    runs = tl.where(e == 0, a0[:, :, None], tl.where(e == 1, a1[:, :, None], tl.where(e == 2, a2[:, :, None],
+                                                                                     a3[:, :, None])))
+    return tl.reshape(runs, [BLOCK_C, BLOCK_P])
+
+
+@triton.jit
+def _window_sum(acc, q_rows, q_mask, k_img, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
                 KSIZE: tl.constexpr, FUSED: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-                KEEP_CENTRE: tl.constexpr, UNROLL: tl.constexpr, CS: tl.constexpr, BORDER: tl.constexpr):
+                KEEP_CENTRE: tl.constexpr, UNROLL: tl.constexpr, CS: tl.constexpr, ALIGNED: tl.constexpr,
+                BORDER: tl.constexpr):
     """``acc[c, p] += sum_t weight[t, p] * Q[c, p + d_t]`` over the k×k window of the pixels ``offs``.
 
     The window is walked a tap row at a time. ``BORDER=False``: the caller has checked that every pixel and
     every neighbour lies inside the image, so no load is masked (no predicates, no zero fills). In the planar
-    layout the taps of a row are then unrolled, ``ROW_CHUNK`` at a time, their neighbours addressed by
-    constant offsets from one pointer a chunk: the taps read overlapping runs of a thread's consecutive
-    pixels, and the compiler loads each value once for all of them (k = 7, 4 pixels a thread: 10 loads for a
-    class row's 28 multiply-adds) with no address arithmetic. (Whole rows at k >= 11 took up to 168
+    layout the taps of a row are then unrolled, ``ROW_CHUNK`` at a time: the two-pass sums by
+    :func:`_interior_rows` (aligned 16-byte chunks of a row, split in registers); the fused pass addresses
+    the neighbours by constant offsets from one pointer a chunk: the taps read overlapping runs of a thread's
+    consecutive pixels, and the compiler loads each value once for all of them (k = 7, 4 pixels a thread: 10
+    4-byte loads for a class row's 28 multiply-adds) with no address arithmetic. (Whole rows at k >= 11 took up to 168
     registers; the fused pass, which computes each tap's weights, unrolls 4: with 8, k = 31 spilled. The
     channels-last step, whose thread holds one pixel's classes, reuses nothing that way and went from 127 to
     168-255 registers, spilling with triton 3.6: it keeps the loop below.)
@@ -154,6 +209,10 @@ def _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, p0, offs, in_img, y, 
     own = ()
     if FUSED:
         own = _own_features(f_ptr, offs, pix_ok, plane, D1 + D2)
+    k_row = k_img + offs
+    if not BORDER and CS == 0 and not FUSED and ALIGNED:
+        return acc + _interior_rows(q_rows[:, :, None], k_img, p0, w, plane, acc.shape[0], acc.shape[1], KSIZE,
+                                    ROW_CHUNK)
     if not BORDER and CS == 0:
         # The block's first pixel added to the row pointers first, then each thread's small lane offsets: the
         # compiler then sees a thread's neighbours as constant offsets from one address.
@@ -194,7 +253,7 @@ def _message_pass_kernel(
     KSIZE: tl.constexpr, FUSED: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KEEP_CENTRE: tl.constexpr,
     STEP: tl.constexpr, W_STRIDE: tl.constexpr, HAS_COMPAT: tl.constexpr, SOFTMAX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr, UNROLL: tl.constexpr = 1,
-    CS: tl.constexpr = 0,
+    CS: tl.constexpr = 0, ALIGNED: tl.constexpr = False,
 ):
     # grid: (cdiv(h*w, BLOCK_P), cdiv(C, BLOCK_C), B); the window sum is _window_sum's.
     # Q, M (and A) are [B, C, h, w], or with CS > 0 channels-last [B, h, w, CS]: the classes of a pixel
@@ -212,7 +271,7 @@ def _message_pass_kernel(
     else:
         q_rows = q_ptr + img_off + tl.minimum(cls, C - 1)[:, None] * plane
         q_mask = tl.full(io_mask.shape, True, tl.int1)
-    k_row = k_ptr + b * (KSIZE * KSIZE) * plane + offs  # the two-pass weights (FUSED: k_ptr is a dummy)
+    k_img = k_ptr + b * (KSIZE * KSIZE) * plane  # the two-pass weights (FUSED: k_ptr is a dummy)
     f_ptr += b * (D1 + D2) * plane  # the fused pass's features (two-pass: a dummy)
     c1, c2 = 0.0, 0.0
     if FUSED:
@@ -225,11 +284,11 @@ def _message_pass_kernel(
     interior = interior & (p0 >= (KSIZE // 2) * w) & (p0 + (KSIZE // 2 + 1) * w <= plane)
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     if interior:
-        acc = _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
-                          KSIZE, FUSED, D1, D2, KEEP_CENTRE, UNROLL, CS, False)
+        acc = _window_sum(acc, q_rows, q_mask, k_img, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
+                          KSIZE, FUSED, D1, D2, KEEP_CENTRE, UNROLL, CS, ALIGNED, False)
     else:
-        acc = _window_sum(acc, q_rows, q_mask, k_row, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
-                          KSIZE, FUSED, D1, D2, KEEP_CENTRE, UNROLL, CS, True)
+        acc = _window_sum(acc, q_rows, q_mask, k_img, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
+                          KSIZE, FUSED, D1, D2, KEEP_CENTRE, UNROLL, CS, ALIGNED, True)
     out_offs = img_off + cls_off + _pixel_offsets(offs, CS)
     out_mask = io_mask & in_img[None, :]
     if STEP:
@@ -352,7 +411,7 @@ def _launch(Q: torch.Tensor, K: torch.Tensor | None, feats: torch.Tensor | None,
     B, C, h, w = Q.shape
     Q = Q.contiguous()
     M = torch.empty_like(Q)
-    args, consts = _operands(Q, K, feats, compats, dims, filter_size, keep_centre)
+    args, consts = _operands(Q, K, feats, compats, dims, filter_size, keep_centre, w)
     dummy = args[1] if K is None else args[2]
     args = (*args, M, dummy, dummy, dummy, C, h, w)
     consts.update(STEP=False, W_STRIDE=0, HAS_COMPAT=False, SOFTMAX=False)
@@ -373,15 +432,22 @@ def _launch(Q: torch.Tensor, K: torch.Tensor | None, feats: torch.Tensor | None,
     return M
 
 
-def _operands(Q, K, feats, compats, dims, filter_size, keep_centre) -> tuple[tuple, dict]:
+def _aligned(w: int, *tensors: torch.Tensor | None) -> bool:
+    """Whether the two-pass kernels read 16-byte chunks (``ALIGNED``): ``w % 16 == 0`` and 16-byte aligned data,
+    which a launch tells the compiler itself. (With ``w % 4 == 0`` alone and ``tl.multiple_of`` hints, triton 3.9
+    vectorised the chunks, triton 3.6 did not, and their splitting then crossed shared memory.)"""
+    return w % 16 == 0 and all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _operands(Q, K, feats, compats, dims, filter_size, keep_centre, w) -> tuple[tuple, dict]:
     """The weight operands (``K``, or ``feats`` and ``compats``; a dummy in the unused slots) and the
-    constexprs every message-passing launch shares."""
+    constexprs every message-passing launch shares (``w``: the grid's width)."""
     fused = K is None
     dummy = Q.new_empty(1, dtype=torch.float32)
     meta = feature_meta(feats, dims, compats) if fused else {"D1": 1, "D2": 0}
     args = (Q, dummy if fused else K, feats if fused else dummy, compats if fused else dummy)
     consts = dict(KSIZE=filter_size, FUSED=fused, KEEP_CENTRE=keep_centre,
-                  IDX64=needs_int64(Q, K if K is not None else feats), **meta)
+                  IDX64=needs_int64(Q, K if K is not None else feats), ALIGNED=not fused and _aligned(w, Q, K), **meta)
     return args, consts
 
 
@@ -409,7 +475,7 @@ def _mean_field_step_op(
         B, _, h, w = Q.shape
         cs = 0
     C = num_classes
-    args, consts = _operands(Q, K, feats, compats, dims, filter_size, keep_centre)
+    args, consts = _operands(Q, K, feats, compats, dims, filter_size, keep_centre, w)
     consts["CS"] = cs
     mix = Q.new_empty(1, dtype=torch.float32) if compat_matrix is None else compat_matrix
     out = torch.empty_like(Q, dtype=out_dtype)
@@ -475,17 +541,17 @@ def mean_field_step(
 # The one-launch step's layout: None picks by filter size (step_channels_last); True/False force it (the
 # benchmark's triton-cl and planar rows, the tests).
 STEP_CHANNELS_LAST: bool | None = None
-CHANNELS_LAST_MIN_FILTER_SIZE = 7
+CHANNELS_LAST_MIN_FILTER_SIZE = 15
 
 
 def step_channels_last(filter_size: int) -> bool:
     """Whether the mean-field loop runs the one-launch step on channels-last tensors (16-byte class vectors)
-    against two layout conversions per call. Measured on an H100 (``bench/results/nvidia-h100``, C = 21, blur 1,
-    5 iterations) with the loops of then, when the planar step issued a 4-byte load per multiply-add: faster
-    from k = 7 (1024×2048: k = 7 9.25 → 8.04 ms, k = 11 19.9 → 14.6 ms; 512²: k = 11 3.27 → 2.54 ms, k = 31
-    19.7 → 14.6 ms), slower at k = 3 (1024×2048: 3.26 → 4.50 ms), where the message pass is too short to pay
-    for the conversions. Not yet re-timed: the planar step's unrolled interior rows now issue 0.42 loads and
-    1.7-2.0 instructions per multiply-add, the channels-last step's loop 0.5 and 2.8-3.3 (bench/NOTES.md)."""
+    against two layout conversions per call. With today's loops (the planar step's interior tap rows unrolled:
+    0.42 loads and 1.7-2.0 instructions per multiply-add, the channels-last step's 0.5 and 2.8-3.3), measured on
+    an H200 (``bench/results/nvidia-h200-run3``, C = 21, blur 1, 5 iterations, two-pass, eager): at 1024×2048
+    planar is faster at k = 7 (5.27 vs 6.46 ms) and k = 11 (11.14 vs 12.07 ms); at 512² the two tie at k = 11 (2.52 vs
+    2.55 ms) and channels-last wins at k = 15 (3.03 vs 3.79 ms) and k = 21 (5.13 vs 5.69 ms). Untimed: 1024×2048
+    at k >= 15."""
     if STEP_CHANNELS_LAST is not None:
         return STEP_CHANNELS_LAST
     return filter_size >= CHANNELS_LAST_MIN_FILTER_SIZE

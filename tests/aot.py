@@ -171,13 +171,19 @@ def loops(listing: str) -> list[list[str]]:
     return found
 
 
-def instructions_per_ffma(listing: str) -> float:
-    """The fewest instructions per ``FFMA`` over the loops that hold any: the hot loop's overhead (address and
-    mask arithmetic, loads, layout conversions) per multiply-add."""
-    ratios = [len(body) / n for body in loops(listing) if (n := sum(opcode(t) == "FFMA" for t in body))]
-    if not ratios:
+def hot_loop(listing: str) -> list[str]:
+    """The loop of a ``cuobjdump -sass`` listing with the fewest instructions per ``FFMA``: the hot loop."""
+    bodies = [body for body in loops(listing) if any(opcode(t) == "FFMA" for t in body)]
+    if not bodies:
         raise AssertionError("no loop with an FFMA in the listing")
-    return min(ratios)
+    return min(bodies, key=lambda body: len(body) / sum(opcode(t) == "FFMA" for t in body))
+
+
+def instructions_per_ffma(listing: str) -> float:
+    """The hot loop's instructions per ``FFMA``: its overhead (address and mask arithmetic, loads, layout
+    conversions) per multiply-add."""
+    body = hot_loop(listing)
+    return len(body) / sum(opcode(t) == "FFMA" for t in body)
 
 
 def _child(request: dict) -> None:

@@ -145,25 +145,33 @@ INTERIOR_TILE = {"BLOCK_C": 8, "BLOCK_P": 16}
 
 
 @pytest.mark.parametrize("unroll", [1, 2])
-@pytest.mark.parametrize("fused", [False, True])
-def test_interior_blocks_match_reference(fused, unroll, device):
+@pytest.mark.parametrize("fused,width", [(False, 48), (False, 42), (True, 40)])
+def test_interior_blocks_match_reference(fused, width, unroll, device):
     """Every neighbour load of an interior block unmasked, against the reference (k = 5 with UNROLL 2: a
     masked last tap of each border row; k = 9: the interior's tap rows in two chunks, three when fused). The
     two-pass weights are random, nonzero at the taps outside the image too, so that only Q's zeros outside
-    the image (the masks) make those taps vanish."""
+    the image (the masks) make those taps vanish. Width 48: the two-pass interior's 16-byte chunks (chunks
+    -1 .. 1 at k = 9's first 8 taps, chunk 1 alone at its last); 42: its 4-byte loop, blocks across rows."""
     cfg = triton.Config({**INTERIOR_TILE, "UNROLL": unroll}, num_warps=1)
-    feats, compats, Q = make_inputs(17 + unroll, 1, 5, 13, 40, (2, 3), device=device)
+    feats, compats, Q = make_inputs(17 + unroll, 1, 5, 13, width, (2, 3), device=device)
     for k in (3, 5) if unroll == 2 else (3, 9):
         if fused:
             K = reference.gaussian_weights(feats.double(), (2, 3), compats.double(), k, False)
         else:
-            K = torch.rand(1, k * k, 13, 40, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+            K = torch.rand(1, k * k, 13, width, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
         want = reference.message_pass(K.to(device), Q.double())
         if fused:
             got = mp._launch(Q, None, feats, compats, (2, 3), k, False, config=cfg)
         else:
             got = mp._launch(Q, K.float().to(device), None, None, (), k, False, config=cfg)
         assert rel_err(got, want) < RTOL
+
+
+def test_aligned_needs_width_and_pointers():
+    """The 16-byte chunks (ALIGNED) only for widths that are multiples of 16 and 16-byte aligned data."""
+    buf = torch.zeros(64)
+    assert mp._aligned(48, buf, None) and not mp._aligned(40, buf, None)
+    assert not mp._aligned(48, buf[1:], None) and not mp._aligned(48, buf, buf[2:])
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
