@@ -77,7 +77,7 @@ def test_message_pass_default_config_compiles_without_spills(arch, fused, k, idx
 @pytest.mark.parametrize("cfg", mp.TUNE_CONFIGS, ids=str)
 def test_every_autotune_config_compiles_without_spills_on_sm90(cfg, fused):
     usage = compile_for(mp._message_pass_kernel, MP_SIGNATURE, _mp_constexprs(cfg, 7, fused), 90,
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, divisible=ALIGNED_MP)
     assert usage.stack == 0, f"{cfg} spills: {usage}"
 
 
@@ -412,7 +412,7 @@ SIZE_ONE_CASES = {
     "gaussian_weights": (gw._gaussian_weights_kernel, GW_SIGNATURE,
                          {"KSIZE": 3, "KEEP_CENTRE": False, "BLOCK_P": gw.WEIGHTS_BLOCK_P, "IDX64": False,
                           **TWO_GAUSSIANS}, 4),
-    "message_pass": (mp._message_pass_kernel, MP_SIGNATURE, _mp_constexprs(mp.DEFAULT_CONFIG, 3, False),
+    "message_pass": (mp._message_pass_kernel, MP_SIGNATURE, _mp_constexprs(mp.DEFAULT_CONFIG, 3, False, aligned=False),
                      mp.DEFAULT_CONFIG.num_warps),
     "fused_message_pass": (mp._message_pass_kernel, MP_SIGNATURE, _mp_constexprs(mp.DEFAULT_CONFIG, 3, True),
                            mp.DEFAULT_CONFIG.num_warps),
