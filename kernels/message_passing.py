@@ -127,13 +127,17 @@ def _tap_weights(k_row, f_ptr, own, c1, c2, nb, valid, tap_ok, plane, rows0, t,
 
 @triton.jit
 def _split4(x):
-    """``x: [BLOCK_C, BQ, 4]`` (a thread's 4 consecutive pixels in its registers) as 4 tiles ``[BLOCK_C, BQ]``,
-    one per pixel of the run. Each is a sum over the run of the values where the index matches, and -0.0
-    elsewhere: the selects have constant conditions in every register and ``v + -0.0 = v``, so it compiles to
-    nothing (``tl.split`` of a reshape took triton 3.6 to 4-byte loads)."""
+    """``x: [BLOCK_C, BQ, 4]`` float32 (a thread's 4 consecutive pixels in its registers) as 4 tiles
+    ``[BLOCK_C, BQ]``, one per pixel of the run: each the sum over the run of its bits where the index matches
+    and 0 elsewhere. The selects have constant conditions in every register and integer ``v + 0`` folds, so it
+    compiles to nothing. (``tl.split`` of a reshape took triton 3.6 to 4-byte loads; float sums with -0.0 left
+    it an ``FADD`` from +0.0 per value.)"""
+    bits = x.to(tl.int32, bitcast=True)
     e = tl.arange(0, 4)[None, None, :]
-    return (tl.sum(tl.where(e == 0, x, -0.0), axis=2), tl.sum(tl.where(e == 1, x, -0.0), axis=2),
-            tl.sum(tl.where(e == 2, x, -0.0), axis=2), tl.sum(tl.where(e == 3, x, -0.0), axis=2))
+    return (tl.sum(tl.where(e == 0, bits, 0), axis=2).to(tl.float32, bitcast=True),
+            tl.sum(tl.where(e == 1, bits, 0), axis=2).to(tl.float32, bitcast=True),
+            tl.sum(tl.where(e == 2, bits, 0), axis=2).to(tl.float32, bitcast=True),
+            tl.sum(tl.where(e == 3, bits, 0), axis=2).to(tl.float32, bitcast=True))
 
 
 @triton.jit

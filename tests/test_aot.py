@@ -142,12 +142,12 @@ def test_message_pass_sass(cfg, fused):
 # two-pass 1.7-2.2 (4-byte loads, 0.42 a multiply-add), fused 3.3-4.7, planar steps 1.7-2.0. Now the
 # two-pass interior reads aligned 16-byte chunks of each row and splits them in registers (_interior_rows,
 # widths that are multiples of 16): triton 3.9 1.39-1.96 (0.17-0.23 loads a multiply-add, every one 16 bytes;
-# planar steps 1.39-1.91); triton 3.6, whose selects of the split do not fold (an FADD a value) and whose K
-# loads repeat per class row, 2.92-3.29 (0.33-0.36 loads). Other widths keep the 4-byte loop: 2.45-3.1 without
-# the divisibility by 16. The channels-last step keeps its loop (2.8-3.3).
+# planar steps 1.39-1.91); triton 3.6 1.56-1.89, its K loads repeated per class row (0.33-0.36 loads). Other
+# widths keep the 4-byte loop: 2.45-3.1 without the divisibility by 16. The channels-last step keeps its loop
+# (2.8-3.3).
 OLD_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9)
-MAX_INSTRUCTIONS_PER_FFMA = {"two-pass": 3.4 if OLD_TRITON else 2.0, "two-pass-unaligned": 3.2, "fused": 5.0,
-                             "step": 3.4 if OLD_TRITON else 2.0, "step-channels-last": 3.4}
+MAX_INSTRUCTIONS_PER_FFMA = {"two-pass": 2.0, "two-pass-unaligned": 3.2, "fused": 5.0, "step": 2.0,
+                             "step-channels-last": 3.4}
 MAX_LOADS_PER_FFMA = 0.4 if OLD_TRITON else 0.25
 
 
