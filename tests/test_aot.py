@@ -215,7 +215,7 @@ def test_low_precision_storage_compiles_without_spills(arch, storage, step):
     else:
         cfg = mp.TUNE_CONFIGS[1]
         consts, num_warps = _mp_constexprs(cfg, 7, False), cfg.num_warps
-    usage = compile_for(mp._message_pass_kernel, signature, consts, arch, num_warps=num_warps)
+    usage = compile_for(mp._message_pass_kernel, signature, consts, arch, num_warps=num_warps, divisible=ALIGNED_MP)
     assert usage.stack == 0 and usage.reg <= 255, usage
     gw_usage = compile_for(gw._gaussian_weights_kernel, {**GW_SIGNATURE, "k_ptr": storage},
                            {"KSIZE": 7, "KEEP_CENTRE": False, "BLOCK_P": gw.WEIGHTS_BLOCK_P, "IDX64": False,
