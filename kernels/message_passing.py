@@ -134,10 +134,16 @@ def _split4(x):
     it an ``FADD`` from +0.0 per value.)"""
     bits = x.to(tl.int32, bitcast=True)
     e = tl.arange(0, 4)[None, None, :]
-    return (tl.sum(tl.where(e == 0, bits, 0), axis=2).to(tl.float32, bitcast=True),
-            tl.sum(tl.where(e == 1, bits, 0), axis=2).to(tl.float32, bitcast=True),
-            tl.sum(tl.where(e == 2, bits, 0), axis=2).to(tl.float32, bitcast=True),
-            tl.sum(tl.where(e == 3, bits, 0), axis=2).to(tl.float32, bitcast=True))
+    parts = ()
+    for i in tl.static_range(4):
+        parts = parts + (tl.sum(tl.where(e == i, bits, 0), axis=2).to(tl.float32, bitcast=True),)
+    return parts
+
+
+@triton.constexpr_function
+def _chunk(dx):
+    """The aligned 4-pixel chunk, relative to a run's own, that holds the pixel ``dx`` from the run's start."""
+    return dx // 4
 
 
 @triton.jit
@@ -164,18 +170,18 @@ def _interior_rows(q_img, k_img, p0, w, plane, BLOCK_C: tl.constexpr, BLOCK_P: t
         q_row = q_tile + (i - R) * w
         k_row = k_tile + (i * KSIZE) * plane
         for j0 in tl.static_range(0, KSIZE, ROW_CHUNK):
-            # The chunks from that of the first tap's first pixel (dx = j0 - R) to that of the last tap's last
-            # (dx = j0 + n - 1 - R, plus 3), n = min(ROW_CHUNK, KSIZE - j0); floor division of values >= 0.
+            # The n = min(ROW_CHUNK, KSIZE - j0) taps from j0: the chunks from that of the first tap's first
+            # pixel (dx = j0 - R) to that of the last tap's last (dx = j0 + n - 1 - R, plus 3).
             v = ()
-            for m in tl.static_range((j0 - R + 64) // 4 - 16, (j0 + min(ROW_CHUNK, KSIZE - j0) + 2 - R + 64) // 4 - 15):
+            for m in tl.static_range(_chunk(j0 - R), _chunk(j0 + min(ROW_CHUNK, KSIZE - j0) + 2 - R) + 1):
                 v = v + _split4(tl.load(q_row + 4 * m).to(tl.float32))
             for u in tl.static_range(min(ROW_CHUNK, KSIZE - j0)):
-                # pixel e of a run at tap j0 + u: v[e + j0 + u - R - 4 * (first chunk)]
+                # pixel e of a run at tap j0 + u: v[s + e], s its shift from the first chunk's first pixel
                 k0, k1, k2, k3 = _split4(tl.load(k_row + (j0 + u) * plane).to(tl.float32))
-                a0 += k0 * v[j0 + u - R - 4 * ((j0 - R + 64) // 4 - 16)]
-                a1 += k1 * v[j0 + u - R - 4 * ((j0 - R + 64) // 4 - 16) + 1]
-                a2 += k2 * v[j0 + u - R - 4 * ((j0 - R + 64) // 4 - 16) + 2]
-                a3 += k3 * v[j0 + u - R - 4 * ((j0 - R + 64) // 4 - 16) + 3]
+                a0 += k0 * v[j0 + u - R - 4 * _chunk(j0 - R)]
+                a1 += k1 * v[j0 + u - R - 4 * _chunk(j0 - R) + 1]
+                a2 += k2 * v[j0 + u - R - 4 * _chunk(j0 - R) + 2]
+                a3 += k3 * v[j0 + u - R - 4 * _chunk(j0 - R) + 3]
     e = tl.arange(0, 4)[None, None, :]
     runs = tl.where(e == 0, a0[:, :, None], tl.where(e == 1, a1[:, :, None], tl.where(e == 2, a2[:, :, None],
                                                                                      a3[:, :, None])))
@@ -213,10 +219,10 @@ def _window_sum(acc, q_rows, q_mask, k_img, f_ptr, c1, c2, p0, offs, in_img, y, 
     own = ()
     if FUSED:
         own = _own_features(f_ptr, offs, pix_ok, plane, D1 + D2)
-    k_row = k_img + offs
     if not BORDER and CS == 0 and not FUSED and ALIGNED:
         return acc + _interior_rows(q_rows[:, :, None], k_img, p0, w, plane, acc.shape[0], acc.shape[1], KSIZE,
                                     ROW_CHUNK)
+    k_row = k_img + offs
     if not BORDER and CS == 0:
         # The block's first pixel added to the row pointers first, then each thread's small lane offsets: the
         # compiler then sees a thread's neighbours as constant offsets from one address.
