@@ -127,16 +127,16 @@ def _tap_weights(k_row, f_ptr, own, c1, c2, nb, valid, tap_ok, plane, rows0, t,
 
 @triton.jit
 def _split4(x):
-    """``x: [BLOCK_C, BQ, 4]`` float32 (a thread's 4 consecutive pixels in its registers) as 4 tiles
-    ``[BLOCK_C, BQ]``, one per pixel of the run: each the sum over the run of its bits where the index matches
+    """``x: [N, 4]`` float32 (a thread's runs of 4 consecutive pixels, in its registers) as 4 vectors ``[N]``,
+    one per pixel of the run: each the sum over the run of its bits where the index matches
     and 0 elsewhere. The selects have constant conditions in every register and integer ``v + 0`` folds, so it
     compiles to nothing. (``tl.split`` of a reshape took triton 3.6 to 4-byte loads; float sums with -0.0 left
     it an ``FADD`` from +0.0 per value.)"""
     bits = x.to(tl.int32, bitcast=True)
-    e = tl.arange(0, 4)[None, None, :]
+    e = tl.arange(0, 4)[None, :]
     parts = ()
     for i in tl.static_range(4):
-        parts = parts + (tl.sum(tl.where(e == i, bits, 0), axis=2).to(tl.float32, bitcast=True),)
+        parts = parts + (tl.sum(tl.where(e == i, bits, 0), axis=1).to(tl.float32, bitcast=True),)
     return parts
 
 
@@ -147,22 +147,31 @@ def _chunk(dx):
 
 
 @triton.jit
-def _interior_rows(q_img, k_img, p0, w, plane, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+def _interior_rows(q_img, cls0, C, k_img, p0, w, plane, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                    KSIZE: tl.constexpr, ROW_CHUNK: tl.constexpr):
     """The two-pass window sum of an interior block (no masks), planar: ``[BLOCK_C, BLOCK_P]``.
 
-    A thread holds runs of 4 consecutive pixels (``[BLOCK_C, BLOCK_P // 4, 4]``). A tap row's neighbours of
-    such a run, shifted by ``dx = -R .. R``, lie in the aligned 4-pixel chunks ``floor(dx / 4)`` to
+    The tile is held as ``[N, 4]``, ``N = BLOCK_C * BLOCK_P // 4`` rows of 4 consecutive pixels, row
+    ``c * BLOCK_P // 4 + r`` the run ``r`` of class ``c``: the only dimension with contiguous addresses is the
+    last, so every triton version lays consecutive runs of a class on a warp's consecutive lanes (each load
+    instruction 512 contiguous bytes of 2 class rows, and a thread's class rows share their weights' loads).
+    As ``[BLOCK_C, BLOCK_P // 4, 4]`` triton 3.6 broke the tie between the first two dimensions toward the
+    classes: 32 class rows a warp, each load 32 cache lines for 16 bytes of each, and 4 weight loads a tap.
+    A tap row's neighbours of a run, shifted by ``dx = -R .. R``, lie in the aligned 4-pixel chunks ``floor(dx / 4)`` to
     ``floor((dx + 3) / 4)`` of the same row: each is one 16-byte load (``ALIGNED``: the launcher's
     :func:`_aligned`), split into its 4 values, and every tap of the row picks its 4 operands among them by a
     constant index. k = 7: 3 loads of 16 bytes for a class row's 28 multiply-adds, where 4-byte loads of
-    shifted runs took 10, each touching 4-5 sectors a warp (lanes 16 bytes apart) for 128 useful bytes."""
+    shifted runs took 10, each touching 4-5 sectors a warp (lanes 16 bytes apart) for 128 useful bytes.
+    ``cls0``: the block's first class (rows past ``C`` read class ``C - 1``; never stored)."""
     R: tl.constexpr = KSIZE // 2
     BQ: tl.constexpr = BLOCK_P // 4
-    lanes = (tl.arange(0, BQ) * 4)[None, :, None] + tl.arange(0, 4)[None, None, :]
-    q_tile = (q_img + p0) + lanes  # [BLOCK_C, BQ, 4] with q_img's [BLOCK_C, 1, 1] class rows
-    k_tile = (k_img + p0) + lanes + tl.zeros([BLOCK_C, 1, 1], tl.int32)  # every class row: the same address
-    a0 = tl.zeros([BLOCK_C, BQ], tl.float32)
+    N: tl.constexpr = BLOCK_C * BQ
+    run = tl.arange(0, N) % BQ
+    lanes = (run * 4)[:, None] + tl.arange(0, 4)[None, :]
+    cls = tl.minimum(cls0 + tl.arange(0, N) // BQ, C - 1)
+    q_tile = (q_img + p0) + (cls * plane)[:, None] + lanes
+    k_tile = (k_img + p0) + lanes
+    a0 = tl.zeros([N], tl.float32)
     a1 = a0
     a2 = a0
     a3 = a0
@@ -177,29 +186,28 @@ def _interior_rows(q_img, k_img, p0, w, plane, BLOCK_C: tl.constexpr, BLOCK_P: t
                 v = v + _split4(tl.load(q_row + 4 * m).to(tl.float32))
             for u in tl.static_range(min(ROW_CHUNK, KSIZE - j0)):
                 # pixel e of a run at tap j0 + u: v[s + e], s its shift from the first chunk's first pixel
-                k0, k1, k2, k3 = _split4(tl.load(k_row + (j0 + u) * plane).to(tl.float32))
+                k0, k1, k2, k3 = _split4(tl.load(k_row).to(tl.float32))
+                k_row += plane  # the next tap's weights: one 64-bit add
                 a0 += k0 * v[j0 + u - R - 4 * _chunk(j0 - R)]
                 a1 += k1 * v[j0 + u - R - 4 * _chunk(j0 - R) + 1]
                 a2 += k2 * v[j0 + u - R - 4 * _chunk(j0 - R) + 2]
                 a3 += k3 * v[j0 + u - R - 4 * _chunk(j0 - R) + 3]
-    e = tl.arange(0, 4)[None, None, :]
-    runs = tl.where(e == 0, a0[:, :, None], tl.where(e == 1, a1[:, :, None], tl.where(e == 2, a2[:, :, None],
-                                                                                     a3[:, :, None])))
+    e = tl.arange(0, 4)[None, :]
+    runs = tl.where(e == 0, a0[:, None], tl.where(e == 1, a1[:, None], tl.where(e == 2, a2[:, None], a3[:, None])))
     return tl.reshape(runs, [BLOCK_C, BLOCK_P])
 
 
 @triton.jit
 def _window_sum(acc, q_rows, q_mask, k_img, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
                 KSIZE: tl.constexpr, FUSED: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-                KEEP_CENTRE: tl.constexpr, UNROLL: tl.constexpr, CS: tl.constexpr, ALIGNED: tl.constexpr,
-                BORDER: tl.constexpr):
+                KEEP_CENTRE: tl.constexpr, UNROLL: tl.constexpr, CS: tl.constexpr, BORDER: tl.constexpr):
     """``acc[c, p] += sum_t weight[t, p] * Q[c, p + d_t]`` over the k×k window of the pixels ``offs``.
 
     The window is walked a tap row at a time. ``BORDER=False``: the caller has checked that every pixel and
     every neighbour lies inside the image, so no load is masked (no predicates, no zero fills). In the planar
-    layout the taps of a row are then unrolled, ``ROW_CHUNK`` at a time: the two-pass sums by
-    :func:`_interior_rows` (aligned 16-byte chunks of a row, split in registers); the fused pass addresses
-    the neighbours by constant offsets from one pointer a chunk: the taps read overlapping runs of a thread's
+    layout the taps of a row are then unrolled, ``ROW_CHUNK`` at a time (aligned two-pass blocks take
+    :func:`_interior_rows` instead, the kernel's choice): the neighbours are addressed by constant offsets
+    from one pointer a chunk: the taps read overlapping runs of a thread's
     consecutive pixels, and the compiler loads each value once for all of them (k = 7, 4 pixels a thread: 10
     4-byte loads for a class row's 28 multiply-adds) with no address arithmetic. (Whole rows at k >= 11 took up to 168
     registers; the fused pass, which computes each tap's weights, unrolls 4: with 8, k = 31 spilled. The
@@ -219,9 +227,6 @@ def _window_sum(acc, q_rows, q_mask, k_img, f_ptr, c1, c2, p0, offs, in_img, y, 
     own = ()
     if FUSED:
         own = _own_features(f_ptr, offs, pix_ok, plane, D1 + D2)
-    if not BORDER and CS == 0 and not FUSED and ALIGNED:
-        return acc + _interior_rows(q_rows[:, :, None], k_img, p0, w, plane, acc.shape[0], acc.shape[1], KSIZE,
-                                    ROW_CHUNK)
     k_row = k_img + offs
     if not BORDER and CS == 0:
         # The block's first pixel added to the row pointers first, then each thread's small lane offsets: the
@@ -293,12 +298,15 @@ def _message_pass_kernel(
     interior = (x0 >= KSIZE // 2) & (x0 + BLOCK_P + KSIZE // 2 <= w)
     interior = interior & (p0 >= (KSIZE // 2) * w) & (p0 + (KSIZE // 2 + 1) * w <= plane)
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    if interior:
+    if interior and ALIGNED and CS == 0 and not FUSED:  # aligned 16-byte chunks, split in registers
+        acc = _interior_rows(q_ptr + img_off, tl.program_id(1) * BLOCK_C, C, k_img, p0, w, plane, BLOCK_C, BLOCK_P,
+                             KSIZE, 8)
+    elif interior:
         acc = _window_sum(acc, q_rows, q_mask, k_img, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
-                          KSIZE, FUSED, D1, D2, KEEP_CENTRE, UNROLL, CS, ALIGNED, False)
+                          KSIZE, FUSED, D1, D2, KEEP_CENTRE, UNROLL, CS, False)
     else:
         acc = _window_sum(acc, q_rows, q_mask, k_img, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
-                          KSIZE, FUSED, D1, D2, KEEP_CENTRE, UNROLL, CS, ALIGNED, True)
+                          KSIZE, FUSED, D1, D2, KEEP_CENTRE, UNROLL, CS, True)
     out_offs = img_off + cls_off + _pixel_offsets(offs, CS)
     out_mask = io_mask & in_img[None, :]
     if STEP:

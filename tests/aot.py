@@ -3,8 +3,9 @@
 Tests run under ``TRITON_INTERPRET=1``, where ``@triton.jit`` yields interpreter objects that cannot be
 compiled (their ``@triton.jit`` callees are interpreter objects too). So the compile runs in a child
 process with ``TRITON_INTERPRET`` removed, which re-imports the kernel by module and name: the kernel must
-be a module-level attribute. The child writes the cubin; this process inspects it with the ``cuobjdump``
-shipped in the triton wheel. Compiled cubins are cached in ``CONVCRF_AOT_CACHE`` (default
+be a module-level attribute. The child writes the cubin and the TritonGPU IR (its layouts: which lanes and
+registers hold which elements); this process inspects the cubin with the ``cuobjdump`` shipped in the
+triton wheel. Compiled cubins are cached in ``CONVCRF_AOT_CACHE`` (default
 ``<repo>/.aot_cache``), keyed by the source of the kernel's package, the arguments and the triton version.
 """
 
@@ -80,8 +81,9 @@ def _compile(
     num_warps: int,
     num_stages: int,
     divisible: tuple[str, ...] = (),
-) -> tuple[bytes, int]:
-    """Return (cubin, shared memory bytes), compiling in a child process unless cached."""
+) -> dict:
+    """The cache entry: ``cubin`` (base64), ``shared`` (bytes) and ``ttgir``, compiled in a child process
+    unless cached."""
     pyfn = _python_fn(fn)
     module, name = pyfn.__module__, pyfn.__qualname__
     module_ref = sys.modules[module].__file__ if module == "__main__" else module
@@ -95,7 +97,7 @@ def _compile(
         "num_stages": num_stages,
         "divisible": list(divisible),
     }
-    key_text = json.dumps([request, _source_digest(module), triton.__version__], sort_keys=True)
+    key_text = json.dumps([request, _source_digest(module), triton.__version__, "ttgir"], sort_keys=True)
     path = CACHE_DIR / f"{name}-{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.json"
     if not path.exists():
         # triton.language itself must be imported with the interpreter off.
@@ -110,8 +112,7 @@ def _compile(
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(proc.stdout.strip().splitlines()[-1])
         tmp.replace(path)
-    entry = json.loads(path.read_text())
-    return base64.b64decode(entry["cubin"]), entry["shared"]
+    return json.loads(path.read_text())
 
 
 def compile_for(
@@ -129,11 +130,11 @@ def compile_for(
     each ``tl.constexpr`` argument to its value (JSON-serialisable: int, float, bool, str); ``divisible``
     names the arguments known to be multiples of 16 (as a launch specialises aligned pointers and sizes).
     """
-    cubin, shared = _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible)
-    match = _USAGE_RE.search(_cuobjdump(["--dump-resource-usage"], cubin))
+    entry = _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible)
+    match = _USAGE_RE.search(_cuobjdump(["--dump-resource-usage"], base64.b64decode(entry["cubin"])))
     if match is None:
         raise RuntimeError("unexpected cuobjdump --dump-resource-usage output")
-    return ResourceUsage(reg=int(match[1]), stack=int(match[2]), shared=shared, arch=arch)
+    return ResourceUsage(reg=int(match[1]), stack=int(match[2]), shared=entry["shared"], arch=arch)
 
 
 def sass(
@@ -146,8 +147,32 @@ def sass(
     divisible: tuple[str, ...] = (),
 ) -> str:
     """Compile ``fn`` like :func:`compile_for` and return the SASS listing (``cuobjdump -sass``)."""
-    cubin, _ = _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible)
-    return _cuobjdump(["-sass"], cubin)
+    entry = _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible)
+    return _cuobjdump(["-sass"], base64.b64decode(entry["cubin"]))
+
+
+def ttgir(
+    fn: object,
+    signature: dict[str, str],
+    constexprs: dict[str, object],
+    arch: int,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    divisible: tuple[str, ...] = (),
+) -> str:
+    """Compile ``fn`` like :func:`compile_for` and return its TritonGPU IR (after the layout passes)."""
+    return _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible)["ttgir"]
+
+
+_LAYOUT_DEF = re.compile(r"^(#[\w.]+) = (.*)$", re.M)
+_MEMORY_OP = re.compile(r"\b(tt\.load|tt\.store) %[^:]*: tensor<([0-9x]+)x!tt\.ptr<\w+>, (#[\w.]+)>")
+
+
+def memory_layouts(ir: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """Every tensor ``tt.load`` and ``tt.store`` of a TritonGPU IR listing: (op, shape, layout definition)."""
+    defs = dict(_LAYOUT_DEF.findall(ir))
+    return [(op, tuple(int(n) for n in shape.split("x")), defs.get(name, name))
+            for op, shape, name in _MEMORY_OP.findall(ir)]
 
 
 _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.M)
@@ -213,7 +238,7 @@ def _child(request: dict) -> None:
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", request["arch"], 32), options=options)
     cubin = base64.b64encode(compiled.asm["cubin"]).decode()
-    print(json.dumps({"cubin": cubin, "shared": compiled.metadata.shared}))
+    print(json.dumps({"cubin": cubin, "shared": compiled.metadata.shared, "ttgir": compiled.asm["ttgir"]}))
 
 
 if __name__ == "__main__":
