@@ -259,7 +259,8 @@ def test_two_pass_interior_lanes_on_consecutive_runs(consts, num_warps):
     (one 16-byte load), a warp's lanes on consecutive rows: consecutive runs of a class row, 512 contiguous bytes
     a load at 16 or more runs a class row. (As [BLOCK_C, BLOCK_P / 4, 4], a tile whose first two dimensions
     are equally non-contiguous, triton 3.6 put the lanes on the classes: each load 32 cache lines, 16 bytes of
-    each, and a load of K per class row.) The output tile's stores: lanes along the pixels too."""
+    each, and 4 runs of one class a thread, each with its own K load.) The output tile's stores: lanes along
+    the pixels too."""
     block_c, block_p = consts["BLOCK_C"], consts["BLOCK_P"]
     ir = ttgir(mp._message_pass_kernel, MP_SIGNATURE, consts, 90, num_warps=num_warps, divisible=ALIGNED_MP)
     ops = memory_layouts(ir)
