@@ -78,8 +78,8 @@ def _compile(
     signature: dict[str, str],
     constexprs: dict[str, object],
     arch: int,
-    num_warps: int,
-    num_stages: int,
+    num_warps: int = 4,
+    num_stages: int = 3,
     divisible: tuple[str, ...] = (),
 ) -> dict:
     """The cache entry: ``cubin`` (base64), ``shared`` (bytes) and ``ttgir``, compiled in a child process
@@ -151,17 +151,10 @@ def sass(
     return _cuobjdump(["-sass"], base64.b64decode(entry["cubin"]))
 
 
-def ttgir(
-    fn: object,
-    signature: dict[str, str],
-    constexprs: dict[str, object],
-    arch: int,
-    num_warps: int = 4,
-    num_stages: int = 3,
-    divisible: tuple[str, ...] = (),
-) -> str:
-    """Compile ``fn`` like :func:`compile_for` and return its TritonGPU IR (after the layout passes)."""
-    return _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible)["ttgir"]
+def ttgir(fn: object, signature: dict[str, str], constexprs: dict[str, object], arch: int, **launch) -> str:
+    """Compile ``fn`` like :func:`compile_for` (``launch``: its ``num_warps``, ``num_stages``, ``divisible``) and
+    return its TritonGPU IR, after the layout passes."""
+    return _compile(fn, signature, constexprs, arch, **launch)["ttgir"]
 
 
 _LAYOUT_DEF = re.compile(r"^(#[\w.]+) = (.*)$", re.M)
