@@ -26,6 +26,8 @@ t0=$(date +%s)
 CONVCRF_AUTOTUNE=0 CONVCRF_TEST_DEVICE=cuda timeout "${TEST_SECONDS:-170}" python3 -m pytest -q -p no:cacheprovider \
   -n "${TEST_WORKERS:-8}" ${GPU_TESTS:-tests} -rfE 2>&1 | tail -60
 echo "== tests took $(( $(date +%s) - t0 )) s"
+echo "== host time per launch"
+timeout 60 python3 bench/host_overhead.py --calls 20000
 
 section() {  # section budget implementations...
   local name=$1 budget=$2; shift 2

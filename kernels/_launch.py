@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
-import triton
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 MAX_INT32 = 2**31 - 1
 # What every launch compiles with (the interpreter ignores it): multiply-adds fused into FFMA, named because
 # triton 3.9 warns that its default turns to unfused in 3.10, which would split every one of the kernels'
 # multiply-adds in two (and round twice).
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` on the host (``triton.cdiv`` is a constexpr function: ~3 µs a call from Python)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= ``n`` (>= 1), on the host (``triton.next_power_of_2``: ~4 µs a call)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def interpreting() -> bool:
@@ -27,7 +38,7 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
 def interpreter_blocks(C: int, hw: int) -> tuple[int, int]:
     """One large ``(BLOCK_C, BLOCK_P)`` tile per small image: the interpreter's cost grows with the
     number of programs, not with the block size."""
-    return min(triton.next_power_of_2(C), 256), min(triton.next_power_of_2(hw), 4096)
+    return min(next_power_of_2(C), 256), min(next_power_of_2(hw), 4096)
 
 
 def tuning_off(configs: list) -> list:
@@ -43,3 +54,34 @@ def check_on_device(**tensors: torch.Tensor) -> None:
                 f"{name} is on {t.device}: the Triton backend needs CUDA tensors "
                 "(or TRITON_INTERPRET=1 for CPU tensors); use backend='torch' on the CPU"
             )
+
+
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # what a launcher takes without the dispatcher (not fake, not
+# wrapped by a subclass's __torch_dispatch__); a module's parameters are passed as they are
+
+
+class LibraryOp:
+    """A launcher registered as the ``torch.library`` custom op ``name`` (``op``: what ``torch.compile`` captures
+    as one node and autograd differentiates; ``op.register_fake`` and ``op.register_autograd`` as usual), called
+    as its plain Python function ``fn`` where nothing needs the op: not compiling or tracing, no dispatch mode,
+    plain tensors or parameters, none of which requires grad with grad enabled. The dispatcher's round trip costs
+    ~13 µs of host time a call on this project's CPU (``bench/host_overhead.py``; a launch's own Python is ~25),
+    which small images, launch-bound, pay at every launch."""
+
+    def __init__(self, name: str, fn: Callable[..., object]) -> None:
+        self.fn = fn
+        self.op = torch.library.custom_op(name, fn, mutates_args=())
+
+    def __call__(self, *args: object) -> object:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+            return self.op(*args)
+        grad = torch.is_grad_enabled()
+        for a in args:
+            if isinstance(a, torch.Tensor) and (type(a) not in PLAIN_TENSORS or (grad and a.requires_grad)):
+                return self.op(*args)
+        return self.fn(*args)
+
+
+def library_op(name: str) -> Callable[[Callable[..., object]], LibraryOp]:
+    """Decorator: ``fn`` as a :class:`LibraryOp` named ``name``."""
+    return lambda fn: LibraryOp(name, fn)

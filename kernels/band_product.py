@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import COMPILE_OPTIONS, check_on_device, interpreting, needs_int64
+from ._launch import COMPILE_OPTIONS, cdiv, check_on_device, interpreting, needs_int64, next_power_of_2
 from .message_passing import _step_epilogue, step_mixing
 
 PRECISIONS = ("tf32x3", "tf32", "ieee")
@@ -158,7 +158,7 @@ def band_tile(k: int) -> dict[str, int]:
 
 def band_blocks(C: int) -> int:
     """Classes per program: all of them up to 32 (at least 16, the MMA's minimum), else 32 per program."""
-    return min(max(16, triton.next_power_of_2(C)), 32)
+    return min(max(16, next_power_of_2(C)), 32)
 
 
 def _check_operands(K: torch.Tensor, Q: torch.Tensor) -> int:
@@ -185,7 +185,7 @@ def _launch(K: torch.Tensor, Q: torch.Tensor, k: int, precision: str, out: torch
         a, weight, compat, softmax = step
         mix = dummy if compat is None else compat
         consts = dict(STEP=True, W_STRIDE=int(weight.numel() > 1), HAS_COMPAT=compat is not None, SOFTMAX=softmax)
-    grid = (triton.cdiv(h, tile["PH"]) * triton.cdiv(w, tile["PW"]), triton.cdiv(C, block_c), B)
+    grid = (cdiv(h, tile["PH"]) * cdiv(w, tile["PW"]), cdiv(C, block_c), B)
     _band_message_pass_kernel[grid](
         Q, K, out, a, weight, mix, C, h, w, KSIZE=k, **tile, BLOCK_C=block_c, PRECISION=precision,
         IDX64=needs_int64(Q, K, out), **consts, **COMPILE_OPTIONS,
@@ -234,5 +234,5 @@ def band_mean_field_step(
     weight, compat = step_mixing(weight, compat_matrix, C)
     Q = Q.contiguous()
     out = torch.empty_like(Q, dtype=out_dtype or Q.dtype)
-    return _launch(K.contiguous(), Q, k, precision, out, max(16, triton.next_power_of_2(C)),
+    return _launch(K.contiguous(), Q, k, precision, out, max(16, next_power_of_2(C)),
                    (unary_term.contiguous(), weight, compat, softmax))

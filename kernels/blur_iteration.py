@@ -38,7 +38,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._launch import COMPILE_OPTIONS, check_on_device, interpreting, needs_int64, tuning_off
+from ._launch import (
+    COMPILE_OPTIONS,
+    cdiv,
+    check_on_device,
+    interpreting,
+    library_op,
+    needs_int64,
+    next_power_of_2,
+    tuning_off,
+)
 from ._math import exp
 
 
@@ -203,7 +212,7 @@ def _prune(configs, named_args, **kwargs):
     """Tiles of at least one pooled cell (``SP²`` pixels); the class-tile configs (``BLOCK_C = 0``) get every
     class (``ONE_PASS``) where that keeps at most :data:`ONE_PASS_MAX_VALUES` tile values a thread, and are
     dropped elsewhere; ``CONVCRF_AUTOTUNE=0``: the first, untimed."""
-    sp, classes = kwargs["SP"], triton.next_power_of_2(named_args["C"])
+    sp, classes = kwargs["SP"], next_power_of_2(named_args["C"])
     kept = []
     for cfg in configs:
         pixels = cfg.kwargs["BLOCK_PIXELS"]
@@ -247,7 +256,7 @@ def _launch(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, messa
     there and ``lse`` or ``term``: unused pointers are any tensor."""
     B, C, H, W = unary.shape
     h, w = -(-H // blur), -(-W // blur)
-    sp = triton.next_power_of_2(blur)
+    sp = next_power_of_2(blur)
     pad_y, pad_x = (h * blur - H + 1) // 2, (w * blur - W + 1) // 2
     mw = max(w, 3)  # the kernel reads three pooled columns from a clamped middle one
     if not start and w < mw:
@@ -257,18 +266,18 @@ def _launch(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, messa
                   IDX64=needs_int64(unary, out))
     if interpreting():
         block_j = max(INTERPRETER_BLOCK_J, INTERPRETER_PIXELS // (sp * sp))
-        grid = (triton.cdiv(w, block_j), h, B)
-        block_c = min(triton.next_power_of_2(C), INTERPRETER_MAX_BLOCK_C)
+        grid = (cdiv(w, block_j), h, B)
+        block_c = min(next_power_of_2(C), INTERPRETER_MAX_BLOCK_C)
         _blur_step_kernel[grid](*args, BLOCK_PIXELS=block_j * sp * sp, BLOCK_C=block_c, ONE_PASS=block_c >= C,
                                 **consts, **COMPILE_OPTIONS)
     else:
         def grid(meta):
-            return (triton.cdiv(w, meta["BLOCK_PIXELS"] // (sp * sp)), h, B)
+            return (cdiv(w, meta["BLOCK_PIXELS"] // (sp * sp)), h, B)
 
         _blur_step_tuned[grid](*args, **consts, **COMPILE_OPTIONS)
 
 
-@torch.library.custom_op("convcrf_triton::blur_start", mutates_args=())
+@library_op("convcrf_triton::blur_start")
 def _blur_start_op(unary: torch.Tensor, blur: int, log: bool) -> tuple[torch.Tensor, torch.Tensor]:
     B, C, H, W = unary.shape
     lse = unary.new_empty((B, 1, H, W), dtype=torch.float32)
@@ -277,14 +286,14 @@ def _blur_start_op(unary: torch.Tensor, blur: int, log: bool) -> tuple[torch.Ten
     return lse, pooled
 
 
-@_blur_start_op.register_fake
+@_blur_start_op.op.register_fake
 def _(unary, blur, log):
     B, C, H, W = unary.shape
     return (unary.new_empty((B, 1, H, W), dtype=torch.float32),
             unary.new_empty((B, C, -(-H // blur), -(-W // blur))))
 
 
-@torch.library.custom_op("convcrf_triton::blur_step", mutates_args=())
+@library_op("convcrf_triton::blur_step")
 def _blur_step_op(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, message: torch.Tensor, blur: int,
                   pool: bool, softmax: bool, out_dtype: torch.dtype) -> torch.Tensor:
     B, C, H, W = unary.shape
@@ -293,13 +302,13 @@ def _blur_step_op(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor,
     return out
 
 
-@_blur_step_op.register_fake
+@_blur_step_op.op.register_fake
 def _(unary, lse, factors, message, blur, pool, softmax, out_dtype):
     B, C, H, W = unary.shape
     return unary.new_empty((B, C, *message.shape[-2:]) if pool else (B, C, H, W), dtype=out_dtype)
 
 
-@torch.library.custom_op("convcrf_triton::mean_field_start", mutates_args=())
+@library_op("convcrf_triton::mean_field_start")
 def _mean_field_start_op(unary: torch.Tensor, a: torch.Tensor, log: bool) -> tuple[torch.Tensor, torch.Tensor]:
     Q, term = torch.empty_like(unary), torch.empty_like(unary)
     B, C, H, W = unary.shape
@@ -308,7 +317,7 @@ def _mean_field_start_op(unary: torch.Tensor, a: torch.Tensor, log: bool) -> tup
     return Q, term
 
 
-@_mean_field_start_op.register_fake
+@_mean_field_start_op.op.register_fake
 def _(unary, a, log):
     return torch.empty_like(unary), torch.empty_like(unary)
 

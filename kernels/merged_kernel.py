@@ -18,7 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import COMPILE_OPTIONS, check_on_device, interpreter_blocks, interpreting, needs_int64
+from ._launch import (
+    COMPILE_OPTIONS,
+    cdiv,
+    check_on_device,
+    interpreter_blocks,
+    interpreting,
+    library_op,
+    needs_int64,
+)
 from ._math import gaussian
 
 # Pixels per program on the GPU (4 warps): 4 consecutive pixels a thread, so that the weights' stores are
@@ -144,13 +152,13 @@ def feature_meta(feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor
     return {"D1": d1, "D2": d2}
 
 
-@torch.library.custom_op("convcrf_triton::gaussian_weights", mutates_args=())
+@library_op("convcrf_triton::gaussian_weights")
 def _gaussian_weights_op(feats: torch.Tensor, compats: torch.Tensor, dims: list[int], filter_size: int,
                          keep_centre: bool, out_dtype: torch.dtype) -> torch.Tensor:
     B, _, h, w = feats.shape
     K = feats.new_empty(B, filter_size * filter_size, h, w, dtype=out_dtype)
     block_p = interpreter_blocks(1, h * w)[1] if interpreting() else WEIGHTS_BLOCK_P
-    grid = (triton.cdiv(h * w, block_p), B)
+    grid = (cdiv(h * w, block_p), B)
     _gaussian_weights_kernel[grid](
         feats, compats, K, h, w, KSIZE=filter_size, KEEP_CENTRE=keep_centre, BLOCK_P=block_p,
         IDX64=needs_int64(feats, K), **feature_meta(feats, dims, compats), **COMPILE_OPTIONS,
@@ -158,7 +166,7 @@ def _gaussian_weights_op(feats: torch.Tensor, compats: torch.Tensor, dims: list[
     return K
 
 
-@_gaussian_weights_op.register_fake
+@_gaussian_weights_op.op.register_fake
 def _(feats, compats, dims, filter_size, keep_centre, out_dtype):
     B, _, h, w = feats.shape
     return feats.new_empty(B, filter_size * filter_size, h, w, dtype=out_dtype)

@@ -19,7 +19,8 @@ launch per iteration at blur 1 for inference.
 
 Backward: ``dL/dQ`` is a message pass of ``dL/dM``; the features' and compat weights' gradients come from
 one more kernel (:func:`_weight_grad_kernel`) that recomputes the weights. Every launch is a
-``torch.library`` custom op with a fake implementation, so ``torch.compile`` captures it whole.
+``torch.library`` custom op with a fake implementation, so ``torch.compile`` captures it whole; where neither
+compilation nor autograd needs the op, its function is called without the dispatcher (``LibraryOp``).
 
 Which variant is faster: the two-pass kernel streams ``k*k`` weights per pixel from memory, the fused
 one recomputes them (``D`` loads and one or two ``exp`` per tap) once per class block. On an H200 the
@@ -36,7 +37,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._launch import COMPILE_OPTIONS, check_on_device, interpreter_blocks, interpreting, needs_int64, tuning_off
+from ._launch import (
+    COMPILE_OPTIONS,
+    cdiv,
+    check_on_device,
+    interpreter_blocks,
+    interpreting,
+    library_op,
+    needs_int64,
+    next_power_of_2,
+    tuning_off,
+)
 from ._math import exp, gaussian
 from .merged_kernel import (
     K_DTYPES,
@@ -374,7 +385,7 @@ def _prune(configs, named_args, **kwargs):
     """Drop class blocks far wider than C, and tiles over 16 elements per thread: each element of the
     ``[BLOCK_C, BLOCK_P]`` tile costs ~7 registers (accumulator, loaded value, 64-bit address, predicate),
     so 16 per thread is ~120 registers (measured for sm_80/sm_90), 32 per thread ~235."""
-    c_block = max(8, triton.next_power_of_2(named_args["C"]))
+    c_block = max(8, next_power_of_2(named_args["C"]))
     kept = [
         cfg for cfg in configs
         if cfg.kwargs["BLOCK_C"] <= c_block and cfg.kwargs["BLOCK_C"] * cfg.kwargs["BLOCK_P"] <= 16 * 32 * cfg.num_warps
@@ -435,16 +446,16 @@ def _launch(Q: torch.Tensor, K: torch.Tensor | None, feats: torch.Tensor | None,
     consts.update(STEP=False, W_STRIDE=0, HAS_COMPAT=False, SOFTMAX=False)
     if config is not None:
         tile = config.kwargs
-        grid = (triton.cdiv(h * w, tile["BLOCK_P"]), triton.cdiv(C, tile["BLOCK_C"]), B)
+        grid = (cdiv(h * w, tile["BLOCK_P"]), cdiv(C, tile["BLOCK_C"]), B)
         _message_pass_kernel[grid](*args, **tile, **consts, num_warps=config.num_warps, **COMPILE_OPTIONS)
     elif interpreting():
         block_c, block_p = interpreter_blocks(C, h * w)
-        grid = (triton.cdiv(h * w, block_p), triton.cdiv(C, block_c), B)
+        grid = (cdiv(h * w, block_p), cdiv(C, block_c), B)
         _message_pass_kernel[grid](*args, BLOCK_C=block_c, BLOCK_P=block_p, UNROLL=INTERPRETER_UNROLL, **consts,
                                    **COMPILE_OPTIONS)
     else:
         def grid(meta):
-            return (triton.cdiv(h * w, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]), B)
+            return (cdiv(h * w, meta["BLOCK_P"]), cdiv(C, meta["BLOCK_C"]), B)
 
         _message_pass_tuned[grid](*args, **consts, **COMPILE_OPTIONS)
     return M
@@ -473,13 +484,13 @@ def step_blocks(C: int, has_compat: bool) -> tuple[int, int, int]:
     """GPU ``(BLOCK_C, BLOCK_P, num_warps)`` of the mean-field step: every class in one tile (≥ 16 for
     ``tl.dot``), ~16 tile elements per thread (see :func:`_prune`), 4 with the ``[C, C]`` compatibility
     (whose ``tl.dot`` operands also live in registers: measured 160 registers at C = 32, spills beyond)."""
-    block_c = max(16, triton.next_power_of_2(C))
+    block_c = max(16, next_power_of_2(C))
     num_warps = 4 if block_c <= 64 else 8
     per_thread = 4 if has_compat else 16
     return block_c, max(16, per_thread * 32 * num_warps // block_c), num_warps
 
 
-@torch.library.custom_op("convcrf_triton::mean_field_step", mutates_args=())
+@library_op("convcrf_triton::mean_field_step")
 def _mean_field_step_op(
     Q: torch.Tensor, unary_term: torch.Tensor, weight: torch.Tensor, compat_matrix: torch.Tensor | None,
     K: torch.Tensor | None, feats: torch.Tensor | None, compats: torch.Tensor | None, dims: list[int],
@@ -500,18 +511,18 @@ def _mean_field_step_op(
     step = dict(STEP=True, W_STRIDE=int(weight.numel() > 1), HAS_COMPAT=compat_matrix is not None, SOFTMAX=softmax)
     if interpreting():
         block_c, block_p = interpreter_blocks(max(C, cs, 16), max(h * w, 16))
-        grid = (triton.cdiv(h * w, block_p), 1, B)
+        grid = (cdiv(h * w, block_p), 1, B)
         _message_pass_kernel[grid](*args, out, unary_term, weight, mix, C, h, w, BLOCK_C=block_c, BLOCK_P=block_p,
                                    UNROLL=INTERPRETER_UNROLL, **step, **consts, **COMPILE_OPTIONS)
     else:
         block_c, block_p, _ = step_blocks(max(C, cs), compat_matrix is not None)
-        grid = (triton.cdiv(h * w, block_p), 1, B)
+        grid = (cdiv(h * w, block_p), 1, B)
         _mean_field_step_tuned[grid](*args, out, unary_term, weight, mix, C, h, w, BLOCK_C=block_c,
                                      BLOCK_P=block_p, **step, **consts, **COMPILE_OPTIONS)
     return out
 
 
-@_mean_field_step_op.register_fake
+@_mean_field_step_op.op.register_fake
 def _(Q, unary_term, weight, compat_matrix, K, feats, compats, dims, filter_size, keep_centre, softmax, out_dtype,
       num_classes, channels_last):
     return Q.new_empty(Q.shape, dtype=out_dtype)
@@ -597,12 +608,12 @@ def _weight_grad(Q: torch.Tensor, G: torch.Tensor, feats: torch.Tensor, compats:
     B, C, h, w = Q.shape
     Q, G = Q.contiguous(), G.contiguous()
     meta = feature_meta(feats, dims, compats)
-    block_d = triton.next_power_of_2(meta["D1"] + meta["D2"])
+    block_d = next_power_of_2(meta["D1"] + meta["D2"])
     if interpreting():
         block_c, block_p = interpreter_blocks(C, h * w)
     else:
-        block_c, block_p = min(triton.next_power_of_2(C), WEIGHT_GRAD_BLOCKS[0]), WEIGHT_GRAD_BLOCKS[1]
-    grid = (triton.cdiv(h * w, block_p), B)
+        block_c, block_p = min(next_power_of_2(C), WEIGHT_GRAD_BLOCKS[0]), WEIGHT_GRAD_BLOCKS[1]
+    grid = (cdiv(h * w, block_p), B)
     grad_f = torch.empty_like(feats)
     partials = feats.new_empty(B * grid[0], 2)
     _weight_grad_kernel[grid](
@@ -614,37 +625,38 @@ def _weight_grad(Q: torch.Tensor, G: torch.Tensor, feats: torch.Tensor, compats:
 
 
 # The ops are registered with torch.library, so that torch.compile treats each launch as one opaque
-# node (no graph break; shapes from the fake implementations) and autograd uses the backward below.
+# node (no graph break; shapes from the fake implementations) and autograd uses the backward below
+# (LibraryOp: the plain function where neither is involved, at half the host time a call).
 
 
-@torch.library.custom_op("convcrf_triton::message_pass", mutates_args=())
+@library_op("convcrf_triton::message_pass")
 def _message_pass_op(Q: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return _launch(Q, K, None, None, (), int(round(K.shape[1] ** 0.5)), True)
 
 
-@torch.library.custom_op("convcrf_triton::fused_message_pass", mutates_args=())
+@library_op("convcrf_triton::fused_message_pass")
 def _fused_message_pass_op(Q: torch.Tensor, feats: torch.Tensor, compats: torch.Tensor, dims: list[int],
                            filter_size: int, keep_centre: bool) -> torch.Tensor:
     return _launch(Q, None, feats, compats, dims, filter_size, keep_centre)
 
 
-@torch.library.custom_op("convcrf_triton::fused_weight_grad", mutates_args=())
+@library_op("convcrf_triton::fused_weight_grad")
 def _weight_grad_op(Q: torch.Tensor, G: torch.Tensor, feats: torch.Tensor, compats: torch.Tensor, dims: list[int],
                     filter_size: int, keep_centre: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _weight_grad(Q, G, feats, compats, dims, filter_size, keep_centre)
 
 
-@_message_pass_op.register_fake
+@_message_pass_op.op.register_fake
 def _(Q, K):
     return Q.new_empty(Q.shape)
 
 
-@_fused_message_pass_op.register_fake
+@_fused_message_pass_op.op.register_fake
 def _(Q, feats, compats, dims, filter_size, keep_centre):
     return Q.new_empty(Q.shape)
 
 
-@_weight_grad_op.register_fake
+@_weight_grad_op.op.register_fake
 def _(Q, G, feats, compats, dims, filter_size, keep_centre):
     return feats.new_empty(feats.shape), feats.new_empty(len(dims))
 
@@ -679,8 +691,8 @@ def _fused_backward(ctx, grad_m):
     return grad_q, grad_f, grad_c, None, None, None
 
 
-_message_pass_op.register_autograd(_message_pass_backward, setup_context=_message_pass_setup)
-_fused_message_pass_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+_message_pass_op.op.register_autograd(_message_pass_backward, setup_context=_message_pass_setup)
+_fused_message_pass_op.op.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
 def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:

@@ -451,3 +451,57 @@ def test_channels_last_layout_and_checks():
     with pytest.raises(ValueError, match="multiple of 4"):
         kernels.mean_field_step(torch.zeros(1, 3, 4, 6), torch.zeros(1, 3, 4, 6), torch.tensor(0.5), None,
                                 torch.zeros(1, 9, 3, 4), None, None, (2, 3), 3, False, True, channels_last=5)
+
+
+def _doubling_op(name: str) -> tuple[_launch.LibraryOp, list[str]]:
+    """A LibraryOp ``x -> 2x`` whose calls record which path ran: ``"fn"`` (the plain function) or ``"op"``."""
+    ran: list[str] = []
+
+    def double(x: torch.Tensor) -> torch.Tensor:
+        ran.append("fn")
+        return x * 2
+
+    lib = _launch.LibraryOp(f"convcrf_test::{name}", double)
+    lib.op.register_autograd(lambda ctx, g: g * 2)
+    op = lib.op
+    lib.op = lambda *args: ran.append("op") or op(*args)
+    return lib, ran
+
+
+def test_library_op_calls_its_function_unless_the_op_is_needed():
+    """The dispatcher is skipped for plain tensors and parameters that need no autograd (inference), and used for
+    a tensor that requires grad (the registered backward runs), under a dispatch mode, and for other tensor
+    subclasses."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    lib, ran = _doubling_op("double_paths")
+    x = torch.arange(3.0)
+    assert torch.equal(lib(x), 2 * x) and ran == ["fn"]
+    ran.clear()
+    y = x.clone().requires_grad_()
+    lib(y).sum().backward()
+    assert ran[0] == "op" and torch.equal(y.grad, torch.full((3,), 2.0))
+    ran.clear()
+    with torch.no_grad():
+        lib(y)
+    assert ran == ["fn"]
+    ran.clear()
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        lib(x)
+    assert ran[0] == "op"
+    ran.clear()
+
+    class Sub(torch.Tensor):
+        pass
+
+    lib(x.as_subclass(Sub))
+    assert ran[0] == "op"
+    ran.clear()
+    with torch.no_grad():
+        lib(torch.nn.Parameter(x))  # a module's weights at inference: plain
+    assert ran == ["fn"]
