@@ -159,7 +159,7 @@ def _chunk(dx):
 
 @triton.jit
 def _interior_rows(q_img, cls0, C, k_img, p0, w, plane, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                   KSIZE: tl.constexpr, ROW_CHUNK: tl.constexpr):
+                   KSIZE: tl.constexpr):
     """The two-pass window sum of an interior block (no masks), planar: ``[BLOCK_C, BLOCK_P]``.
 
     The tile is held as ``[N, 4]``, ``N = BLOCK_C * BLOCK_P // 4`` rows of 4 consecutive pixels, row
@@ -168,13 +168,16 @@ def _interior_rows(q_img, cls0, C, k_img, p0, w, plane, BLOCK_C: tl.constexpr, B
     instruction 512 contiguous bytes of 2 class rows, and a thread's class rows share their weights' loads).
     As ``[BLOCK_C, BLOCK_P // 4, 4]`` triton 3.6 broke the tie between the first two dimensions toward the
     classes: 32 class rows a warp, each load 32 cache lines for 16 bytes of each, and 4 weight loads a tap.
-    A tap row's neighbours of a run, shifted by ``dx = -R .. R``, lie in the aligned 4-pixel chunks ``floor(dx / 4)`` to
-    ``floor((dx + 3) / 4)`` of the same row: each is one 16-byte load (``ALIGNED``: the launcher's
-    :func:`_aligned`), split into its 4 values, and every tap of the row picks its 4 operands among them by a
-    constant index. k = 7: 3 loads of 16 bytes for a class row's 28 multiply-adds, where 4-byte loads of
-    shifted runs took 10, each touching 4-5 sectors a warp (lanes 16 bytes apart) for 128 useful bytes.
+
+    A tap row's neighbours of a run, shifted by ``dx = -R .. R``, lie in the aligned 4-pixel chunks
+    ``floor(dx / 4)`` to ``floor((dx + 3) / 4)`` of the same row: each is one 16-byte load (``ALIGNED``: the
+    launcher's :func:`_aligned`), split into its 4 values, and every tap of the row (``ROW_CHUNK`` at a time, as
+    in :func:`_window_sum`) picks its 4 operands among them by a constant index. k = 7: 3 loads of 16 bytes for
+    a class row's 28 multiply-adds, where 4-byte loads of shifted runs took 10, each touching 4-5 sectors a warp
+    (lanes 16 bytes apart) for 128 useful bytes.
     ``cls0``: the block's first class (rows past ``C`` read class ``C - 1``; never stored)."""
     R: tl.constexpr = KSIZE // 2
+    ROW_CHUNK: tl.constexpr = 8
     BQ: tl.constexpr = BLOCK_P // 4
     N: tl.constexpr = BLOCK_C * BQ
     run = tl.arange(0, N) % BQ
@@ -231,7 +234,7 @@ def _window_sum(acc, q_rows, q_mask, k_img, f_ptr, c1, c2, p0, offs, in_img, y, 
     carried across taps, is needed).
     """
     R: tl.constexpr = KSIZE // 2
-    ROW_CHUNK: tl.constexpr = 4 if FUSED else 8  # taps unrolled together in a planar interior row
+    ROW_CHUNK: tl.constexpr = 4 if FUSED else 8  # taps unrolled together in a planar interior row (_interior_rows: 8)
     rows0 = tl.zeros(q_mask.shape, tl.int32)
     every = tl.full(offs.shape, True, tl.int1)
     pix_ok = in_img if BORDER else every
@@ -311,7 +314,7 @@ def _message_pass_kernel(
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     if interior and ALIGNED and CS == 0 and not FUSED:  # aligned 16-byte chunks, split in registers
         acc = _interior_rows(q_ptr + img_off, tl.program_id(1) * BLOCK_C, C, k_img, p0, w, plane, BLOCK_C, BLOCK_P,
-                             KSIZE, 8)
+                             KSIZE)
     elif interior:
         acc = _window_sum(acc, q_rows, q_mask, k_img, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
                           KSIZE, FUSED, D1, D2, KEEP_CENTRE, UNROLL, CS, False)
