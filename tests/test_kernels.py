@@ -470,8 +470,8 @@ def _doubling_op(name: str) -> tuple[_launch.LibraryOp, list[str]]:
 
 def test_library_op_calls_its_function_unless_the_op_is_needed():
     """The dispatcher is skipped for plain tensors and parameters that need no autograd (inference), and used for
-    a tensor that requires grad (the registered backward runs), under a dispatch mode, and for other tensor
-    subclasses."""
+    a tensor that requires grad (the registered backward runs), under a dispatch mode, for other tensor subclasses
+    and for torch.fx's proxies."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     lib, ran = _doubling_op("double_paths")
@@ -501,6 +501,10 @@ def test_library_op_calls_its_function_unless_the_op_is_needed():
 
     lib(x.as_subclass(Sub))
     assert ran[0] == "op"
+    ran.clear()
+    graph = torch.fx.Graph()
+    lib(torch.fx.Proxy(graph.placeholder("x")))  # symbolic tracing records the op
+    assert ran == ["op"] and "convcrf_test.double_paths" in str(graph)
     ran.clear()
     with torch.no_grad():
         lib(torch.nn.Parameter(x))  # a module's weights at inference: plain
