@@ -27,7 +27,7 @@ CONVCRF_AUTOTUNE=0 CONVCRF_TEST_DEVICE=cuda timeout "${TEST_SECONDS:-170}" pytho
   -n "${TEST_WORKERS:-8}" ${GPU_TESTS:-tests} -rfE 2>&1 | tail -60
 echo "== tests took $(( $(date +%s) - t0 )) s"
 echo "== host time per launch"
-timeout 60 python3 bench/host_overhead.py --calls 20000
+CONVCRF_AUTOTUNE=0 timeout 90 python3 bench/host_overhead.py --calls 20000  # the first config: no tuning
 
 section() {  # section budget implementations...
   local name=$1 budget=$2; shift 2
