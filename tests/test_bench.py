@@ -8,6 +8,8 @@ import csv
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +143,16 @@ def test_band_ab_script_under_the_interpreter(tmp_path: Path) -> None:
     for r in rows:
         rounded_tf32 = r["variant"].startswith("band-tf32") and not r["variant"].startswith("band-tf32x3")
         assert float(r["rel_err"]) < (3e-3 if rounded_tf32 else 1e-5), r
+
+
+def test_host_overhead_script_runs() -> None:
+    """``bench/host_overhead.py`` prints the dispatch rows (the message-pass rows need CUDA)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "host_overhead.py"), "--calls", "300"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| dispatch")]
+    assert [r[2].strip() for r in rows] == ["through the op", "LibraryOp (direct)"], proc.stdout
+    assert all(float(r[3]) > 0 for r in rows), proc.stdout
 
 
 def _load_accuracy():
