@@ -57,8 +57,9 @@ def check_on_device(**tensors: torch.Tensor) -> None:
             )
 
 
-PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # what a launcher takes without the dispatcher (not fake, not
-# wrapped by a subclass's __torch_dispatch__); a module's parameters are passed as they are
+# The tensor types a launcher takes without the dispatcher (not fake, no subclass's __torch_dispatch__); a
+# module's parameters are passed as they are.
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 class LibraryOp:

@@ -65,6 +65,8 @@ from .merged_kernel import (
 FUSED_MIN_FILTER_SIZE = 15
 FUSED_MAX_PIXELS = 128 * 128
 FUSED_ABOVE_K_BYTES = 2 << 30
+# Taps of an interior row the two-pass loops unroll together (whole rows at k >= 11 took up to 168 registers).
+TWO_PASS_ROW_CHUNK = tl.constexpr(8)
 
 
 @triton.jit
@@ -177,7 +179,7 @@ def _interior_rows(q_img, cls0, C, k_img, p0, w, plane, BLOCK_C: tl.constexpr, B
     (lanes 16 bytes apart) for 128 useful bytes.
     ``cls0``: the block's first class (rows past ``C`` read class ``C - 1``; never stored)."""
     R: tl.constexpr = KSIZE // 2
-    ROW_CHUNK: tl.constexpr = 8
+    ROW_CHUNK: tl.constexpr = TWO_PASS_ROW_CHUNK
     BQ: tl.constexpr = BLOCK_P // 4
     N: tl.constexpr = BLOCK_C * BQ
     run = tl.arange(0, N) % BQ
@@ -234,7 +236,7 @@ def _window_sum(acc, q_rows, q_mask, k_img, f_ptr, c1, c2, p0, offs, in_img, y, 
     carried across taps, is needed).
     """
     R: tl.constexpr = KSIZE // 2
-    ROW_CHUNK: tl.constexpr = 4 if FUSED else 8  # taps unrolled together in a planar interior row (_interior_rows: 8)
+    ROW_CHUNK: tl.constexpr = 4 if FUSED else TWO_PASS_ROW_CHUNK  # taps unrolled together in a planar interior row
     rows0 = tl.zeros(q_mask.shape, tl.int32)
     every = tl.full(offs.shape, True, tl.int1)
     pix_ok = in_img if BORDER else every
