@@ -6,7 +6,7 @@ For tap ``t`` (offset ``d_t = (t // k - r, t % k - r)``) and pixel ``p``::
 
 where ``f1`` is the first ``D1`` feature channels and ``f2`` the next ``D2`` (``D2 = 0``: one Gaussian);
 ``K`` is 0 where ``p + d_t`` leaves the image, and at the centre tap unless ``KEEP_CENTRE``.
-``_pixel_block``, ``_inside``, ``_neighbour``, ``_own_features``, ``_tap_weight`` and ``_load_compats`` are shared
+``_pixel_block``, ``_inside``, ``_own_features``, ``_tap_weight`` and ``_load_compats`` are shared
 with the message-passing kernels.
 """
 
@@ -56,17 +56,6 @@ def _inside(v, n):
     """``0 <= v < n`` as one unsigned compare. ``n`` may be a plain int: a launch specialises a size of 1 to a
     constant."""
     return v.to(tl.uint32, bitcast=True) < tl.cast(n, tl.uint32, bitcast=True)
-
-
-@triton.jit
-def _neighbour(offs, y, x, in_img, t, h, w, KSIZE: tl.constexpr):
-    """Flat index of ``p + d_t`` for the pixels ``offs`` (rows ``y``, cols ``x``) and its validity."""
-    dy = t // KSIZE - KSIZE // 2
-    dx = t % KSIZE - KSIZE // 2
-    ny = y + dy
-    nx = x + dx
-    valid = in_img & (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-    return offs + dy * w + dx, valid
 
 
 @triton.jit

@@ -53,7 +53,6 @@ from .merged_kernel import (
     K_DTYPES,
     _inside,
     _load_compats,
-    _neighbour,
     _own_features,
     _pixel_block,
     _tap_weight,
@@ -330,60 +329,160 @@ def _message_pass_kernel(
     tl.store(m_ptr + out_offs, acc.to(m_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.constexpr_function
+def weight_grad_taps(k, masked):
+    """Taps of a row the weight-gradient kernel takes at a time, unrolled: the row in the fewest equal chunks of
+    at most 8 (4 masked) (k = 7: 7; 11: 6 + 6, the last past the row by one)."""
+    most = 4 if masked else 8
+    return -(-k // -(-k // most))
+
+
+@triton.jit
+def _tap_valid(row_ok, x, w, i, j, lane, KSIZE: tl.constexpr, KEEP_CENTRE: tl.constexpr, N: tl.constexpr):
+    """Whether tap ``(i, j)`` of the pixels (columns ``x``, their tap row's test ``row_ok``; ``N`` taps a chunk)
+    lies in the window and the image (and, without ``KEEP_CENTRE``, is not the centre)."""
+    ok = row_ok & _inside(x + (j - KSIZE // 2), w)
+    if KSIZE % N != 0:  # a row's last chunk of N taps runs past it
+        ok = ok & (tl.zeros_like(lane) + j < KSIZE)
+    if not KEEP_CENTRE:
+        ok = ok & (tl.zeros_like(lane) + i * KSIZE + j != KSIZE * KSIZE // 2)  # a tensor mask (interpreter)
+    return ok
+
+
+@triton.jit
+def _weight_grad_window(q_img, g_img, f_img, own, C, p0, offs, in_img, y, x, h, w, plane, KSIZE: tl.constexpr,
+                        D1: tl.constexpr, D2: tl.constexpr, KEEP_CENTRE: tl.constexpr, BLOCK_C: tl.constexpr,
+                        CLASS_TAIL: tl.constexpr, BLOCK_P: tl.constexpr, MASKED: tl.constexpr):
+    """The window loop of :func:`_weight_grad_kernel`: ``(sum_t e_g A diff_g per feature channel, sum_t e_1 A,
+    sum_t e_2 A)``, each ``[BLOCK_P]``.
+
+    The window is walked by tap rows, ``n`` taps of a row at a time (:func:`weight_grad_taps`; the last
+    chunk of a row may run past it, its extra taps dropped like those outside the image). For those taps ``A``
+    sums over the classes, ``BLOCK_C`` at a time (a static loop: a class's neighbours are constant offsets from
+    one pointer, which a thread's run of pixels shares between taps), then the Gaussians and the gradients
+    take each tap once, whatever ``C``. Unmasked (``MASKED=False``: the caller has checked that every address
+    read lies in the tensors), a neighbour outside the image is read from wherever its flat index falls, and
+    its tap is dropped by a select on ``A`` and on the neighbour's features; masked, it is not read at all."""
+    R: tl.constexpr = KSIZE // 2
+    n: tl.constexpr = weight_grad_taps(KSIZE, MASKED)
+    lane = tl.arange(0, BLOCK_P)
+    zero = tl.zeros([BLOCK_P], tl.float32)
+    sum1 = zero
+    sum2 = zero
+    grad = ()
+    for _d in tl.static_range(D1 + D2):
+        grad = grad + (zero,)
+    for i in range(KSIZE):
+        row_ok = _inside(y + (i - R), h)
+        for j0 in range(0, KSIZE, n):
+            first = p0 + (i - R) * w + (j0 - R)  # the block's first pixel's neighbour at tap (i, j0)
+            valid = ()
+            a = ()
+            for u in tl.static_range(n):
+                if MASKED:
+                    valid = valid + (_tap_valid(row_ok, x, w, i, j0 + u, lane, KSIZE, KEEP_CENTRE, n),)
+                a = a + (zero,)
+            for c0 in range(0, C, BLOCK_C):
+                for v in tl.static_range(BLOCK_C):
+                    if CLASS_TAIL:  # classes past C: their own values zero, their neighbours class C - 1's
+                        cls_off = tl.minimum(c0 + v, C - 1) * plane
+                        own_ok = in_img & (tl.zeros_like(lane) + (c0 + v) < C)  # a tensor mask (interpreter)
+                    else:
+                        cls_off = (c0 + v) * plane
+                        own_ok = in_img
+                    if MASKED or CLASS_TAIL:
+                        q_own = tl.load(q_img + cls_off + offs, mask=own_ok, other=0.0).to(tl.float32)
+                        g_own = tl.load(g_img + cls_off + offs, mask=own_ok, other=0.0).to(tl.float32)
+                    else:  # pixels past the image read what lies there (their taps are dropped)
+                        q_own = tl.load(q_img + cls_off + offs).to(tl.float32)
+                        g_own = tl.load(g_img + cls_off + offs).to(tl.float32)
+                    q_nb = (q_img + cls_off + first) + lane
+                    g_nb = (g_img + cls_off + first) + lane
+                    a_next = ()
+                    for u in tl.static_range(n):
+                        if MASKED:
+                            q = tl.load(q_nb + u, mask=valid[u], other=0.0).to(tl.float32)
+                            g = tl.load(g_nb + u, mask=valid[u], other=0.0).to(tl.float32)
+                        else:
+                            q = tl.load(q_nb + u).to(tl.float32)
+                            g = tl.load(g_nb + u).to(tl.float32)
+                        a_next = a_next + (a[u] + g_own * q + q_own * g,)
+                    a = a_next
+            for u in tl.static_range(n):
+                if MASKED:
+                    ok = valid[u]
+                else:
+                    ok = _tap_valid(row_ok, x, w, i, j0 + u, lane, KSIZE, KEEP_CENTRE, n)
+                a_u = tl.where(ok, a[u], 0.0)
+                sq1 = zero
+                sq2 = zero
+                diffs = ()
+                for d in tl.static_range(D1 + D2):
+                    f_nb = (f_img + d * plane + first) + lane + u
+                    if MASKED:
+                        diff = own[d] - tl.load(f_nb, mask=ok, other=0.0).to(tl.float32)
+                    else:
+                        diff = own[d] - tl.where(ok, tl.load(f_nb).to(tl.float32), own[d])
+                    diffs = diffs + (diff,)
+                    if d < D1:
+                        sq1 += diff * diff
+                    else:
+                        sq2 += diff * diff
+                s1 = gaussian(sq1) * a_u
+                sum1 += s1
+                s2 = zero
+                if D2 > 0:
+                    s2 = gaussian(sq2) * a_u
+                    sum2 += s2
+                grad_next = ()
+                for d in tl.static_range(D1 + D2):
+                    grad_next = grad_next + (grad[d] + (s1 if d < D1 else s2) * diffs[d],)
+                grad = grad_next
+    return grad, sum1, sum2
+
+
 @triton.jit
 def _weight_grad_kernel(
     q_ptr, g_ptr, f_ptr, compat_ptr, gf_ptr, gc_ptr, C, h, w,
-    KSIZE: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_D: tl.constexpr, KEEP_CENTRE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr,
+    KSIZE: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KEEP_CENTRE: tl.constexpr,
+    BLOCK_C: tl.constexpr, CLASS_TAIL: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr,
 ):
     # Gradient of L(M) w.r.t. the features and compat weights of the fused pass, from G = dL/dM.
     # With e_g[p, t] = exp(-1/2 |f_g[p] - f_g[p + d_t]|^2), symmetric in (p, p + d_t), and
     #     A[p, t] = sum_c G[c, p] Q[c, p + d_t] + Q[c, p] G[c, p + d_t]
     # (p as the centre and as the neighbour of the mirrored tap):
-    #     dL/df_g[p] = -sum_t c_g e_g[p, t] (f_g[p] - f_g[p + d_t]) A[p, t]
+    #     dL/df_g[p] = -c_g sum_t e_g[p, t] A[p, t] (f_g[p] - f_g[p + d_t])
     #     dL/dc_g    = 1/2 sum_{p, t} e_g[p, t] A[p, t]
     # The weights are recomputed, never stored. grid: (cdiv(h*w, BLOCK_P), B); each program writes its
-    # pixels' feature gradients and its partial compat sums (reduced on the host: deterministic).
+    # pixels' feature gradients and its partial compat sums (reduced on the host: deterministic). Every value
+    # is a [BLOCK_P] vector of the program's pixels in one layout: nothing crosses threads before the partial
+    # sums. A program reads its window unmasked unless a read would leave Q, G or the features (the first and
+    # last R rows and R pixels of the batch).
     b, plane, offs, in_img, y, x = _pixel_block(tl.program_id(1), h, w, BLOCK_P, IDX64)
-    rows = tl.arange(0, BLOCK_D)[:, None]
-    f_off = b * (D1 + D2) * plane + rows * plane
-    f_rows = f_ptr + f_off
-    f_mask = rows < D1 + D2
-    f_own = tl.load(f_rows + offs[None, :], mask=f_mask & in_img[None, :], other=0.0).to(tl.float32)
+    D: tl.constexpr = D1 + D2
+    p0 = tl.program_id(0) * BLOCK_P
+    f_img = f_ptr + b * D * plane
+    q_img = q_ptr + b * C * plane
+    g_img = g_ptr + b * C * plane
     c1, c2 = _load_compats(compat_ptr, D2)
-    acc_f = tl.zeros((BLOCK_D, BLOCK_P), dtype=tl.float32)
-    acc_c1 = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    acc_c2 = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cls = c0 + tl.arange(0, BLOCK_C)
-        c_mask = (cls < C)[:, None]
-        q_rows = q_ptr + b * C * plane + cls[:, None] * plane
-        g_rows = g_ptr + b * C * plane + cls[:, None] * plane
-        own_mask = c_mask & in_img[None, :]
-        q_own = tl.load(q_rows + offs[None, :], mask=own_mask, other=0.0).to(tl.float32)
-        g_own = tl.load(g_rows + offs[None, :], mask=own_mask, other=0.0).to(tl.float32)
-        for t in range(KSIZE * KSIZE):
-            nb, valid = _neighbour(offs, y, x, in_img, t, h, w, KSIZE)
-            if not KEEP_CENTRE:
-                valid = valid & (t != KSIZE * KSIZE // 2)
-            nb_mask = c_mask & valid[None, :]
-            q_nb = tl.load(q_rows + nb[None, :], mask=nb_mask, other=0.0).to(tl.float32)
-            g_nb = tl.load(g_rows + nb[None, :], mask=nb_mask, other=0.0).to(tl.float32)
-            a = tl.sum(g_own * q_nb + q_own * g_nb, axis=0)
-            diff = f_own - tl.load(f_rows + nb[None, :], mask=f_mask & valid[None, :], other=0.0).to(tl.float32)
-            sq = diff * diff
-            e1 = tl.where(valid, gaussian(tl.sum(tl.where(rows < D1, sq, 0.0), axis=0)), 0.0)
-            acc_c1 += e1 * a
-            coef = tl.where(rows < D1, (c1 * e1 * a)[None, :], 0.0)
-            if D2 > 0:
-                e2 = tl.where(valid, gaussian(tl.sum(tl.where(rows >= D1, sq, 0.0), axis=0)), 0.0)
-                acc_c2 += e2 * a
-                coef = tl.where(rows >= D1, (c2 * e2 * a)[None, :], coef)
-            acc_f -= coef * diff
-    tl.store(gf_ptr + f_off + offs[None, :], acc_f, mask=f_mask & in_img[None, :])
+    own = _own_features(f_img, offs, in_img, plane, D)
+    # the farthest neighbour's flat distance (a row's last chunk of taps may run past the window)
+    reach = (KSIZE // 2) * (w + 1) + (-KSIZE) % weight_grad_taps(KSIZE, False)
+    planes = tl.minimum(C, D)
+    inside = (b * planes * plane + p0 >= reach) & (
+        p0 + BLOCK_P + reach <= ((tl.num_programs(1) - 1 - b) * planes + 1) * plane)
+    if inside:
+        grad, sum1, sum2 = _weight_grad_window(q_img, g_img, f_img, own, C, p0, offs, in_img, y, x, h, w, plane,
+                                               KSIZE, D1, D2, KEEP_CENTRE, BLOCK_C, CLASS_TAIL, BLOCK_P, False)
+    else:
+        grad, sum1, sum2 = _weight_grad_window(q_img, g_img, f_img, own, C, p0, offs, in_img, y, x, h, w, plane,
+                                               KSIZE, D1, D2, KEEP_CENTRE, BLOCK_C, CLASS_TAIL, BLOCK_P, True)
+    out = gf_ptr + b * D * plane + offs
+    for d in tl.static_range(D):
+        tl.store(out + d * plane, -(c1 if d < D1 else c2) * grad[d], mask=in_img)
     partial = gc_ptr + (b * tl.num_programs(0) + tl.program_id(0)) * 2
-    tl.store(partial, 0.5 * tl.sum(acc_c1, axis=0))
-    tl.store(partial + 1, 0.5 * tl.sum(acc_c2, axis=0))
+    tl.store(partial, 0.5 * tl.sum(sum1, axis=0))
+    tl.store(partial + 1, 0.5 * tl.sum(sum2, axis=0))
 
 
 def _prune(configs, named_args, **kwargs):
@@ -412,8 +511,10 @@ TUNE_CONFIGS = [
     ]
 ]
 DEFAULT_CONFIG = TUNE_CONFIGS[0]
-# (BLOCK_C, BLOCK_P) of the weight-gradient kernel on the GPU (4 warps): it holds four class tiles at once.
-WEIGHT_GRAD_BLOCKS = (16, 64)
+# The weight-gradient kernel on the GPU: pixels a program (4 warps, two consecutive pixels a thread: four spilled),
+# and the most classes its static class loop takes at a time.
+WEIGHT_GRAD_BLOCK_P = 256
+WEIGHT_GRAD_MAX_CLASSES = 8
 # Tap unroll factor under the interpreter (tests set it to exercise the masked last group).
 INTERPRETER_UNROLL = 1
 
@@ -607,23 +708,29 @@ def from_channels_last(x: torch.Tensor, num_classes: int) -> torch.Tensor:
     return x[..., :num_classes].permute(0, 3, 1, 2).contiguous()
 
 
+def weight_grad_classes(C: int) -> int:
+    """Classes a trip of the weight-gradient kernel's class loop: ``C`` in equal parts of at most
+    ``WEIGHT_GRAD_MAX_CLASSES`` (C = 21: 3 × 7, no padding class)."""
+    return cdiv(C, cdiv(C, WEIGHT_GRAD_MAX_CLASSES))
+
+
 def _weight_grad(Q: torch.Tensor, G: torch.Tensor, feats: torch.Tensor, compats: torch.Tensor,
-                 dims: Sequence[int], filter_size: int, keep_centre: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dL/dfeats [B, D, h, w], dL/dcompats [G])`` of the fused pass, from ``G = dL/dM``."""
+                 dims: Sequence[int], filter_size: int, keep_centre: bool, block_p: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dfeats [B, D, h, w], dL/dcompats [G])`` of the fused pass, from ``G = dL/dM``: ``block_p`` pixels a
+    program (default: ``WEIGHT_GRAD_BLOCK_P`` on the GPU, one large block under the interpreter)."""
     B, C, h, w = Q.shape
     Q, G = Q.contiguous(), G.contiguous()
     meta = feature_meta(feats, dims, compats)
-    block_d = next_power_of_2(meta["D1"] + meta["D2"])
-    if interpreting():
-        block_c, block_p = interpreter_blocks(C, h * w)
-    else:
-        block_c, block_p = min(next_power_of_2(C), WEIGHT_GRAD_BLOCKS[0]), WEIGHT_GRAD_BLOCKS[1]
+    block_c = weight_grad_classes(C)
+    if block_p is None:
+        block_p = interpreter_blocks(C, h * w)[1] if interpreting() else WEIGHT_GRAD_BLOCK_P
     grid = (cdiv(h * w, block_p), B)
     grad_f = torch.empty_like(feats)
     partials = feats.new_empty(B * grid[0], 2)
     _weight_grad_kernel[grid](
-        Q, G, feats, compats, grad_f, partials, C, h, w, KSIZE=filter_size, BLOCK_D=block_d,
-        KEEP_CENTRE=keep_centre, BLOCK_C=block_c, BLOCK_P=block_p, IDX64=needs_int64(Q, feats), **meta,
+        Q, G, feats, compats, grad_f, partials, C, h, w, KSIZE=filter_size, KEEP_CENTRE=keep_centre,
+        BLOCK_C=block_c, CLASS_TAIL=C % block_c != 0, BLOCK_P=block_p, IDX64=needs_int64(Q, feats), **meta,
         **COMPILE_OPTIONS,
     )
     return grad_f, partials.sum(0)[: len(dims)]

@@ -227,6 +227,61 @@ def test_gradient_wrt_q_is_a_message_pass_of_the_output_gradient(fused, device):
     assert rel_err(Qt.grad, Qr.grad) < RTOL
 
 
+# (k, B, C, h, w, dims, keep_centre, block_p) of the fused pass's weight gradient: class counts that fill the
+# kernel's class loop exactly (21: 3 × 7), with padding classes (19: 3 × 7) and below one trip (2); a window
+# wider than the image; k = 9, whose tap rows take two chunks of 5 (one tap past the row; masked, 3 of 3);
+# blocks of 32 and 64 pixels on 2 and 3 images, most of which read their window unmasked (the first and last
+# R rows of the batch masked), and blocks past the image's end.
+WEIGHT_GRAD_CASES = [
+    (3, 2, 21, 8, 9, (2, 3), False, None),
+    (5, 1, 19, 6, 11, (5,), True, None),
+    (7, 1, 2, 5, 13, (2, 3), False, None),
+    (9, 1, 4, 11, 12, (3, 2), True, None),
+    (3, 3, 21, 9, 14, (2, 3), False, 32),
+    (5, 2, 19, 9, 11, (5,), True, 32),
+    (9, 2, 3, 10, 13, (2, 3), False, 64),
+    *on_gpu_only((11, 2, 21, 67, 93, (2, 3), False, None), (31, 1, 150, 40, 45, (2, 5), False, None),
+                 (7, 3, 21, 64, 130, (2, 3), True, None)),
+]
+
+
+def _reference_weight_grads(feats, compats, Q, grad_out, dims, k, keep_centre):
+    """float64 autograd through the reference fused pass: ``(dL/dfeats, dL/dcompats)``."""
+    want = [t.double().requires_grad_() for t in (feats, compats)]
+    reference.fused_message_pass(want[0], dims, want[1], Q.double(), k, keep_centre).backward(grad_out.double())
+    return want[0].grad, want[1].grad
+
+
+@pytest.mark.parametrize("k,B,C,h,w,dims,keep_centre,block_p", WEIGHT_GRAD_CASES)
+def test_weight_grad_kernel_matches_reference(k, B, C, h, w, dims, keep_centre, block_p, device):
+    """The weight-gradient kernel on its own, and through the fused pass's backward (default blocks)."""
+    feats, compats, Q = make_inputs(k + C, B, C, h, w, dims, device=device)
+    grad_out = torch.randn(Q.shape, generator=torch.Generator().manual_seed(k)).to(device)
+    want_f, want_c = _reference_weight_grads(feats, compats, Q, grad_out, dims, k, keep_centre)
+    if block_p is None:
+        got_f, got_c = (t.clone().requires_grad_() for t in (feats, compats))
+        kernels.fused_message_pass(got_f, dims, got_c, Q, k, keep_centre).backward(grad_out)
+        got_f, got_c = got_f.grad, got_c.grad
+    else:
+        got_f, got_c = mp._weight_grad(Q, grad_out, feats, compats, dims, k, keep_centre, block_p=block_p)
+    assert rel_err(got_f, want_f) < RTOL
+    assert rel_err(got_c, want_c) < RTOL
+
+
+def test_weight_grad_reads_outside_an_image_never_reach_its_gradient():
+    """Unmasked blocks read their border taps from wherever the flat index falls (the neighbouring image's
+    planes); a NaN there must not reach another image's feature gradients."""
+    k, dims = 5, (2, 3)
+    feats, compats, Q = make_inputs(5, 3, 3, 7, 10, dims)
+    grad_out = torch.randn(Q.shape, generator=torch.Generator().manual_seed(5))
+    for t in (feats, Q, grad_out):
+        t[0] = float("nan")
+        t[2] = float("nan")
+    got_f, _ = mp._weight_grad(Q, grad_out, feats, compats, dims, k, False, block_p=32)
+    want_f, _ = _reference_weight_grads(feats[1:2], compats, Q[1:2], grad_out[1:2], dims, k, False)
+    assert rel_err(got_f[1:2], want_f) < RTOL
+
+
 # The whole model on the Triton backend against the whole model on the reference backend.
 MODEL_CASES = [
     dict(filter_size=3, blur=1, mode="textbook"),
