@@ -28,6 +28,8 @@ CONVCRF_AUTOTUNE=0 CONVCRF_TEST_DEVICE=cuda timeout "${TEST_SECONDS:-170}" pytho
 echo "== tests took $(( $(date +%s) - t0 )) s"
 echo "== host time per launch"
 CONVCRF_AUTOTUNE=0 timeout 90 python3 bench/host_overhead.py --calls 20000  # the first config: no tuning
+echo "== training's kernels: the fused pass and its weight gradient"
+timeout 120 python3 bench/backward.py --out /tmp/backward.csv  # the table is in the log
 
 section() {  # section budget implementations...
   local name=$1 budget=$2; shift 2

@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,19 @@ def test_host_overhead_script_runs() -> None:
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| dispatch")]
     assert [r[2].strip() for r in rows] == ["through the op", "LibraryOp (direct)"], proc.stdout
     assert all(float(r[3]) > 0 for r in rows), proc.stdout
+
+
+def test_backward_script_times_both_kernels(tmp_path: Path) -> None:
+    """``bench/backward.py`` (under the interpreter here) writes a row per size and filter size with both times."""
+    out = tmp_path / "backward.csv"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "backward.py"), "--sizes", "6x9", "--filter-sizes",
+                           "3,5", "--classes", "3", "--reps", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["size"], r["filter_size"]) for r in rows] == [("6x9", "3"), ("6x9", "5")]
+    assert all(float(r["fused_pass_us"]) > 0 and float(r["weight_grad_us"]) > 0 for r in rows)
 
 
 def _load_accuracy():
