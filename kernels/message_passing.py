@@ -159,9 +159,13 @@ def _chunk(dx):
 
 
 @triton.jit
-def _interior_rows(q_img, cls0, C, k_img, p0, w, plane, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                   KSIZE: tl.constexpr):
-    """The two-pass window sum of an interior block (no masks), planar: ``[BLOCK_C, BLOCK_P]``.
+def _interior_rows(q_img, cls0, C, k_img, p0, h, w, plane, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                   KSIZE: tl.constexpr, EDGE: tl.constexpr):
+    """The two-pass window sum of a block without masks, planar: ``[BLOCK_C, BLOCK_P]``. ``EDGE=False``: an
+    interior block, every neighbour in the image. ``EDGE=True``: a block whose window may leave the image but
+    whose reads all lie in ``Q`` (the caller's test): each loaded value outside the image (a row above or below
+    it, or a column past either side, read from wherever the flat index falls) is replaced by zero, one select,
+    so that the taps there add nothing whatever ``K`` holds, as the masked loop's zero fill does.
 
     The tile is held as ``[N, 4]``, ``N = BLOCK_C * BLOCK_P // 4`` rows of 4 consecutive pixels, row
     ``c * BLOCK_P // 4 + r`` the run ``r`` of class ``c``: the only dimension with contiguous addresses is the
@@ -186,6 +190,9 @@ def _interior_rows(q_img, cls0, C, k_img, p0, w, plane, BLOCK_C: tl.constexpr, B
     cls = tl.minimum(cls0 + tl.arange(0, N) // BQ, C - 1)
     q_tile = (q_img + p0) + (cls * plane)[:, None] + lanes
     k_tile = (k_img + p0) + lanes
+    if EDGE:  # each run's row and first column (a run of 4 lies in one row: w % 16 == 0)
+        y_run = (p0 + run * 4) // w
+        x_run = (p0 + run * 4) % w
     a0 = tl.zeros([N], tl.float32)
     a1 = a0
     a2 = a0
@@ -193,12 +200,19 @@ def _interior_rows(q_img, cls0, C, k_img, p0, w, plane, BLOCK_C: tl.constexpr, B
     for i in range(KSIZE):
         q_row = q_tile + (i - R) * w
         k_row = k_tile + (i * KSIZE) * plane
+        if EDGE:
+            row_ok = _inside(y_run + (i - R), h)
         for j0 in tl.static_range(0, KSIZE, ROW_CHUNK):
             # The n = min(ROW_CHUNK, KSIZE - j0) taps from j0: the chunks from that of the first tap's first
             # pixel (dx = j0 - R) to that of the last tap's last (dx = j0 + n - 1 - R, plus 3).
             v = ()
             for m in tl.static_range(_chunk(j0 - R), _chunk(j0 + min(ROW_CHUNK, KSIZE - j0) + 2 - R) + 1):
-                v = v + _split4(tl.load(q_row + 4 * m).to(tl.float32))
+                values = _split4(tl.load(q_row + 4 * m).to(tl.float32))
+                if EDGE:  # value e of chunk m: column x_run + 4 m + e
+                    for e in tl.static_range(4):
+                        v = v + (tl.where(row_ok & _inside(x_run + (4 * m + e), w), values[e], 0.0),)
+                else:
+                    v = v + values
             for u in tl.static_range(min(ROW_CHUNK, KSIZE - j0)):
                 # pixel e of a run at tap j0 + u: v[s + e], s its shift from the first chunk's first pixel
                 k0, k1, k2, k3 = _split4(tl.load(k_row).to(tl.float32))
@@ -313,9 +327,19 @@ def _message_pass_kernel(
     interior = (x0 >= KSIZE // 2) & (x0 + BLOCK_P + KSIZE // 2 <= w)
     interior = interior & (p0 >= (KSIZE // 2) * w) & (p0 + (KSIZE // 2 + 1) * w <= plane)
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    if interior and ALIGNED and CS == 0 and not FUSED:  # aligned 16-byte chunks, split in registers
-        acc = _interior_rows(q_ptr + img_off, tl.program_id(1) * BLOCK_C, C, k_img, p0, w, plane, BLOCK_C, BLOCK_P,
-                             KSIZE)
+    ROWS: tl.constexpr = ALIGNED and CS == 0 and not FUSED  # aligned 16-byte chunks, split in registers
+    if ROWS:
+        # A border block whose pixels lie in the image and whose chunks' reads (up to R rows and R + 3 columns
+        # away) all lie in Q (every block but those near the batch's two ends) takes the chunks too, with the
+        # values outside the image zeroed (EDGE).
+        cls0 = tl.program_id(1) * BLOCK_C
+        reach = (KSIZE // 2) * (w + 1) + 3
+        in_q = (p0 + BLOCK_P <= plane) & ((b * C + cls0) * plane + p0 >= reach) & (
+            p0 + BLOCK_P + reach <= (tl.num_programs(2) * C - b * C - tl.minimum(cls0 + BLOCK_C, C) + 1) * plane)
+    if ROWS and interior:
+        acc = _interior_rows(q_ptr + img_off, cls0, C, k_img, p0, h, w, plane, BLOCK_C, BLOCK_P, KSIZE, False)
+    elif ROWS and in_q:
+        acc = _interior_rows(q_ptr + img_off, cls0, C, k_img, p0, h, w, plane, BLOCK_C, BLOCK_P, KSIZE, True)
     elif interior:
         acc = _window_sum(acc, q_rows, q_mask, k_img, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
                           KSIZE, FUSED, D1, D2, KEEP_CENTRE, UNROLL, CS, False)
@@ -501,8 +525,9 @@ def _prune(configs, named_args, **kwargs):
 # ~120 registers). Registers measured for sm_90 at k = 7 (AOT, no spills anywhere): 8x128 U1 32, U4 62;
 # 8x256 U2 80; 16x128 U2 96; 32x64 U1 120. The H200 run of 2026-11-26 picked 8x128 / 8x256 (U1, the only
 # factor then) for nearly every key: narrow class blocks, more resident warps. 32 pixels on 2 warps (untimed):
-# on the narrow grids of blur > 1 (128 wide at 512², blur 4) a block takes the unmasked interior loop only if
-# it lies R pixels from both edges, which no 64-pixel block of a 128-wide row does, and two 32-pixel ones do.
+# on the narrow grids of blur > 1 (128 wide at 512², blur 4) a block takes the interior loop only if it lies R
+# pixels from both edges, which no 64-pixel block of a 128-wide row does, and two 32-pixel ones do (widths that
+# are multiples of 16 now run their other blocks in the chunked loop too, with selects: EDGE).
 TUNE_CONFIGS = [
     triton.Config({"BLOCK_C": bc, "BLOCK_P": bp, "UNROLL": u}, num_warps=nw)
     for bc, bp, nw, u in [

@@ -151,14 +151,17 @@ def test_interior_blocks_match_reference(fused, width, unroll, device):
     masked last tap of each border row; k = 9: the interior's tap rows in two chunks, three when fused). The
     two-pass weights are random, nonzero at the taps outside the image too, so that only Q's zeros outside
     the image (the masks) make those taps vanish. Width 48: the two-pass interior's 16-byte chunks (chunks
-    -1 .. 1 at k = 9's first 8 taps, chunk 1 alone at its last); 42: its 4-byte loop, blocks across rows."""
+    -1 .. 1 at k = 9's first 8 taps, chunk 1 alone at its last), and on two images the border blocks' too but
+    near the batch's ends (EDGE: values outside the image, the other image's rows among them, zeroed); 42: its
+    4-byte loop, blocks across rows."""
     cfg = triton.Config({**INTERIOR_TILE, "UNROLL": unroll}, num_warps=1)
-    feats, compats, Q = make_inputs(17 + unroll, 1, 5, 13, width, (2, 3), device=device)
+    B = 2 if width == 48 else 1
+    feats, compats, Q = make_inputs(17 + unroll, B, 5, 13, width, (2, 3), device=device)
     for k in (3, 5) if unroll == 2 else (3, 9):
         if fused:
             K = reference.gaussian_weights(feats.double(), (2, 3), compats.double(), k, False)
         else:
-            K = torch.rand(1, k * k, 13, width, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+            K = torch.rand(B, k * k, 13, width, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
         want = reference.message_pass(K.to(device), Q.double())
         if fused:
             got = mp._launch(Q, None, feats, compats, (2, 3), k, False, config=cfg)
@@ -174,10 +177,10 @@ def test_aligned_needs_width_and_pointers():
     assert not mp._aligned(48, buf[1:], None) and not mp._aligned(48, buf, buf[2:])
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_interior_blocks_of_the_step_match_reference(channels_last, monkeypatch, device):
+@pytest.mark.parametrize("channels_last,width", [(False, 40), (True, 40), (False, 48)])
+def test_interior_blocks_of_the_step_match_reference(channels_last, width, monkeypatch, device):
     """The one-launch step (planar, and channels-last: 16-byte class loads with the padding classes' mask) over
-    interior and border blocks."""
+    interior and border blocks; planar at width 48, the 16-byte chunks, the border blocks' (EDGE) among them."""
     if device.type == "cuda":
         pytest.skip("on the GPU the step's tile is step_blocks'; this sets the interpreter's")
     monkeypatch.setattr(mp, "STEP_CHANNELS_LAST", channels_last)
@@ -187,7 +190,7 @@ def test_interior_blocks_of_the_step_match_reference(channels_last, monkeypatch,
     monkeypatch.setattr(kernels, "mean_field_step",
                         lambda *a, **kw: seen.append(kw["channels_last"]) or step(*a, **kw))
     case = dict(C=5, scalar=False, compat=True)
-    unary, image, weight, compat = step_inputs(case, 3, (9, 40), device)
+    unary, image, weight, compat = step_inputs(case, 3, (9, width), device)
     kw = dict(filter_size=5, blur=1, num_iter=2, mode="textbook", weight=weight, compat_matrix=compat)
     with torch.no_grad():
         got = functional.mean_field(unary, image, backend="triton", **kw)
