@@ -190,7 +190,7 @@ def _interior_rows(q_img, cls0, C, k_img, p0, h, w, plane, BLOCK_C: tl.constexpr
     cls = tl.minimum(cls0 + tl.arange(0, N) // BQ, C - 1)
     q_tile = (q_img + p0) + (cls * plane)[:, None] + lanes
     k_tile = (k_img + p0) + lanes
-    if EDGE:  # each run's row and first column (a run of 4 lies in one row: w % 16 == 0)
+    if EDGE:  # each run's row and first column (a run of 4 lies in one row: w % 4 == 0)
         y_run = (p0 + run * 4) // w
         x_run = (p0 + run * 4) % w
     a0 = tl.zeros([N], tl.float32)
@@ -297,7 +297,7 @@ def _message_pass_kernel(
     KSIZE: tl.constexpr, FUSED: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KEEP_CENTRE: tl.constexpr,
     STEP: tl.constexpr, W_STRIDE: tl.constexpr, HAS_COMPAT: tl.constexpr, SOFTMAX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr, UNROLL: tl.constexpr = 1,
-    CS: tl.constexpr = 0, ALIGNED: tl.constexpr = False,
+    CS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0,
 ):
     # grid: (cdiv(h*w, BLOCK_P), cdiv(C, BLOCK_C), B); the window sum is _window_sum's.
     # Q, M (and A) are [B, C, h, w], or with CS > 0 channels-last [B, h, w, CS]: the classes of a pixel
@@ -305,6 +305,8 @@ def _message_pass_kernel(
     # with one 16-byte load instead of 4 (the padding is loaded, computed and stored as zeros).
     # With STEP, the epilogue is a whole mean-field step (_step_epilogue; one program holds every class of its
     # pixels: BLOCK_C >= C).
+    if ALIGNED == 4:  # w % 4 == 0 (_aligned), stated so that the compiler knows every row is 16 bytes aligned
+        w = (w // 4) * 4
     b, plane, offs, in_img, y, x = _pixel_block(tl.program_id(2), h, w, BLOCK_P, IDX64)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     img_off, cls_off, io_mask = _class_offsets(b, cls, C, plane, CS)
@@ -327,7 +329,7 @@ def _message_pass_kernel(
     interior = (x0 >= KSIZE // 2) & (x0 + BLOCK_P + KSIZE // 2 <= w)
     interior = interior & (p0 >= (KSIZE // 2) * w) & (p0 + (KSIZE // 2 + 1) * w <= plane)
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    ROWS: tl.constexpr = ALIGNED and CS == 0 and not FUSED  # aligned 16-byte chunks, split in registers
+    ROWS: tl.constexpr = ALIGNED > 0 and CS == 0 and not FUSED  # aligned 16-byte chunks, split in registers
     if ROWS:
         # A border block whose pixels lie in the image and whose chunks' reads (up to R rows and R + 3 columns
         # away) all lie in Q (every block but those near the batch's two ends) takes the chunks too, with the
@@ -527,7 +529,7 @@ def _prune(configs, named_args, **kwargs):
 # factor then) for nearly every key: narrow class blocks, more resident warps. 32 pixels on 2 warps (untimed):
 # on the narrow grids of blur > 1 (128 wide at 512², blur 4) a block takes the interior loop only if it lies R
 # pixels from both edges, which no 64-pixel block of a 128-wide row does, and two 32-pixel ones do (widths that
-# are multiples of 16 now run their other blocks in the chunked loop too, with selects: EDGE).
+# are multiples of 4 now run their other blocks in the chunked loop too, with selects: EDGE).
 TUNE_CONFIGS = [
     triton.Config({"BLOCK_C": bc, "BLOCK_P": bp, "UNROLL": u}, num_warps=nw)
     for bc, bp, nw, u in [
@@ -592,11 +594,15 @@ def _launch(Q: torch.Tensor, K: torch.Tensor | None, feats: torch.Tensor | None,
     return M
 
 
-def _aligned(w: int, *tensors: torch.Tensor | None) -> bool:
-    """Whether the two-pass kernels read 16-byte chunks (``ALIGNED``): ``w % 16 == 0`` and 16-byte aligned data,
-    which a launch tells the compiler itself. (With ``w % 4 == 0`` alone and ``tl.multiple_of`` hints, triton 3.9
-    vectorised the chunks, triton 3.6 did not, and their splitting then crossed shared memory.)"""
-    return w % 16 == 0 and all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+def _aligned(w: int, *tensors: torch.Tensor | None) -> int:
+    """``ALIGNED``, whether the two-pass kernels read 16-byte chunks: 16 or 4, the largest of the two that divides
+    ``w``, with 16-byte aligned data; else 0. A launch tells the compiler the pointers' alignment, and a width's
+    only when it is a multiple of 16; at 4 the kernel restates ``w`` as ``(w // 4) * 4``, from which triton 3.6
+    and 3.9 alike derive that every row starts 16 bytes aligned (``tl.multiple_of`` hints on the offsets made
+    3.9 vectorise, not 3.6; restated at 16 too, 3.6's border loop took 12% more instructions)."""
+    if any(t is not None and t.data_ptr() % 16 for t in tensors):
+        return 0
+    return 16 if w % 16 == 0 else 4 if w % 4 == 0 else 0
 
 
 def _operands(Q, K, feats, compats, dims, filter_size, keep_centre, w) -> tuple[tuple, dict]:
@@ -606,8 +612,8 @@ def _operands(Q, K, feats, compats, dims, filter_size, keep_centre, w) -> tuple[
     dummy = Q.new_empty(1, dtype=torch.float32)
     meta = feature_meta(feats, dims, compats) if fused else {"D1": 1, "D2": 0}
     args = (Q, dummy if fused else K, feats if fused else dummy, compats if fused else dummy)
-    consts = dict(KSIZE=filter_size, FUSED=fused, KEEP_CENTRE=keep_centre,
-                  IDX64=needs_int64(Q, K if K is not None else feats), ALIGNED=not fused and _aligned(w, Q, K), **meta)
+    consts = dict(KSIZE=filter_size, FUSED=fused, KEEP_CENTRE=keep_centre, IDX64=needs_int64(Q, K if K is not None
+                  else feats), ALIGNED=0 if fused else _aligned(w, Q, K), **meta)
     return args, consts
 
 

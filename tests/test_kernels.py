@@ -145,17 +145,17 @@ INTERIOR_TILE = {"BLOCK_C": 8, "BLOCK_P": 16}
 
 
 @pytest.mark.parametrize("unroll", [1, 2])
-@pytest.mark.parametrize("fused,width", [(False, 48), (False, 42), (True, 40)])
+@pytest.mark.parametrize("fused,width", [(False, 44), (False, 42), (True, 40)])
 def test_interior_blocks_match_reference(fused, width, unroll, device):
     """Every neighbour load of an interior block unmasked, against the reference (k = 5 with UNROLL 2: a
     masked last tap of each border row; k = 9: the interior's tap rows in two chunks, three when fused). The
     two-pass weights are random, nonzero at the taps outside the image too, so that only Q's zeros outside
-    the image (the masks) make those taps vanish. Width 48: the two-pass interior's 16-byte chunks (chunks
-    -1 .. 1 at k = 9's first 8 taps, chunk 1 alone at its last), and on two images the border blocks' too but
-    near the batch's ends (EDGE: values outside the image, the other image's rows among them, zeroed); 42: its
-    4-byte loop, blocks across rows."""
+    the image (the masks) make those taps vanish. Width 44 (a multiple of 4, blocks across rows): the two-pass
+    interior's 16-byte chunks (chunks -1 .. 1 at k = 9's first 8 taps, chunk 1 alone at its last), and on two
+    images the border blocks' too but near the batch's ends (EDGE: values outside the image, the other image's
+    rows among them, zeroed); 42: its 4-byte loop."""
     cfg = triton.Config({**INTERIOR_TILE, "UNROLL": unroll}, num_warps=1)
-    B = 2 if width == 48 else 1
+    B = 2 if width == 44 else 1
     feats, compats, Q = make_inputs(17 + unroll, B, 5, 13, width, (2, 3), device=device)
     for k in (3, 5) if unroll == 2 else (3, 9):
         if fused:
@@ -171,16 +171,16 @@ def test_interior_blocks_match_reference(fused, width, unroll, device):
 
 
 def test_aligned_needs_width_and_pointers():
-    """The 16-byte chunks (ALIGNED) only for widths that are multiples of 16 and 16-byte aligned data."""
+    """The 16-byte chunks (ALIGNED) only for widths that are multiples of 4 and 16-byte aligned data."""
     buf = torch.zeros(64)
-    assert mp._aligned(48, buf, None) and not mp._aligned(40, buf, None)
-    assert not mp._aligned(48, buf[1:], None) and not mp._aligned(48, buf, buf[2:])
+    assert (mp._aligned(48, buf, None), mp._aligned(44, buf, None), mp._aligned(42, buf, None)) == (16, 4, 0)
+    assert mp._aligned(48, buf[1:], None) == 0 and mp._aligned(44, buf, buf[2:]) == 0
 
 
-@pytest.mark.parametrize("channels_last,width", [(False, 40), (True, 40), (False, 48)])
+@pytest.mark.parametrize("channels_last,width", [(False, 42), (True, 40), (False, 44)])
 def test_interior_blocks_of_the_step_match_reference(channels_last, width, monkeypatch, device):
     """The one-launch step (planar, and channels-last: 16-byte class loads with the padding classes' mask) over
-    interior and border blocks; planar at width 48, the 16-byte chunks, the border blocks' (EDGE) among them."""
+    interior and border blocks; planar at width 44, the 16-byte chunks, the border blocks' (EDGE) among them."""
     if device.type == "cuda":
         pytest.skip("on the GPU the step's tile is step_blocks'; this sets the interpreter's")
     monkeypatch.setattr(mp, "STEP_CHANNELS_LAST", channels_last)
