@@ -202,10 +202,11 @@ class MessagePasser:
             for v in (image, pos_sdims, pos_compat, col_sdims, col_schan, col_compat)
         )
         self.ops = ops
-        # On the Triton backend only the fused op differentiates the weights (recomputing them).
+        # On the Triton backend the weights are differentiated by recomputing them (the fused op, or the two-pass
+        # op learned_message_pass, which reads K and recomputes only for the gradient); K is built without one.
+        self.learns_weights = learns_weights and ops is not reference
         element_size = 4 if storage is None else storage.itemsize
-        fused = ops is not reference and (learns_weights or ops.prefer_fused(filter_size, pos.numel() // 2,
-                                                                            element_size))
+        fused = ops is not reference and ops.prefer_fused(filter_size, pos.numel() // 2, element_size)
         if norm == "none":  # merged; also merge=False: the blur path is linear, so the sum is the same
             compats = torch.cat([_as_vector(pos_compat, pos), _as_vector(col_compat, pos)])
             terms = [(torch.cat([pos, col], 1), (2, col.shape[1]), compats, None)]
@@ -214,7 +215,10 @@ class MessagePasser:
             terms = [(pos, (2,), one, pos_compat), (col, (col.shape[1],), one, col_compat)]
         self.gaussians = []
         for f, dims, compats, scale in terms:
-            K = None if fused else ops.gaussian_weights(f, dims, compats, filter_size, keep_centre, out_dtype=storage)
+            K = None
+            if not fused:
+                with torch.set_grad_enabled(ops is reference and torch.is_grad_enabled()):
+                    K = ops.gaussian_weights(f, dims, compats, filter_size, keep_centre, out_dtype=storage)
             self.gaussians.append(_Gaussian(f, dims, compats, K, scale))
         if norm == "sym":
             ones = pos.new_ones(image.shape[0], 1, self.H, self.W)
@@ -227,6 +231,8 @@ class MessagePasser:
             Xp = Xp.to(self.storage)
         if g.K is None:
             return self.ops.fused_message_pass(g.feats, g.dims, g.compats, Xp, self.k, self.keep_centre)
+        if self.learns_weights:
+            return self.ops.learned_message_pass(g.K, g.feats, g.dims, g.compats, Xp, self.k, self.keep_centre)
         if self.band is not None and not (torch.is_grad_enabled() and Xp.requires_grad):
             return self.ops.band_message_pass(g.K, Xp, self.band)
         return self.ops.message_pass(g.K, Xp)

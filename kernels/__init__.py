@@ -6,6 +6,7 @@ from .merged_kernel import gaussian_weights
 from .message_passing import (
     from_channels_last,
     fused_message_pass,
+    learned_message_pass,
     mean_field_step,
     message_pass,
     prefer_fused,
@@ -13,7 +14,7 @@ from .message_passing import (
     to_channels_last,
 )
 
-__all__ = ["gaussian_weights", "message_pass", "fused_message_pass", "mean_field_step", "prefer_fused",
-           "step_channels_last", "to_channels_last", "from_channels_last", "blur_start", "blur_step",
+__all__ = ["gaussian_weights", "message_pass", "fused_message_pass", "learned_message_pass", "mean_field_step",
+           "prefer_fused", "step_channels_last", "to_channels_last", "from_channels_last", "blur_start", "blur_step",
            "blur_step_enabled", "mean_field_start",
            "band_message_pass", "band_mean_field_step", "band_precision", "band_step_max_classes"]

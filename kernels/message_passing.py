@@ -789,8 +789,19 @@ def _weight_grad_op(Q: torch.Tensor, G: torch.Tensor, feats: torch.Tensor, compa
     return _weight_grad(Q, G, feats, compats, dims, filter_size, keep_centre)
 
 
+@library_op("convcrf_triton::learned_message_pass")
+def _learned_message_pass_op(Q: torch.Tensor, K: torch.Tensor, feats: torch.Tensor, compats: torch.Tensor,
+                             dims: list[int], filter_size: int, keep_centre: bool) -> torch.Tensor:
+    return _launch(Q, K, None, None, (), filter_size, True)
+
+
 @_message_pass_op.op.register_fake
 def _(Q, K):
+    return Q.new_empty(Q.shape)
+
+
+@_learned_message_pass_op.op.register_fake
+def _(Q, K, feats, compats, dims, filter_size, keep_centre):
     return Q.new_empty(Q.shape)
 
 
@@ -810,7 +821,8 @@ def _message_pass_setup(ctx, inputs, output):
 
 def _message_pass_backward(ctx, grad_m):
     """Two-pass, differentiable w.r.t. ``Q`` only: ``dL/dQ = message_pass(K, dL/dM)`` (K is symmetric).
-    To learn the weights use the fused op, whose backward recomputes them instead of storing k*k values."""
+    To learn the weights use :func:`learned_message_pass` (the same pass, differentiating the features) or the
+    fused op (no k*k values stored); both recompute the weights for their gradient."""
     (K,) = ctx.saved_tensors
     return _message_pass_op(grad_m.contiguous(), K), None
 
@@ -834,7 +846,27 @@ def _fused_backward(ctx, grad_m):
     return grad_q, grad_f, grad_c, None, None, None
 
 
+def _learned_setup(ctx, inputs, output):
+    Q, K, feats, compats, *meta = inputs
+    ctx.save_for_backward(Q, K, feats, compats)
+    ctx.meta = meta
+
+
+def _learned_backward(ctx, grad_m):
+    """``dL/dQ`` is the two-pass message pass of ``dL/dM`` with the same ``K``; the features' and compat weights'
+    gradients come from :func:`_weight_grad_kernel`, as for the fused pass."""
+    Q, K, feats, compats = ctx.saved_tensors
+    grad_m = grad_m.contiguous()
+    grad_q = grad_f = grad_c = None
+    if ctx.needs_input_grad[0]:
+        grad_q = _message_pass_op(grad_m, K)
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        grad_f, grad_c = _weight_grad_op(Q, grad_m, feats, compats, *ctx.meta)
+    return grad_q, None, grad_f, grad_c, None, None, None
+
+
 _message_pass_op.op.register_autograd(_message_pass_backward, setup_context=_message_pass_setup)
+_learned_message_pass_op.op.register_autograd(_learned_backward, setup_context=_learned_setup)
 _fused_message_pass_op.op.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
@@ -843,8 +875,26 @@ def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     h, w]`` (Q's dtype); the sums run in float32."""
     check_on_device(K=K, Q=Q)
     if K.requires_grad and torch.is_grad_enabled():
-        raise ValueError("message_pass does not differentiate K: use fused_message_pass to learn the weights")
+        raise ValueError("message_pass does not differentiate K: use learned_message_pass or fused_message_pass to "
+                         "learn the weights")
     return _message_pass_op(Q.contiguous(), _weights_operand(K))
+
+
+def learned_message_pass(
+    K: torch.Tensor, feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor, Q: torch.Tensor,
+    filter_size: int, keep_centre: bool,
+) -> torch.Tensor:
+    """The two-pass message pass ``M = message_pass(K, Q)`` with ``K`` the :func:`gaussian_weights` of ``feats:
+    [B, D, h, w]``, ``dims`` and ``compats`` (built once by the caller, without gradient, and shared by every
+    iteration), differentiable like :func:`fused_message_pass`: w.r.t. ``Q`` (the two-pass pass of the output
+    gradient with the same ``K``) and w.r.t. ``feats`` and ``compats`` (the weight-gradient kernel, recomputing
+    the weights). Training at the cost of the two-pass loop, where ``K``'s memory is allowed."""
+    check_on_device(K=K, feats=feats, compats=compats, Q=Q)
+    if K.shape[1] != filter_size * filter_size or K.shape[2:] != Q.shape[2:] or K.shape[2:] != feats.shape[2:]:
+        raise ValueError(f"K must be [B, {filter_size}², h, w] on the grid of Q {tuple(Q.shape)} and feats "
+                         f"{tuple(feats.shape)}, got {tuple(K.shape)}")
+    return _learned_message_pass_op(Q.contiguous(), _weights_operand(K.detach()), feats.contiguous().float(),
+                                    compats.contiguous().float(), list(dims), filter_size, keep_centre)
 
 
 def _weights_operand(K: torch.Tensor) -> torch.Tensor:

@@ -57,11 +57,16 @@ def test_gradcheck_reference_every_input_and_parameter(mode):
     assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["two-pass", "fused"])
 @pytest.mark.parametrize("mode", MODES, ids=ids)
-def test_triton_backward_matches_reference(mode, device):
+def test_triton_backward_matches_reference(mode, fused, device, monkeypatch):
     """Relative error ≤ 1e-5 against float64, or no worse than 4× the float32 reference's own error: a
     scalar gradient summed over every pixel and tap (e.g. a compat weight's, 1e3 times smaller than its
-    terms) loses digits to cancellation in float32 whatever the implementation."""
+    terms) loses digits to cancellation in float32 whatever the implementation. Both ways of learning the
+    weights: the two-pass op that reads K (learned_message_pass, where K is allowed) and the fused op."""
+    from convcrf_triton import kernels
+
+    monkeypatch.setattr(kernels, "prefer_fused", lambda *args: fused)
     unary, image = _inputs(2, 2, 4, 9, 11, torch.float32)
     grad_out = torch.randn(2, 4, 9, 11, generator=torch.Generator().manual_seed(3))
     grads = {}

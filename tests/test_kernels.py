@@ -271,6 +271,30 @@ def test_weight_grad_kernel_matches_reference(k, B, C, h, w, dims, keep_centre, 
     assert rel_err(got_c, want_c) < RTOL
 
 
+@pytest.mark.parametrize("k,B,C,h,w,dims,keep_centre", [(3, 2, 5, 7, 12, (2, 3), False), (5, 1, 19, 9, 10, (5,), True)])
+def test_learned_message_pass_differentiates_like_the_fused_pass(k, B, C, h, w, dims, keep_centre, device):
+    """The two-pass op that reads K and differentiates Q, the features and the compat weights, against float64
+    autograd through the reference fused pass: its output and all three gradients."""
+    feats, compats, Q = make_inputs(k * C, B, C, h, w, dims, device=device)
+    grad_out = torch.randn(Q.shape, generator=torch.Generator().manual_seed(C)).to(device)
+    want = [t.double().requires_grad_() for t in (Q, feats, compats)]
+    want_m = reference.fused_message_pass(want[1], dims, want[2], want[0], k, keep_centre)
+    want_m.backward(grad_out.double())
+    got = [t.clone().requires_grad_() for t in (Q, feats, compats)]
+    K = kernels.gaussian_weights(feats, dims, compats, k, keep_centre)
+    got_m = kernels.learned_message_pass(K, got[1], dims, got[2], got[0], k, keep_centre)
+    got_m.backward(grad_out)
+    assert rel_err(got_m, want_m) < RTOL
+    for g, wt in zip(got, want, strict=True):
+        assert rel_err(g.grad, wt.grad) < RTOL
+
+
+def test_learned_message_pass_checks_the_weights_shape():
+    feats, compats, Q = make_inputs(1, 1, 3, 5, 6, (2, 3))
+    with pytest.raises(ValueError, match="K must be"):
+        kernels.learned_message_pass(torch.zeros(1, 9, 5, 6), feats, (2, 3), compats, Q, 5, False)
+
+
 def test_weight_grad_reads_outside_an_image_never_reach_its_gradient():
     """Unmasked blocks read their border taps from wherever the flat index falls (the neighbouring image's
     planes); a NaN there must not reach another image's feature gradients."""
