@@ -153,9 +153,9 @@ def test_interior_blocks_match_reference(fused, width, unroll, device):
     the image (the masks) make those taps vanish. Width 44 (a multiple of 4, blocks across rows): the two-pass
     interior's 16-byte chunks (chunks -1 .. 1 at k = 9's first 8 taps, chunk 1 alone at its last), and on two
     images the border blocks' too but near the batch's ends (EDGE: values outside the image, the other image's
-    rows among them, zeroed); 42: its 4-byte loop."""
+    rows among them, zeroed); 42: its 4-byte loop, border blocks likewise on two images."""
     cfg = triton.Config({**INTERIOR_TILE, "UNROLL": unroll}, num_warps=1)
-    B = 2 if width == 44 else 1
+    B = 1 if fused else 2
     feats, compats, Q = make_inputs(17 + unroll, B, 5, 13, width, (2, 3), device=device)
     for k in (3, 5) if unroll == 2 else (3, 9):
         if fused:
