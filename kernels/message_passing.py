@@ -138,6 +138,14 @@ def _tap_weights(k_row, f_ptr, own, c1, c2, nb, valid, tap_ok, plane, rows0, t,
 
 
 @triton.jit
+def _reads_in_tensor(before, rest, p0, plane, reach, BLOCK_P: tl.constexpr):
+    """Whether flat pixels ``p0 - reach .. p0 + BLOCK_P + reach - 1`` of a tensor's planes lie in it (an unmasked
+    read there is safe): ``before`` planes of ``plane`` pixels precede the first plane read, ``rest`` run from the
+    last plane read to the tensor's end."""
+    return (before * plane + p0 >= reach) & (p0 + BLOCK_P + reach <= rest * plane)
+
+
+@triton.jit
 def _split4(x):
     """``x: [N, 4]`` float32 (a thread's runs of 4 consecutive pixels, in its registers) as 4 vectors ``[N]``,
     one per pixel of the run: each the sum over the run of its bits where the index matches
@@ -346,8 +354,8 @@ def _message_pass_kernel(
         # too, the 16-byte chunks or the 4-byte one, each neighbour outside the image zeroed by a select (EDGE).
         cls0 = tl.program_id(1) * BLOCK_C
         reach = (KSIZE // 2) * (w + 1) + 3
-        in_q = (p0 + BLOCK_P <= plane) & ((b * C + cls0) * plane + p0 >= reach) & (
-            p0 + BLOCK_P + reach <= (tl.num_programs(2) * C - b * C - tl.minimum(cls0 + BLOCK_C, C) + 1) * plane)
+        in_q = (p0 + BLOCK_P <= plane) & _reads_in_tensor(
+            b * C + cls0, tl.num_programs(2) * C - b * C - tl.minimum(cls0 + BLOCK_C, C) + 1, p0, plane, reach, BLOCK_P)
     if ROWS and interior:
         acc = _interior_rows(q_ptr + img_off, cls0, C, k_img, p0, h, w, plane, BLOCK_C, BLOCK_P, KSIZE, False)
     elif ROWS and in_q:
@@ -369,11 +377,17 @@ def _message_pass_kernel(
 
 
 @triton.constexpr_function
+def _equal_chunk(n, most):
+    """The size of the fewest equal chunks of at most ``most`` that cover ``n`` (the last may run past it); a
+    constexpr function, so that kernels and launchers share it."""
+    return -(-n // -(-n // most))
+
+
+@triton.constexpr_function
 def weight_grad_taps(k, masked):
     """Taps of a row the weight-gradient kernel takes at a time, unrolled: the row in the fewest equal chunks of
     at most 8 (4 masked) (k = 7: 7; 11: 6 + 6, the last past the row by one)."""
-    most = 4 if masked else 8
-    return -(-k // -(-k // most))
+    return _equal_chunk(k, 4 if masked else 8)
 
 
 @triton.jit
@@ -507,9 +521,10 @@ def _weight_grad_kernel(
     own = _own_features(f_img, offs, in_img, plane, D)
     # the farthest neighbour's flat distance (a row's last chunk of taps may run past the window)
     reach = (KSIZE // 2) * (w + 1) + (-KSIZE) % weight_grad_taps(KSIZE, False)
+    # Q and G hold C planes an image, the features D: the test over min(C, D) planes an image implies both (the
+    # two tests apart took sm_90 to 168 registers and a spill at k = 31)
     planes = tl.minimum(C, D)
-    inside = (b * planes * plane + p0 >= reach) & (
-        p0 + BLOCK_P + reach <= ((tl.num_programs(1) - 1 - b) * planes + 1) * plane)
+    inside = _reads_in_tensor(b * planes, (tl.num_programs(1) - 1 - b) * planes + 1, p0, plane, reach, BLOCK_P)
     if inside:
         grad, sum1, sum2 = _weight_grad_window(q_img, g_img, f_img, own, C, p0, offs, in_img, y, x, h, w, plane,
                                                KSIZE, D1, D2, KEEP_CENTRE, BLOCK_C, CLASS_TAIL, BLOCK_P, False)
@@ -755,7 +770,7 @@ def from_channels_last(x: torch.Tensor, num_classes: int) -> torch.Tensor:
 def weight_grad_classes(C: int) -> int:
     """Classes a trip of the weight-gradient kernel's class loop: ``C`` in equal parts of at most
     ``WEIGHT_GRAD_MAX_CLASSES`` (C = 21: 3 × 7, no padding class)."""
-    return cdiv(C, cdiv(C, WEIGHT_GRAD_MAX_CLASSES))
+    return _equal_chunk(C, WEIGHT_GRAD_MAX_CLASSES)
 
 
 def _weight_grad(Q: torch.Tensor, G: torch.Tensor, feats: torch.Tensor, compats: torch.Tensor,
@@ -846,17 +861,21 @@ def _fused_setup(ctx, inputs, output):
     ctx.meta = meta
 
 
+def _feature_grads(ctx, Q, grad_m, feats, compats, at):
+    """``(dL/dfeats, dL/dcompats)`` from :func:`_weight_grad_kernel` when the op's inputs ``at`` and ``at + 1``
+    (the features and compat weights) need them, else ``(None, None)``."""
+    if ctx.needs_input_grad[at] or ctx.needs_input_grad[at + 1]:
+        return _weight_grad_op(Q, grad_m, feats, compats, *ctx.meta)
+    return None, None
+
+
 def _fused_backward(ctx, grad_m):
     """``dL/dQ`` is the fused pass of ``dL/dM``; the features' and compat weights' gradients come from
     :func:`_weight_grad_kernel`."""
     Q, feats, compats = ctx.saved_tensors
     grad_m = grad_m.contiguous()
-    grad_q = grad_f = grad_c = None
-    if ctx.needs_input_grad[0]:
-        grad_q = _fused_message_pass_op(grad_m, feats, compats, *ctx.meta)
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        grad_f, grad_c = _weight_grad_op(Q, grad_m, feats, compats, *ctx.meta)
-    return grad_q, grad_f, grad_c, None, None, None
+    grad_q = _fused_message_pass_op(grad_m, feats, compats, *ctx.meta) if ctx.needs_input_grad[0] else None
+    return grad_q, *_feature_grads(ctx, Q, grad_m, feats, compats, 1), None, None, None
 
 
 def _learned_setup(ctx, inputs, output):
@@ -870,12 +889,8 @@ def _learned_backward(ctx, grad_m):
     gradients come from :func:`_weight_grad_kernel`, as for the fused pass."""
     Q, K, feats, compats = ctx.saved_tensors
     grad_m = grad_m.contiguous()
-    grad_q = grad_f = grad_c = None
-    if ctx.needs_input_grad[0]:
-        grad_q = _message_pass_op(grad_m, K)
-    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-        grad_f, grad_c = _weight_grad_op(Q, grad_m, feats, compats, *ctx.meta)
-    return grad_q, None, grad_f, grad_c, None, None, None
+    grad_q = _message_pass_op(grad_m, K) if ctx.needs_input_grad[0] else None
+    return grad_q, None, *_feature_grads(ctx, Q, grad_m, feats, compats, 2), None, None, None
 
 
 _message_pass_op.op.register_autograd(_message_pass_backward, setup_context=_message_pass_setup)

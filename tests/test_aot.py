@@ -185,6 +185,12 @@ def _loads(body: list[str]) -> list[str]:
     return [t for t in body if opcode(t) == "LDG"]
 
 
+def _select_loops(listing: str) -> list[list[str]]:
+    """The loops with multiply-adds and selects: the border blocks' unmasked loops (EDGE)."""
+    return [body for body in loops(listing) if "FFMA" in {opcode(t) for t in body} and
+            {"SEL", "FSEL"} & {opcode(t) for t in body}]
+
+
 @pytest.mark.parametrize("cfg", mp.TUNE_CONFIGS, ids=str)
 def test_two_pass_interior_reads_16_bytes_at_a_time(cfg):
     """Aligned pointers and sizes (a width that is a multiple of 16; ALIGNED): the interior loop's loads of Q and
@@ -210,8 +216,7 @@ def test_two_pass_border_blocks_take_the_chunks_too(cfg):
     4.5-5.9 and 5.0-9.1)."""
     listing = sass(mp._message_pass_kernel, MP_SIGNATURE, _mp_constexprs(cfg, 7, False), 90,
                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, divisible=ALIGNED_MP)
-    edge = [body for body in loops(listing) if "FFMA" in {opcode(t) for t in body} and
-            {"SEL", "FSEL"} & {opcode(t) for t in body}]
+    edge = _select_loops(listing)
     assert len(edge) == 1, [len(body) for body in edge]
     loads, ffma = _loads(edge[0]), sum(opcode(t) == "FFMA" for t in edge[0])
     assert loads and all(".128" in t for t in loads), loads
@@ -235,8 +240,7 @@ def test_two_pass_widths_that_are_multiples_of_4_read_16_bytes_too(cfg):
     body = hot_loop(listing)
     assert all(".128" in t for t in _loads(body)) and not [t for t in body if opcode(t) in ("BAR", "LDS", "STS")]
     assert len(body) <= MAX_INSTRUCTIONS_PER_FFMA["two-pass"] * sum(opcode(t) == "FFMA" for t in body)
-    edge = [body for body in loops(listing) if "FFMA" in {opcode(t) for t in body} and
-            {"SEL", "FSEL"} & {opcode(t) for t in body}]
+    edge = _select_loops(listing)
     assert len(edge) == 1 and all(".128" in t for t in _loads(edge[0]))
     assert len(edge[0]) <= 2.95 * sum(opcode(t) == "FFMA" for t in edge[0])
 
@@ -250,8 +254,7 @@ def test_two_pass_interior_of_other_widths(cfg):
                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, divisible=POINTERS_ALIGNED)
     assert instructions_per_ffma(listing) <= MAX_INSTRUCTIONS_PER_FFMA["two-pass-unaligned"]
     assert not [t for t in _loads(hot_loop(listing)) if ".128" in t]
-    edge = [body for body in loops(listing) if "FFMA" in {opcode(t) for t in body} and
-            {"SEL", "FSEL"} & {opcode(t) for t in body}]
+    edge = _select_loops(listing)
     assert len(edge) == 1 and len(edge[0]) <= 5.2 * sum(opcode(t) == "FFMA" for t in edge[0])
 
 
