@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 NEG_HALF_LOG2E = tl.constexpr(-0.5 * 1.4426950408889634)
 
 

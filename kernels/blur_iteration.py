@@ -21,20 +21,20 @@ and pooling (~7 full-resolution passes). At blur 1 (``S = 1``: pooling and upsam
 set-up hands the one-launch steps of :mod:`.message_passing` their first ``Q`` and the unary term
 ``a · log_softmax(u)`` (``TERM``; :func:`mean_field_start`): one read and two writes instead of six passes.
 
-Each program owns one pooled row ``i`` and ``BLOCK_J`` pooled columns: a ``[SP, BLOCK_J, SP]`` tile of
-full-resolution pixels (``SP``: ``s`` rounded up to a power of two, the rest masked), whose rows are
-contiguous runs of ``u``. Softmax needs every class of a pixel, but a tile of all classes does not fit in
-registers (254 per thread and spills at C = 21), so the classes are a run-time loop, in blocks of
-``BLOCK_C`` (1 on the GPU): once for the running maximum and sum of ``exp`` (online softmax), once more for
-the probabilities and their s×s sums (the second pass re-reads the program's tile of ``u`` from L1). The
-upsampled message of a class needs pooled rows ``i - 1 .. i + 1`` and columns ``j - 1 .. j + 1`` only: nine
-contiguous vectors of ``BLOCK_J``, interpolated in registers, instead of four gathers per pixel.
+Each program owns one pooled row ``i`` and ``BLOCK_J`` pooled columns: the ``s`` full-resolution rows of ``BLOCK_J``
+cells (``SP``: ``s`` rounded up to a power of two, the rest masked), held as one flat dimension of pixels, each
+row a contiguous run of ``u``. Softmax needs every class of a pixel, but a tile of all classes does not fit in
+registers, so the classes are a run-time loop, in blocks of ``BLOCK_C`` (1 on the GPU): once for the running
+maximum and sum of exponentials (online softmax), once more for the probabilities and their s×s sums. The upsampled
+message of a class needs pooled rows ``i - 1 .. i + 1`` and the columns either side of a pixel's cell only: each
+pixel's two bilinear sources along x, at the three rows, then along y. Where a thread holds whole cells (the
+tuner's 16-pixel configs at blur 4) the sources and weights are constants of its registers and the pooling adds
+in registers: 31 instructions an element (sm_90, both passes; 57 with the cells' rows across lanes).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -48,153 +48,159 @@ from ._launch import (
     next_power_of_2,
     tuning_off,
 )
-from ._math import exp
+from ._math import LN2, LOG2E
 
 
 @triton.jit
-def _source_weights(dst, scale, n, centre):
-    """PyTorch's bilinear source (``align_corners=False``) of destination index ``dst`` in an input of ``n``, as
-    the weights of the three pooled indices ``centre - 1, centre, centre + 1`` (``centre`` within one of
-    ``dst``'s cell, so that its two sources are among them). They depend on the pixel only, so they are computed
-    once for every class, and a class's interpolation is three multiply-adds an axis, without selects."""
-    src = tl.maximum(scale * (dst.to(tl.float32) + 0.5) - 0.5, 0.0)
-    i0 = src.to(tl.int32)  # src >= 0: truncation is floor
-    i1 = tl.where(i0 < n - 1, i0 + 1, i0)
-    frac = src - i0.to(tl.float32)
-    d0 = i0 - centre
-    d1 = i1 - centre
-    before = tl.where(d0 == -1, 1.0 - frac, 0.0) + tl.where(d1 == -1, frac, 0.0)
-    same = tl.where(d0 == 0, 1.0 - frac, 0.0) + tl.where(d1 == 0, frac, 0.0)
-    return before, same, tl.where(d0 == 1, 1.0 - frac, 0.0) + tl.where(d1 == 1, frac, 0.0)
+def _sources(pos, S: tl.constexpr):
+    """PyTorch's bilinear source (``align_corners=False``, scale ``s``) of sub-pixel ``pos`` of a cell, relative to
+    the cell: ``src = cell + (pos + 0.5) / s - 0.5``, between the cell and the one before (``before``) or after it,
+    and the weight of the second of the two. Where ``pos`` is a constant of each register (a thread's sub-pixels,
+    ``s`` a power of two) both are constants: the selects and weights fold away. With each neighbour index
+    clamped to the grid the pair is right at the borders too (PyTorch clamps the source, which reads the edge)."""
+    centre = (pos.to(tl.float32) + 0.5) * (1.0 / S)
+    before = 2 * pos + 1 < S
+    return before, tl.where(before, centre + 0.5, centre - 0.5)
 
 
 @triton.jit
-def _column(m_rows, dj: tl.constexpr, wy):
-    """Column ``jc + dj`` of the three pooled rows at ``m_rows`` (pointers to column ``jc``), interpolated along
-    y with the weights ``wy``: one base address a row, the columns at constant offsets from it."""
-    return wy[0] * tl.load(m_rows[0] + dj) + wy[1] * tl.load(m_rows[1] + dj) + wy[2] * tl.load(m_rows[2] + dj)
+def _lerp(lo, hi, frac):
+    return lo + frac * (hi - lo)
 
 
 @triton.jit
-def _logits(u_cls, m_cls, a_cls, lse, c_ok, offs, ok, C, rows, cols, wx, wy, START: tl.constexpr):
-    """``Z = a · (u - lse) + w · upsample(M)`` of a block of classes over the tile (``u`` itself at the ``START``;
-    ``a`` at ``a_cls``, ``w`` a row of ``C`` further, in the ``[2, C]`` factors): the full-resolution rows of
-    pooled row ``i`` read pooled rows ``i - 1, i, i + 1`` only (``rows``: their offsets, each clamped to the grid)
-    weighted by ``wy``, and columns ``jc - 1, jc, jc + 1`` (``cols``: ``jc``, pooled column ``j`` clamped to
-    ``[1, mw - 2]``) by ``wx``. No message load needs a mask: clamped rows and columns have weight zero, and the
-    classes of ``m_cls`` are clamped to ``C - 1``."""
+def _logits(u_cls, m_cls, f_cls, lse, c_ok, offs, ok, C, rows, col_lo, col_hi, fx, below, fy,
+            START: tl.constexpr, UNIT: tl.constexpr):
+    """``Z = a · (u - lse) + w · upsample(M)`` of a block of classes over the tile, in units of ``UNIT`` (``log2 e``
+    for the softmax, which then exponentiates in base 2; ``u`` itself at the ``START``); ``a`` at ``f_cls``, ``w``
+    a row of ``C`` further, in the ``[2, C]`` factors. The message: at each of the pooled rows ``i - 1, i, i + 1``
+    (``rows``, clamped to the grid) along x between the columns ``col_lo`` and ``col_hi`` (clamped) of each pixel
+    with weight ``fx``; then along y between the rows that ``below`` picks, with weight ``fy``. ``w · UNIT`` scales
+    the loaded values (nine a thread where it holds whole cells), not the pixels."""
     z = tl.load(u_cls + offs, mask=c_ok & ok, other=0.0).to(tl.float32)
-    if not START:
-        # Along y first, at the pooled columns ([BLOCK_C, SP, BLOCK_J, 1]: a thread's run of sub-pixels t
-        # shares them), then along x per pixel: 3 multiply-adds a pixel, not 12.
-        m_rows = (m_cls + rows[0] + cols, m_cls + rows[1] + cols, m_cls + rows[2] + cols)
-        up = wx[0] * _column(m_rows, -1, wy) + wx[1] * _column(m_rows, 0, wy) + wx[2] * _column(m_rows, 1, wy)
-        z = tl.load(a_cls, mask=c_ok, other=0.0) * (z - lse) + tl.load(a_cls + C, mask=c_ok, other=0.0) * up
+    if START:
+        z = z * UNIT
+    else:
+        wm = tl.load(f_cls + C, mask=c_ok, other=0.0) * UNIT
+        x0 = _lerp(wm * tl.load(m_cls + rows[0] + col_lo), wm * tl.load(m_cls + rows[0] + col_hi), fx)
+        x1 = _lerp(wm * tl.load(m_cls + rows[1] + col_lo), wm * tl.load(m_cls + rows[1] + col_hi), fx)
+        x2 = _lerp(wm * tl.load(m_cls + rows[2] + col_lo), wm * tl.load(m_cls + rows[2] + col_hi), fx)
+        up = _lerp(tl.where(below, x0, x1), tl.where(below, x1, x2), fy)
+        z = (tl.load(f_cls, mask=c_ok, other=0.0) * UNIT) * (z - lse) + up
     return z
 
 
 @triton.jit
 def _blur_step_kernel(
-    u_ptr, lse_ptr, f_ptr, m_ptr, out_ptr, term_ptr, C, H, W, h, w, mw, pad_y, pad_x,
+    u_ptr, lse_ptr, f_ptr, m_ptr, out_ptr, term_ptr, C, H, W, h, w, pad_y, pad_x,
     S: tl.constexpr, SP: tl.constexpr, START: tl.constexpr, TERM: tl.constexpr, POOL: tl.constexpr,
     SOFTMAX: tl.constexpr, LOG: tl.constexpr, BLOCK_PIXELS: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
-    ONE_PASS: tl.constexpr = False,
 ):
     # grid: (cdiv(w, BLOCK_J), h, B). Full-resolution pixel (y, x) of pooled cell (i, j), sub-pixel (r, t):
     #   y = i*S + r - pad_y, x = j*S + t - pad_x; its upsampled index is (y + pad_y, x + pad_x).
-    # The tile [BLOCK_C, SP, BLOCK_J, SP] is BLOCK_C classes of every full-resolution pixel of BLOCK_J cells.
-    # The classes are a run-time loop over blocks of BLOCK_C, twice with the softmax: running max and sum
-    # first (online softmax), then the probabilities (LOG: their logarithms, Z - lse(Z)); the second pass
-    # re-reads u, from L1 if the program's tile of every class is still there. ONE_PASS (BLOCK_C >= C: a tile
-    # of every class in registers, so few pixels a program) reads u once and keeps Z for the second pass.
-    # m_ptr: the message [B, C, h, mw], mw = max(w, 3) (narrower grids padded by the launcher, so that the
-    # clamped columns jc - 1 .. jc + 1 lie in the row).
-    # f_ptr: the factors [2, C], a = unary_weight - w and w (at the START a alone, read with TERM only).
-    # START: Z = u, no message (m_ptr unused); the first pass stores lse(u) to lse_ptr, or with TERM the second
-    # stores the unary term a * (u - lse(u)) to term_ptr at full resolution (blur 1's steps read it).
-    BLOCK_J: tl.constexpr = BLOCK_PIXELS // (SP * SP)  # pooled columns per program
+    # A program's pixels are the SP full-resolution rows of BLOCK_J cells: BLOCK_X = BLOCK_J * SP pixels a row, held
+    # flat, p = r * BLOCK_X + (x - x0): one dimension, so that the compiler lays u's 16-byte chunks and the
+    # message's gathers alike, consecutive chunks on consecutive lanes (with a dimension per axis triton 3.6 and
+    # 3.9 order the gathers' dimensions differently, and convert them through shared memory). Where BLOCK_X is 4
+    # pixels a thread, a thread holds one column of whole cells: its rows r and sub-columns t are constants of its
+    # registers, and so are the bilinear pairs and weights (_sources), and the pooling adds in registers.
+    # The classes are a run-time loop over blocks of BLOCK_C (1 on the GPU: [BLOCK_PIXELS] tiles; every class
+    # under the interpreter: [BLOCK_C, BLOCK_PIXELS]), twice with the softmax: the running maximum and sum of
+    # exponentials first (online softmax, in base 2), then the probabilities (LOG: their logarithms), re-reading u.
+    # m_ptr: the message [B, C, h, w]; f_ptr: the factors [2, C], a = unary_weight - w and w (at the START a
+    # alone, read with TERM only). START: Z = u, no message (m_ptr unused); the first pass stores lse(u) to
+    # lse_ptr, or with TERM the second stores the unary term a * (u - lse(u)) to term_ptr at full resolution.
+    BLOCK_X: tl.constexpr = BLOCK_PIXELS // SP  # full-resolution columns per program
+    BLOCK_J: tl.constexpr = BLOCK_X // SP  # pooled columns per program
+    UNIT: tl.constexpr = LOG2E if SOFTMAX else 1.0
     i = tl.program_id(1)
     b = tl.program_id(2)
     full = H * W
-    plane = h * w
+    m_plane = h * w
     if IDX64:
         i = i.to(tl.int64)
         b = b.to(tl.int64)
         full = full.to(tl.int64)
-        plane = plane.to(tl.int64)
-    scale = 1.0 / S
-    r = tl.arange(0, SP)[None, :, None, None]
-    jv = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)[None, None, :, None]
-    t = tl.arange(0, SP)[None, None, None, :]
-    ys = i * S + r
-    xs = jv * S + t
-    y = ys - pad_y
-    x = xs - pad_x
-    ok = (r < S) & (y >= 0) & (y < H) & (t < S) & (jv < w) & (x >= 0) & (x < W)
-    offs = y * W + x
-    jc = tl.minimum(tl.maximum(jv, 1), mw - 2)  # the middle of the three pooled columns a pixel reads
-    wy = _source_weights(ys, scale, h, i)
-    wx = _source_weights(xs, scale, w, jc)
-    cls = tl.arange(0, BLOCK_C)[:, None, None, None]
-    u_img = u_ptr + b * C * full + cls * full
-    m_plane = h * mw
-    if IDX64:
         m_plane = m_plane.to(tl.int64)
+    p = tl.arange(0, BLOCK_PIXELS)
+    r = p // BLOCK_X
+    xi = p % BLOCK_X
+    jv = tl.program_id(0) * BLOCK_J + xi // SP
+    t = xi % SP
+    if S == SP:
+        xs = tl.program_id(0) * BLOCK_X + xi  # = jv * S + t, contiguous as written
+    else:
+        xs = jv * S + t
+    y = i * S + r - pad_y
+    x = xs - pad_x
+    # (Cells past the grid, j >= w, hold pixels x >= w * S - pad_x >= W only.)
+    ok = (r < S) & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    if S != SP:
+        ok = ok & (t < S)
+    offs = y * W + x
+    if BLOCK_C == 1:
+        cls = tl.arange(0, 1)  # [1]: broadcast against the pixels, the tiles stay one-dimensional
+    else:
+        cls = tl.arange(0, BLOCK_C)[:, None]
+    u_img = u_ptr + b * C * full + cls * full
     m_img = m_ptr + b * C * m_plane
     lse_img = lse_ptr + b * full + offs
     lse = 0.0
     if not START:
         lse = tl.load(lse_img, mask=ok, other=0.0)  # the unary's, loaded once for every class
-    rows = (tl.maximum(i - 1, 0) * mw, i * mw, tl.minimum(i + 1, h - 1) * mw)  # pooled rows i - 1 .. i + 1
-    geometry = (offs, ok, C, rows, jc, wx, wy, START)
-    if ONE_PASS:
-        z_all = _logits(u_img, m_img + tl.minimum(cls, C - 1) * m_plane, f_ptr + cls, lse, cls < C, *geometry)
+    before_x, fx = _sources(t, S)
+    col = tl.minimum(jv, w - 1)  # the cell's column (the last one for the tile's cells past the grid)
+    col_lo = tl.where(before_x, tl.maximum(col - 1, 0), col)
+    col_hi = tl.where(before_x, col, tl.minimum(col + 1, w - 1))
+    before_y, fy = _sources(r, S)
+    rows = (tl.maximum(i - 1, 0) * w, i * w, tl.minimum(i + 1, h - 1) * w)  # pooled rows i - 1 .. i + 1
+    geometry = (offs, ok, C, rows, col_lo, col_hi, fx, before_y, fy, START, UNIT)
     if SOFTMAX:
-        if ONE_PASS:
-            z = tl.where(cls < C, z_all, float("-inf"))
-            top = tl.max(z, axis=0)
-            total = tl.sum(exp(z - top[None]), axis=0)
-        else:
-            top = tl.full((SP, BLOCK_J, SP), float("-inf"), tl.float32)
-            total = tl.zeros((SP, BLOCK_J, SP), dtype=tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                c_ok = cls + c0 < C
-                m_cls = m_img + tl.minimum(cls + c0, C - 1) * m_plane  # classes past C read class C - 1
-                z = _logits(u_img + c0 * full, m_cls, f_ptr + c0 + cls, lse, c_ok, *geometry)
+        top = tl.full((BLOCK_PIXELS,), float("-inf"), tl.float32)
+        total = tl.zeros((BLOCK_PIXELS,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c_ok = cls + c0 < C
+            m_cls = m_img + tl.minimum(cls + c0, C - 1) * m_plane  # classes past C read class C - 1
+            z = _logits(u_img + c0 * full, m_cls, f_ptr + c0 + cls, lse, c_ok, *geometry)
+            if BLOCK_C == 1:
+                # One exponential an element: of -|z - top|, the smaller term relative to the larger.
+                d = z - top
+                e = tl.exp2(-tl.abs(d))
+                total = tl.where(d > 0, total * e + 1.0, total + e)
+                top = tl.maximum(top, z)
+            else:
                 z = tl.where(c_ok, z, float("-inf"))
                 new_top = tl.maximum(top, tl.max(z, axis=0))
-                total = total * exp(top - new_top) + tl.sum(exp(z - new_top[None]), axis=0)
+                total = total * tl.exp2(top - new_top) + tl.sum(tl.exp2(z - new_top), axis=0)
                 top = new_top
         inv_total = 1.0 / total
         if LOG or START:
-            z_lse = top + tl.log(total)
+            z_lse = top + tl.log2(total)  # in base 2
         if START and not TERM:
-            tl.store(lse_img, z_lse[None], mask=ok)
+            tl.store(lse_img, z_lse * LN2, mask=ok)
     if POOL:
-        count = tl.sum(tl.sum(ok.to(tl.float32), axis=3), axis=1)  # real pixels per cell: [1, BLOCK_J]
+        count = tl.sum(tl.sum(tl.reshape(ok.to(tl.float32), (1, SP, BLOCK_J, SP)), axis=3), axis=1)  # [1, BLOCK_J]
         inv_count = 1.0 / tl.maximum(count, 1.0)
         j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)[None, :]
-        out_row = out_ptr + b * C * plane + tl.arange(0, BLOCK_C)[:, None] * plane + i * w + j
-    for c0 in range(0, C, BLOCK_C):  # ONE_PASS: one block, c0 = 0
+        out_row = out_ptr + b * C * m_plane + tl.arange(0, BLOCK_C)[:, None] * m_plane + i * w + j
+    for c0 in range(0, C, BLOCK_C):
         c_ok = cls + c0 < C
-        if ONE_PASS:
-            z = z_all
-        else:
-            m_cls = m_img + tl.minimum(cls + c0, C - 1) * m_plane
-            z = _logits(u_img + c0 * full, m_cls, f_ptr + c0 + cls, lse, c_ok, *geometry)
+        m_cls = m_img + tl.minimum(cls + c0, C - 1) * m_plane
+        z = _logits(u_img + c0 * full, m_cls, f_ptr + c0 + cls, lse, c_ok, *geometry)
         full_offs = b * C * full + (cls + c0) * full + offs
         if TERM:
-            term = tl.load(f_ptr + c0 + cls, mask=c_ok, other=0.0) * (z - z_lse[None])
+            term = tl.load(f_ptr + c0 + cls, mask=c_ok, other=0.0) * ((z - z_lse) * LN2)
             tl.store(term_ptr + full_offs, term.to(term_ptr.dtype.element_ty), mask=c_ok & ok)
         if SOFTMAX:
             if LOG:
-                z = z - z_lse[None]
+                z = (z - z_lse) * LN2
             else:
-                z = exp(z - top[None]) * inv_total[None]
+                z = tl.exp2(z - top) * inv_total
         if POOL:
-            q = tl.sum(tl.sum(tl.where(ok, z, 0.0), axis=3), axis=1) * inv_count  # [BLOCK_C, BLOCK_J]
+            cells = tl.reshape(tl.where(ok, z, 0.0), (BLOCK_C, SP, BLOCK_J, SP))
+            q = tl.sum(tl.sum(cells, axis=3), axis=1) * inv_count  # [BLOCK_C, BLOCK_J]
             q_ok = (tl.arange(0, BLOCK_C)[:, None] + c0 < C) & (j < w)
-            tl.store(out_row + c0 * plane, q.to(out_ptr.dtype.element_ty), mask=q_ok)
+            tl.store(out_row + c0 * m_plane, q.to(out_ptr.dtype.element_ty), mask=q_ok)
         else:
             tl.store(out_ptr + full_offs, z.to(out_ptr.dtype.element_ty), mask=c_ok & ok)
 
@@ -209,35 +215,23 @@ def blur_step_enabled() -> bool:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Tiles of at least one pooled cell (``SP²`` pixels); the class-tile configs (``BLOCK_C = 0``) get every
-    class (``ONE_PASS``) where that keeps at most :data:`ONE_PASS_MAX_VALUES` tile values a thread, and are
-    dropped elsewhere; ``CONVCRF_AUTOTUNE=0``: the first, untimed."""
-    sp, classes = kwargs["SP"], next_power_of_2(named_args["C"])
-    kept = []
-    for cfg in configs:
-        pixels = cfg.kwargs["BLOCK_PIXELS"]
-        if pixels < sp * sp:
-            continue
-        if cfg.kwargs["BLOCK_C"] == 0:
-            if classes * pixels > ONE_PASS_MAX_VALUES * 32 * cfg.num_warps:
-                continue
-            cfg = triton.Config({"BLOCK_PIXELS": pixels, "BLOCK_C": classes, "ONE_PASS": True}, num_warps=cfg.num_warps)
-        kept.append(cfg)
-    return tuning_off(kept or [triton.Config({"BLOCK_PIXELS": sp * sp, "BLOCK_C": 1}, num_warps=8)])
+    """Tiles of at least one pooled cell (``SP²`` pixels); at blur 2 no 16-pixel threads (their pixels are halves of
+    two cells' rows, not whole cells: 53 instructions an element against 55 with 8, and the full-resolution
+    softmax spilled); ``CONVCRF_AUTOTUNE=0``: the first, untimed."""
+    sp = kwargs["SP"]
+    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_PIXELS"] >= sp * sp
+            and (sp != 2 or cfg.kwargs["BLOCK_PIXELS"] <= 8 * 32 * cfg.num_warps)]
+    return tuning_off(kept or [triton.Config({"BLOCK_PIXELS": sp * sp, "BLOCK_C": 1}, num_warps=1)])
 
 
-# Full-resolution pixels per program and warps; the first is the default (CONVCRF_AUTOTUNE=0). On an H100
-# (bench/results/nvidia-h100-run3, C = 21, blur 4) the tuner picked 256 pixels on 2 warps for the pooled
-# softmax, whose second pass over the classes then re-reads its tile of A from L1 (21 classes × 256 × 4 B =
-# 21 KB), and 1024 on 8 warps for the last iteration's logits (one pass): 261 → 211 µs per call at
-# 1024×2048 against the 1024-pixel, 4-warp tile (0.29 of the copy floor: the second pass probably misses L1
-# with 16 such programs an SM). Hence the class-tile configs (BLOCK_C = 0: every class, ONE_PASS): few pixels
-# a program, u read once; not yet timed. Every config compiles without spills for sm_80/sm_90.
-ONE_PASS_MAX_VALUES = 32
-TUNE_CONFIGS = ([triton.Config({"BLOCK_PIXELS": bp, "BLOCK_C": 1}, num_warps=nw)
-                 for bp, nw in [(256, 2), (1024, 4), (512, 4), (512, 2), (2048, 8), (1024, 8)]]
-                + [triton.Config({"BLOCK_PIXELS": bp, "BLOCK_C": 0}, num_warps=nw)
-                   for bp, nw in [(64, 2), (128, 4), (256, 8), (64, 4), (128, 8)]])
+# Full-resolution pixels per program and warps; the first is the default (CONVCRF_AUTOTUNE=0). 16 pixels a thread
+# (first four) or 8. At blur 4 a 16-pixel config's rows are 4 pixels a thread, so each thread holds the 16 pixels of
+# one cell: 31 instructions an element over both class loops (sm_90, triton 3.6 and 3.9; 57 for the former
+# layout's tuned pick, H100 run 3: 211 µs a call at 1024×2048, C = 21), but 178-234 registers (~11 warps an SM);
+# the 8-pixel configs split a cell's rows between warps (50-53 an element, 80-128 registers). Untimed: the tuner
+# weighs occupancy against issue. Every config compiles without spills for sm_80/sm_90.
+TUNE_CONFIGS = [triton.Config({"BLOCK_PIXELS": bp, "BLOCK_C": 1}, num_warps=nw)
+                for bp, nw in [(1024, 2), (2048, 4), (512, 1), (4096, 8), (512, 2), (1024, 4), (2048, 8)]]
 _blur_step_tuned = triton.autotune(configs=TUNE_CONFIGS,
                                    key=["C", "H", "W", "S", "START", "TERM", "POOL", "SOFTMAX", "LOG"],
                                    prune_configs_by={"early_config_prune": _prune})(_blur_step_kernel)
@@ -258,18 +252,14 @@ def _launch(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, messa
     h, w = -(-H // blur), -(-W // blur)
     sp = next_power_of_2(blur)
     pad_y, pad_x = (h * blur - H + 1) // 2, (w * blur - W + 1) // 2
-    mw = max(w, 3)  # the kernel reads three pooled columns from a clamped middle one
-    if not start and w < mw:
-        message = F.pad(message, (0, mw - w))
-    args = (unary, lse, factors, message, out, out if term is None else term, C, H, W, h, w, mw, pad_y, pad_x)
+    args = (unary, lse, factors, message, out, out if term is None else term, C, H, W, h, w, pad_y, pad_x)
     consts = dict(S=blur, SP=sp, START=start, TERM=term is not None, POOL=pool, SOFTMAX=softmax, LOG=log,
                   IDX64=needs_int64(unary, out))
     if interpreting():
         block_j = max(INTERPRETER_BLOCK_J, INTERPRETER_PIXELS // (sp * sp))
         grid = (cdiv(w, block_j), h, B)
         block_c = min(next_power_of_2(C), INTERPRETER_MAX_BLOCK_C)
-        _blur_step_kernel[grid](*args, BLOCK_PIXELS=block_j * sp * sp, BLOCK_C=block_c, ONE_PASS=block_c >= C,
-                                **consts, **COMPILE_OPTIONS)
+        _blur_step_kernel[grid](*args, BLOCK_PIXELS=block_j * sp * sp, BLOCK_C=block_c, **consts, **COMPILE_OPTIONS)
     else:
         def grid(meta):
             return (cdiv(w, meta["BLOCK_PIXELS"] // (sp * sp)), h, B)
