@@ -95,6 +95,7 @@ def _blur_step_kernel(
     u_ptr, lse_ptr, f_ptr, m_ptr, out_ptr, term_ptr, C, H, W, h, w, pad_y, pad_x,
     S: tl.constexpr, SP: tl.constexpr, START: tl.constexpr, TERM: tl.constexpr, POOL: tl.constexpr,
     SOFTMAX: tl.constexpr, LOG: tl.constexpr, BLOCK_PIXELS: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+    CLASSES: tl.constexpr = 0,
 ):
     # grid: (cdiv(w, BLOCK_J), h, B). Full-resolution pixel (y, x) of pooled cell (i, j), sub-pixel (r, t):
     #   y = i*S + r - pad_y, x = j*S + t - pad_x; its upsampled index is (y + pad_y, x + pad_x).
@@ -107,12 +108,14 @@ def _blur_step_kernel(
     # The classes are a run-time loop over blocks of BLOCK_C (1 on the GPU: [BLOCK_PIXELS] tiles; every class
     # under the interpreter: [BLOCK_C, BLOCK_PIXELS]), twice with the softmax: the running maximum and sum of
     # exponentials first (online softmax, in base 2), then the probabilities (LOG: their logarithms), re-reading u.
+    # CLASSES = C > 0 (the one-pass configs, few classes): every class's tile in registers, u read once.
     # m_ptr: the message [B, C, h, w]; f_ptr: the factors [2, C], a = unary_weight - w and w (at the START a
     # alone, read with TERM only). START: Z = u, no message (m_ptr unused); the first pass stores lse(u) to
     # lse_ptr, or with TERM the second stores the unary term a * (u - lse(u)) to term_ptr at full resolution.
     BLOCK_X: tl.constexpr = BLOCK_PIXELS // SP  # full-resolution columns per program
     BLOCK_J: tl.constexpr = BLOCK_X // SP  # pooled columns per program
     UNIT: tl.constexpr = LOG2E if SOFTMAX else 1.0
+    NUMERATORS: tl.constexpr = SOFTMAX and not LOG and not TERM  # what is stored: exp2(z - top) / total
     i = tl.program_id(1)
     b = tl.program_id(2)
     full = H * W
@@ -155,7 +158,24 @@ def _blur_step_kernel(
     before_y, fy = _sources(r, S)
     rows = (tl.maximum(i - 1, 0) * w, i * w, tl.minimum(i + 1, h - 1) * w)  # pooled rows i - 1 .. i + 1
     geometry = (offs, ok, C, rows, col_lo, col_hi, fx, before_y, fy, START, UNIT)
-    if SOFTMAX:
+    z_lse = 0.0
+    inv_total = 0.0
+    if CLASSES > 0:
+        # Every class in registers (a tuple, one tile a class): u read once, all its loads in flight at once.
+        zs = ()
+        for c in tl.static_range(CLASSES):
+            zs = zs + (_logits(u_img + c * full, m_img + c * m_plane, f_ptr + c + cls, lse, cls + c < C, *geometry),)
+        if SOFTMAX:
+            top = zs[0]
+            for c in tl.static_range(1, CLASSES):
+                top = tl.maximum(top, zs[c])
+            es = ()
+            for c in tl.static_range(CLASSES):
+                es = es + (tl.exp2(zs[c] - top),)
+            total = es[0]
+            for c in tl.static_range(1, CLASSES):
+                total += es[c]
+    elif SOFTMAX:
         top = tl.full((BLOCK_PIXELS,), float("-inf"), tl.float32)
         total = tl.zeros((BLOCK_PIXELS,), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
@@ -173,36 +193,56 @@ def _blur_step_kernel(
                 new_top = tl.maximum(top, tl.max(z, axis=0))
                 total = total * tl.exp2(top - new_top) + tl.sum(tl.exp2(z - new_top), axis=0)
                 top = new_top
+    if SOFTMAX:
         inv_total = 1.0 / total
         if LOG or START:
             z_lse = top + tl.log2(total)  # in base 2
         if START and not TERM:
             tl.store(lse_img, z_lse * LN2, mask=ok)
+    count = 0.0
     if POOL:
         count = tl.sum(tl.sum(tl.reshape(ok.to(tl.float32), (1, SP, BLOCK_J, SP)), axis=3), axis=1)  # [1, BLOCK_J]
-        inv_count = 1.0 / tl.maximum(count, 1.0)
-        j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)[None, :]
-        out_row = out_ptr + b * C * m_plane + tl.arange(0, BLOCK_C)[:, None] * m_plane + i * w + j
-    for c0 in range(0, C, BLOCK_C):
-        c_ok = cls + c0 < C
-        m_cls = m_img + tl.minimum(cls + c0, C - 1) * m_plane
-        z = _logits(u_img + c0 * full, m_cls, f_ptr + c0 + cls, lse, c_ok, *geometry)
-        full_offs = b * C * full + (cls + c0) * full + offs
-        if TERM:
-            term = tl.load(f_ptr + c0 + cls, mask=c_ok, other=0.0) * ((z - z_lse) * LN2)
-            tl.store(term_ptr + full_offs, term.to(term_ptr.dtype.element_ty), mask=c_ok & ok)
-        if SOFTMAX:
-            if LOG:
-                z = (z - z_lse) * LN2
-            else:
-                z = tl.exp2(z - top) * inv_total
-        if POOL:
-            cells = tl.reshape(tl.where(ok, z, 0.0), (BLOCK_C, SP, BLOCK_J, SP))
-            q = tl.sum(tl.sum(cells, axis=3), axis=1) * inv_count  # [BLOCK_C, BLOCK_J]
-            q_ok = (tl.arange(0, BLOCK_C)[:, None] + c0 < C) & (j < w)
-            tl.store(out_row + c0 * m_plane, q.to(out_ptr.dtype.element_ty), mask=q_ok)
+    outputs = (f_ptr, out_ptr, term_ptr, b, C, full, m_plane, i, w, offs, ok, 1.0 / tl.maximum(count, 1.0), z_lse,
+               inv_total)
+    if CLASSES > 0:
+        for c in tl.static_range(CLASSES):
+            _output(es[c] if NUMERATORS else zs[c], cls + c, *outputs, SP, BLOCK_J, BLOCK_C, TERM, POOL, SOFTMAX, LOG,
+                    NUMERATORS)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            m_cls = m_img + tl.minimum(cls + c0, C - 1) * m_plane
+            z = _logits(u_img + c0 * full, m_cls, f_ptr + c0 + cls, lse, cls + c0 < C, *geometry)
+            if NUMERATORS:
+                z = tl.exp2(z - top)
+            _output(z, cls + c0, *outputs, SP, BLOCK_J, BLOCK_C, TERM, POOL, SOFTMAX, LOG, NUMERATORS)
+
+
+@triton.jit
+def _output(z, c, f_ptr, out_ptr, term_ptr, b, C, full, m_plane, i, w, offs, ok, inv_count, z_lse, inv_total,
+            SP: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, TERM: tl.constexpr, POOL: tl.constexpr,
+            SOFTMAX: tl.constexpr, LOG: tl.constexpr, NUMERATORS: tl.constexpr):
+    """Store the classes ``c`` (``[1]`` or ``[BLOCK_C, 1]``) of the tile's logits ``z`` (in base-2 units with the
+    softmax; ``NUMERATORS``: ``exp2(z - top)``) as the launch asks: the unary term (``TERM``), the probabilities,
+    their logarithms (``LOG``) or the logits, pooled (``POOL``) or at full resolution."""
+    c_ok = c < C
+    full_offs = b * C * full + c * full + offs
+    if TERM:
+        term = tl.load(f_ptr + c, mask=c_ok, other=0.0) * ((z - z_lse) * LN2)
+        tl.store(term_ptr + full_offs, term.to(term_ptr.dtype.element_ty), mask=c_ok & ok)
+    if SOFTMAX:
+        if LOG:
+            z = (z - z_lse) * LN2
         else:
-            tl.store(out_ptr + full_offs, z.to(out_ptr.dtype.element_ty), mask=c_ok & ok)
+            z = z * inv_total if NUMERATORS else tl.exp2(z - z_lse)
+    if POOL:
+        cells = tl.reshape(tl.where(ok, z, 0.0), (BLOCK_C, SP, BLOCK_J, SP))
+        q = tl.sum(tl.sum(cells, axis=3), axis=1) * inv_count  # [BLOCK_C, BLOCK_J]
+        j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)[None, :]
+        q_ok = (tl.reshape(c, (BLOCK_C, 1)) < C) & (j < w)
+        out = out_ptr + b * C * m_plane + tl.reshape(c, (BLOCK_C, 1)) * m_plane + i * w + j
+        tl.store(out, q.to(out_ptr.dtype.element_ty), mask=q_ok)
+    else:
+        tl.store(out_ptr + full_offs, z.to(out_ptr.dtype.element_ty), mask=c_ok & ok)
 
 
 # Whether the blurred mean-field loop uses blur_step (the benchmark's triton-composed rows turn it off).
@@ -217,10 +257,20 @@ def blur_step_enabled() -> bool:
 def _prune(configs, named_args, **kwargs):
     """Tiles of at least one pooled cell (``SP²`` pixels); at blur 2 no 16-pixel threads (their pixels are halves of
     two cells' rows, not whole cells: 53 instructions an element against 55 with 8, and the full-resolution
-    softmax spilled); ``CONVCRF_AUTOTUNE=0``: the first, untimed."""
-    sp = kwargs["SP"]
-    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_PIXELS"] >= sp * sp
-            and (sp != 2 or cfg.kwargs["BLOCK_PIXELS"] <= 8 * 32 * cfg.num_warps)]
+    softmax spilled); the one-pass configs (``BLOCK_C = 0``) get every class (``CLASSES = C``) where that keeps at
+    most :data:`ONE_PASS_MAX_VALUES` tile values a thread, and are dropped elsewhere; ``CONVCRF_AUTOTUNE=0``: the
+    first, untimed."""
+    sp, C = kwargs["SP"], named_args["C"]
+    kept = []
+    for cfg in configs:
+        pixels, per_thread = cfg.kwargs["BLOCK_PIXELS"], cfg.kwargs["BLOCK_PIXELS"] // (32 * cfg.num_warps)
+        if pixels < sp * sp or (sp == 2 and per_thread > 8):
+            continue
+        if cfg.kwargs["BLOCK_C"] == 0:
+            if C * per_thread > ONE_PASS_MAX_VALUES or not kwargs["SOFTMAX"]:  # without the softmax: one pass anyway
+                continue
+            cfg = triton.Config({"BLOCK_PIXELS": pixels, "BLOCK_C": 1, "CLASSES": C}, num_warps=cfg.num_warps)
+        kept.append(cfg)
     return tuning_off(kept or [triton.Config({"BLOCK_PIXELS": sp * sp, "BLOCK_C": 1}, num_warps=1)])
 
 
@@ -228,20 +278,29 @@ def _prune(configs, named_args, **kwargs):
 # (first four) or 8. At blur 4 a 16-pixel config's rows are 4 pixels a thread, so each thread holds the 16 pixels of
 # one cell: 31 instructions an element over both class loops (sm_90, triton 3.6 and 3.9; 57 for the former
 # layout's tuned pick, H100 run 3: 211 µs a call at 1024×2048, C = 21), but 178-234 registers (~11 warps an SM);
-# the 8-pixel configs split a cell's rows between warps (50-53 an element, 80-128 registers). Untimed: the tuner
-# weighs occupancy against issue. Every config compiles without spills for sm_80/sm_90.
-TUNE_CONFIGS = [triton.Config({"BLOCK_PIXELS": bp, "BLOCK_C": 1}, num_warps=nw)
-                for bp, nw in [(1024, 2), (2048, 4), (512, 1), (4096, 8), (512, 2), (1024, 4), (2048, 8)]]
+# the 8-pixel configs split a cell's rows between warps (50-53 an element, 80-128 registers). Both read u twice:
+# unless the second read hits L2, whose ~50 MB the ~60 MB of tiles that ~11 warps an SM read between a tile's two
+# passes (C = 21) exceed, the traffic doubles. The one-pass configs (BLOCK_C = 0; C <= 24) hold every class of 4
+# pixels a thread: u read once, every class's load in flight at once; 35 instructions an element in all, 140
+# registers (on 2 warps a cell's rows span both, and the pooling crosses shared memory: 43 barriers at C = 21;
+# on 4, 87: not kept). Untimed: the tuner weighs them.
+ONE_PASS_MAX_VALUES = 96
+TUNE_CONFIGS = ([triton.Config({"BLOCK_PIXELS": bp, "BLOCK_C": 1}, num_warps=nw)
+                 for bp, nw in [(1024, 2), (2048, 4), (512, 1), (4096, 8), (512, 2), (1024, 4), (2048, 8)]]
+                + [triton.Config({"BLOCK_PIXELS": bp, "BLOCK_C": 0}, num_warps=nw)
+                   for bp, nw in [(128, 1), (256, 2)]])
 _blur_step_tuned = triton.autotune(configs=TUNE_CONFIGS,
                                    key=["C", "H", "W", "S", "START", "TERM", "POOL", "SOFTMAX", "LOG"],
                                    prune_configs_by={"early_config_prune": _prune})(_blur_step_kernel)
 
 
 # Under the interpreter, whose cost is per operation, not per element: one program per pooled row of a
-# test image (or 1024 pixels of it), all classes (up to 64) at once.
+# test image (or 1024 pixels of it), all classes (up to 64) at once; or, where tests set it, one of the GPU's
+# configs (as the tuner's pruning makes it for the launch).
 INTERPRETER_BLOCK_J = 64
 INTERPRETER_PIXELS = 1024
 INTERPRETER_MAX_BLOCK_C = 64
+INTERPRETER_CONFIG: triton.Config | None = None
 
 
 def _launch(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, message: torch.Tensor, out: torch.Tensor,
@@ -255,7 +314,11 @@ def _launch(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, messa
     args = (unary, lse, factors, message, out, out if term is None else term, C, H, W, h, w, pad_y, pad_x)
     consts = dict(S=blur, SP=sp, START=start, TERM=term is not None, POOL=pool, SOFTMAX=softmax, LOG=log,
                   IDX64=needs_int64(unary, out))
-    if interpreting():
+    if interpreting() and INTERPRETER_CONFIG is not None:
+        tile = _prune([INTERPRETER_CONFIG], {"C": C}, **consts)[0].kwargs
+        grid = (cdiv(w, tile["BLOCK_PIXELS"] // (sp * sp)), h, B)
+        _blur_step_kernel[grid](*args, **tile, **consts, **COMPILE_OPTIONS)
+    elif interpreting():
         block_j = max(INTERPRETER_BLOCK_J, INTERPRETER_PIXELS // (sp * sp))
         grid = (cdiv(w, block_j), h, B)
         block_c = min(next_power_of_2(C), INTERPRETER_MAX_BLOCK_C)

@@ -366,7 +366,7 @@ BLUR_OUTPUTS = {"start": (True, False, True, True, False), "start-log": (True, F
 
 def _blur_default(blur):
     """The config a launch at ``blur`` takes untuned: the first the pruner keeps."""
-    return bi._prune(bi.TUNE_CONFIGS, {"C": 21}, SP=triton.next_power_of_2(blur))[0]
+    return bi._prune(bi.TUNE_CONFIGS, {"C": 21}, SP=triton.next_power_of_2(blur), SOFTMAX=True)[0]
 
 
 def _blur_consts(blur, output, idx64=False):
@@ -432,8 +432,12 @@ def test_blur_step_class_loop_overhead():
         assert sum("LDG.E.128" in t for t in body) == 4, body  # u: a 16-byte chunk of each of the cell's rows
 
 
+# The configs the tuner times at blur 4, C = 21 (the one-pass ones with every class: CLASSES = 21).
+BLUR_CONFIGS = bi._prune(bi.TUNE_CONFIGS, {"C": 21}, SP=4, SOFTMAX=True)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("cfg", bi._prune(bi.TUNE_CONFIGS, {"C": 21}, SP=4), ids=str)
+@pytest.mark.parametrize("cfg", BLUR_CONFIGS, ids=str)
 def test_every_blur_step_config_compiles_without_spills(arch, cfg):
     usage = compile_for(bi._blur_step_kernel, BLUR_SIGNATURE, {**_blur_consts(4, "pooled"), **cfg.kwargs}, arch,
                         num_warps=cfg.num_warps)
@@ -441,7 +445,19 @@ def test_every_blur_step_config_compiles_without_spills(arch, cfg):
     assert usage.stack == 0, f"{cfg} spills: {usage}"
 
 
-@pytest.mark.parametrize("cfg", bi.TUNE_CONFIGS[:2] + bi.TUNE_CONFIGS[4:5], ids=str)
+def test_blur_step_one_pass_configs_follow_the_register_budget():
+    """Every class in registers where that is at most 96 values a thread (4 pixels a thread: C <= 24), with the
+    softmax only (without it the kernel reads u once anyway); the default first."""
+    def one_pass(C, softmax=True):
+        return [(cfg.kwargs["BLOCK_PIXELS"], cfg.num_warps, cfg.kwargs.get("CLASSES"))
+                for cfg in bi._prune(bi.TUNE_CONFIGS, {"C": C}, SP=4, SOFTMAX=softmax) if cfg.kwargs.get("CLASSES")]
+
+    assert one_pass(21) == [(128, 1, 21), (256, 2, 21)] and one_pass(24)[0] == (128, 1, 24)
+    assert one_pass(25) == one_pass(150) == one_pass(21, softmax=False) == []
+    assert _blur_default(4) is bi.TUNE_CONFIGS[0]
+
+
+@pytest.mark.parametrize("cfg", BLUR_CONFIGS[:2] + BLUR_CONFIGS[4:5] + BLUR_CONFIGS[-2:-1], ids=str)
 def test_blur_step_loads_lie_along_the_rows(cfg):
     """Every load of blur_step's loops (u, lse and the message's gathers) in one layout: a flat tile of pixels,
     4 consecutive a thread (u's 16-byte chunks), consecutive chunks on consecutive lanes. Held as a tile with
@@ -451,7 +467,8 @@ def test_blur_step_loads_lie_along_the_rows(cfg):
                num_warps=cfg.num_warps, divisible=tuple(BLUR_SIGNATURE))
     tiles = [_blocked(layout) for op, shape, layout in memory_layouts(ir)
              if op == "tt.load" and shape == (cfg.kwargs["BLOCK_PIXELS"],)]
-    assert len(tiles) == 1 + 2 * (1 + 6), tiles  # lse once; u and six message gathers in each class loop
+    passes = cfg.kwargs.get("CLASSES") or 2  # u and six message gathers a class, or a class loop
+    assert len(tiles) == 1 + 7 * passes, tiles  # and lse once
     for layout in tiles:
         assert layout["sizePerThread"] == [4] and layout["threadsPerWarp"] == [32], layout
 

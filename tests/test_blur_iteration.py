@@ -4,7 +4,6 @@ in the mean-field loop."""
 
 import pytest
 import torch
-import triton
 from convcrf_triton.kernels import blur_iteration
 from test_kernels import RTOL, on_gpu_only, rel_err
 
@@ -208,33 +207,34 @@ def test_blur_step_one_class_at_a_time(monkeypatch, device):
 def test_blur_kernels_with_each_config(which, monkeypatch, device):
     """Each of the tuner's configs, which the GPU test run (CONVCRF_AUTOTUNE=0: the first config) would not take
     and the interpreter's one large tile of every class neither: forced in turn (on the GPU as the tuner's only
-    config, under the interpreter as its tile, one class at a time), the step at blur 4 (a thread's 16 pixels a
-    whole cell in the first configs) and 3 (cells narrower than their tile), and blur 1's set-up."""
-    pixels = [cfg.kwargs["BLOCK_PIXELS"] for cfg in blur_iteration.TUNE_CONFIGS]
-    if device.type != "cuda" and pixels.index(pixels[which]) < which:
-        pytest.skip("under the interpreter a config is its pixel tile, the same as an earlier config's")
+    config, under the interpreter as its tile), the step at blur 4 (a thread's 16 pixels a whole cell in the
+    first configs; every class at once in the one-pass ones) and 3 (cells narrower than their tile), and blur 1's
+    set-up."""
+    cfg = blur_iteration.TUNE_CONFIGS[which]
+    kinds = [(c.kwargs["BLOCK_PIXELS"] // (32 * c.num_warps), c.kwargs["BLOCK_C"]) for c in blur_iteration.TUNE_CONFIGS]
+    if device.type != "cuda" and kinds.index(kinds[which]) < which:
+        pytest.skip("under the interpreter (no layouts) the first config of each kind (pixels a thread, one pass)")
     case = (2, 21, 130, 257, 4) if device.type == "cuda" else (1, 5, 19, 27, 4)
-    u, lse, a, w, M = _inputs(case, 5)
+    u, lse, a, w, _ = _inputs(case, 5)
     monkeypatch.setenv("CONVCRF_AUTOTUNE", "1")  # the GPU test run's 0 would prune to the first config
-    monkeypatch.setattr(blur_iteration, "INTERPRETER_MAX_BLOCK_C", 1)
+    monkeypatch.setattr(blur_iteration, "INTERPRETER_CONFIG", cfg)
+    monkeypatch.setattr(blur_iteration._blur_step_tuned, "configs", [cfg])
+    monkeypatch.setattr(blur_iteration._blur_step_tuned, "cache", {})
+    B, C, H, W, _ = case
     for blur in (4, 3, 1):
-        sp = triton.next_power_of_2(blur)
-        cfg = blur_iteration._prune(blur_iteration.TUNE_CONFIGS, {"C": case[1]}, SP=sp)[which]
-        if device.type == "cuda":
-            monkeypatch.setattr(blur_iteration._blur_step_tuned, "configs", [cfg])
-            monkeypatch.setattr(blur_iteration._blur_step_tuned, "cache", {})
-        else:
-            monkeypatch.setattr(blur_iteration, "INTERPRETER_BLOCK_J", cfg.kwargs["BLOCK_PIXELS"] // (sp * sp))
-            monkeypatch.setattr(blur_iteration, "INTERPRETER_PIXELS", 0)
         if blur > 1:
-            B, C, H, W, _ = case
             M = torch.randn(B, C, -(-H // blur), -(-W // blur), generator=torch.Generator().manual_seed(blur)) * 3
-            got = _step(device, u, lse, a, w, M, blur, pool=True, softmax=True)
-            want = functional.blur_pool(torch.softmax(_logits(u, lse, a, w, M, blur), 1), blur)
-            assert rel_err(got.cpu(), want) < RTOL
-            got_lse, got_q = kernels.blur_start(u.to(device), blur)
-            assert rel_err(got_lse.cpu(), lse) < RTOL
-            assert rel_err(got_q.cpu(), functional.blur_pool((u.double() - lse).exp(), blur)) < RTOL
+            for pool, softmax in OUTPUTS:
+                Z = _logits(u, lse, a, w, M, blur)
+                want = torch.softmax(Z, 1) if softmax else Z
+                want = functional.blur_pool(want, blur) if pool else want
+                got = _step(device, u, lse, a, w, M, blur, pool=pool, softmax=softmax)
+                assert rel_err(got.cpu(), want) < RTOL, (blur, pool, softmax)
+            for log in (False, True):
+                got_lse, got_q = kernels.blur_start(u.to(device), blur, log=log)
+                assert rel_err(got_lse.cpu(), lse) < RTOL
+                L = u.double() - lse
+                assert rel_err(got_q.cpu(), functional.blur_pool(L if log else L.exp(), blur)) < RTOL
         else:
             got_q, got_term = kernels.mean_field_start(u.to(device), a.to(device))
             assert rel_err(got_q.cpu(), (u.double() - lse).exp()) < RTOL
