@@ -224,13 +224,13 @@ def test_blur_kernels_with_each_config(which, monkeypatch, device):
     for blur in (4, 3, 1):
         if blur > 1:
             M = torch.randn(B, C, -(-H // blur), -(-W // blur), generator=torch.Generator().manual_seed(blur)) * 3
-            for pool, softmax in OUTPUTS:
+            for pool, softmax in OUTPUTS if blur == 4 else OUTPUTS[:1]:
                 Z = _logits(u, lse, a, w, M, blur)
                 want = torch.softmax(Z, 1) if softmax else Z
                 want = functional.blur_pool(want, blur) if pool else want
                 got = _step(device, u, lse, a, w, M, blur, pool=pool, softmax=softmax)
                 assert rel_err(got.cpu(), want) < RTOL, (blur, pool, softmax)
-            for log in (False, True):
+            for log in (False, True) if blur == 4 else (True,):
                 got_lse, got_q = kernels.blur_start(u.to(device), blur, log=log)
                 assert rel_err(got_lse.cpu(), lse) < RTOL
                 L = u.double() - lse
