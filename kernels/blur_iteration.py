@@ -70,14 +70,15 @@ def _lerp(lo, hi, frac):
 
 @triton.jit
 def _logits(u_cls, m_cls, f_cls, lse, c_ok, offs, ok, C, rows, col_lo, col_hi, fx, below, fy,
-            START: tl.constexpr, UNIT: tl.constexpr):
+            START: tl.constexpr, UNIT: tl.constexpr, EVICT: tl.constexpr):
     """``Z = a · (u - lse) + w · upsample(M)`` of a block of classes over the tile, in units of ``UNIT`` (``log2 e``
     for the softmax, which then exponentiates in base 2; ``u`` itself at the ``START``); ``a`` at ``f_cls``, ``w``
     a row of ``C`` further, in the ``[2, C]`` factors. The message: at each of the pooled rows ``i - 1, i, i + 1``
     (``rows``, clamped to the grid) along x between the columns ``col_lo`` and ``col_hi`` (clamped) of each pixel
     with weight ``fx``; then along y between the rows that ``below`` picks, with weight ``fy``. ``w · UNIT`` scales
-    the loaded values (nine a thread where it holds whole cells), not the pixels."""
-    z = tl.load(u_cls + offs, mask=c_ok & ok, other=0.0).to(tl.float32)
+    the loaded values (nine a thread where it holds whole cells), not the pixels. ``EVICT``: the L2 eviction
+    policy of ``u``'s loads."""
+    z = tl.load(u_cls + offs, mask=c_ok & ok, other=0.0, eviction_policy=EVICT).to(tl.float32)
     if START:
         z = z * UNIT
     else:
@@ -164,7 +165,8 @@ def _blur_step_kernel(
         # Every class in registers (a tuple, one tile a class): u read once, all its loads in flight at once.
         zs = ()
         for c in tl.static_range(CLASSES):
-            zs = zs + (_logits(u_img + c * full, m_img + c * m_plane, f_ptr + c + cls, lse, cls + c < C, *geometry),)
+            zs = zs + (_logits(u_img + c * full, m_img + c * m_plane, f_ptr + c + cls, lse, cls + c < C, *geometry,
+                               "evict_first"),)
         if SOFTMAX:
             top = zs[0]
             for c in tl.static_range(1, CLASSES):
@@ -181,7 +183,8 @@ def _blur_step_kernel(
         for c0 in range(0, C, BLOCK_C):
             c_ok = cls + c0 < C
             m_cls = m_img + tl.minimum(cls + c0, C - 1) * m_plane  # classes past C read class C - 1
-            z = _logits(u_img + c0 * full, m_cls, f_ptr + c0 + cls, lse, c_ok, *geometry)
+            # u is read again by the second loop: kept in L2 before the lines the second loop has read.
+            z = _logits(u_img + c0 * full, m_cls, f_ptr + c0 + cls, lse, c_ok, *geometry, "evict_last")
             if BLOCK_C == 1:
                 # One exponential an element: of -|z - top|, the smaller term relative to the larger.
                 d = z - top
@@ -211,7 +214,8 @@ def _blur_step_kernel(
     else:
         for c0 in range(0, C, BLOCK_C):
             m_cls = m_img + tl.minimum(cls + c0, C - 1) * m_plane
-            z = _logits(u_img + c0 * full, m_cls, f_ptr + c0 + cls, lse, cls + c0 < C, *geometry)
+            z = _logits(u_img + c0 * full, m_cls, f_ptr + c0 + cls, lse, cls + c0 < C, *geometry,
+                        "evict_first" if SOFTMAX else "")
             if NUMERATORS:
                 z = tl.exp2(z - top)
             _output(z, cls + c0, *outputs, SP, BLOCK_J, BLOCK_C, TERM, POOL, SOFTMAX, LOG, NUMERATORS)
@@ -255,16 +259,16 @@ def blur_step_enabled() -> bool:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Tiles of at least one pooled cell (``SP²`` pixels); at blur 2 no 16-pixel threads (their pixels are halves of
-    two cells' rows, not whole cells: 53 instructions an element against 55 with 8, and the full-resolution
-    softmax spilled); the one-pass configs (``BLOCK_C = 0``) get every class (``CLASSES = C``) where that keeps at
-    most :data:`ONE_PASS_MAX_VALUES` tile values a thread, and are dropped elsewhere; ``CONVCRF_AUTOTUNE=0``: the
-    first, untimed."""
+    """Tiles of at least one pooled cell (``SP²`` pixels); 16-pixel threads only where they pool (at full resolution
+    the softmax's 16 pixels spilled with int64 offsets on sm_80, triton 3.6) and not at blur 2 (their pixels are
+    halves of two cells' rows, not whole cells: 53 instructions an element against 55 with 8); the one-pass configs
+    (``BLOCK_C = 0``) get every class (``CLASSES = C``) where that keeps at most :data:`ONE_PASS_MAX_VALUES` tile
+    values a thread, and are dropped elsewhere; ``CONVCRF_AUTOTUNE=0``: the first, untimed."""
     sp, C = kwargs["SP"], named_args["C"]
     kept = []
     for cfg in configs:
         pixels, per_thread = cfg.kwargs["BLOCK_PIXELS"], cfg.kwargs["BLOCK_PIXELS"] // (32 * cfg.num_warps)
-        if pixels < sp * sp or (sp == 2 and per_thread > 8):
+        if pixels < sp * sp or (per_thread > 8 and (sp == 2 or not kwargs["POOL"])):
             continue
         if cfg.kwargs["BLOCK_C"] == 0:
             if C * per_thread > ONE_PASS_MAX_VALUES or not kwargs["SOFTMAX"]:  # without the softmax: one pass anyway

@@ -364,15 +364,16 @@ BLUR_OUTPUTS = {"start": (True, False, True, True, False), "start-log": (True, F
                 "logits": (False, False, False, False, False)}
 
 
-def _blur_default(blur):
+def _blur_default(blur, output="pooled"):
     """The config a launch at ``blur`` takes untuned: the first the pruner keeps."""
-    return bi._prune(bi.TUNE_CONFIGS, {"C": 21}, SP=triton.next_power_of_2(blur), SOFTMAX=True)[0]
+    start, term, pool, softmax, log = BLUR_OUTPUTS[output]
+    return bi._prune(bi.TUNE_CONFIGS, {"C": 21}, SP=triton.next_power_of_2(blur), POOL=pool, SOFTMAX=softmax)[0]
 
 
 def _blur_consts(blur, output, idx64=False):
     start, term, pool, softmax, log = BLUR_OUTPUTS[output]
     return {"S": blur, "SP": triton.next_power_of_2(blur), "START": start, "TERM": term, "POOL": pool,
-            "SOFTMAX": softmax, "LOG": log, **_blur_default(blur).kwargs, "IDX64": idx64}
+            "SOFTMAX": softmax, "LOG": log, **_blur_default(blur, output).kwargs, "IDX64": idx64}
 
 
 # The iterations' outputs at every blur kind (2, odd, 4, int64 offsets, 8); the set-ups, smaller kernels (no
@@ -386,7 +387,7 @@ BLUR_CASES = [(blur, idx64, output) for output in BLUR_OUTPUTS
 @pytest.mark.parametrize("blur,idx64,output", BLUR_CASES, ids=lambda c: str(c))
 def test_blur_step_compiles_without_spills(arch, blur, idx64, output):
     usage = compile_for(bi._blur_step_kernel, BLUR_SIGNATURE, _blur_consts(blur, output, idx64), arch,
-                        num_warps=_blur_default(blur).num_warps)
+                        num_warps=_blur_default(blur, output).num_warps)
     print(f"blur_step blur={blur} {output} idx64={idx64} sm_{arch}: {usage}")
     assert usage.stack == 0
 
@@ -395,7 +396,7 @@ def test_blur_step_exponentiates_only_for_the_softmax():
     """The classes run as a loop over one pixel tile: exp (MUFU.EX2) in the softmax variants only, nothing
     through local memory; the set-up reads no message, lse or unary factor, and stores lse."""
     listings = {output: sass(bi._blur_step_kernel, BLUR_SIGNATURE, _blur_consts(4, output), 90,
-                             num_warps=bi.TUNE_CONFIGS[0].num_warps) for output in BLUR_OUTPUTS}
+                             num_warps=_blur_default(4, output).num_warps) for output in BLUR_OUTPUTS}
     for output, listing in listings.items():
         ops = _opcodes(listing)
         assert not {op for op in ops if op.startswith(("LDL", "STL"))}, (output, ops)
@@ -417,23 +418,26 @@ def test_blur_step_class_loop_overhead():
     pick, 256 pixels on 2 warps, a cell's rows across lanes). Now a thread holds the 16 pixels of one cell, its
     bilinear pairs and weights constants (two multiply-adds a pixel and axis), the message scaled by w at its
     nine loads, the softmax in base 2 with one exponential an element in the first loop, the pooling in
-    registers: 31 (triton 3.9) and 32 (3.6). The loops cross no shared memory and no lanes, and u is read
-    16 bytes at a time."""
+    registers: 31 (triton 3.9) and 33 (3.6, whose L2 hints below take uniform instructions to set up). The loops
+    cross no shared memory and no lanes, and u is read
+    16 bytes at a time, kept in L2 by the first loop for the second (evict_last), released by the second
+    (evict_first)."""
     cfg = bi.TUNE_CONFIGS[0]
     listing = sass(bi._blur_step_kernel, BLUR_SIGNATURE, _blur_consts(4, "pooled"), 90, num_warps=cfg.num_warps,
                    divisible=tuple(BLUR_SIGNATURE))
     per_thread = cfg.kwargs["BLOCK_PIXELS"] // (32 * cfg.num_warps)
     class_loops = loops(listing)
     assert len(class_loops) == 2  # the online softmax's pass and the probabilities' pass
-    assert sum(map(len, class_loops)) / per_thread <= 33
-    for body in class_loops:
+    assert sum(map(len, class_loops)) / per_thread <= 34
+    for body, hint in zip(class_loops, ("EL", "EF"), strict=True):
         ops = [opcode(t) for t in body]
         assert not {"BAR", "SHFL", "LDS", "STS"} & set(ops), sorted(set(ops))
-        assert sum("LDG.E.128" in t for t in body) == 4, body  # u: a 16-byte chunk of each of the cell's rows
+        u_loads = [t for t in body if re.search(r"\bLDG\.E\S*\.128\b", t)]  # a 16-byte chunk of each of the cell's rows
+        assert len(u_loads) == 4 and all(f".{hint}." in t for t in u_loads), u_loads
 
 
 # The configs the tuner times at blur 4, C = 21 (the one-pass ones with every class: CLASSES = 21).
-BLUR_CONFIGS = bi._prune(bi.TUNE_CONFIGS, {"C": 21}, SP=4, SOFTMAX=True)
+BLUR_CONFIGS = bi._prune(bi.TUNE_CONFIGS, {"C": 21}, SP=4, POOL=True, SOFTMAX=True)
 
 
 # sm_90 every config; sm_80 (the same 255 registers a thread) the fullest: 16 pixels a thread on 8 warps, one pass.
@@ -451,7 +455,8 @@ def test_blur_step_one_pass_configs_follow_the_register_budget():
     softmax only (without it the kernel reads u once anyway); the default first."""
     def one_pass(C, softmax=True):
         return [(cfg.kwargs["BLOCK_PIXELS"], cfg.num_warps, cfg.kwargs.get("CLASSES"))
-                for cfg in bi._prune(bi.TUNE_CONFIGS, {"C": C}, SP=4, SOFTMAX=softmax) if cfg.kwargs.get("CLASSES")]
+                for cfg in bi._prune(bi.TUNE_CONFIGS, {"C": C}, SP=4, POOL=True, SOFTMAX=softmax)
+                if cfg.kwargs.get("CLASSES")]
 
     assert one_pass(21) == [(128, 1, 21), (256, 2, 21)] and one_pass(24)[0] == (128, 1, 24)
     assert one_pass(25) == one_pass(150) == one_pass(21, softmax=False) == []
