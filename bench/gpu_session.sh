@@ -31,6 +31,8 @@ CONVCRF_AUTOTUNE=0 timeout 90 python3 bench/host_overhead.py --calls 20000  # th
 echo "== training's kernels: the fused pass and its weight gradient"
 # (the first config of each tuned pass, to keep the call short; the table is in the log)
 CONVCRF_AUTOTUNE=0 timeout 60 python3 bench/backward.py --out /tmp/backward.csv
+echo "== one inference's kernels (1024x2048 blur 4 k = 11, tuned: autotune.csv of the sections has the picks)"
+timeout 60 python3 bench/kernel_profile.py --size 1024x2048 --blur 4 --filter-size 11 --rows 8
 
 section() {  # section budget implementations...
   local name=$1 budget=$2; shift 2
