@@ -29,7 +29,8 @@ maximum and sum of exponentials (online softmax), once more for the probabilitie
 message of a class needs pooled rows ``i - 1 .. i + 1`` and the columns either side of a pixel's cell only: each
 pixel's two bilinear sources along x, at the three rows, then along y. Where a thread holds whole cells (the
 tuner's 16-pixel configs at blur 4) the sources and weights are constants of its registers and the pooling adds
-in registers: 31 instructions an element (sm_90, both passes; 57 with the cells' rows across lanes).
+in registers: 31 instructions an element (sm_90, both passes; 57 with the cells' rows across lanes). For up to 24
+classes the one-pass configs hold every class of 4 pixels a thread in registers instead, and read ``u`` once.
 """
 
 from __future__ import annotations
