@@ -70,16 +70,20 @@ def _lerp(lo, hi, frac):
 
 
 @triton.jit
-def _logits(u_cls, m_cls, f_cls, lse, c_ok, offs, ok, C, rows, col_lo, col_hi, fx, below, fy,
+def _logits(c, u_img, m_img, f_ptr, lse, full, m_plane, offs, ok, C, rows, col_lo, col_hi, fx, below, fy,
             START: tl.constexpr, UNIT: tl.constexpr, EVICT: tl.constexpr):
     """``Z = a · (u - lse) + w · upsample(M)`` of a block of classes over the tile, in units of ``UNIT`` (``log2 e``
     for the softmax, which then exponentiates in base 2; ``u`` itself at the ``START``); ``a`` at ``f_cls``, ``w``
-    a row of ``C`` further, in the ``[2, C]`` factors. The message: at each of the pooled rows ``i - 1, i, i + 1``
+    a row of ``C`` further, in the ``[2, C]`` factors; ``c``: the classes (``[1]`` or ``[BLOCK_C, 1]``; those past
+    ``C`` masked, their message read at class ``C - 1``). The message: at each of the pooled rows ``i - 1, i, i + 1``
     (``rows``, clamped to the grid) along x between the columns ``col_lo`` and ``col_hi`` (clamped) of each pixel
     with weight ``fx``; then along y between the rows that ``below`` picks, with weight ``fy``. ``w · UNIT`` scales
     the loaded values (nine a thread where it holds whole cells), not the pixels. ``EVICT``: the L2 eviction
     policy of ``u``'s loads."""
-    z = tl.load(u_cls + offs, mask=c_ok & ok, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    c_ok = c < C
+    f_cls = f_ptr + c
+    m_cls = m_img + tl.minimum(c, C - 1) * m_plane
+    z = tl.load(u_img + c * full + offs, mask=c_ok & ok, other=0.0, eviction_policy=EVICT).to(tl.float32)
     if START:
         z = z * UNIT
     else:
@@ -147,7 +151,7 @@ def _blur_step_kernel(
         cls = tl.arange(0, 1)  # [1]: broadcast against the pixels, the tiles stay one-dimensional
     else:
         cls = tl.arange(0, BLOCK_C)[:, None]
-    u_img = u_ptr + b * C * full + cls * full
+    u_img = u_ptr + b * C * full
     m_img = m_ptr + b * C * m_plane
     lse_img = lse_ptr + b * full + offs
     lse = 0.0
@@ -159,15 +163,15 @@ def _blur_step_kernel(
     col_hi = tl.where(before_x, col, tl.minimum(col + 1, w - 1))
     before_y, fy = _sources(r, S)
     rows = (tl.maximum(i - 1, 0) * w, i * w, tl.minimum(i + 1, h - 1) * w)  # pooled rows i - 1 .. i + 1
-    geometry = (offs, ok, C, rows, col_lo, col_hi, fx, before_y, fy, START, UNIT)
+    geometry = (u_img, m_img, f_ptr, lse, full, m_plane, offs, ok, C, rows, col_lo, col_hi, fx, before_y, fy, START,
+                UNIT)
     z_lse = 0.0
     inv_total = 0.0
     if CLASSES > 0:
         # Every class in registers (a tuple, one tile a class): u read once, all its loads in flight at once.
         zs = ()
         for c in tl.static_range(CLASSES):
-            zs = zs + (_logits(u_img + c * full, m_img + c * m_plane, f_ptr + c + cls, lse, cls + c < C, *geometry,
-                               "evict_first"),)
+            zs = zs + (_logits(cls + c, *geometry, "evict_first"),)
         if SOFTMAX:
             top = zs[0]
             for c in tl.static_range(1, CLASSES):
@@ -182,10 +186,8 @@ def _blur_step_kernel(
         top = tl.full((BLOCK_PIXELS,), float("-inf"), tl.float32)
         total = tl.zeros((BLOCK_PIXELS,), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            c_ok = cls + c0 < C
-            m_cls = m_img + tl.minimum(cls + c0, C - 1) * m_plane  # classes past C read class C - 1
             # u is read again by the second loop: kept in L2 before the lines the second loop has read.
-            z = _logits(u_img + c0 * full, m_cls, f_ptr + c0 + cls, lse, c_ok, *geometry, "evict_last")
+            z = _logits(cls + c0, *geometry, "evict_last")
             if BLOCK_C == 1:
                 # One exponential an element: of -|z - top|, the smaller term relative to the larger.
                 d = z - top
@@ -193,7 +195,7 @@ def _blur_step_kernel(
                 total = tl.where(d > 0, total * e + 1.0, total + e)
                 top = tl.maximum(top, z)
             else:
-                z = tl.where(c_ok, z, float("-inf"))
+                z = tl.where(cls + c0 < C, z, float("-inf"))
                 new_top = tl.maximum(top, tl.max(z, axis=0))
                 total = total * tl.exp2(top - new_top) + tl.sum(tl.exp2(z - new_top), axis=0)
                 top = new_top
@@ -214,9 +216,7 @@ def _blur_step_kernel(
                     NUMERATORS)
     else:
         for c0 in range(0, C, BLOCK_C):
-            m_cls = m_img + tl.minimum(cls + c0, C - 1) * m_plane
-            z = _logits(u_img + c0 * full, m_cls, f_ptr + c0 + cls, lse, cls + c0 < C, *geometry,
-                        "evict_first" if SOFTMAX else "")
+            z = _logits(cls + c0, *geometry, "evict_first" if SOFTMAX else "")
             if NUMERATORS:
                 z = tl.exp2(z - top)
             _output(z, cls + c0, *outputs, SP, BLOCK_J, BLOCK_C, TERM, POOL, SOFTMAX, LOG, NUMERATORS)
@@ -319,19 +319,18 @@ def _launch(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, messa
     args = (unary, lse, factors, message, out, out if term is None else term, C, H, W, h, w, pad_y, pad_x)
     consts = dict(S=blur, SP=sp, START=start, TERM=term is not None, POOL=pool, SOFTMAX=softmax, LOG=log,
                   IDX64=needs_int64(unary, out))
+
+    def grid(meta):
+        return (cdiv(w, meta["BLOCK_PIXELS"] // (sp * sp)), h, B)
+
     if interpreting() and INTERPRETER_CONFIG is not None:
         tile = _prune([INTERPRETER_CONFIG], {"C": C}, **consts)[0].kwargs
-        grid = (cdiv(w, tile["BLOCK_PIXELS"] // (sp * sp)), h, B)
-        _blur_step_kernel[grid](*args, **tile, **consts, **COMPILE_OPTIONS)
+        _blur_step_kernel[grid(tile)](*args, **tile, **consts, **COMPILE_OPTIONS)
     elif interpreting():
         block_j = max(INTERPRETER_BLOCK_J, INTERPRETER_PIXELS // (sp * sp))
-        grid = (cdiv(w, block_j), h, B)
-        block_c = min(next_power_of_2(C), INTERPRETER_MAX_BLOCK_C)
-        _blur_step_kernel[grid](*args, BLOCK_PIXELS=block_j * sp * sp, BLOCK_C=block_c, **consts, **COMPILE_OPTIONS)
+        tile = dict(BLOCK_PIXELS=block_j * sp * sp, BLOCK_C=min(next_power_of_2(C), INTERPRETER_MAX_BLOCK_C))
+        _blur_step_kernel[grid(tile)](*args, **tile, **consts, **COMPILE_OPTIONS)
     else:
-        def grid(meta):
-            return (cdiv(w, meta["BLOCK_PIXELS"] // (sp * sp)), h, B)
-
         _blur_step_tuned[grid](*args, **consts, **COMPILE_OPTIONS)
 
 

@@ -81,7 +81,6 @@ def _compile(
     num_warps: int = 4,
     num_stages: int = 3,
     divisible: tuple[str, ...] = (),
-    maxnreg: int | None = None,
 ) -> dict:
     """The cache entry: ``cubin`` (base64), ``shared`` (bytes) and ``ttgir``, compiled in a child process
     unless cached."""
@@ -97,7 +96,6 @@ def _compile(
         "num_warps": num_warps,
         "num_stages": num_stages,
         "divisible": list(divisible),
-        **({"maxnreg": maxnreg} if maxnreg else {}),
     }
     key_text = json.dumps([request, _source_digest(module), triton.__version__, "ttgir"], sort_keys=True)
     path = CACHE_DIR / f"{name}-{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.json"
@@ -125,16 +123,14 @@ def compile_for(
     num_warps: int = 4,
     num_stages: int = 3,
     divisible: tuple[str, ...] = (),
-    maxnreg: int | None = None,
 ) -> ResourceUsage:
     """Compile ``fn`` for ``sm_<arch>`` and return its resource usage.
 
     ``signature`` maps each runtime argument to a Triton type ("*fp32", "i32", ...); ``constexprs`` maps
     each ``tl.constexpr`` argument to its value (JSON-serialisable: int, float, bool, str); ``divisible``
-    names the arguments known to be multiples of 16 (as a launch specialises aligned pointers and sizes);
-    ``maxnreg``: a config's register limit a thread.
+    names the arguments known to be multiples of 16 (as a launch specialises aligned pointers and sizes).
     """
-    entry = _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible, maxnreg)
+    entry = _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible)
     match = _USAGE_RE.search(_cuobjdump(["--dump-resource-usage"], base64.b64decode(entry["cubin"])))
     if match is None:
         raise RuntimeError("unexpected cuobjdump --dump-resource-usage output")
@@ -149,10 +145,9 @@ def sass(
     num_warps: int = 4,
     num_stages: int = 3,
     divisible: tuple[str, ...] = (),
-    maxnreg: int | None = None,
 ) -> str:
     """Compile ``fn`` like :func:`compile_for` and return the SASS listing (``cuobjdump -sass``)."""
-    entry = _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible, maxnreg)
+    entry = _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible)
     return _cuobjdump(["-sass"], base64.b64decode(entry["cubin"]))
 
 
@@ -232,8 +227,6 @@ def _child(request: dict) -> None:
     signature = {a: "constexpr" if a in constexprs else request["signature"][a] for a in fn.arg_names}
     # The launches' options (fused multiply-adds), whatever the triton version's default.
     options = {"num_warps": request["num_warps"], "num_stages": request["num_stages"], **COMPILE_OPTIONS}
-    if "maxnreg" in request:
-        options["maxnreg"] = request["maxnreg"]
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in request["divisible"]}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", request["arch"], 32), options=options)
