@@ -153,15 +153,16 @@ def test_interior_blocks_match_reference(fused, width, unroll, device):
     the image (the masks) make those taps vanish. Width 44 (a multiple of 4, blocks across rows): the two-pass
     interior's 16-byte chunks (chunks -1 .. 1 at k = 9's first 8 taps, chunk 1 alone at its last), and on two
     images the border blocks' too but near the batch's ends (EDGE: values outside the image, the other image's
-    rows among them, zeroed); 42: its 4-byte loop, border blocks likewise on two images."""
+    rows among them, zeroed); 42: its 4-byte loop, border blocks likewise on two images. 10 rows: at k = 9 an
+    image's interior blocks are those of rows 4 and 5 (two at widths 44 and 42, one at 40)."""
     cfg = triton.Config({**INTERIOR_TILE, "UNROLL": unroll}, num_warps=1)
     B = 1 if fused else 2
-    feats, compats, Q = make_inputs(17 + unroll, B, 5, 13, width, (2, 3), device=device)
+    feats, compats, Q = make_inputs(17 + unroll, B, 5, 10, width, (2, 3), device=device)
     for k in (3, 5) if unroll == 2 else (3, 9):
         if fused:
             K = reference.gaussian_weights(feats.double(), (2, 3), compats.double(), k, False)
         else:
-            K = torch.rand(B, k * k, 13, width, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+            K = torch.rand(B, k * k, 10, width, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
         want = reference.message_pass(K.to(device), Q.double())
         if fused:
             got = mp._launch(Q, None, feats, compats, (2, 3), k, False, config=cfg)
