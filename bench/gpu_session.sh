@@ -33,6 +33,8 @@ echo "== training's kernels: the fused pass and its weight gradient"
 CONVCRF_AUTOTUNE=0 timeout 60 python3 bench/backward.py --out /tmp/backward.csv
 echo "== one inference's kernels (1024x2048 blur 4 k = 11, tuned: autotune.csv of the sections has the picks)"
 timeout 60 python3 bench/kernel_profile.py --size 1024x2048 --blur 4 --filter-size 11 --rows 8
+echo "== the same at 512x512 k = 3 (launch-bound?)"
+timeout 40 python3 bench/kernel_profile.py --size 512x512 --blur 4 --filter-size 3 --rows 8
 
 section() {  # section budget implementations...
   local name=$1 budget=$2; shift 2

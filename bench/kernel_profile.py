@@ -6,13 +6,15 @@ The original-compatible configuration of the benchmark (``convcrf_triton.benchma
 synthetic inputs, 5 iterations; warmed up (compiled and autotuned) before the profiled calls. ``--composed``
 runs the blurred iterations as PyTorch ops around the message pass instead of ``kernels.blur_step``. The
 ``_blur_step_kernel`` rows hold the set-up too (``blur_start``, or ``mean_field_start`` at blur 1, the same
-kernel): T + 1 calls an inference at blur > 1, one at blur 1.
+kernel): T + 1 calls an inference at blur > 1, one at blur 1. First line: the kernels' time an inference against
+the wall time of one, back to back and each waited for (the host's share: launch-bound where they differ).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 
 import torch
 from run_all import bootstrap
@@ -45,9 +47,25 @@ def main() -> None:
             for _ in range(args.calls):
                 crf(unary, image)
             torch.cuda.synchronize()
+        # Wall time an inference, back to back (the host's launches overlapping the GPU's work) and each call
+        # waited for: against the kernels' sum, whether the GPU or the host sets the pace.
+        walls = []
+        for wait in (False, True):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.calls):
+                crf(unary, image)
+                if wait:
+                    torch.cuda.synchronize()
+            torch.cuda.synchronize()
+            walls.append((time.perf_counter() - start) * 1e3 / args.calls)
     label = "composed" if args.composed else "blur_step"
     print(f"== {H}x{W} C={args.classes} k={args.filter_size} blur={args.blur} ({label}), {args.calls} calls")
-    print(prof.key_averages().table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=60))
+    events = prof.key_averages()
+    kernels_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e3 / args.calls
+    print(f"an inference: kernels {kernels_ms:.3f} ms, wall {walls[0]:.3f} ms back to back, {walls[1]:.3f} ms "
+          "waited for")
+    print(events.table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":
