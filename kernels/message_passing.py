@@ -66,6 +66,13 @@ FUSED_MAX_PIXELS = 128 * 128
 FUSED_ABOVE_K_BYTES = 2 << 30
 # Taps of an interior row the two-pass loops unroll together (whole rows at k >= 11 took up to 168 registers).
 TWO_PASS_ROW_CHUNK = tl.constexpr(8)
+# The fused pass's border blocks (all of a 128-wide grid's at k >= 11) walk the window unmasked, each tap's
+# weights outside the image zeroed by a select (EDGE), up to k = 21 in the tiles of 8 classes whose threads hold
+# 4 pixels (BLOCK_P <= 16 * BLOCK_C, at _prune's 16 elements a thread: 8 × 128), 64-128 registers (sm_90, triton
+# 3.6 and 3.9). With it, the other tiles took 200-255 registers (32 classes, from k = 15) or spilled (8 × 256,
+# 8 pixels a thread each with its own features: k = 31, and k = 3 with triton 3.6; 16 × 128: k = 7 with 3.6).
+FUSED_EDGE_MAX_BLOCK_C = tl.constexpr(8)
+FUSED_EDGE_MAX_FILTER_SIZE = tl.constexpr(21)
 
 
 @triton.jit
@@ -251,10 +258,12 @@ def _window_sum(acc, q_rows, q_mask, k_img, f_ptr, c1, c2, p0, offs, in_img, y, 
     registers; the fused pass, which computes each tap's weights, unrolls 4: with 8, k = 31 spilled. The
     channels-last step, whose thread holds one pixel's classes, reuses nothing that way and went from 127 to
     168-255 registers, spilling with triton 3.6: it keeps the loop below.)
-    ``EDGE`` (the two-pass message pass at widths that are not multiples of 4, ``BORDER=False``): the pixels lie
-    in the image but their window may not; every read lies in ``Q`` (the caller's test), and each neighbour
-    outside the image is zeroed by a select. (Not in the fused pass: up to 184 registers at k = 31 for 10-26%
-    fewer instructions than its masked loop; nor in the step, which spilled.)
+    ``EDGE`` (``BORDER=False``; the two-pass message pass at widths that are not multiples of 4, and the fused
+    pass in the tiles of ``FUSED_EDGE_MAX_BLOCK_C``): the pixels lie in the image but their window may not; every
+    read lies in ``Q`` and in the features (the caller's test), and each neighbour outside the image is zeroed by
+    a select: its value in the two-pass pass (``K`` there may be anything), its weight in the fused one (one
+    select a pixel, not one a class; a NaN or Inf in ``Q`` outside the window, which validated inputs never
+    hold, would then reach the sum). (Not in the step, which spilled.)
     Otherwise ``UNROLL`` taps at a time (the last group masked), so that ``UNROLL`` independent neighbour
     loads are in flight before the first multiply-add; with ``BORDER=True`` a neighbour is valid when
     ``0 <= y + dy < h`` and ``0 <= x + dx < w``, two unsigned compares (:func:`_pixel_block` has moved the
@@ -284,7 +293,9 @@ def _window_sum(acc, q_rows, q_mask, k_img, f_ptr, c1, c2, p0, offs, in_img, y, 
                     weight = _tap_weights(k_row, f_ptr, own, c1, c2, offs + ((i - R) * w + (j - R)), every, every,
                                           plane, rows0, i * KSIZE + j, KSIZE, FUSED, D1, D2, KEEP_CENTRE, CS)
                     q = tl.load(q_row + u).to(tl.float32)
-                    if EDGE:  # a neighbour outside the image: zero, as the masked loop's zero fill
+                    if EDGE and FUSED:  # a neighbour outside the image: its weight zero (one select a pixel)
+                        weight = tl.where((row_ok & _inside(x + (j - R), w))[None, :], weight, 0.0)
+                    elif EDGE:  # a neighbour outside the image: zero, as the masked loop's zero fill
                         q = tl.where((row_ok & _inside(x + (j - R), w))[None, :], q, 0.0)
                     acc += weight * q
         return acc
@@ -348,14 +359,20 @@ def _message_pass_kernel(
     interior = interior & (p0 >= (KSIZE // 2) * w) & (p0 + (KSIZE // 2 + 1) * w <= plane)
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     ROWS: tl.constexpr = ALIGNED > 0 and CS == 0 and not FUSED  # aligned 16-byte chunks, split in registers
-    if CS == 0 and not FUSED:
-        # A planar two-pass border block whose pixels lie in the image and whose reads (up to R rows and R + 3
-        # columns away) all lie in Q (every block but those near the batch's two ends) takes an unmasked loop
-        # too, the 16-byte chunks or the 4-byte one, each neighbour outside the image zeroed by a select (EDGE).
+    EDGE: tl.constexpr = CS == 0 and (not FUSED or (BLOCK_C <= FUSED_EDGE_MAX_BLOCK_C and BLOCK_P <= 16 * BLOCK_C
+                                                    and KSIZE <= FUSED_EDGE_MAX_FILTER_SIZE and not STEP))
+    if EDGE:
+        # A planar border block whose pixels lie in the image and whose reads (up to R rows and R + 3 columns
+        # away) all lie in Q (every block but those near the batch's two ends), and in the features when fused,
+        # takes an unmasked loop too, the two-pass pass's 16-byte chunks or the 4-byte one, each neighbour
+        # outside the image zeroed by a select (EDGE).
         cls0 = tl.program_id(1) * BLOCK_C
         reach = (KSIZE // 2) * (w + 1) + 3
         in_q = (p0 + BLOCK_P <= plane) & _reads_in_tensor(
             b * C + cls0, tl.num_programs(2) * C - b * C - tl.minimum(cls0 + BLOCK_C, C) + 1, p0, plane, reach, BLOCK_P)
+        if FUSED:
+            D: tl.constexpr = D1 + D2
+            in_q = in_q & _reads_in_tensor(b * D, tl.num_programs(2) * D - b * D - D + 1, p0, plane, reach, BLOCK_P)
     if ROWS and interior:
         acc = _interior_rows(q_ptr + img_off, cls0, C, k_img, p0, h, w, plane, BLOCK_C, BLOCK_P, KSIZE, False)
     elif ROWS and in_q:
@@ -363,7 +380,7 @@ def _message_pass_kernel(
     elif interior:
         acc = _window_sum(acc, q_rows, q_mask, k_img, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
                           KSIZE, FUSED, D1, D2, KEEP_CENTRE, UNROLL, CS, False)
-    elif CS == 0 and not FUSED and not ROWS and not STEP and in_q:  # (the unaligned step spilled with it)
+    elif EDGE and not ROWS and not STEP and in_q:  # (the unaligned step spilled with it)
         acc = _window_sum(acc, q_rows, q_mask, k_img, f_ptr, c1, c2, p0, offs, in_img, y, x, h, w, plane,
                           KSIZE, FUSED, D1, D2, KEEP_CENTRE, UNROLL, CS, False, True)
     else:
@@ -542,13 +559,20 @@ def _weight_grad_kernel(
 def _prune(configs, named_args, **kwargs):
     """Drop class blocks far wider than C, and tiles over 16 elements per thread: each element of the
     ``[BLOCK_C, BLOCK_P]`` tile costs ~7 registers (accumulator, loaded value, 64-bit address, predicate),
-    so 16 per thread is ~120 registers (measured for sm_80/sm_90), 32 per thread ~235."""
+    so 16 per thread is ~120 registers (measured for sm_80/sm_90), 32 per thread ~235. The 8-warp tiles only up
+    to ``EIGHT_WARPS_MAX_FILTER_SIZE``: beyond it they spilled (sm_90, capped at 128 registers; triton 3.9: the
+    two-pass 32 × 128 at k = 15, 16 × 256 at k = 21, the fused 16 × 256 at k = 31; triton 3.6: the two-pass
+    16 × 256 at k = 11 and 21), where no 4-warp tile did."""
     c_block = max(8, next_power_of_2(named_args["C"]))
     kept = [
         cfg for cfg in configs
         if cfg.kwargs["BLOCK_C"] <= c_block and cfg.kwargs["BLOCK_C"] * cfg.kwargs["BLOCK_P"] <= 16 * 32 * cfg.num_warps
+        and (cfg.num_warps < 8 or kwargs["KSIZE"] <= EIGHT_WARPS_MAX_FILTER_SIZE)
     ]
     return tuning_off(kept or configs[:1])
+
+
+EIGHT_WARPS_MAX_FILTER_SIZE = 7
 
 
 # Tile shapes and tap unroll factors for the GPU; the first is the default (one class block for C <= 32,

@@ -167,7 +167,7 @@ def test_message_pass_sass(cfg, fused):
 # 1.39-1.74). Other widths keep the 4-byte loop: 2.45-3.1 without the divisibility by 16. The channels-last
 # step keeps its loop (2.8-3.3).
 MAX_INSTRUCTIONS_PER_FFMA = {"two-pass": 1.75, "two-pass-edge": 2.55, "two-pass-unaligned": 3.2, "fused": 5.0,
-                             "step": 1.8, "step-channels-last": 3.4}
+                             "fused-edge": 5.3, "step": 1.8, "step-channels-last": 3.4}
 MAX_LOADS_PER_FFMA = 0.25
 
 
@@ -222,6 +222,45 @@ def test_two_pass_border_blocks_take_the_chunks_too(cfg):
     assert loads and all(".128" in t for t in loads), loads
     assert len(loads) <= MAX_LOADS_PER_FFMA * ffma
     assert len(edge[0]) <= MAX_INSTRUCTIONS_PER_FFMA["two-pass-edge"] * ffma
+
+
+def _ffma(body: list[str]) -> int:
+    return sum(opcode(t) == "FFMA" for t in body)
+
+
+FUSED_EDGE_CONFIGS = [cfg for cfg in mp.TUNE_CONFIGS if cfg.kwargs["BLOCK_C"] <= mp.FUSED_EDGE_MAX_BLOCK_C
+                      and cfg.kwargs["BLOCK_P"] <= 16 * cfg.kwargs["BLOCK_C"]]
+
+
+@pytest.mark.parametrize("cfg", FUSED_EDGE_CONFIGS, ids=str)
+def test_fused_border_blocks_walk_the_window_unmasked(cfg):
+    """The fused pass's border blocks (but those near the batch's two ends) run the interior's unrolled tap rows
+    too (EDGE), each tap's weights outside the image zeroed by one select a pixel, not one a class: a second loop
+    with the interior's multiply-adds, at most 0.6 selects and 5.3 instructions a multiply-add (k = 7, sm_90:
+    triton 3.9 4.4-4.7 and 0.18, triton 3.6 4.9-5.3 and 0.54, where a thread's 2 class rows × 4 pixels make one
+    select a pixel 0.5 and one a value 1; zeroing the values instead took 0.68 with 3.9; the masked loop these
+    blocks ran before: 6.3-9.1)."""
+    listing = sass(mp._message_pass_kernel, MP_SIGNATURE, _mp_constexprs(cfg, 7, True), 90,
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, divisible=ALIGNED_MP)
+    bodies = [body for body in loops(listing) if _ffma(body)]
+    interior = min(bodies, key=lambda body: len(body) / _ffma(body))  # hot_loop's
+    edge = [body for body in bodies if body is not interior and _ffma(body) == _ffma(interior)]
+    assert len(edge) == 1, [len(body) for body in edge]
+    ffma = _ffma(edge[0])
+    assert sum(opcode(t) in ("SEL", "FSEL") for t in edge[0]) <= 0.6 * ffma
+    assert len(edge[0]) <= MAX_INSTRUCTIONS_PER_FFMA["fused-edge"] * ffma
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("cfg", FUSED_EDGE_CONFIGS, ids=str)
+def test_fused_border_loop_fits_the_register_budget_at_k_21(cfg, arch):
+    """The largest filter size whose fused border blocks take the unmasked loop (FUSED_EDGE_MAX_FILTER_SIZE), in
+    every tile that takes it (sm_90: 92 registers with triton 3.9, 128 with 3.6): no spills, and at most 168
+    registers (3 resident blocks of 4 warps an SM)."""
+    k = mp.FUSED_EDGE_MAX_FILTER_SIZE.value
+    usage = compile_for(mp._message_pass_kernel, MP_SIGNATURE, _mp_constexprs(cfg, k, True), arch,
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, divisible=ALIGNED_MP)
+    assert usage.stack == 0 and usage.reg <= 168, usage
 
 
 def _blocked(layout: str) -> dict[str, list[int]]:

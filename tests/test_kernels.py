@@ -153,10 +153,12 @@ def test_interior_blocks_match_reference(fused, width, unroll, device):
     the image (the masks) make those taps vanish. Width 44 (a multiple of 4, blocks across rows): the two-pass
     interior's 16-byte chunks (chunks -1 .. 1 at k = 9's first 8 taps, chunk 1 alone at its last), and on two
     images the border blocks' too but near the batch's ends (EDGE: values outside the image, the other image's
-    rows among them, zeroed); 42: its 4-byte loop, border blocks likewise on two images. 10 rows: at k = 9 an
-    image's interior blocks are those of rows 4 and 5 (two at widths 44 and 42, one at 40)."""
+    rows among them, zeroed); 42: its 4-byte loop, border blocks likewise on two images. 40, fused: the border
+    blocks' unmasked loop too (EDGE, each weight outside the image zeroed; on two images at k = 3 and 5, one at
+    k = 9, which takes longest). 10 rows: at k = 9 an image's interior blocks are those of rows 4 and 5 (two at
+    widths 44 and 42, one at 40)."""
     cfg = triton.Config({**INTERIOR_TILE, "UNROLL": unroll}, num_warps=1)
-    B = 1 if fused else 2
+    B = 1 if fused and unroll == 1 else 2
     feats, compats, Q = make_inputs(17 + unroll, B, 5, 10, width, (2, 3), device=device)
     for k in (3, 5) if unroll == 2 else (3, 9):
         if fused:
@@ -483,15 +485,18 @@ def test_every_tuned_config_matches_reference(cfg, fused, device):
 
 
 def test_autotune_pruning_and_switch(monkeypatch):
-    """Configs with class blocks far wider than C, or over 16 tile elements a thread, are pruned;
-    CONVCRF_AUTOTUNE=0 keeps the first survivor only (no benchmarking)."""
-    kept = mp._prune(mp.TUNE_CONFIGS, {"C": 3})
+    """Configs with class blocks far wider than C, or over 16 tile elements a thread, are pruned, and the 8-warp
+    tiles from k = 9 (they spilled from k = 11); CONVCRF_AUTOTUNE=0 keeps the first survivor only (no benchmarking)."""
+    kept = mp._prune(mp.TUNE_CONFIGS, {"C": 3}, KSIZE=7)
     assert kept and all(c.kwargs["BLOCK_C"] <= 8 for c in kept) and len(kept) > 1
     assert all(c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_P"] <= 16 * 32 * c.num_warps for c in kept)
+    for k in (3, 7, 9, 15, 31):
+        warps = {c.num_warps for c in mp._prune(mp.TUNE_CONFIGS, {"C": 21}, KSIZE=k)}
+        assert warps == ({2, 4, 8} if k <= 7 else {2, 4}), (k, warps)
     step = mp._prune_step(mp.STEP_CONFIGS, {"C": 150}, HAS_COMPAT=False)
     assert {c.num_warps for c in step} == {8} and len(step) == 2
     monkeypatch.setenv("CONVCRF_AUTOTUNE", "0")
-    assert mp._prune(mp.TUNE_CONFIGS, {"C": 3}) == kept[:1]
+    assert mp._prune(mp.TUNE_CONFIGS, {"C": 3}, KSIZE=7) == kept[:1]
     assert len(mp._prune_step(mp.STEP_CONFIGS, {"C": 150}, HAS_COMPAT=False)) == 1
 
 
