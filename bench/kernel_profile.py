@@ -47,8 +47,8 @@ def main() -> None:
             for _ in range(args.calls):
                 crf(unary, image)
             torch.cuda.synchronize()
-        # Wall time an inference, back to back (the host's launches overlapping the GPU's work) and each call
-        # waited for: against the kernels' sum, whether the GPU or the host sets the pace.
+        # Wall time an inference, back to back and each call waited for (every call already waits once, early:
+        # the input check reads a sum back): against the kernels' sum, whether the GPU or the host sets the pace.
         walls = []
         for wait in (False, True):
             torch.cuda.synchronize()

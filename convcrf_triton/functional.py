@@ -54,8 +54,10 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
     return kernels
 
 
-def check_inputs(unary: torch.Tensor, image: torch.Tensor) -> None:
-    """Clear errors for bad inputs instead of a kernel failure or a silent wrong answer."""
+def check_inputs(unary: torch.Tensor, image: torch.Tensor) -> torch.Tensor | None:
+    """Clear errors for bad inputs instead of a kernel failure or a silent wrong answer: types, shapes and devices
+    here; the values (NaN/Inf) from what this returns, by :func:`check_values` (one host sync, which the caller
+    puts after the inference's launches, so that the GPU is not left waiting at its start)."""
     for name, t in (("unary", unary), ("image", image)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -74,13 +76,21 @@ def check_inputs(unary: torch.Tensor, image: torch.Tensor) -> None:
         )
     if unary.device != image.device:
         raise ValueError(f"unary is on {unary.device} but image is on {image.device}: use one device")
-    # The value check below needs a host sync: not inside a compiled or a CUDA graph being recorded.
+    # The value check needs a host sync: not inside a compiled or a CUDA graph being recorded.
     if torch.compiler.is_compiling() or (unary.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    # One reduction a tensor instead of isfinite's three passes: a NaN/Inf makes the float64 sum non-finite, and
+    # float32/16 values cannot overflow it (check_values confirms a non-finite sum element-wise).
+    return torch.stack([unary.detach().sum(dtype=torch.float64), image.detach().sum(dtype=torch.float64)])
+
+
+def check_values(sums: torch.Tensor | None, unary: torch.Tensor, image: torch.Tensor) -> None:
+    """The ValueError for a NaN/Inf in ``unary`` or ``image``, from :func:`check_inputs`' ``sums`` (None: no
+    check)."""
+    if sums is None:
         return
-    for name, t in (("unary", unary), ("image", image)):
-        # One reduction instead of isfinite's three passes: a NaN/Inf makes the float64 sum non-finite,
-        # and float32/16 values cannot overflow it; a non-finite sum is confirmed element-wise.
-        if not math.isfinite(t.sum(dtype=torch.float64).item()) and not bool(torch.isfinite(t).all()):
+    for (name, t), total in zip((("unary", unary), ("image", image)), sums.tolist(), strict=True):
+        if not math.isfinite(total) and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or Inf values")
 
 
@@ -371,7 +381,7 @@ def mean_field(
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not allowed: expected one of "
                          + ", ".join(repr(s) for s in PRECISIONS))
-    check_inputs(unary, image)
+    sums = check_inputs(unary, image)
     out_dtype = unary.dtype
     dtype = torch.float64 if unary.dtype == torch.float64 else torch.float32
     unary, image = unary.to(dtype), image.to(dtype)
@@ -383,12 +393,12 @@ def mean_field(
         precision=precision,
     )
     compat_matrix = None if compat_matrix is None else compat_matrix.to(dtype)
-    out = passer.steps(unary, mode, unary_weight, weight, compat_matrix, num_iter, final_softmax)
-    if out is not None:
-        return out.to(out_dtype)
-    Q, unary_term = unary_setup(unary, mode, unary_weight, weight)
-    mix = mixer(weight, compat_matrix)
-    for i in range(num_iter):
-        Z = unary_term + passer(Q, mix)
-        Q = torch.softmax(Z, dim=1) if i < num_iter - 1 or final_softmax else Z  # the last: logits Z
+    Q = passer.steps(unary, mode, unary_weight, weight, compat_matrix, num_iter, final_softmax)
+    if Q is None:
+        Q, unary_term = unary_setup(unary, mode, unary_weight, weight)
+        mix = mixer(weight, compat_matrix)
+        for i in range(num_iter):
+            Z = unary_term + passer(Q, mix)
+            Q = torch.softmax(Z, dim=1) if i < num_iter - 1 or final_softmax else Z  # the last: logits Z
+    check_values(sums, unary, image)  # after the launches: the inference's one host sync
     return Q.to(out_dtype)

@@ -126,8 +126,10 @@ class ConvCRF(nn.Module):
                              f"ConvCRF was built for num_classes={cfg.num_classes}")
         if (self._graphs is not None and isinstance(unary, torch.Tensor) and unary.is_cuda
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
-            functional.check_inputs(unary, image)
-            return self._graphs(unary, image)
+            sums = functional.check_inputs(unary, image)
+            out = self._graphs(unary, image)
+            functional.check_values(sums, unary, image)  # after the replay's launch
+            return out
         return self._infer(unary, image)
 
     def _infer(self, unary: torch.Tensor, image: torch.Tensor) -> torch.Tensor:

@@ -262,6 +262,16 @@ def test_non_finite_is_value_error(via: str, bad: str, value: float, dtype: torc
 
 
 @pytest.mark.parametrize("via", VIAS)
+def test_finite_float64_values_whose_sum_overflows_are_accepted(via: str) -> None:
+    """The value check sums each input in float64, which finite float64 values can overflow: the element-wise
+    confirmation then lets them through, and the inference runs (softmax of logits of 1e308: that class)."""
+    unary, image = _inputs(6, 1, 4, 6, 5, torch.float64)
+    unary[0, 2, :, :3] = 1e308
+    out = _call(via, unary, image)
+    assert bool(torch.isfinite(out[0, :, :, 3:]).all()) and bool((out[0].argmax(0)[:, :3] == 2).all())
+
+
+@pytest.mark.parametrize("via", VIAS)
 @pytest.mark.parametrize(
     ("unary_shape", "image_shape"),
     [
