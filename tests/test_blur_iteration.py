@@ -218,7 +218,9 @@ def test_blur_kernels_with_each_config(which, monkeypatch, device):
     u, lse, a, w, _ = _inputs(case, 5)
     monkeypatch.setenv("CONVCRF_AUTOTUNE", "1")  # the GPU test run's 0 would prune to the first config
     monkeypatch.setattr(blur_iteration, "INTERPRETER_CONFIG", cfg)
-    monkeypatch.setattr(blur_iteration._blur_step_tuned, "configs", [cfg])
+    # Twice: with one config triton launches it unpruned (a one-pass config's BLOCK_C = 0 as it is); with two
+    # the pruning maps it as in a tuned launch, and the tuner picks between the two copies.
+    monkeypatch.setattr(blur_iteration._blur_step_tuned, "configs", [cfg, cfg])
     monkeypatch.setattr(blur_iteration._blur_step_tuned, "cache", {})
     B, C, H, W, _ = case
     for blur in (4, 3, 1):
