@@ -182,6 +182,10 @@ def test_message_pass_hot_loop_overhead(cfg, fused):
         assert not [t for body in loops(listing) for t in body if opcode(t) in ("BAR", "LDS", "STS")]
 
 
+def _ffma(body: list[str]) -> int:
+    return sum(opcode(t) == "FFMA" for t in body)
+
+
 def _loads(body: list[str]) -> list[str]:
     return [t for t in body if opcode(t) == "LDG"]
 
@@ -203,9 +207,9 @@ def test_two_pass_interior_reads_16_bytes_at_a_time(cfg):
     body = hot_loop(listing)
     loads = _loads(body)
     assert loads and all(".128" in t for t in loads), loads
-    assert len(loads) <= MAX_LOADS_PER_FFMA * sum(opcode(t) == "FFMA" for t in body)
+    assert len(loads) <= MAX_LOADS_PER_FFMA * _ffma(body)
     assert not [t for t in body if opcode(t) in ("BAR", "LDS", "STS")]
-    assert len(body) <= MAX_INSTRUCTIONS_PER_FFMA["two-pass"] * sum(opcode(t) == "FFMA" for t in body)
+    assert len(body) <= MAX_INSTRUCTIONS_PER_FFMA["two-pass"] * _ffma(body)
 
 
 @pytest.mark.parametrize("cfg", mp.TUNE_CONFIGS, ids=str)
@@ -219,14 +223,10 @@ def test_two_pass_border_blocks_take_the_chunks_too(cfg):
                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, divisible=ALIGNED_MP)
     edge = _select_loops(listing)
     assert len(edge) == 1, [len(body) for body in edge]
-    loads, ffma = _loads(edge[0]), sum(opcode(t) == "FFMA" for t in edge[0])
+    loads, ffma = _loads(edge[0]), _ffma(edge[0])
     assert loads and all(".128" in t for t in loads), loads
     assert len(loads) <= MAX_LOADS_PER_FFMA * ffma
     assert len(edge[0]) <= MAX_INSTRUCTIONS_PER_FFMA["two-pass-edge"] * ffma
-
-
-def _ffma(body: list[str]) -> int:
-    return sum(opcode(t) == "FFMA" for t in body)
 
 
 FUSED_EDGE_CONFIGS = [cfg for cfg in mp.TUNE_CONFIGS if cfg.kwargs["BLOCK_C"] <= mp.FUSED_EDGE_MAX_BLOCK_C
@@ -243,9 +243,8 @@ def test_fused_border_blocks_walk_the_window_unmasked(cfg):
     blocks ran before: 6.3-9.1)."""
     listing = sass(mp._message_pass_kernel, MP_SIGNATURE, _mp_constexprs(cfg, 7, True), 90,
                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, divisible=ALIGNED_MP)
-    bodies = [body for body in loops(listing) if _ffma(body)]
-    interior = min(bodies, key=lambda body: len(body) / _ffma(body))  # hot_loop's
-    edge = [body for body in bodies if body is not interior and _ffma(body) == _ffma(interior)]
+    interior = hot_loop(listing)
+    edge = [body for body in loops(listing) if body != interior and _ffma(body) == _ffma(interior)]
     assert len(edge) == 1, [len(body) for body in edge]
     ffma = _ffma(edge[0])
     assert sum(opcode(t) in ("SEL", "FSEL") for t in edge[0]) <= 0.6 * ffma
@@ -279,10 +278,10 @@ def test_two_pass_widths_that_are_multiples_of_4_read_16_bytes_too(cfg):
                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, divisible=POINTERS_ALIGNED)
     body = hot_loop(listing)
     assert all(".128" in t for t in _loads(body)) and not [t for t in body if opcode(t) in ("BAR", "LDS", "STS")]
-    assert len(body) <= MAX_INSTRUCTIONS_PER_FFMA["two-pass"] * sum(opcode(t) == "FFMA" for t in body)
+    assert len(body) <= MAX_INSTRUCTIONS_PER_FFMA["two-pass"] * _ffma(body)
     edge = _select_loops(listing)
     assert len(edge) == 1 and all(".128" in t for t in _loads(edge[0]))
-    assert len(edge[0]) <= 2.95 * sum(opcode(t) == "FFMA" for t in edge[0])
+    assert len(edge[0]) <= 2.95 * _ffma(edge[0])
 
 
 @pytest.mark.parametrize("cfg", mp.TUNE_CONFIGS[:2], ids=str)
@@ -295,7 +294,7 @@ def test_two_pass_interior_of_other_widths(cfg):
     assert instructions_per_ffma(listing) <= MAX_INSTRUCTIONS_PER_FFMA["two-pass-unaligned"]
     assert not [t for t in _loads(hot_loop(listing)) if ".128" in t]
     edge = _select_loops(listing)
-    assert len(edge) == 1 and len(edge[0]) <= 5.2 * sum(opcode(t) == "FFMA" for t in edge[0])
+    assert len(edge) == 1 and len(edge[0]) <= 5.2 * _ffma(edge[0])
 
 
 @pytest.mark.parametrize("cs", [0, 24])
