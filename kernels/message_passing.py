@@ -756,23 +756,24 @@ def mean_field_step(
     )
 
 
-# The one-launch step's layout: None picks by filter size (step_channels_last); True/False force it (the
-# benchmark's triton-cl and planar rows, the tests).
+# The one-launch step's layout: None picks by filter size and grid (step_channels_last); True/False force it
+# (the benchmark's triton-cl and planar rows, the tests).
 STEP_CHANNELS_LAST: bool | None = None
 CHANNELS_LAST_MIN_FILTER_SIZE = 15
+CHANNELS_LAST_MAX_PIXELS = 512 * 512
 
 
-def step_channels_last(filter_size: int) -> bool:
-    """Whether the mean-field loop runs the one-launch step on channels-last tensors (16-byte class vectors)
-    against two layout conversions per call. With today's loops (the planar step's interior tap rows unrolled:
-    0.42 loads and 1.7-2.0 instructions per multiply-add, the channels-last step's 0.5 and 2.8-3.3), measured on
-    an H200 (``bench/results/nvidia-h200-run3``, C = 21, blur 1, 5 iterations, two-pass, eager): at 1024×2048
-    planar is faster at k = 7 (5.27 vs 6.46 ms) and k = 11 (11.14 vs 12.07 ms); at 512² the two tie at k = 11 (2.52 vs
-    2.55 ms) and channels-last wins at k = 15 (3.03 vs 3.79 ms) and k = 21 (5.13 vs 5.69 ms). Untimed: 1024×2048
-    at k >= 15."""
+def step_channels_last(filter_size: int, pixels: int) -> bool:
+    """Whether the mean-field loop runs the one-launch step on channels-last tensors (16-byte class vectors,
+    two layout conversions per call) on a grid of ``pixels = h·w``: from k = 15 on grids up to 512². Measured on
+    an H200, C = 21, blur 1, 5 iterations, eager: at 1024×2048 the planar step is faster at every k timed with
+    today's loops (``bench/results/nvidia-h200-run4``: k = 7 4.19 vs 6.14 ms, k = 11 8.37 vs 11.70, k = 15
+    12.69 vs 19.75); at 512², with the planar loop before its 16-byte rows (``nvidia-h200-run3``), the two tied
+    at k = 11 (2.52 vs 2.55 ms) and channels-last won at k = 15 (3.03 vs 3.79 ms) and k = 21 (5.13 vs 5.69 ms).
+    Untimed: 512² with today's planar loop (1.3× faster at 1024×2048), and grids between the two sizes."""
     if STEP_CHANNELS_LAST is not None:
         return STEP_CHANNELS_LAST
-    return filter_size >= CHANNELS_LAST_MIN_FILTER_SIZE
+    return filter_size >= CHANNELS_LAST_MIN_FILTER_SIZE and pixels <= CHANNELS_LAST_MAX_PIXELS
 
 
 def class_stride(num_classes: int) -> int:

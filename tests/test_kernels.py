@@ -531,6 +531,28 @@ def test_channels_last_step_matches_reference(case, monkeypatch, device):
         assert err <= 2 * (got.double() - want).abs().max().item() + 1e-6
 
 
+@pytest.mark.parametrize("k,size,want", [(15, (8, 8), True), (15, (8, 9), False), (13, (8, 8), False)])
+def test_default_step_layout_by_filter_size_and_grid(k, size, want, monkeypatch, device):
+    """Without a forced layout the loop takes the channels-last step from CHANNELS_LAST_MIN_FILTER_SIZE on grids
+    of at most CHANNELS_LAST_MAX_PIXELS (here 64) pixels, the planar one otherwise."""
+    assert kernels.step_channels_last(15, 512 * 512) and not kernels.step_channels_last(15, 1024 * 2048)
+    monkeypatch.setattr(mp, "CHANNELS_LAST_MAX_PIXELS", 64)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(*a, **kw):
+        seen.append(kw["channels_last"])
+        raise Stop
+
+    monkeypatch.setattr(kernels, "mean_field_step", spy)
+    unary, image, weight, _ = step_inputs(dict(C=3, scalar=True, compat=False), 7, size, device)
+    with torch.no_grad(), pytest.raises(Stop):
+        functional.mean_field(unary, image, backend="triton", filter_size=k, blur=1, num_iter=1, weight=weight)
+    assert seen == [3 if want else None]
+
+
 def test_channels_last_layout_and_checks():
     x = torch.randn(2, 5, 3, 4)
     cl = kernels.to_channels_last(x)
