@@ -11,7 +11,10 @@ What a replay assumes, and how it is kept true:
   (an optimiser step, ``load_state_dict``) are seen by the next replay;
 - no host synchronisation inside the recording: the input value check runs on the caller's tensors
   before the copy, and is skipped while the stream is being captured;
-- Triton's autotuning and compilation happen in warm-up calls on a side stream before the recording.
+- Triton's autotuning and compilation happen in warm-up calls on a side stream before the recording;
+- one replay at a time per entry, on any stream or thread: a lock orders the host's calls, and each replay's
+  stream first waits for the event the previous replay recorded after its output's copy, so that a caller on
+  another stream never refills the static inputs while an earlier replay still reads them.
 
 Each entry holds its static inputs, output and the graph's private memory pool; the cache keeps the
 ``max_entries`` most recently used.
@@ -19,6 +22,7 @@ Each entry holds its static inputs, output and the graph's private memory pool; 
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ class _Entry:
     graph: torch.cuda.CUDAGraph
     inputs: tuple[torch.Tensor, ...]
     output: torch.Tensor
+    done: torch.cuda.Event  # recorded after each replay's output copy
 
 
 class GraphCache:
@@ -49,6 +54,7 @@ class GraphCache:
         self.fn, self.state, self.max_entries = fn, state, max_entries
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.captures = 0
+        self._lock = threading.Lock()
 
     def key(self, inputs: tuple[torch.Tensor, ...]) -> tuple:
         return (tuple((tuple(t.shape), t.dtype, t.device) for t in inputs),
@@ -59,7 +65,7 @@ class GraphCache:
             raise RuntimeError("CUDA-graph replay is for inference: call it under torch.no_grad() or "
                                "torch.inference_mode()")
         key = self.key(inputs)
-        with torch.cuda.device(inputs[0].device):
+        with self._lock, torch.cuda.device(inputs[0].device):
             entry = self.entries.get(key)
             if entry is None:
                 entry = self._record(inputs)
@@ -68,10 +74,14 @@ class GraphCache:
                     self.entries.popitem(last=False)
             else:
                 self.entries.move_to_end(key)
+            stream = torch.cuda.current_stream()
+            stream.wait_event(entry.done)  # the previous replay, perhaps on another stream, is done with the buffers
             for static, t in zip(entry.inputs, inputs, strict=True):
                 static.copy_(t)
             entry.graph.replay()
-            return entry.output.clone()
+            output = entry.output.clone()
+            entry.done.record(stream)
+            return output
 
     def _record(self, inputs: tuple[torch.Tensor, ...]) -> _Entry:
         # Ordinary tensors even under inference_mode: later calls copy into them in place, in any mode.
@@ -87,4 +97,6 @@ class GraphCache:
         with torch.cuda.graph(graph):
             output = self.fn(*static)
         self.captures += 1
-        return _Entry(graph, static, output)
+        done = torch.cuda.Event()
+        done.record()
+        return _Entry(graph, static, output, done)

@@ -111,9 +111,9 @@ class ConvCRF(nn.Module):
     def use_cuda_graphs(self, enabled: bool = True, max_entries: int = 8) -> ConvCRF:
         """Replay CUDA inference from CUDA graphs recorded once per input shape (see
         :mod:`convcrf_triton.graphs`): for small images, where launch gaps dominate. Applies to calls on
-        CUDA tensors without gradients (``torch.no_grad()`` / ``torch.inference_mode()``); other calls run
-        eagerly. Each recorded shape keeps its buffers on the GPU (the ``max_entries`` most recent).
-        Returns ``self``."""
+        CUDA tensors without gradients (``torch.no_grad()`` / ``torch.inference_mode()``), on any stream or
+        thread; other calls, and calls inside the caller's own CUDA-graph recording, run eagerly. Each recorded
+        shape keeps its buffers on the GPU (the ``max_entries`` most recent). Returns ``self``."""
         self._graphs = GraphCache(self._infer, lambda: [*self.parameters(), *self.buffers()], max_entries) \
             if enabled else None
         return self
@@ -125,7 +125,8 @@ class ConvCRF(nn.Module):
             raise ValueError(f"unary has {unary.shape[1]} classes (shape {tuple(unary.shape)}) but this "
                              f"ConvCRF was built for num_classes={cfg.num_classes}")
         if (self._graphs is not None and isinstance(unary, torch.Tensor) and unary.is_cuda
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch.cuda.is_current_stream_capturing()):  # inside the caller's own recording: eager
             sums = functional.check_inputs(unary, image)
             out = self._graphs(unary, image)
             functional.check_values(sums, unary, image)  # after the replay's launch

@@ -58,3 +58,25 @@ def test_recorded_under_inference_mode_replays_under_no_grad(device):
         want = ConvCRF(3, filter_size=3, blur=2, num_iter=2).to(device)(unary * 0.5, image)
     assert first.shape == again.shape == unary.shape
     torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
+
+
+def test_replays_on_two_streams_wait_for_each_other(device):
+    """A replay on a second stream must not refill the static inputs before the first stream's replay, held back
+    on the GPU, has read them (nor overwrite the output before its copy): each replay waits for the last."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs are recorded on the GPU only")
+    crf = ConvCRF(4, filter_size=5, blur=1, num_iter=2).to(device).use_cuda_graphs()
+    eager = ConvCRF(4, filter_size=5, blur=1, num_iter=2).to(device)
+    a, b = _inputs(11, 1, 4, 20, 24, device), _inputs(12, 1, 4, 20, 24, device)
+    with torch.no_grad():
+        crf(*a)  # recorded
+        torch.cuda.synchronize()
+        first, second = torch.cuda.Stream(), torch.cuda.Stream()
+        with torch.cuda.stream(first):
+            torch.cuda._sleep(100_000_000)  # this stream's replay starts ~50 ms later on the GPU
+            got_a = crf(*a)
+        with torch.cuda.stream(second):
+            got_b = crf(*b)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(got_a, eager(*a), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_b, eager(*b), rtol=1e-5, atol=1e-5)
