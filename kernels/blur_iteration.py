@@ -218,8 +218,16 @@ def _blur_step_kernel(
         for c0 in range(0, C, BLOCK_C):
             z = _logits(cls + c0, *geometry, "evict_first" if SOFTMAX else "")
             if NUMERATORS:
-                z = tl.exp2(z - top)
+                z = tl.exp2(_below_top(z - top, BLOCK_C))
             _output(z, cls + c0, *outputs, SP, BLOCK_J, BLOCK_C, TERM, POOL, SOFTMAX, LOG, NUMERATORS)
+
+
+@triton.jit
+def _below_top(d, BLOCK_C: tl.constexpr):
+    """``d = z - top`` (or ``z - lse``), at most 0 for every class; in a block of several classes (the
+    interpreter's) also the padding rows past ``C``, whose ``z`` is 0 and whose exponential, never stored, would
+    overflow where the real classes' logits lie below -128 (the log-probabilities' message of mode='convcrf')."""
+    return tl.minimum(d, 0.0) if BLOCK_C > 1 else d
 
 
 @triton.jit
@@ -238,7 +246,7 @@ def _output(z, c, f_ptr, out_ptr, term_ptr, b, C, full, m_plane, i, w, offs, ok,
         if LOG:
             z = (z - z_lse) * LN2
         else:
-            z = z * inv_total if NUMERATORS else tl.exp2(z - z_lse)
+            z = z * inv_total if NUMERATORS else tl.exp2(_below_top(z - z_lse, BLOCK_C))
     if POOL:
         cells = tl.reshape(tl.where(ok, z, 0.0), (BLOCK_C, SP, BLOCK_J, SP))
         q = tl.sum(tl.sum(cells, axis=3), axis=1) * inv_count  # [BLOCK_C, BLOCK_J]

@@ -67,6 +67,23 @@ def test_blur_step_matches_composition(case, pool, softmax, device):
     assert ((got.cpu().double() - want).abs().max() / scale).item() < RTOL
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("pool", [True, False], ids=["pooled", "full"])
+def test_blur_step_logits_far_below_zero(pool, device):
+    """Every class's logits below -500 (ConvCRF's first pass on log-probabilities through a wide window): the
+    probabilities are exact, and nothing overflows on the way, not even in the interpreter's padding classes
+    (C = 3 in a block of 4), whose exponentials are never stored (numpy's overflow warnings are errors here)."""
+    case = (1, 3, 9, 10, 4)
+    u, lse, a, w, M = _inputs(case, 17)
+    M = M - 1000.0
+    Z = _logits(u, lse, a, w, M, 4)
+    want = torch.softmax(Z, 1)
+    if pool:
+        want = functional.blur_pool(want, 4)
+    got = _step(device, u, lse, a, w, M, 4, pool=pool, softmax=True)
+    assert Z.max() < -100 and ((got.cpu().double() - want).abs().max() / Z.abs().max()).item() < RTOL
+
+
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log-softmax"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_blur_start_matches_composition(case, log, device):
