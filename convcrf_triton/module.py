@@ -118,6 +118,20 @@ class ConvCRF(nn.Module):
             if enabled else None
         return self
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (deepcopy, pickle) records graphs of its own: the cache holds this module's method, its recorded
+        # graphs and a lock, none of which carries over; only whether it is on and its size do.
+        state = dict(super().__getstate__())
+        graphs = state.pop("_graphs", None)
+        state["_graph_entries"] = None if graphs is None else graphs.max_entries
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        entries = state.pop("_graph_entries", None)
+        super().__setstate__(state)
+        self.use_cuda_graphs(entries is not None, entries or 8)
+
     def forward(self, unary: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """``unary [B, C, H, W]`` logits, ``image [B, 3, H, W]`` → refined logits ``[B, C, H, W]``."""
         cfg = self.config

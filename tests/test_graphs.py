@@ -1,6 +1,9 @@
 """``ConvCRF.use_cuda_graphs``: replayed inference equals eager inference, records once per shape, sees
 in-place parameter updates, and leaves CPU calls and gradient calls to the eager path."""
 
+import copy
+import io
+
 import pytest
 import torch
 
@@ -80,3 +83,19 @@ def test_replays_on_two_streams_wait_for_each_other(device):
         torch.cuda.synchronize()
         torch.testing.assert_close(got_a, eager(*a), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_b, eager(*b), rtol=1e-5, atol=1e-5)
+
+
+def test_copies_and_pickles_record_graphs_of_their_own():
+    """deepcopy and pickle (torch.save of the module) keep graph replay on, with its size, in a cache of the
+    copy's own (its method, its parameters), and nothing recorded."""
+    crf = ConvCRF(3, filter_size=3, blur=1, num_iter=2, backend="torch").use_cuda_graphs(max_entries=3)
+    buffer = io.BytesIO()
+    torch.save(crf, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(crf), torch.load(buffer, weights_only=False)):
+        assert twin._graphs is not crf._graphs and twin._graphs.max_entries == 3 and not twin._graphs.entries
+        assert twin._graphs.fn.__self__ is twin
+        assert [t.data_ptr() for t in twin._graphs.state()] == [t.data_ptr() for t in twin.buffers()]
+        unary, image = _inputs(9, 1, 3, 6, 7, "cpu")
+        torch.testing.assert_close(twin(unary, image), crf(unary, image), rtol=0, atol=0)
+    assert copy.deepcopy(ConvCRF(3))._graphs is None
