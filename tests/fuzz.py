@@ -1,0 +1,117 @@
+"""Random whole-loop cases: the Triton backend under the interpreter, on random GPU-like tiles, against the
+PyTorch backend in float64. A script, not a test (hundreds of cases take tens of minutes):
+
+    python tests/fuzz.py [--seed 0] [--seconds 600]
+
+Each case draws B, C, k, blur, H, W (widths that are multiples of 4 half the time: the 16-byte chunk loops),
+mode, norm, the compatibility, a scalar or per-class weight, ``final_softmax``, ``col_use_pos``, the fused or
+two-pass message pass (or the default choice), the step's layout (or the default) and the interpreter's tile
+(``BLOCK_C`` 1-16 and ``BLOCK_P`` 16-256, as the GPU's configs take: border, EDGE and interior blocks), with at
+most 12 programs a launch to keep the interpreter's time down. numpy's floating-point warnings are errors, so
+an overflow even in lanes that are never stored fails the case. Prints one line a case (seconds, seed, case,
+error relative to the largest output, and the float32 PyTorch path's) and ``BAD`` / ``EXC`` lines for failures;
+exits 1 if any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+import traceback
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402
+from convcrf_triton.kernels import message_passing  # noqa: E402
+
+from convcrf_triton import functional, kernels  # noqa: E402
+
+# Relative to the largest output: float32 arithmetic, probabilities with final_softmax; or twice the float32
+# PyTorch path's own error where the inputs amplify rounding more.
+TOLERANCE = 2e-5
+PREFER_FUSED = kernels.prefer_fused  # the default choice, restored where a case leaves it
+
+
+def draw(r: random.Random) -> dict | None:
+    """A case, or None when it would take too many interpreter programs."""
+    B, C = r.choice([1, 1, 2, 3]), r.choice([1, 2, 3, 5, 8, 9, 21])
+    k, blur = r.choice([3, 5, 7, 9]), r.choice([1, 1, 2, 3, 4])
+    H, W = r.randint(1, 40), r.choice([r.randint(1, 60), 4 * r.randint(1, 16)])
+    case = dict(B=B, C=C, k=k, blur=blur, H=H, W=W, mode=r.choice(["textbook", "convcrf"]),
+                norm=r.choice(["none", "none", "sym"]), compat=r.random() < 0.4, per_class=r.random() < 0.5,
+                fused=r.choice([None, True, False]), channels_last=r.choice([None, True, False]),
+                block_c=r.choice([1, 2, 4, 8, 16]), block_p=r.choice([16, 32, 64, 128, 256]),
+                final_softmax=r.random() < 0.3, col_use_pos=r.random() < 0.2)
+    h, w = -(-H // blur), -(-W // blur)
+    if B * H * W > 1500 or -(-h * w // case["block_p"]) * -(-C // case["block_c"]) * B > 12:
+        return None
+    return case
+
+
+def run(case: dict, seed: int) -> tuple[float, float]:
+    """The case's error relative to the largest output of the float64 PyTorch path, and that of the float32
+    PyTorch path (the inputs' own conditioning: a normaliser of a few pixels' weights, say)."""
+    def blocks(C: int, hw: int) -> tuple[int, int]:  # the step asks for every class in one tile (C >= 16)
+        if C >= 16:
+            return triton.next_power_of_2(C), min(triton.next_power_of_2(hw), case["block_p"])
+        return case["block_c"], case["block_p"]
+
+    message_passing.interpreter_blocks = blocks
+    kernels.prefer_fused = PREFER_FUSED if case["fused"] is None else (lambda *a, **kw: case["fused"])
+    message_passing.STEP_CHANNELS_LAST = case["channels_last"]
+    g = torch.Generator().manual_seed(seed)
+    B, C, H, W = case["B"], case["C"], case["H"], case["W"]
+    unary = torch.randn(B, C, H, W, generator=g) * 3
+    image = torch.rand(B, 3, H, W, generator=g) * 255
+    weight = torch.rand(1, C, 1, 1, generator=g) if case["per_class"] else torch.tensor(0.3)
+    compat = torch.randn(C, C, generator=g) * 0.1 if case["compat"] else None
+    kw = dict(filter_size=case["k"], blur=case["blur"], num_iter=2, mode=case["mode"], norm=case["norm"],
+              final_softmax=case["final_softmax"], col_use_pos=case["col_use_pos"])
+    with torch.no_grad():
+        got = functional.mean_field(unary, image, backend="triton", weight=weight, compat_matrix=compat, **kw)
+    want = functional.mean_field(unary.double(), image.double(), backend="torch", weight=weight.double(),
+                                 compat_matrix=None if compat is None else compat.double(), **kw)
+    torch32 = functional.mean_field(unary, image, backend="torch", weight=weight, compat_matrix=compat, **kw)
+    scale = want.abs().max().clamp_min(1e-30)
+    return (((got.double() - want).abs().max() / scale).item(), ((torch32.double() - want).abs().max() / scale).item())
+
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=600)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    np.seterr(over="raise", invalid="raise", divide="raise")
+    rng = random.Random(args.seed)
+    end, cases, failures, worst = time.time() + args.seconds, 0, 0, 0.0
+    while time.time() < end:
+        seed = rng.randrange(1 << 30)
+        case = draw(random.Random(seed))
+        if case is None:
+            continue
+        start = time.time()
+        try:
+            err, err32 = run(case, seed)
+        except Exception as e:  # noqa: BLE001 (a case's failure, reported with its seed)
+            failures += 1
+            print("EXC", seed, case, repr(e)[:300], flush=True)
+            traceback.print_exc()
+            continue
+        cases, worst = cases + 1, max(worst, err)
+        print(f"{time.time() - start:.1f}s", seed, case, f"{err:.1e} (PyTorch float32: {err32:.1e})", flush=True)
+        if not err < max(TOLERANCE, 2 * err32):
+            failures += 1
+            print("BAD", seed, case, err, flush=True)
+    print(f"{cases} cases, {failures} failures, worst error {worst:.1e}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
