@@ -130,7 +130,9 @@ class ConvCRF(nn.Module):
         state = dict(state)
         entries = state.pop("_graph_entries", None)
         super().__setstate__(state)
-        self.use_cuda_graphs(entries is not None, entries or 8)
+        self._graphs = None
+        if entries is not None:
+            self.use_cuda_graphs(max_entries=entries)
 
     def forward(self, unary: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """``unary [B, C, H, W]`` logits, ``image [B, 3, H, W]`` → refined logits ``[B, C, H, W]``."""

@@ -94,7 +94,7 @@ def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     # one band without gradients to track (a band's in-place adds are autograd views). Each element takes
     # the same multiply-adds in the same order either way.
     tracked = torch.is_grad_enabled() and (K.requires_grad or Q.requires_grad)
-    band = h if tracked else max(1, _BAND_BYTES // (M[:, :, :1].numel() * M.element_size()))
+    band = h if tracked else max(1, _BAND_BYTES // (M.numel() // h * M.element_size()))
     for y0 in range(0, h, band):
         rows = min(band, h - y0)
         M_band, K_band = M[:, :, y0 : y0 + rows], K[:, :, y0 : y0 + rows]

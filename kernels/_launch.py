@@ -55,7 +55,7 @@ def tuning_off(configs: list) -> list:
 
 def check_on_device(**tensors: torch.Tensor) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
-    if INTERPRETING:
+    if interpreting():
         return
     for name, t in tensors.items():
         if not t.is_cuda:  # (an attribute: t.device builds a device object, ~0.5 µs a tensor)

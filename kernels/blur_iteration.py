@@ -226,7 +226,8 @@ def _blur_step_kernel(
 def _below_top(d, BLOCK_C: tl.constexpr):
     """``d = z - top`` (or ``z - lse``), at most 0 for every class; in a block of several classes (the
     interpreter's) also the padding rows past ``C``, whose ``z`` is 0 and whose exponential, never stored, would
-    overflow where the real classes' logits lie below -128 (the log-probabilities' message of mode='convcrf')."""
+    overflow where the real classes' logits lie below -128 in these base-2 units (-89 natural: the message of the
+    log-probabilities in mode='convcrf')."""
     return tl.minimum(d, 0.0) if BLOCK_C > 1 else d
 
 

@@ -81,7 +81,6 @@ def run(case: dict, seed: int) -> tuple[float, float]:
     return (((got.double() - want).abs().max() / scale).item(), ((torch32.double() - want).abs().max() / scale).item())
 
 
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
