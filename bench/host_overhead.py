@@ -1,19 +1,23 @@
-"""Host time per launch: what calling a launcher through its ``torch.library`` op costs over calling it directly.
+"""Host time per launch: triton's launch path against ``DirectLaunch``, and a ``torch.library`` op's round trip.
 
     python bench/host_overhead.py [--calls 20000]
 
 Small images are launch-bound: the GPU waits for the host between kernels, so every microsecond of Python and
-dispatch per launch is a microsecond of the inference. ``kernels._launch.LibraryOp`` calls a launcher's plain
-function where nothing needs the op (see there). Measured here, as wall time per call over ``--calls`` calls:
+dispatch per launch is a microsecond of the inference. Measured here, as wall time per call over ``--calls``
+calls (median of 5 rounds):
 
 - ``dispatch``: a do-nothing op (it returns an empty tensor) called through ``torch.library`` against the same
-  function called through ``LibraryOp``'s checks: the dispatcher's round trip alone. Runs anywhere.
-- ``message_pass`` (with CUDA): ``kernels.message_pass`` on a 64×64 grid, C = 21, k = 7 (a few µs of GPU
-  work, so the host's time is what is measured; synchronised once at the end), through the op and directly.
+  function called through ``LibraryOp``'s checks: the dispatcher's round trip alone.
+- ``message_pass``: ``kernels.message_pass`` on a 64×64 grid, C = 21, k = 7, through the op and directly, each
+  with the compiled kernel launched by ``DirectLaunch`` (the default), through triton's own launch path
+  (``CONVCRF_DIRECT_LAUNCH=0``'s), and with the launch stubbed (our Python alone).
 - ``inference``: one ``ConvCRF(21, backend="triton")`` call (5 iterations; its input check synchronises once a
-  call) on a 64×64 image, as it is (with CUDA) and with every Triton launch stubbed: the difference is Triton's
-  own launch path, the rest our Python and the PyTorch ops around the kernels. Without CUDA, stubbed only, on
-  an 8×8 image (the launchers' interpreter branch; the PyTorch ops' arithmetic there is then small).
+  call), on the same three paths.
+
+With CUDA the kernels run (a few µs of GPU work each, so the host's time is what is measured). Without, the
+launchers' GPU branch runs on CPU tensors through ``tests/stub_driver.py``: kernels compile for sm_90 (the first
+call of each: seconds), and the launch itself is a stub that records its arguments; the inference then runs
+on an 8×8 image on one thread (its PyTorch ops compute on the CPU, so small).
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 
 import torch
-from run_all import bootstrap
+from run_all import ROOT, bootstrap
 
 
 def per_call_us(fn: Callable[[], object], calls: int) -> float:
@@ -44,39 +49,31 @@ def per_call_us(fn: Callable[[], object], calls: int) -> float:
 
 
 @contextlib.contextmanager
-def triton_launches_stubbed() -> Iterator[None]:
-    """Every ``kernel[grid](...)`` launch (jit, autotuned, interpreted: all reach ``KernelInterface.__getitem__``)
-    returns at once, launching nothing."""
+def launch_path(path: str) -> Iterator[None]:
+    """``path``: "direct" (``DirectLaunch``, the default), "triton" (its own launch path at every call) or
+    "stubbed" (every ``kernel[grid](...)`` returns at once, launching nothing: our Python alone)."""
+    from convcrf_triton.kernels import _launch
     from triton.runtime.jit import KernelInterface
 
     real = KernelInterface.__getitem__
-    KernelInterface.__getitem__ = lambda self, grid: lambda *args, **kwargs: None
+    _launch.DIRECT_LAUNCH = path == "direct"
+    if path == "stubbed":
+        KernelInterface.__getitem__ = lambda self, grid: lambda *args, **kwargs: None
     try:
         yield
     finally:
         KernelInterface.__getitem__ = real
+        _launch.DIRECT_LAUNCH = True
 
 
-def inference_rows(calls: int) -> list[tuple[str, str, float]]:
-    """Host time of one whole inference per (blur, k), as it is (CUDA) and with Triton's launches stubbed."""
-    from convcrf_triton import ConvCRF
+PATHS = {"direct": "DirectLaunch", "triton": "triton's launch path", "stubbed": "launch stubbed"}
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    size = 64 if device == "cuda" else 8
-    if device == "cpu":
-        torch.set_num_threads(1)  # an 8×8 op split over threads waits on their barrier, not on the host
-    g = torch.Generator().manual_seed(0)
-    unary = torch.randn(1, 21, size, size, generator=g).to(device)
-    image = (torch.rand(1, 3, size, size, generator=g) * 255).to(device)
+
+def launch_rows(what: str, fn: Callable[[], object], calls: int) -> list[tuple[str, str, float]]:
     rows = []
-    for blur, k in ((4, 3), (1, 7)):
-        crf = ConvCRF(21, filter_size=k, blur=blur, num_iter=5, backend="triton").to(device)
-        what = f"inference {size}x{size} blur {blur} k {k}"
-        with torch.no_grad():
-            if device == "cuda":
-                rows.append((what, "as is", per_call_us(lambda crf=crf: crf(unary, image), calls)))
-            with triton_launches_stubbed():
-                rows.append((what, "Triton launches stubbed", per_call_us(lambda crf=crf: crf(unary, image), calls)))
+    for path, label in PATHS.items():
+        with launch_path(path):
+            rows.append((what, label, per_call_us(fn, calls)))
     return rows
 
 
@@ -84,13 +81,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20000)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # (before triton is imported) CPU tensors reach the launchers
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.pop("TRITON_INTERPRET", None)  # (before triton is imported) the GPU branch, on the stub driver
+        os.environ.setdefault("CONVCRF_AUTOTUNE", "0")  # (the stub's timings are all equal: no tuning)
+        torch.set_num_threads(1)  # an 8×8 op split over threads waits on their barrier, not on the host
     bootstrap()
+    import triton
+
+    if not cuda:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import stub_driver
+
+        stub = stub_driver.install()
     from convcrf_triton.kernels import message_passing
     from convcrf_triton.kernels._launch import LibraryOp
 
-    from convcrf_triton import kernels
+    from convcrf_triton import ConvCRF, kernels
 
     def noop(x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(0)
@@ -99,18 +106,25 @@ def main() -> None:
     x = torch.zeros(4)
     rows = [("dispatch", "through the op", per_call_us(lambda: op.op(x), args.calls)),
             ("dispatch", "LibraryOp (direct)", per_call_us(lambda: op(x), args.calls))]
-    if torch.cuda.is_available():
-        g = torch.Generator(device="cuda").manual_seed(0)
-        K = torch.rand(1, 49, 64, 64, device="cuda", generator=g)
-        Q = torch.rand(1, 21, 64, 64, device="cuda", generator=g)
-        launch = message_passing._message_pass_op
-        with torch.no_grad():
-            rows += [("message_pass", "through the op", per_call_us(lambda: launch.op(Q, K), args.calls // 10)),
-                     ("message_pass", "kernels.message_pass", per_call_us(lambda: kernels.message_pass(K, Q),
-                                                                           args.calls // 10))]
-    rows += inference_rows(max(args.calls // 100, 20))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
-    print(f"host time per call, µs (torch {torch.__version__}, {device})")
+    device = "cuda" if cuda else "cpu"
+    g = torch.Generator().manual_seed(0)
+    K = torch.rand(1, 49, 64, 64, generator=g).to(device)
+    Q = torch.rand(1, 21, 64, 64, generator=g).to(device)
+    launch = message_passing._message_pass_op
+    with torch.no_grad():
+        rows += launch_rows("message_pass through the op", lambda: launch.op(Q, K), args.calls // 10)
+        rows += launch_rows("kernels.message_pass", lambda: kernels.message_pass(K, Q), args.calls // 10)
+        size = 64 if cuda else 8
+        unary = torch.randn(1, 21, size, size, generator=g).to(device)
+        image = (torch.rand(1, 3, size, size, generator=g) * 255).to(device)
+        for blur, k in ((4, 3), (1, 7)):
+            crf = ConvCRF(21, filter_size=k, blur=blur, num_iter=5, backend="triton").to(device)
+            rows += launch_rows(f"inference {size}x{size} blur {blur} k {k}", lambda crf=crf: crf(unary, image),
+                                max(args.calls // 100, 20))
+            if not cuda:
+                stub.launches.clear()
+    where = torch.cuda.get_device_name() if cuda else "no CUDA: stub driver, kernels compiled for sm_90"
+    print(f"host time per call, µs (torch {torch.__version__}, triton {triton.__version__}, {where})")
     print("| what | path | µs |\n|---|---|---|")
     for what, path, us in rows:
         print(f"| {what} | {path} | {us:.1f} |")

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+import threading
 from collections.abc import Callable
 
 import torch
 from torch.overrides import has_torch_function
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+from triton import knobs
+from triton.compiler import CompiledKernel
+from triton.runtime import Autotuner, driver
+from triton.runtime.jit import JITFunction
 
 MAX_INT32 = 2**31 - 1
 # What every launch compiles with (the interpreter ignores it): multiply-adds fused into FFMA, named because
@@ -97,3 +104,94 @@ class LibraryOp:
 def library_op(name: str) -> Callable[[Callable[..., object]], LibraryOp]:
     """Decorator: ``fn`` as a :class:`LibraryOp` named ``name``."""
     return lambda fn: LibraryOp(name, fn)
+
+
+# CONVCRF_DIRECT_LAUNCH=0: every launch takes triton's own path (DirectLaunch is then a pass-through).
+DIRECT_LAUNCH = os.environ.get("CONVCRF_DIRECT_LAUNCH", "1") != "0"
+# Specialisations a DirectLaunch holds before it starts again (each a compiled kernel triton holds anyway).
+MAX_DIRECT_LAUNCHES = 1024
+
+
+def _specialisation(args: tuple) -> list:
+    """What triton's caches tell apart in positional arguments: a tensor's dtype and 16-byte alignment (the
+    binder's ``D``), an int's value (the binder's ``== 1`` and ``% 16``, the autotuner's key), a float's type
+    only (not specialised: a varying float must not grow the table), any other value's type and value."""
+    return [(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else
+            (type(a), None if type(a) is float else a) for a in args]
+
+
+class DirectLaunch:
+    """``kernel[grid](*args, **kwargs)`` for a ``@triton.jit`` kernel or its ``triton.autotune`` (``fn``), the
+    calls after the first of each specialisation launching the compiled kernel directly.
+
+    Triton's path costs ~100 µs of host time a launch of the autotuned message pass on this project's CPU: the
+    autotuner's key (a list membership test per argument), the binder's specialisation of every argument, the
+    compile cache's key; the launch itself is ~5 of them (``bench/host_overhead.py``, through a stub driver).
+    Small images are launch-bound, so that is the inference's time. The first call of a specialisation goes
+    through triton (compiling, tuning) and records the ``CompiledKernel`` it returns with the constexprs that
+    completed its arguments (the keyword arguments, the tuned config, the defaults); a later call with the same
+    specialisation passes the kernel's launcher what triton's path would (``tests/test_direct_launch.py`` compares
+    the two through a stub driver, for every launcher). The specialisation: the device, the keyword arguments
+    and :func:`_specialisation` of each positional one, which holds whatever either of triton's caches keys on.
+    What triton checks at every launch and this does not: changed globals of the kernel and triton's
+    debug knobs (set them before the first launch). ``grid`` functions read the keyword arguments only.
+    Not under the interpreter (no compiled kernels) or with ``CONVCRF_DIRECT_LAUNCH=0``: triton's path."""
+
+    def __init__(self, fn: object) -> None:
+        self.fn = fn
+        jit = fn
+        while not isinstance(jit, JITFunction) and hasattr(jit, "fn"):  # (the Python function, interpreted)
+            jit = jit.fn
+        self.jit = jit
+        params = inspect.signature(getattr(jit, "fn", jit)).parameters
+        self.names = tuple(params)
+        self.defaults = {name: p.default for name, p in params.items()}
+        self.lock = threading.Lock()
+        # key -> (the kernel, its launcher, its function and packed metadata, the constexprs, the grid's meta)
+        self.launches: dict[tuple, tuple] = {}
+        self.tuner = fn if isinstance(fn, Autotuner) else None
+        self.tuned_from = self._tuner_state()
+
+    def _tuner_state(self) -> tuple[object, object] | None:
+        """The autotuner's configs and cache, the objects: replacing either (as tests do, to force a config)
+        empties the table."""
+        return None if self.tuner is None else (self.tuner.configs, self.tuner.cache)
+
+    def __getitem__(self, grid: object) -> Callable[..., object]:
+        if INTERPRETING or not DIRECT_LAUNCH:
+            return self.fn[grid]
+        return functools.partial(self._launch, grid)
+
+    def _launch(self, grid: object, *args: object, **kwargs: object) -> object:
+        tuner = self.tuner
+        if tuner is not None and (tuner.cache is not self.tuned_from[1] or tuner.configs is not self.tuned_from[0]):
+            self.launches.clear()
+            self.tuned_from = self._tuner_state()
+        device = driver.active.get_current_device()
+        key = (device, tuple(kwargs.items()), *_specialisation(args))
+        hit = self.launches.get(key)
+        if hit is None:
+            return self._first(key, grid, args, kwargs)
+        kernel, run, handles, tail, meta = hit
+        if callable(grid):
+            grid = grid(meta)
+        stream = driver.active.get_current_stream(device)
+        args += tail
+        run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, *handles,
+            kernel.launch_metadata(grid, stream, *args), knobs.runtime.launch_enter_hook,
+            knobs.runtime.launch_exit_hook, *args)
+        return kernel
+
+    def _first(self, key: tuple, grid: object, args: tuple, kwargs: dict) -> object:
+        """Triton's launch, and the record of what it launched (unless it launched no compiled kernel: a
+        stubbed launch, a pre-run hook, an asynchronous compile)."""
+        with self.lock:  # (the autotuner's best_config is the launch's only while no other thread launches)
+            kernel = self.fn[grid](*args, **kwargs)
+            config = getattr(self.fn, "best_config", None)
+        if isinstance(kernel, CompiledKernel) and not self.jit.pre_run_hooks:
+            meta = {**kwargs, **(config.all_kwargs() if config is not None else {})}
+            tail = tuple(meta[name] if name in meta else self.defaults[name] for name in self.names[len(args):])
+            if len(self.launches) >= MAX_DIRECT_LAUNCHES:
+                self.launches.clear()
+            self.launches[key] = (kernel, kernel.run, (kernel.function, kernel.packed_metadata), tail, meta)
+        return kernel

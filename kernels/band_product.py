@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import COMPILE_OPTIONS, cdiv, check_on_device, interpreting, needs_int64, next_power_of_2
+from ._launch import COMPILE_OPTIONS, DirectLaunch, cdiv, check_on_device, interpreting, needs_int64, next_power_of_2
 from .message_passing import _step_epilogue, step_mixing
 
 PRECISIONS = ("tf32x3", "tf32", "ieee")
@@ -128,6 +128,7 @@ def _band_message_pass_kernel(
     tl.store(m_ptr + offs, acc.to(m_ptr.dtype.element_ty), mask=mask)
 
 
+_band_launch = DirectLaunch(_band_message_pass_kernel)
 # GPU tile: 64 pixels (the M dimension of the product, the width of a Hopper warpgroup MMA) in a PH × PW patch
 # whose neighbourhood rows are ROW_W = PW + 2R wide, 16 or 32 (a power of two of at least 16, the MMA's minimum;
 # 64-wide rows spill on sm_80 at k = 31), one row per product; up to 32 classes per program; 4 warps. The step
@@ -186,7 +187,7 @@ def _launch(K: torch.Tensor, Q: torch.Tensor, k: int, precision: str, out: torch
         mix = dummy if compat is None else compat
         consts = dict(STEP=True, W_STRIDE=int(weight.numel() > 1), HAS_COMPAT=compat is not None, SOFTMAX=softmax)
     grid = (cdiv(h, tile["PH"]) * cdiv(w, tile["PW"]), cdiv(C, block_c), B)
-    _band_message_pass_kernel[grid](
+    _band_launch[grid](
         Q, K, out, a, weight, mix, C, h, w, KSIZE=k, **tile, BLOCK_C=block_c, PRECISION=precision,
         IDX64=needs_int64(Q, K, out), **consts, **COMPILE_OPTIONS,
         **({} if interpreting() else {"num_warps": NUM_WARPS if step is None else STEP_NUM_WARPS}),

@@ -41,6 +41,7 @@ import triton.language as tl
 
 from ._launch import (
     COMPILE_OPTIONS,
+    DirectLaunch,
     cdiv,
     check_on_device,
     interpreting,
@@ -306,6 +307,7 @@ TUNE_CONFIGS = ([triton.Config({"BLOCK_PIXELS": bp, "BLOCK_C": 1}, num_warps=nw)
 _blur_step_tuned = triton.autotune(configs=TUNE_CONFIGS,
                                    key=["C", "H", "W", "S", "START", "TERM", "POOL", "SOFTMAX", "LOG"],
                                    prune_configs_by={"early_config_prune": _prune})(_blur_step_kernel)
+_blur_step_launch = DirectLaunch(_blur_step_tuned)
 
 
 # Under the interpreter, whose cost is per operation, not per element: one program per pooled row of a
@@ -340,7 +342,7 @@ def _launch(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, messa
         tile = dict(BLOCK_PIXELS=block_j * sp * sp, BLOCK_C=min(next_power_of_2(C), INTERPRETER_MAX_BLOCK_C))
         _blur_step_kernel[grid(tile)](*args, **tile, **consts, **COMPILE_OPTIONS)
     else:
-        _blur_step_tuned[grid](*args, **consts, **COMPILE_OPTIONS)
+        _blur_step_launch[grid](*args, **consts, **COMPILE_OPTIONS)
 
 
 @library_op("convcrf_triton::blur_start")

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from ._launch import (
     COMPILE_OPTIONS,
+    DirectLaunch,
     cdiv,
     check_on_device,
     interpreter_blocks,
@@ -132,6 +133,9 @@ def _gaussian_weights_kernel(
             tl.store(out + t * plane, weight.to(k_ptr.dtype.element_ty), mask=in_img)
 
 
+_gaussian_weights_launch = DirectLaunch(_gaussian_weights_kernel)
+
+
 def feature_meta(feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor) -> dict:
     """Constexprs describing the Gaussians: ``D1`` and ``D2`` feature channels (``D2 = 0``: one Gaussian)."""
     if len(dims) not in (1, 2) or sum(dims) != feats.shape[1] or compats.numel() != len(dims):
@@ -148,7 +152,7 @@ def _gaussian_weights_op(feats: torch.Tensor, compats: torch.Tensor, dims: list[
     K = feats.new_empty(B, filter_size * filter_size, h, w, dtype=out_dtype)
     block_p = interpreter_blocks(1, h * w)[1] if interpreting() else WEIGHTS_BLOCK_P
     grid = (cdiv(h * w, block_p), B)
-    _gaussian_weights_kernel[grid](
+    _gaussian_weights_launch[grid](
         feats, compats, K, h, w, KSIZE=filter_size, KEEP_CENTRE=keep_centre, BLOCK_P=block_p,
         IDX64=needs_int64(feats, K), **feature_meta(feats, dims, compats), **COMPILE_OPTIONS,
     )

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from ._launch import (
     COMPILE_OPTIONS,
+    DirectLaunch,
     cdiv,
     check_on_device,
     interpreter_blocks,
@@ -615,6 +616,9 @@ _mean_field_step_tuned = triton.autotune(
     configs=STEP_CONFIGS, key=["KSIZE", "FUSED", "C", "h", "w", "HAS_COMPAT", "CS"],
     prune_configs_by={"early_config_prune": _prune_step},
 )(_message_pass_kernel)
+_message_pass_launch = DirectLaunch(_message_pass_tuned)
+_mean_field_step_launch = DirectLaunch(_mean_field_step_tuned)
+_weight_grad_launch = DirectLaunch(_weight_grad_kernel)
 
 
 def _launch(Q: torch.Tensor, K: torch.Tensor | None, feats: torch.Tensor | None, compats: torch.Tensor | None,
@@ -642,7 +646,7 @@ def _launch(Q: torch.Tensor, K: torch.Tensor | None, feats: torch.Tensor | None,
         def grid(meta):
             return (cdiv(h * w, meta["BLOCK_P"]), cdiv(C, meta["BLOCK_C"]), B)
 
-        _message_pass_tuned[grid](*args, **consts, **COMPILE_OPTIONS)
+        _message_pass_launch[grid](*args, **consts, **COMPILE_OPTIONS)
     return M
 
 
@@ -706,7 +710,7 @@ def _mean_field_step_op(
     else:
         block_c, block_p, _ = step_blocks(max(C, cs), compat_matrix is not None)
         grid = (cdiv(h * w, block_p), 1, B)
-        _mean_field_step_tuned[grid](*args, out, unary_term, weight, mix, C, h, w, BLOCK_C=block_c,
+        _mean_field_step_launch[grid](*args, out, unary_term, weight, mix, C, h, w, BLOCK_C=block_c,
                                      BLOCK_P=block_p, **step, **consts, **COMPILE_OPTIONS)
     return out
 
@@ -812,7 +816,7 @@ def _weight_grad(Q: torch.Tensor, G: torch.Tensor, feats: torch.Tensor, compats:
     grid = (cdiv(h * w, block_p), B)
     grad_f = torch.empty_like(feats)
     partials = feats.new_empty(B * grid[0], 2)
-    _weight_grad_kernel[grid](
+    _weight_grad_launch[grid](
         Q, G, feats, compats, grad_f, partials, C, h, w, KSIZE=filter_size, KEEP_CENTRE=keep_centre,
         BLOCK_C=block_c, CLASS_TAIL=C % block_c != 0, BLOCK_P=block_p, IDX64=needs_int64(Q, feats), **meta,
         **COMPILE_OPTIONS,

@@ -147,13 +147,20 @@ def test_band_ab_script_under_the_interpreter(tmp_path: Path) -> None:
 
 
 def test_host_overhead_script_runs() -> None:
-    """``bench/host_overhead.py`` prints the dispatch rows (the message-pass rows need CUDA)."""
+    """``bench/host_overhead.py`` prints the dispatch rows, and the message pass's and inference's on each launch
+    path (here through the stub driver, the kernels compiled for sm_90)."""
+    env = {**os.environ, "TRITON_CACHE_DIR": str(ROOT / ".aot_cache" / "triton")}  # (test_direct_launch's too)
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "host_overhead.py"), "--calls", "300"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| dispatch")]
-    assert [r[2].strip() for r in rows] == ["through the op", "LibraryOp (direct)"], proc.stdout
-    assert all(float(r[3]) > 0 for r in rows), proc.stdout
+    rows = [[c.strip() for c in line.split("|")[1:4]] for line in proc.stdout.splitlines()
+            if line.startswith(("| dispatch", "| message_pass", "| kernels", "| inference"))]
+    paths = ["DirectLaunch", "triton's launch path", "launch stubbed"]
+    assert [r[:2] for r in rows] == [["dispatch", "through the op"], ["dispatch", "LibraryOp (direct)"],
+                                     *[[what, p] for what in ("message_pass through the op", "kernels.message_pass",
+                                                              "inference 8x8 blur 4 k 3", "inference 8x8 blur 1 k 7")
+                                       for p in paths]], proc.stdout
+    assert all(float(r[2]) > 0 for r in rows), proc.stdout
 
 
 def test_backward_script_times_both_kernels(tmp_path: Path) -> None:

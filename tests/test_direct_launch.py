@@ -1,0 +1,186 @@
+"""``kernels._launch.DirectLaunch`` passes the compiled kernel's launcher exactly what triton's own launch path
+would: every launcher of the package, through a stub driver (``stub_driver.py``: kernels compile for sm_90, the
+launches are recorded), in a child process where triton is not interpreting.
+
+For each case the child records the launches of one call with direct launches off (triton's path), then of
+two calls with them on (the first records the compiled kernels, the second launches them directly: no call
+reaches ``JITFunction.run``), and reports where the two sides differ: the grid, the compiled kernel (the stub's
+function handle is its cubin's hash, so a kernel compiled for another specialisation differs), its packed
+metadata, the hooks, and each argument (a tensor by dtype, shape, strides and 16-byte alignment: the runs
+allocate their outputs anew; anything else by type and value).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+CASES = ["inference blur 4", "inference blur 1", "inference blur 1 channels-last", "misaligned operands",
+         "fused message pass", "training", "band message pass", "band step"]
+
+
+@pytest.fixture(scope="module")
+def child_report() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CONVCRF_AUTOTUNE="0", TRITON_CACHE_DIR=str(HERE.parent / ".aot_cache" / "triton"))
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=1200,
+                          cwd=HERE)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_direct_launches_match_tritons_path(child_report: dict, case: str) -> None:
+    report = child_report[case]
+    assert report["launches"] > 0
+    assert report["differences"] == []
+    assert report["through_triton_on_repeat"] == 0
+
+
+def test_a_replaced_autotuner_cache_empties_the_table(child_report: dict) -> None:
+    """Forcing a config as the blur test does (a new ``configs`` and ``cache`` on the autotuner) reaches the
+    launch: its compiled kernel is the forced config's, not the recorded one."""
+    assert child_report["forced config"] == {"launches": 1, "block_pixels": 256}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the child
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _describe(value: object) -> object:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return ["tensor", str(value.dtype), list(value.shape), list(value.stride()), value.data_ptr() % 16]
+    if type(value).__name__ in ("LazyDict", "HookChain"):
+        return type(value).__name__  # (a new launch-metadata object per launch; the hooks: triton's knobs)
+    return [type(value).__name__, value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)]
+
+
+def _differences(want: list[tuple], got: list[tuple]) -> list[str]:
+    if len(want) != len(got):
+        return [f"{len(want)} launches through triton, {len(got)} direct"]
+    out = []
+    for i, (a, b) in enumerate(zip(want, got, strict=True)):
+        da, db = [_describe(x) for x in a], [_describe(x) for x in b]
+        if da != db:
+            where = [j for j in range(max(len(da), len(db))) if j >= min(len(da), len(db)) or da[j] != db[j]]
+            out.append(f"launch {i} ({a[4]}): arguments {where[:5]} differ: {[da[j] for j in where[:3] if j < len(da)]}"
+                       f" vs {[db[j] for j in where[:3] if j < len(db)]}")
+    return out
+
+
+def _cases():
+    import torch
+    from convcrf_triton.kernels import message_passing
+
+    from convcrf_triton import ConvCRF, kernels
+
+    g = torch.Generator().manual_seed(0)
+    unary = torch.randn(1, 5, 24, 64, generator=g)
+    image = torch.rand(1, 3, 24, 64, generator=g) * 255
+    Q = torch.rand(1, 5, 24, 64, generator=g)
+    feats = torch.randn(1, 5, 24, 64, generator=g)
+    compats = torch.tensor([3.0, 10.0])
+    K = kernels.gaussian_weights(feats, [2, 3], compats, 5, False)
+    lse = torch.logsumexp(unary, 1, keepdim=True)
+    factors, message = torch.ones(2, 5), torch.randn(1, 5, 6, 16, generator=g)
+    # 4 bytes past a 16-byte boundary: another specialisation of the kernels (the message pass's ALIGNED
+    # constexpr tells it too, the blur step's 16-byte loads only triton's)
+    misaligned_q = torch.empty(Q.numel() + 1)[1:].view_as(Q).copy_(Q)
+    misaligned_u = torch.empty(unary.numel() + 1)[1:].view_as(unary).copy_(unary)
+
+    def misaligned():
+        for u in (unary, misaligned_u):
+            kernels.blur_step(u, lse, factors, message, 4, pool=False, softmax=True)
+        for q in (Q, misaligned_q):
+            kernels.message_pass(K, q)
+
+    def inference(blur, k, channels_last=None):
+        crf = ConvCRF(5, filter_size=k, blur=blur, num_iter=2, backend="triton")
+
+        def run():
+            message_passing.STEP_CHANNELS_LAST = channels_last
+            with torch.no_grad():
+                crf(unary, image)
+            message_passing.STEP_CHANNELS_LAST = None
+        return run
+
+    def training():
+        crf = ConvCRF(5, filter_size=3, blur=1, num_iter=1, backend="triton", trainable=True)
+        crf(unary, image).sum().backward()
+
+    return {
+        "inference blur 4": inference(4, 3),
+        "inference blur 1": inference(1, 5),
+        "inference blur 1 channels-last": inference(1, 5, True),
+        "misaligned operands": misaligned,
+        "fused message pass": lambda: kernels.fused_message_pass(feats, [2, 3], compats, Q, 5, False),
+        "training": training,
+        "band message pass": lambda: kernels.band_message_pass(K, Q),
+        "band step": lambda: kernels.band_mean_field_step(Q, Q, torch.ones(5), None, K, True),
+    }
+
+
+def _forced_config(stub) -> dict:
+    """The blur step launched once, then with its autotuner's configs and cache replaced by one other config."""
+    import torch
+    import triton
+    from convcrf_triton.kernels import blur_iteration
+
+    from convcrf_triton import kernels
+
+    u = torch.randn(1, 5, 24, 64)
+    lse = torch.logsumexp(u, 1, keepdim=True)
+    factors, message = torch.ones(2, 5), torch.randn(1, 5, 6, 16)
+    kernels.blur_step(u, lse, factors, message, 4, pool=False, softmax=True)
+    tuner = blur_iteration._blur_step_tuned
+    tuner.configs, tuner.cache = [triton.Config({"BLOCK_PIXELS": 256, "BLOCK_C": 1}, num_warps=1)] * 2, {}
+    stub.launches.clear()
+    kernels.blur_step(u, lse, factors, message, 4, pool=False, softmax=True)
+    at = 9 + blur_iteration._blur_step_launch.names.index("BLOCK_PIXELS")  # (9: the launcher's own arguments)
+    return {"launches": len(stub.launches), "block_pixels": stub.launches[-1][at]}
+
+
+def child() -> None:
+    sys.path.insert(0, str(HERE))
+    import stub_driver
+    from triton.runtime.jit import JITFunction
+
+    stub = stub_driver.install()
+    from convcrf_triton.kernels import _launch
+
+    through_triton = []
+    real_run = JITFunction.run
+
+    def counted_run(self, *args, **kwargs):
+        through_triton.append(self)
+        return real_run(self, *args, **kwargs)
+
+    JITFunction.run = counted_run
+    report = {}
+    for name, run in _cases().items():
+        _launch.DIRECT_LAUNCH = False
+        stub.launches.clear()
+        run()
+        want = list(stub.launches)
+        _launch.DIRECT_LAUNCH = True
+        run()
+        stub.launches.clear()
+        through_triton.clear()
+        run()
+        report[name] = {"launches": len(want), "differences": _differences(want, stub.launches),
+                        "through_triton_on_repeat": len(through_triton)}
+    report["forced config"] = _forced_config(stub)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    child()
