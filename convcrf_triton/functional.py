@@ -80,14 +80,14 @@ def check_inputs(unary: torch.Tensor, image: torch.Tensor) -> torch.Tensor | Non
     if torch.compiler.is_compiling() or (unary.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
     # One reduction a tensor instead of isfinite's three passes: a NaN/Inf makes the sum non-finite; so can an
-    # overflow of finite values, which check_values rules out element-wise. Summed in the tensor's own dtype
-    # (float32 for half types): a float64 sum of float32 made PyTorch write a float64 copy first (H200, 1024×2048,
-    # C = 21: 105 + 55 µs a tensor, a fifth of the inference's kernel time).
+    # overflow of finite values, which check_values rules out element-wise. Summed in float32 (float64 inputs in
+    # their own dtype): a float64 sum of float32 made PyTorch write a float64 copy first (H200, 1024×2048, C = 21:
+    # 105 + 55 µs a tensor, a fifth of the inference's kernel time), and a float64 result one more launch.
     return torch.stack([_total(unary), _total(image)])
 
 
 def _total(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().sum(dtype=torch.float32 if t.element_size() < 4 else None).double()
+    return t.detach().sum(dtype=torch.float32 if t.element_size() <= 4 else None).float()
 
 
 def check_values(sums: torch.Tensor | None, unary: torch.Tensor, image: torch.Tensor) -> None:

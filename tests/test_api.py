@@ -262,11 +262,13 @@ def test_non_finite_is_value_error(via: str, bad: str, value: float, dtype: torc
 
 
 @pytest.mark.parametrize("via", VIAS)
-def test_finite_float64_values_whose_sum_overflows_are_accepted(via: str) -> None:
-    """The value check sums each input in float64, which finite float64 values can overflow: the element-wise
-    confirmation then lets them through, and the inference runs (softmax of logits of 1e308: that class)."""
-    unary, image = _inputs(6, 1, 4, 6, 5, torch.float64)
-    unary[0, 2, :, :3] = 1e308
+@pytest.mark.parametrize(("dtype", "huge"), [(torch.float64, 1e308), (torch.float32, 3e38)])
+def test_finite_values_whose_sum_overflows_are_accepted(via: str, dtype: torch.dtype, huge: float) -> None:
+    """The value check sums each input (float32 sums, float64 ones for float64), which finite values can
+    overflow: the element-wise confirmation then lets them through, and the inference runs (softmax of logits of
+    ``huge``: that class)."""
+    unary, image = _inputs(6, 1, 4, 6, 5, dtype)
+    unary[0, 2, :, :3] = huge
     out = _call(via, unary, image)
     assert bool(torch.isfinite(out[0, :, :, 3:]).all()) and bool((out[0].argmax(0)[:, :3] == 2).all())
 
