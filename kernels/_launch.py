@@ -124,10 +124,11 @@ class DirectLaunch:
     """``kernel[grid](*args, **kwargs)`` for a ``@triton.jit`` kernel or its ``triton.autotune`` (``fn``), the
     calls after the first of each specialisation launching the compiled kernel directly.
 
-    Triton's path costs ~100 µs of host time a launch of the autotuned message pass on this project's CPU: the
-    autotuner's key (a list membership test per argument), the binder's specialisation of every argument, the
-    compile cache's key; the launch itself is ~5 of them (``bench/host_overhead.py``, through a stub driver).
-    Small images are launch-bound, so that is the inference's time. The first call of a specialisation goes
+    Triton's path costs 60-110 µs of host time a launch of the autotuned message pass on this project's CPU (the
+    autotuner's key, which tests each argument's membership in a list; the binder's specialisation of every
+    argument; the compile cache's key), against 13-27 µs for the launcher's Python before it and 5-25 for this
+    class's (``bench/host_overhead.py``, through a stub driver). Small images are launch-bound: that is the
+    inference's time. The first call of a specialisation goes
     through triton (compiling, tuning) and records the ``CompiledKernel`` it returns with the constexprs that
     completed its arguments (the keyword arguments, the tuned config, the defaults); a later call with the same
     specialisation passes the kernel's launcher what triton's path would (``tests/test_direct_launch.py`` compares
