@@ -110,6 +110,15 @@ def library_op(name: str) -> Callable[[Callable[..., object]], LibraryOp]:
 DIRECT_LAUNCH = os.environ.get("CONVCRF_DIRECT_LAUNCH", "1") != "0"
 # Specialisations a DirectLaunch holds before it starts again (each a compiled kernel triton holds anyway).
 MAX_DIRECT_LAUNCHES = 1024
+# CONVCRF_TUNE_EVERY_SHAPE=1: the autotuner benchmarks every new shape (triton's key), not one per size class.
+TUNE_BY_SIZE_CLASS = os.environ.get("CONVCRF_TUNE_EVERY_SHAPE", "0") == "0"
+
+
+def size_class(n: int) -> tuple[int, int]:
+    """The half-octave of ``n >= 0``: its bit length and the two leading bits (``[256, 384)``, ``[384, 512)``,
+    ``[512, 768)``, ...): sizes within ~1.5× of each other share a tuned config."""
+    b = n.bit_length()
+    return b, n >> max(b - 2, 0)
 
 
 def _specialisation(args: tuple) -> list:
@@ -136,9 +145,16 @@ class DirectLaunch:
     and :func:`_specialisation` of each positional one, which holds whatever either of triton's caches keys on.
     What triton checks at every launch and this does not: changed globals of the kernel and triton's
     debug knobs (set them before the first launch). ``grid`` functions read the keyword arguments only.
-    Not under the interpreter (no compiled kernels) or with ``CONVCRF_DIRECT_LAUNCH=0``: triton's path."""
+    Not under the interpreter (no compiled kernels) or with ``CONVCRF_DIRECT_LAUNCH=0``: triton's path.
 
-    def __init__(self, fn: object) -> None:
+    ``sizes``: the names of an autotuned kernel's positional int arguments (its grid's height and width) whose
+    :func:`size_class` replaces their value in the tuning's key. The autotuner keys on the exact shape and
+    benchmarks every config of a new one (~0.1 s a config with triton's default timing: seconds an image for a
+    folder of photographs of a few hundred sizes); here the first shape of a size class (same keyword arguments,
+    other positional arguments and dtypes) is tuned, and the others launch the plain kernel with its config
+    (compiled if new, untimed). ``CONVCRF_TUNE_EVERY_SHAPE=1``: the autotuner's own key."""
+
+    def __init__(self, fn: object, sizes: tuple[str, ...] = ()) -> None:
         self.fn = fn
         jit = fn
         while not isinstance(jit, JITFunction) and hasattr(jit, "fn"):  # (the Python function, interpreted)
@@ -152,6 +168,8 @@ class DirectLaunch:
         self.launches: dict[tuple, tuple] = {}
         self.tuner = fn if isinstance(fn, Autotuner) else None
         self.tuned_from = self._tuner_state()
+        self.size_at = tuple(2 + self.names.index(name) for name in sizes)  # (in the key: device, keywords, args)
+        self.tuned: dict[tuple, object] = {}  # size-class key -> the config its first shape was tuned to
 
     def _tuner_state(self) -> tuple[object, object] | None:
         """The autotuner's configs and cache, the objects: replacing either (as tests do, to force a config)
@@ -167,6 +185,7 @@ class DirectLaunch:
         tuner = self.tuner
         if tuner is not None and (tuner.cache is not self.tuned_from[1] or tuner.configs is not self.tuned_from[0]):
             self.launches.clear()
+            self.tuned.clear()
             self.tuned_from = self._tuner_state()
         device = driver.active.get_current_device()
         key = (device, tuple(kwargs.items()), *_specialisation(args))
@@ -186,9 +205,21 @@ class DirectLaunch:
     def _first(self, key: tuple, grid: object, args: tuple, kwargs: dict) -> object:
         """Triton's launch, and the record of what it launched (unless it launched no compiled kernel: a
         stubbed launch, a pre-run hook, an asynchronous compile)."""
+        size_key = None
+        if self.size_at and TUNE_BY_SIZE_CLASS:
+            size_key = list(key)
+            for i in self.size_at:
+                size_key[i] = size_class(size_key[i][1])
+            size_key = tuple(size_key)
         with self.lock:  # (the autotuner's best_config is the launch's only while no other thread launches)
-            kernel = self.fn[grid](*args, **kwargs)
-            config = getattr(self.fn, "best_config", None)
+            config = self.tuned.get(size_key)
+            if config is not None:
+                kernel = self.jit[grid](*args, **kwargs, **config.all_kwargs())
+            else:
+                kernel = self.fn[grid](*args, **kwargs)
+                config = getattr(self.fn, "best_config", None)
+                if size_key is not None and isinstance(kernel, CompiledKernel):
+                    self.tuned[size_key] = config
         if isinstance(kernel, CompiledKernel) and not self.jit.pre_run_hooks:
             meta = {**kwargs, **(config.all_kwargs() if config is not None else {})}
             tail = tuple(meta[name] if name in meta else self.defaults[name] for name in self.names[len(args):])

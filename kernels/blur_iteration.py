@@ -307,7 +307,7 @@ TUNE_CONFIGS = ([triton.Config({"BLOCK_PIXELS": bp, "BLOCK_C": 1}, num_warps=nw)
 _blur_step_tuned = triton.autotune(configs=TUNE_CONFIGS,
                                    key=["C", "H", "W", "S", "START", "TERM", "POOL", "SOFTMAX", "LOG"],
                                    prune_configs_by={"early_config_prune": _prune})(_blur_step_kernel)
-_blur_step_launch = DirectLaunch(_blur_step_tuned)
+_blur_step_launch = DirectLaunch(_blur_step_tuned, sizes=("H", "W", "h", "w"))
 
 
 # Under the interpreter, whose cost is per operation, not per element: one program per pooled row of a

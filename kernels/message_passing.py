@@ -616,8 +616,8 @@ _mean_field_step_tuned = triton.autotune(
     configs=STEP_CONFIGS, key=["KSIZE", "FUSED", "C", "h", "w", "HAS_COMPAT", "CS"],
     prune_configs_by={"early_config_prune": _prune_step},
 )(_message_pass_kernel)
-_message_pass_launch = DirectLaunch(_message_pass_tuned)
-_mean_field_step_launch = DirectLaunch(_mean_field_step_tuned)
+_message_pass_launch = DirectLaunch(_message_pass_tuned, sizes=("h", "w"))
+_mean_field_step_launch = DirectLaunch(_mean_field_step_tuned, sizes=("h", "w"))
 _weight_grad_launch = DirectLaunch(_weight_grad_kernel)
 
 

@@ -34,11 +34,12 @@ class StubDriver:
     """Triton's driver interface as far as compiling, tuning and launching use it; ``launches`` holds each
     launch's arguments: ``(grid_x, grid_y, grid_z, stream, function, packed metadata, launch metadata,
     enter hook, exit hook, *kernel arguments)``, the last ``MAX_LAUNCHES``. The tuner's timings are all equal
-    (it keeps the first config)."""
+    (it keeps the first config); ``benchmarks`` counts them."""
 
     def __init__(self) -> None:
         self.utils = _Utils()
         self.launches: deque[tuple] = deque(maxlen=MAX_LAUNCHES)
+        self.benchmarks = 0  # the tuner's timings taken
 
     @staticmethod
     def is_active() -> bool:
@@ -63,7 +64,10 @@ class StubDriver:
         return torch.cuda
 
     def get_benchmarker(self):
-        return lambda fn, quantiles=None, **kwargs: [1.0, 1.0, 1.0] if quantiles else 1.0
+        def bench(fn, quantiles=None, **kwargs):
+            self.benchmarks += 1
+            return [1.0, 1.0, 1.0] if quantiles else 1.0
+        return bench
 
     def get_empty_cache_for_benchmark(self) -> torch.Tensor:
         return torch.empty(1)

@@ -22,7 +22,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 CASES = ["inference blur 4", "inference blur 1", "inference blur 1 channels-last", "misaligned operands",
-         "fused message pass", "training", "band message pass", "band step"]
+         "fused message pass", "training", "band message pass", "band step", "one size class"]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,13 @@ def test_direct_launches_match_tritons_path(child_report: dict, case: str) -> No
     assert report["launches"] > 0
     assert report["differences"] == []
     assert report["through_triton_on_repeat"] == 0
+
+
+def test_shapes_of_one_size_class_are_tuned_once(child_report: dict) -> None:
+    """The autotuner (every config, ``CONVCRF_AUTOTUNE=1``) times the mean-field step's configs for the first grid of
+    a size class only: 20×64, then 23×64 (the same half-octaves: no timing), then 40×64 (another: timed)."""
+    first, same_class, other_class = child_report["tunings by size class"]
+    assert first > 0 and same_class == 0 and other_class == first
 
 
 def test_a_replaced_autotuner_cache_empties_the_table(child_report: dict) -> None:
@@ -147,6 +154,14 @@ def _cases():
         crf = ConvCRF(5, filter_size=3, blur=1, num_iter=1, backend="triton", trainable=True)
         crf(unary, image).sum().backward()
 
+    def one_size_class():  # (two grids of one size class: the second launched with the first's tuned config)
+        for h in (20, 23):
+            q, k = torch.rand(1, 5, h, 64, generator=g), torch.rand(1, 25, h, 64, generator=g)
+            kernels.message_pass(k, q)
+            u = torch.randn(1, 5, h, 64, generator=g)
+            kernels.blur_step(u, torch.logsumexp(u, 1, keepdim=True), factors,
+                              torch.randn(1, 5, -(-h // 4), 16, generator=g), 4, pool=True, softmax=True)
+
     return {
         "inference blur 4": inference(4, 3),
         "inference blur 1": inference(1, 5),
@@ -156,6 +171,7 @@ def _cases():
         "training": training,
         "band message pass": lambda: kernels.band_message_pass(K, Q),
         "band step": lambda: kernels.band_mean_field_step(Q, Q, torch.ones(5), None, K, True),
+        "one size class": one_size_class,
     }
 
 
@@ -177,6 +193,25 @@ def _forced_config(stub) -> dict:
     kernels.blur_step(u, lse, factors, message, 4, pool=False, softmax=True)
     at = 9 + blur_iteration._blur_step_launch.names.index("BLOCK_PIXELS")  # (9: the launcher's own arguments)
     return {"launches": len(stub.launches), "block_pixels": stub.launches[-1][at]}
+
+
+def _tunings_by_size_class(stub) -> list[int]:
+    """The stub's timings taken by the step's first launch on each of three grids, with every config tuned."""
+    import torch
+
+    from convcrf_triton import kernels
+
+    os.environ["CONVCRF_AUTOTUNE"] = "1"
+    counts = []
+    for h in (20, 23, 40):
+        g = torch.Generator().manual_seed(h)
+        Q, A = torch.rand(1, 5, h, 64, generator=g), torch.randn(1, 5, h, 64, generator=g)
+        K = torch.rand(1, 9, h, 64, generator=g)
+        before = stub.benchmarks
+        kernels.mean_field_step(Q, A, torch.ones(1), None, K, None, None, (), 3, False, True)
+        counts.append(stub.benchmarks - before)
+    os.environ["CONVCRF_AUTOTUNE"] = "0"
+    return counts
 
 
 def child() -> None:
@@ -209,6 +244,7 @@ def child() -> None:
         report[name] = {"launches": len(want), "differences": _differences(want, stub.launches),
                         "through_triton_on_repeat": len(through_triton)}
     report["forced config"] = _forced_config(stub)
+    report["tunings by size class"] = _tunings_by_size_class(stub)
     print(json.dumps(report))
 
 
