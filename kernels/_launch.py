@@ -137,15 +137,17 @@ class DirectLaunch:
     autotuner's key, which tests each argument's membership in a list; the binder's specialisation of every
     argument; the compile cache's key), against 13-27 µs for the launcher's Python before it and 5-25 for this
     class's (``bench/host_overhead.py``, through a stub driver). Small images are launch-bound: that is the
-    inference's time. The first call of a specialisation goes
-    through triton (compiling, tuning) and records the ``CompiledKernel`` it returns with the constexprs that
-    completed its arguments (the keyword arguments, the tuned config, the defaults); a later call with the same
-    specialisation passes the kernel's launcher what triton's path would (``tests/test_direct_launch.py`` compares
-    the two through a stub driver, for every launcher). The specialisation: the device, the keyword arguments
-    and :func:`_specialisation` of each positional one, which holds whatever either of triton's caches keys on.
-    What triton checks at every launch and this does not: changed globals of the kernel and triton's
-    debug knobs (set them before the first launch). ``grid`` functions read the keyword arguments only.
-    Not under the interpreter (no compiled kernels) or with ``CONVCRF_DIRECT_LAUNCH=0``: triton's path.
+    inference's time.
+
+    The first call of a specialisation goes through triton (compiling, tuning) and records the ``CompiledKernel``
+    it returns with the constexprs that completed its arguments (the keyword arguments, the tuned config, the
+    defaults); a later call with the same specialisation passes the kernel's launcher what triton's path would
+    (``tests/test_direct_launch.py`` compares the two through a stub driver, for every launcher). The
+    specialisation: the device, the keyword arguments and :func:`_specialisation` of each positional one, which
+    holds whatever either of triton's caches keys on. What triton checks at every launch and this does not:
+    changed globals of the kernel and triton's debug knobs (set them before the first launch). ``grid`` functions
+    read the keyword arguments only. Not under the interpreter (no compiled kernels) or with
+    ``CONVCRF_DIRECT_LAUNCH=0``: triton's path.
 
     ``sizes``: the names of an autotuned kernel's positional int arguments (its grid's height and width) whose
     :func:`size_class` replaces their value in the tuning's key. The autotuner keys on the exact shape and

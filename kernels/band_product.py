@@ -129,6 +129,7 @@ def _band_message_pass_kernel(
 
 
 _band_launch = DirectLaunch(_band_message_pass_kernel)
+
 # GPU tile: 64 pixels (the M dimension of the product, the width of a Hopper warpgroup MMA) in a PH × PW patch
 # whose neighbourhood rows are ROW_W = PW + 2R wide, 16 or 32 (a power of two of at least 16, the MMA's minimum;
 # 64-wide rows spill on sm_80 at k = 31), one row per product; up to 32 classes per program; 4 warps. The step
