@@ -55,7 +55,7 @@ def launch_path(path: str) -> Iterator[None]:
     from convcrf_triton.kernels import _launch
     from triton.runtime.jit import KernelInterface
 
-    real = KernelInterface.__getitem__
+    real, direct = KernelInterface.__getitem__, _launch.DIRECT_LAUNCH
     _launch.DIRECT_LAUNCH = path == "direct"
     if path == "stubbed":
         KernelInterface.__getitem__ = lambda self, grid: lambda *args, **kwargs: None
@@ -63,7 +63,7 @@ def launch_path(path: str) -> Iterator[None]:
         yield
     finally:
         KernelInterface.__getitem__ = real
-        _launch.DIRECT_LAUNCH = True
+        _launch.DIRECT_LAUNCH = direct
 
 
 PATHS = {"direct": "DirectLaunch", "triton": "triton's launch path", "stubbed": "launch stubbed"}

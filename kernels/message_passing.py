@@ -711,7 +711,7 @@ def _mean_field_step_op(
         block_c, block_p, _ = step_blocks(max(C, cs), compat_matrix is not None)
         grid = (cdiv(h * w, block_p), 1, B)
         _mean_field_step_launch[grid](*args, out, unary_term, weight, mix, C, h, w, BLOCK_C=block_c,
-                                     BLOCK_P=block_p, **step, **consts, **COMPILE_OPTIONS)
+                                      BLOCK_P=block_p, **step, **consts, **COMPILE_OPTIONS)
     return out
 
 

@@ -57,7 +57,7 @@ def test_a_replaced_autotuner_cache_empties_the_table(child_report: dict) -> Non
 
 
 @pytest.mark.parametrize(("blur", "filter_size", "channels_last"), [(4, 3, None), (1, 5, False), (1, 5, True)])
-def test_direct_launches_compute_what_tritons_path_does_on_the_gpu(device, blur: int, filter_size: int,
+def test_direct_launches_compute_what_tritons_path_does_on_the_gpu(device, monkeypatch, blur: int, filter_size: int,
                                                                    channels_last: bool | None) -> None:
     """On a GPU: an inference through triton's path and two with direct launches (the second launching every
     kernel directly) give the same bits."""
@@ -72,16 +72,12 @@ def test_direct_launches_compute_what_tritons_path_does_on_the_gpu(device, blur:
     unary = torch.randn(2, 21, 67, 130, generator=g).to(device)
     image = (torch.rand(2, 3, 67, 130, generator=g) * 255).to(device)
     crf = ConvCRF(21, filter_size=filter_size, blur=blur, num_iter=3, backend="triton").to(device)
-    try:
-        message_passing.STEP_CHANNELS_LAST = channels_last
-        _launch.DIRECT_LAUNCH = False
-        with torch.no_grad():
-            want = crf(unary, image)
-            _launch.DIRECT_LAUNCH = True
-            runs = [crf(unary, image) for _ in range(2)]
-    finally:
-        message_passing.STEP_CHANNELS_LAST = None
-        _launch.DIRECT_LAUNCH = True
+    monkeypatch.setattr(message_passing, "STEP_CHANNELS_LAST", channels_last)
+    monkeypatch.setattr(_launch, "DIRECT_LAUNCH", False)
+    with torch.no_grad():
+        want = crf(unary, image)
+        monkeypatch.setattr(_launch, "DIRECT_LAUNCH", True)
+        runs = [crf(unary, image) for _ in range(2)]
     for got in runs:
         assert torch.equal(got, want)
 
