@@ -212,11 +212,20 @@ class MessagePasser:
         # (kernels.band_precision), or None: the direct kernel.
         self.band = None if ops is reference else ops.band_precision(filter_size, precision)
         self.band_step = None if ops is reference else ops.band_precision(filter_size, precision, step=True)
-        pos, col = features(image, blur, pos_sdims, col_sdims, col_schan, col_use_pos)
+        scalars = dict(pos_sdims=pos_sdims, col_sdims=col_sdims, col_schan=col_schan, pos_compat=pos_compat,
+                       col_compat=col_compat)
         learns_weights = torch.is_grad_enabled() and any(
-            isinstance(v, torch.Tensor) and v.requires_grad
-            for v in (image, pos_sdims, pos_compat, col_sdims, col_schan, col_compat)
+            isinstance(v, torch.Tensor) and v.requires_grad for v in (image, *scalars.values())
         )
+        feats = compats = None
+        if (ops is not reference and not learns_weights and image.dtype == torch.float32
+                and all(not isinstance(v, torch.Tensor) or (v.numel() == 1 and v.device == image.device)
+                        for v in scalars.values())):
+            # One launch for the features and compat weights (PyTorch's ops below: ~10 on the GPU).
+            feats, compats = ops.gaussian_features(image, blur, col_use_pos=col_use_pos, **scalars)
+            pos, col = feats[:, :2], feats[:, 2:]
+        else:
+            pos, col = features(image, blur, pos_sdims, col_sdims, col_schan, col_use_pos)
         self.ops = ops
         # On the Triton backend the weights are differentiated by recomputing them (the fused op, or the two-pass
         # op learned_message_pass, which reads K and recomputes only for the gradient); K is built without one.
@@ -224,11 +233,13 @@ class MessagePasser:
         element_size = 4 if storage is None else storage.itemsize
         fused = ops is not reference and ops.prefer_fused(filter_size, pos.numel() // 2, element_size)
         if norm == "none":  # merged; also merge=False: the blur path is linear, so the sum is the same
-            compats = torch.cat([_as_vector(pos_compat, pos), _as_vector(col_compat, pos)])
-            terms = [(torch.cat([pos, col], 1), (2, col.shape[1]), compats, None)]
+            if feats is None:
+                feats = torch.cat([pos, col], 1)
+                compats = torch.cat([_as_vector(pos_compat, pos), _as_vector(col_compat, pos)])
+            terms = [(feats, (2, col.shape[1]), compats, None)]
         else:
             one = pos.new_ones(1)
-            terms = [(pos, (2,), one, pos_compat), (col, (col.shape[1],), one, col_compat)]
+            terms = [(pos.contiguous(), (2,), one, pos_compat), (col.contiguous(), (col.shape[1],), one, col_compat)]
         self.gaussians = []
         for f, dims, compats, scale in terms:
             K = None

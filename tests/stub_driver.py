@@ -81,13 +81,13 @@ class StubDriver:
 
 def install() -> StubDriver:
     """Make a :class:`StubDriver` triton's active driver and let the launchers take CPU tensors."""
-    from convcrf_triton.kernels import _launch, band_product, blur_iteration, merged_kernel, message_passing
+    from convcrf_triton.kernels import _launch, band_product, blur_iteration, features, merged_kernel, message_passing
 
     from convcrf_triton import functional
 
     stub = StubDriver()
     driver.set_active(stub)
-    for module in (_launch, band_product, blur_iteration, merged_kernel, message_passing):
+    for module in (_launch, band_product, blur_iteration, features, merged_kernel, message_passing):
         module.check_on_device = lambda **tensors: None
     functional._interpreting = lambda: True  # (backend="triton" on CPU tensors)
     return stub

@@ -12,6 +12,7 @@ import triton
 from aot import compile_for, hot_loop, instructions_per_ffma, loops, memory_layouts, opcode, sass, ttgir
 from convcrf_triton.kernels import band_product as bp
 from convcrf_triton.kernels import blur_iteration as bi
+from convcrf_triton.kernels import features as ft
 from convcrf_triton.kernels import merged_kernel as gw
 from convcrf_triton.kernels import message_passing as mp
 
@@ -60,6 +61,30 @@ def test_gaussian_weights_tap_loop_overhead():
     tap = min((body for body in loops(listing) if any(opcode(t) == "MUFU" for t in body)), key=len)  # one tap a trip
     assert len(tap) / (gw.WEIGHTS_BLOCK_P // 128) <= 40
     assert re.search(r"\bSTG\.E\.128\b", listing)
+
+
+def _features_signature(pointers: int) -> dict[str, str]:
+    """The features kernel's arguments; scalar ``i`` of ``ft.SCALARS`` a pointer where bit ``i`` of ``pointers``
+    is set (a module's parameter), else a float (a number)."""
+    scalars = {name: PTR if pointers >> i & 1 else "fp32" for i, name in enumerate(ft.SCALARS)}
+    sizes = ("stride_b", "stride_c", "stride_y", "stride_x", "H", "W", "h", "w", "pad_y", "pad_x")
+    return {"image": PTR, "feats": PTR, "compats": PTR, **scalars, **dict.fromkeys(sizes, "i32")}
+
+
+# A module's scalars: every one a parameter but col_sdims (a number without col_use_pos).
+MODULE_POINTERS = 0b11101
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("pointers,col_pos,idx64", [(MODULE_POINTERS, False, False), (0, True, True),
+                                                    (0b11111, True, False)])
+def test_features_kernel_compiles_without_spills(arch, pointers, col_pos, idx64):
+    usage = compile_for(ft._features_kernel, _features_signature(pointers),
+                        {"S": 4, "POINTERS": pointers, "COL_POS": col_pos, "BLOCK_P": ft.FEATURES_BLOCK_P,
+                         "IDX64": idx64},
+                        arch)
+    print(f"gaussian_features pointers={pointers:05b} col_pos={col_pos} sm_{arch}: {usage}")
+    assert usage.stack == 0 and usage.reg <= 128
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -593,6 +618,9 @@ SIZE_ONE_CASES = {
     "weight_grad": (mp._weight_grad_kernel, WG_SIGNATURE, _wg_constexprs(3, 1, TWO_GAUSSIANS), 4),
     "blur_step": (bi._blur_step_kernel, BLUR_SIGNATURE, _blur_consts(4, "pooled"), bi.TUNE_CONFIGS[0].num_warps),
     "band_message_pass": (bp._band_message_pass_kernel, BAND_SIGNATURE, _band_consts(3), bp.NUM_WARPS),
+    "gaussian_features": (ft._features_kernel, _features_signature(MODULE_POINTERS),
+                          {"S": 1, "POINTERS": MODULE_POINTERS, "COL_POS": True, "BLOCK_P": ft.FEATURES_BLOCK_P,
+                           "IDX64": False}, 4),
 }
 
 

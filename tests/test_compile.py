@@ -37,3 +37,22 @@ def test_inductor_compiles_the_reference_path():
         want = crf(unary, image)
         got = torch.compile(crf, fullgraph=True)(unary, image)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fullgraph_inference_on_the_triton_path():
+    """Inference on the Triton path is one graph of the kernels' ops, the features' launch among them."""
+    torch._dynamo.reset()
+    unary, image = _inputs()
+    crf = ConvCRF(3, filter_size=3, blur=2, num_iter=2, col_use_pos=True, backend="triton")
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    with torch.no_grad():
+        want = crf(unary, image)
+        got = torch.compile(crf, fullgraph=True, backend=record)(unary, image)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert "convcrf_triton.gaussian_features.default" in targets
+    assert "convcrf_triton.blur_step.default" in targets
