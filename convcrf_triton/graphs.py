@@ -9,6 +9,8 @@ What a replay assumes, and how it is kept true:
 - the recorded kernels read the module's parameters and buffers by address: the key includes their
   storage addresses, so ``.to()`` / ``.cuda()`` (new storage) records anew, while in-place updates
   (an optimiser step, ``load_state_dict``) are seen by the next replay;
+- what else decides the recorded work (the module's config: a new ``backend``, ``num_iter``, ...) is part of the
+  key too (``context``), so a changed config records anew instead of replaying the old one;
 - no host synchronisation inside the recording: the input value check runs on the caller's tensors
   before the copy, and is skipped while the stream is being captured;
 - Triton's autotuning and compilation happen in warm-up calls on a side stream before the recording;
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -44,21 +46,22 @@ class GraphCache:
     """``fn(*inputs) -> Tensor`` replayed from CUDA graphs, one per input signature.
 
     ``state``: the tensors ``fn`` reads besides its inputs (parameters, buffers); their addresses are
-    part of the key. Calls must not need gradients (graphs are for inference).
+    part of the key. ``context``: a hashable value of everything else ``fn``'s work depends on (a config), part
+    of the key. Calls must not need gradients (graphs are for inference).
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor], state: Callable[[], Iterable[torch.Tensor]],
-                 max_entries: int = 8) -> None:
+                 max_entries: int = 8, context: Callable[[], Hashable] = lambda: None) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
-        self.fn, self.state, self.max_entries = fn, state, max_entries
+        self.fn, self.state, self.max_entries, self.context = fn, state, max_entries, context
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.captures = 0
         self._lock = threading.Lock()
 
     def key(self, inputs: tuple[torch.Tensor, ...]) -> tuple:
         return (tuple((tuple(t.shape), t.dtype, t.device) for t in inputs),
-                tuple(t.data_ptr() for t in self.state()))
+                tuple(t.data_ptr() for t in self.state()), self.context())
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *self.state())):

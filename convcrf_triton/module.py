@@ -113,9 +113,10 @@ class ConvCRF(nn.Module):
         :mod:`convcrf_triton.graphs`): for small images, where launch gaps dominate. Applies to calls on
         CUDA tensors without gradients (``torch.no_grad()`` / ``torch.inference_mode()``), on any stream or
         thread; other calls, and calls inside the caller's own CUDA-graph recording, run eagerly. Each recorded
-        shape keeps its buffers on the GPU (the ``max_entries`` most recent). Returns ``self``."""
-        self._graphs = GraphCache(self._infer, lambda: [*self.parameters(), *self.buffers()], max_entries) \
-            if enabled else None
+        shape keeps its buffers on the GPU (the ``max_entries`` most recent); a new ``config`` (``backend``, ...)
+        records anew. Returns ``self``."""
+        self._graphs = GraphCache(self._infer, lambda: [*self.parameters(), *self.buffers()], max_entries,
+                                  context=lambda: self.config) if enabled else None
         return self
 
     def __getstate__(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 in-place parameter updates, and leaves CPU calls and gradient calls to the eager path."""
 
 import copy
+import dataclasses
 import io
 
 import pytest
@@ -34,6 +35,29 @@ def test_replay_matches_eager_and_records_once_per_shape(blur, filter_size, devi
         eager.weight.data.mul_(3.0)
         torch.testing.assert_close(crf(unary, image), eager(unary, image), rtol=1e-5, atol=1e-5)
     assert crf._graphs.captures == (2 if device.type == "cuda" else 0)
+
+
+def test_a_new_config_records_anew(device):
+    """The replay follows the module's config: after ``num_iter`` or the backend changes, the next call records
+    (on the GPU) and gives the eager output of the new config, not the old graph's."""
+    backend = "triton" if device.type == "cuda" else "torch"
+    crf = ConvCRF(3, filter_size=3, blur=2, num_iter=3, backend=backend).to(device).use_cuda_graphs()
+    eager = copy.deepcopy(crf).use_cuda_graphs(False)
+    unary, image = _inputs(11, 1, 3, 10, 12, device)
+    with torch.no_grad():
+        crf(unary, image)
+        for change in (dict(num_iter=1), dict(backend="torch")):
+            crf.config = eager.config = dataclasses.replace(crf.config, **change)
+            torch.testing.assert_close(crf(unary, image), eager(unary, image), rtol=1e-5, atol=1e-5)
+    assert crf._graphs.captures == (3 if device.type == "cuda" else 0)
+
+
+def test_the_key_holds_the_context():
+    config = ["a"]
+    cache = GraphCache(lambda x: x, lambda: [], context=lambda: config[0])
+    before = cache.key((torch.ones(2),))
+    config[0] = "b"
+    assert cache.key((torch.ones(2),)) != before
 
 
 def test_gradient_calls_run_eagerly(device):
