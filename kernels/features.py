@@ -141,13 +141,15 @@ def gaussian_features(
     """``image: [B, 3, H, W]`` (any float dtype and strides) → the features ``[B, D, h, w]`` (float32; ``D = 5``,
     7 with ``col_use_pos``; ``h, w = ceil(H / blur), ceil(W / blur)``) of the module docstring, and the compat
     weights ``[pos_compat, col_compat]`` (``[2]``, float32). Each scalar is a number or a one-element tensor on
-    the image's device. Not differentiable (inference; training builds the features with PyTorch ops)."""
+    the image's device. Not differentiable (inference; training builds the features with PyTorch ops,
+    ``functional.features``)."""
     check_on_device(image=image)
     if image.dim() != 4 or image.shape[1] != 3 or not image.is_floating_point():
         raise ValueError(f"image must be a floating-point [B, 3, H, W] tensor, got {image.dtype} "
                          f"{tuple(image.shape)}")
     if not isinstance(blur, int) or blur < 1:
         raise ValueError(f"blur must be an int >= 1, got {blur!r}")
+    grad = torch.is_grad_enabled()
     numbers, tensors, pointers = [], [], 0
     values = (pos_sdims, col_sdims, col_schan, pos_compat, col_compat)
     for i, (name, value) in enumerate(zip(SCALARS, values, strict=True)):
@@ -155,9 +157,15 @@ def gaussian_features(
             if value.numel() != 1 or value.device != image.device:
                 raise ValueError(f"{name} must be a number or a one-element tensor on {image.device}, got "
                                  f"shape {tuple(value.shape)} on {value.device}")
-            tensors.append(value.detach())
+            if grad and value.requires_grad:
+                raise ValueError(f"gaussian_features does not differentiate {name}: call it under torch.no_grad(), "
+                                 "or build the features with convcrf_triton.functional.features to learn it")
+            tensors.append(value)
             numbers.append(0.0)
             pointers |= 1 << i
         else:
             numbers.append(float(value))
+    if grad and image.requires_grad:
+        raise ValueError("gaussian_features does not differentiate image: call it under torch.no_grad(), or build "
+                         "the features with convcrf_triton.functional.features")
     return _gaussian_features_op(image, blur, bool(col_use_pos), numbers, tensors, pointers)

@@ -110,12 +110,15 @@ def test_equal_to_the_pytorch_features(device):
     (dict(blur=2.0), "blur must be an int >= 1"),
     (dict(pos_sdims=torch.tensor([3.0, 3.0])), "pos_sdims must be a number or a one-element tensor"),
     (dict(col_compat=torch.ones(1, 2)), "col_compat must be a number or a one-element tensor"),
+    (dict(col_schan=torch.tensor(13.0, requires_grad=True)), "does not differentiate col_schan"),
+    (dict(image=torch.rand(1, 3, 5, 5, requires_grad=True)), "does not differentiate image"),
 ])
 def test_bad_arguments_name_themselves(kwargs, match, device):
     args = dict(image=torch.rand(1, 3, 5, 5), blur=2, pos_sdims=3.0, col_sdims=80.0, col_schan=13.0,
                 pos_compat=3.0, col_compat=10.0, col_use_pos=False)
     args.update(kwargs)
-    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    args = {k: v.detach().to(device).requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+            for k, v in args.items()}
     with pytest.raises(ValueError, match=match):
         kernels.gaussian_features(args.pop("image"), args.pop("blur"), **args)
 
