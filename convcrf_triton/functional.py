@@ -288,7 +288,7 @@ class MessagePasser:
         iteration its pooled ``Q`` directly. No C×H×W tensor but the output is written."""
         tensors = (unary, unary_weight, weight, compat_matrix, *(g.feats for g in self.gaussians),
                    *(g.compats for g in self.gaussians))
-        if (self.ops is reference or len(self.gaussians) != 1 or self.gaussians[0].norm is not None
+        if (self.ops is reference or num_iter < 1 or len(self.gaussians) != 1 or self.gaussians[0].norm is not None
                 or self.gaussians[0].scale is not None
                 or (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))):
             return None
@@ -303,18 +303,22 @@ class MessagePasser:
             factors = torch.stack([a, w])
             mix = mixer(None, compat_matrix)  # w is applied by blur_step
             lse, Qp = self.ops.blur_start(unary, self.blur, log=mode == "convcrf")
-            for i in range(num_iter):
-                last = i == num_iter - 1
-                Mp = self._pooled_pass(self.gaussians[0], Qp).to(unary.dtype)
-                Qp = self.ops.blur_step(unary, lse, factors, mix(Mp), self.blur, pool=not last,
-                                        softmax=not last or final_softmax)
-            return Qp
+            g = self.gaussians[0]
+            # The iterations but the last launch again what the first launched (kernels.Repeat).
+            pooled_pass = self.ops.Repeat(lambda Qp: self._pooled_pass(g, Qp).to(unary.dtype),
+                                          constants=(g.K, g.feats, g.compats))
+            step = self.ops.Repeat(lambda Mp: self.ops.blur_step(unary, lse, factors, mix(Mp), self.blur, pool=True,
+                                                                 softmax=True), constants=(unary, lse, factors))
+            for _ in range(num_iter - 1):
+                Qp = step(pooled_pass(Qp))
+            return self.ops.blur_step(unary, lse, factors, mix(pooled_pass(Qp)), self.blur, pool=False,
+                                      softmax=final_softmax)
         if C > (STEP_MAX_CLASSES_COMPAT if compat_matrix is not None else STEP_MAX_CLASSES):
             return None
         g = self.gaussians[0]
         Q, unary_term = self.ops.mean_field_start(unary, a, log=mode == "convcrf")
         dtype = unary_term.dtype
-        weight = weight if isinstance(weight, torch.Tensor) else unary.new_full((1,), weight, dtype=dtype)
+        weight = weight.reshape(-1) if isinstance(weight, torch.Tensor) else unary.new_full((1,), weight, dtype=dtype)
         band = (self.band_step is not None and g.K is not None
                 and C <= self.ops.band_step_max_classes(compat_matrix is not None))
         channels_last = not band and self.ops.step_channels_last(self.k, self.H * self.W)
@@ -333,9 +337,11 @@ class MessagePasser:
             Q, unary_term = self.ops.to_channels_last(Q), self.ops.to_channels_last(unary_term)
         if self.storage is not None:
             Q = Q.to(self.storage)
-        for i in range(num_iter):
-            last = i == num_iter - 1
-            Q = step(Q, not last or final_softmax, dtype if last or self.storage is None else self.storage)
+        repeat = self.ops.Repeat(lambda Q: step(Q, True, self.storage or dtype),
+                                 constants=(unary_term, weight, compat_matrix, g.K, g.feats, g.compats))
+        for _ in range(num_iter - 1):
+            Q = repeat(Q)
+        Q = step(Q, final_softmax, dtype)
         return self.ops.from_channels_last(Q, C) if channels_last else Q
 
     def __call__(self, Q: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:

@@ -197,11 +197,10 @@ class DirectLaunch:
         kernel, run, handles, tail, meta = hit
         if callable(grid):
             grid = grid(meta)
-        stream = driver.active.get_current_stream(device)
         args += tail
-        run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, *handles,
-            kernel.launch_metadata(grid, stream, *args), knobs.runtime.launch_enter_hook,
-            knobs.runtime.launch_exit_hook, *args)
+        _run(hit, device, grid, args)
+        if _RECORDING.launches is not None:
+            _RECORDING.launches.append((hit, device, grid, args))
         return kernel
 
     def _first(self, key: tuple, grid: object, args: tuple, kwargs: dict) -> object:
@@ -227,5 +226,107 @@ class DirectLaunch:
             tail = tuple(meta[name] if name in meta else self.defaults[name] for name in self.names[len(args):])
             if len(self.launches) >= MAX_DIRECT_LAUNCHES:
                 self.launches.clear()
-            self.launches[key] = (kernel, kernel.run, (kernel.function, kernel.packed_metadata), tail, meta)
+            hit = self.launches[key] = (kernel, kernel.run, (kernel.function, kernel.packed_metadata), tail, meta)
+            if _RECORDING.launches is not None:
+                _RECORDING.launches.append((hit, key[0], grid(meta) if callable(grid) else grid, args + tail))
         return kernel
+
+
+def _run(hit: tuple, device: int, grid: tuple, args: tuple) -> None:
+    """Launch a recorded kernel (a :class:`DirectLaunch` table entry) as triton's launch path would."""
+    kernel, run, handles = hit[:3]
+    stream = driver.active.get_current_stream(device)
+    run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, *handles,
+        kernel.launch_metadata(grid, stream, *args), knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook,
+        *args)
+
+
+class _Recording(threading.local):
+    """The launches :class:`DirectLaunch` makes on this thread while a :class:`Repeat` records (else None)."""
+
+    launches: list | None = None
+
+
+_RECORDING = _Recording()
+
+
+class Repeat:
+    """``fn(*inputs) -> output`` whose work is one launch through a :class:`DirectLaunch` (a launcher called
+    with the same other operands each time: a loop's iteration), launched again without ``fn``'s Python.
+
+    The first call runs ``fn`` and records its launch: the compiled kernel, the grid and the arguments, among
+    which the inputs and the output are found by identity. A later call allocates an output like the first's and
+    launches the same kernel with the same arguments, its inputs and output in their places: ~5 µs of host time
+    where ``fn`` (validation, the launcher's Python, the table's key) took ~30 on this project's CPU. Every other
+    tensor the launch read must be one of ``constants`` (what ``fn`` closes over, the same at each call);
+    where one is not (``fn`` made it: a conversion, a copy), ``fn`` launched other than once, or nothing was
+    recorded (the interpreter, triton's path), every call is ``fn``'s. So is a call whose inputs differ from the
+    first's in shape, strides, dtype or 16-byte alignment, or made while compiling, tracing, under a dispatch mode
+    or with an input that requires grad with grad enabled (the ops must be seen)."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], constants: tuple[torch.Tensor | None, ...] = ()) -> None:
+        self.fn = fn
+        self.constants = tuple(t for t in constants if t is not None)
+        self.plan: tuple | None = None
+        self.recorded = False
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        plan = self.plan
+        if plan is None or not self._plain(inputs):
+            return self.fn(*inputs) if self.recorded else self._record(inputs)
+        hit, device, grid, template, input_slots, output_slots, like, out_like = plan
+        for t, (shape, stride, dtype, align) in zip(inputs, like, strict=True):
+            if t.shape != shape or t.stride() != stride or t.dtype != dtype or t.data_ptr() & 15 != align:
+                return self.fn(*inputs)
+        shape, stride, dtype, align, torch_device = out_like
+        out = torch.empty_strided(shape, stride, dtype=dtype, device=torch_device)
+        if out.data_ptr() & 15 != align or driver.active.get_current_device() != device:
+            return self.fn(*inputs)
+        args = list(template)
+        for at, i in input_slots:
+            args[at] = inputs[i]
+        for at in output_slots:
+            args[at] = out
+        _run(hit, device, grid, tuple(args))
+        return out
+
+    @staticmethod
+    def _plain(inputs: tuple) -> bool:
+        """Nothing but this call needs to see the op: no compiler, tracer, dispatch mode or gradient."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
+
+    def _record(self, inputs: tuple) -> torch.Tensor:
+        self.recorded = True
+        outer, _RECORDING.launches = _RECORDING.launches, []
+        try:
+            out = self.fn(*inputs)
+            launches = _RECORDING.launches
+        finally:
+            _RECORDING.launches = outer
+        if len(launches) == 1 and isinstance(out, torch.Tensor) and self._plain(inputs):
+            self.plan = self._plan(*launches[0], inputs, out)
+        return out
+
+    def _plan(self, hit: tuple, device: int, grid: tuple, args: tuple, inputs: tuple, out: torch.Tensor
+              ) -> tuple | None:
+        """What a later call needs: the arguments with the inputs and output left out, and their places."""
+        template, input_slots, output_slots = list(args), [], []
+        for at, a in enumerate(args):
+            if not isinstance(a, torch.Tensor):
+                continue
+            if a is out:
+                output_slots.append(at)
+            elif any(a is t for t in inputs):
+                input_slots.append((at, next(i for i, t in enumerate(inputs) if a is t)))
+            elif not any(a is t for t in self.constants):
+                return None  # a tensor fn made: a later call would read this one's stale values
+            else:
+                continue
+            template[at] = None
+        if not output_slots:
+            return None
+        like = tuple((t.shape, t.stride(), t.dtype, t.data_ptr() & 15) for t in inputs)
+        out_like = (out.shape, out.stride(), out.dtype, out.data_ptr() & 15, out.device)
+        return hit, device, tuple(grid), tuple(template), tuple(input_slots), tuple(output_slots), like, out_like

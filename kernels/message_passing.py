@@ -662,12 +662,11 @@ def _aligned(w: int, *tensors: torch.Tensor | None) -> int:
 
 
 def _operands(Q, K, feats, compats, dims, filter_size, keep_centre, w) -> tuple[tuple, dict]:
-    """The weight operands (``K``, or ``feats`` and ``compats``; a dummy in the unused slots) and the
+    """The weight operands (``K``, or ``feats`` and ``compats``; another operand in the unused slots) and the
     constexprs every message-passing launch shares (``w``: the grid's width)."""
     fused = K is None
-    dummy = Q.new_empty(1, dtype=torch.float32)
     meta = feature_meta(feats, dims, compats) if fused else {"D1": 1, "D2": 0}
-    args = (Q, dummy if fused else K, feats if fused else dummy, compats if fused else dummy)
+    args = (Q, feats, feats, compats) if fused else (Q, K, K, K)  # (the unused slots hold an operand, never read)
     consts = dict(KSIZE=filter_size, FUSED=fused, KEEP_CENTRE=keep_centre, IDX64=needs_int64(Q, K if K is not None
                   else feats), ALIGNED=0 if fused else _aligned(w, Q, K), **meta)
     return args, consts
@@ -699,7 +698,7 @@ def _mean_field_step_op(
     C = num_classes
     args, consts = _operands(Q, K, feats, compats, dims, filter_size, keep_centre, w)
     consts["CS"] = cs
-    mix = Q.new_empty(1, dtype=torch.float32) if compat_matrix is None else compat_matrix
+    mix = weight if compat_matrix is None else compat_matrix  # (without a compatibility: never read)
     out = torch.empty_like(Q, dtype=out_dtype)
     step = dict(STEP=True, W_STRIDE=int(weight.numel() > 1), HAS_COMPAT=compat_matrix is not None, SOFTMAX=softmax)
     if interpreting():
@@ -725,7 +724,7 @@ def step_mixing(weight: torch.Tensor, compat_matrix: torch.Tensor | None, C: int
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A step's ``w`` (one or ``C`` values, flat) and ``[C, C]`` compatibility as its kernels read them
     (float32, contiguous), or a ValueError naming the weight."""
-    weight = weight.reshape(-1).float().contiguous()
+    weight = (weight if weight.dim() == 1 else weight.reshape(-1)).float().contiguous()  # (1-D: the same tensor)
     if weight.numel() not in (1, C):
         raise ValueError(f"weight must hold 1 or C={C} values, got {weight.numel()}")
     return weight, None if compat_matrix is None else compat_matrix.float().contiguous()

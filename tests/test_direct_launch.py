@@ -50,6 +50,16 @@ def test_shapes_of_one_size_class_are_tuned_once(child_report: dict) -> None:
     assert first > 0 and same_class == 0 and other_class == first
 
 
+def test_repeat_launches_what_the_call_launches(child_report: dict) -> None:
+    """``kernels.Repeat`` replays a message pass's launch with new inputs and outputs, and gives a misaligned input
+    or another grid to the pass itself (the same launches as the pass alone, output shapes included); a pass
+    that reads a tensor it made, or a constant it was not told of, is never replayed."""
+    report = child_report["repeat"]
+    assert report["replays"] and report["shapes"] and report["differences"] == []
+    for case in ("made a tensor", "undeclared constant"):
+        assert report[case] == {"replays": False, "differences": []}
+
+
 def test_a_replaced_autotuner_cache_empties_the_table(child_report: dict) -> None:
     """Forcing a config as the blur test does (a new ``configs`` and ``cache`` on the autotuner) reaches the
     launch: its compiled kernel is the forced config's, not the recorded one."""
@@ -137,7 +147,7 @@ def _cases():
             kernels.message_pass(K, q)
 
     def inference(blur, k, channels_last=None):
-        crf = ConvCRF(5, filter_size=k, blur=blur, num_iter=2, backend="triton")
+        crf = ConvCRF(5, filter_size=k, blur=blur, num_iter=4, backend="triton")  # (iterations 2-3: Repeat's)
 
         def run():
             message_passing.STEP_CHANNELS_LAST = channels_last
@@ -210,6 +220,37 @@ def _tunings_by_size_class(stub) -> list[int]:
     return counts
 
 
+def _repeats(stub) -> dict:
+    """``kernels.Repeat`` around a message pass: what its calls launch against what the pass alone launches
+    (a list of differences, as for the cases), whether it replays, and when it must not."""
+    import torch
+
+    from convcrf_triton import kernels
+
+    g = torch.Generator().manual_seed(1)
+    K = torch.rand(1, 25, 24, 64, generator=g)
+    Qs = [torch.rand(1, 5, 24, 64, generator=g) for _ in range(3)]
+    # 4 bytes past a 16-byte boundary (the kernel's ALIGNED differs), and a batch of two (strides as the first's)
+    odd = [torch.empty(Qs[0].numel() + 1)[1:].view_as(Qs[0]).copy_(Qs[0]), torch.rand(2, 5, 24, 64, generator=g)]
+
+    def launches(fn, inputs):
+        stub.launches.clear()
+        outs = [fn(q) for q in inputs]
+        return list(stub.launches), outs
+
+    want, _ = launches(lambda q: kernels.message_pass(K, q), Qs + odd)
+    repeat = kernels.Repeat(lambda q: kernels.message_pass(K, q), constants=(K,))
+    got, outs = launches(repeat, Qs + odd)
+    report = {"differences": _differences(want, got), "replays": repeat.plan is not None,
+              "shapes": [list(o.shape) for o in outs] == [list(q.shape) for q in Qs + odd]}
+    for name, fn, constants in [("made a tensor", lambda q: kernels.message_pass(K, q.clone()), (K,)),
+                                ("undeclared constant", lambda q: kernels.message_pass(K, q), ())]:
+        other = kernels.Repeat(fn, constants)
+        got, _ = launches(other, Qs)
+        report[name] = {"replays": other.plan is not None, "differences": _differences(want[:3], got)}
+    return report
+
+
 def child() -> None:
     sys.path.insert(0, str(HERE))
     import stub_driver
@@ -239,6 +280,7 @@ def child() -> None:
         run()
         report[name] = {"launches": len(want), "differences": _differences(want, stub.launches),
                         "through_triton_on_repeat": len(through_triton)}
+    report["repeat"] = _repeats(stub)
     report["forced config"] = _forced_config(stub)
     report["tunings by size class"] = _tunings_by_size_class(stub)
     print(json.dumps(report))
