@@ -12,7 +12,8 @@ calls (median of 5 rounds):
   with the compiled kernel launched by ``DirectLaunch`` (the default), through triton's own launch path
   (``CONVCRF_DIRECT_LAUNCH=0``'s), and with the launch stubbed (our Python alone).
 - ``inference``: one ``ConvCRF(21, backend="triton")`` call (5 iterations; its input check synchronises once a
-  call), on the same three paths.
+  call), on the same three paths and on ``DirectLaunch`` without ``kernels.Repeat`` (every iteration's launches
+  through the launchers, as the first's).
 
 With CUDA the kernels run (a few µs of GPU work each, so the host's time is what is measured). Without, the
 launchers' GPU branch runs on CPU tensors through ``tests/stub_driver.py``: kernels compile for sm_90 (the first
@@ -50,28 +51,33 @@ def per_call_us(fn: Callable[[], object], calls: int) -> float:
 
 @contextlib.contextmanager
 def launch_path(path: str) -> Iterator[None]:
-    """``path``: "direct" (``DirectLaunch``, the default), "triton" (its own launch path at every call) or
-    "stubbed" (every ``kernel[grid](...)`` returns at once, launching nothing: our Python alone)."""
+    """``path``: "direct" (``DirectLaunch``, and the loops' ``Repeat``: the default), "no repeat" (``DirectLaunch``
+    at every launch), "triton" (its own launch path at every call) or "stubbed" (every ``kernel[grid](...)``
+    returns at once, launching nothing: our Python alone)."""
     from convcrf_triton.kernels import _launch
     from triton.runtime.jit import KernelInterface
 
-    real, direct = KernelInterface.__getitem__, _launch.DIRECT_LAUNCH
-    _launch.DIRECT_LAUNCH = path == "direct"
+    real, direct, repeat = KernelInterface.__getitem__, _launch.DIRECT_LAUNCH, _launch.REPEAT
+    _launch.DIRECT_LAUNCH = path in ("direct", "no repeat")
+    _launch.REPEAT = path == "direct"
     if path == "stubbed":
         KernelInterface.__getitem__ = lambda self, grid: lambda *args, **kwargs: None
     try:
         yield
     finally:
         KernelInterface.__getitem__ = real
-        _launch.DIRECT_LAUNCH = direct
+        _launch.DIRECT_LAUNCH, _launch.REPEAT = direct, repeat
 
 
-PATHS = {"direct": "DirectLaunch", "triton": "triton's launch path", "stubbed": "launch stubbed"}
+PATHS = {"direct": "DirectLaunch", "no repeat": "DirectLaunch, no Repeat", "triton": "triton's launch path",
+         "stubbed": "launch stubbed"}
 
 
-def launch_rows(what: str, fn: Callable[[], object], calls: int) -> list[tuple[str, str, float]]:
+def launch_rows(what: str, fn: Callable[[], object], calls: int, paths: tuple[str, ...] = tuple(PATHS)
+                ) -> list[tuple[str, str, float]]:
     rows = []
-    for path, label in PATHS.items():
+    for path in paths:
+        label = PATHS[path]
         with launch_path(path):
             rows.append((what, label, per_call_us(fn, calls)))
     return rows
@@ -112,8 +118,9 @@ def main() -> None:
     Q = torch.rand(1, 21, 64, 64, generator=g).to(device)
     launch = message_passing._message_pass_op
     with torch.no_grad():
-        rows += launch_rows("message_pass through the op", lambda: launch.op(Q, K), args.calls // 10)
-        rows += launch_rows("kernels.message_pass", lambda: kernels.message_pass(K, Q), args.calls // 10)
+        single = ("direct", "triton", "stubbed")  # (one launch: nothing to repeat)
+        rows += launch_rows("message_pass through the op", lambda: launch.op(Q, K), args.calls // 10, single)
+        rows += launch_rows("kernels.message_pass", lambda: kernels.message_pass(K, Q), args.calls // 10, single)
         size = 64 if cuda else 8
         unary = torch.randn(1, 21, size, size, generator=g).to(device)
         image = (torch.rand(1, 3, size, size, generator=g) * 255).to(device)
