@@ -259,15 +259,17 @@ class Repeat:
     with the same other operands each time: a loop's iteration), launched again without ``fn``'s Python.
 
     The first call runs ``fn`` and records its launch: the compiled kernel, the grid and the arguments, among
-    which the inputs and the output are found by identity. A later call allocates an output like the first's and
-    launches the same kernel with the same arguments, its inputs and output in their places: 8-11 µs of host time
-    where ``kernels.message_pass`` (validation, the launcher's Python, the table's key) took 23-27 on this
-    project's CPU (stub driver; the launch itself ~2-3). Every other
-    tensor the launch read must be one of ``constants`` (what ``fn`` closes over, the same at each call);
-    where one is not (``fn`` made it: a conversion, a copy), ``fn`` launched other than once, or nothing was
-    recorded (the interpreter, triton's path), every call is ``fn``'s. So is a call whose inputs differ from the
-    first's in shape, strides, dtype or 16-byte alignment, or made while compiling, tracing, under a dispatch mode
-    or with an input that requires grad with grad enabled (the ops must be seen)."""
+    which the inputs and the output are found by identity. A later call allocates an output like the first's
+    (uninitialised: the launch must write all of it, as the launchers' outputs are ``torch.empty``) and launches
+    the same kernel with the same arguments, its inputs and output in their places: 8-11 µs of host time where
+    ``kernels.message_pass`` (validation, the launcher's Python, the table's key) took 23-27 on this project's
+    CPU (stub driver; the launch itself ~2-3).
+
+    Every other tensor the launch read must be one of ``constants`` (what ``fn`` closes over, the same at each
+    call); where one is not (``fn`` made it: a conversion, a copy), ``fn`` launched other than once, or nothing
+    was recorded (the interpreter, triton's path), every call is ``fn``'s. So is a call whose inputs differ from
+    the first's in shape, strides, dtype or 16-byte alignment, or made while compiling, tracing, under a dispatch
+    mode or with an input that requires grad with grad enabled (the ops must be seen)."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], constants: tuple[torch.Tensor | None, ...] = ()) -> None:
         self.fn = fn
