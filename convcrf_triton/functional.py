@@ -219,8 +219,7 @@ class MessagePasser:
         )
         feats = compats = None
         if (ops is not reference and not learns_weights and image.dtype == torch.float32
-                and all(not isinstance(v, torch.Tensor) or (v.numel() == 1 and v.device == image.device)
-                        for v in scalars.values())):
+                and all(ops.takes_scalar(v, image) for v in scalars.values())):
             # One launch for the features and compat weights (PyTorch's ops below: ~10 on the GPU).
             feats, compats = ops.gaussian_features(image, blur, col_use_pos=col_use_pos, **scalars)
             pos, col = feats[:, :2], feats[:, 2:]

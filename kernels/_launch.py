@@ -325,10 +325,11 @@ class Repeat:
         for at, a in enumerate(args):
             if not isinstance(a, torch.Tensor):
                 continue
+            given = next((i for i, t in enumerate(inputs) if a is t), None)
             if a is out:
                 output_slots.append(at)
-            elif any(a is t for t in inputs):
-                input_slots.append((at, next(i for i, t in enumerate(inputs) if a is t)))
+            elif given is not None:
+                input_slots.append((at, given))
             elif not any(a is t for t in self.constants):
                 return None  # a tensor fn made: a later call would read this one's stale values
             else:

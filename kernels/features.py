@@ -105,14 +105,25 @@ def _features_kernel(
 _features_launch = DirectLaunch(_features_kernel)
 
 
+def takes_scalar(value: float | torch.Tensor, image: torch.Tensor) -> bool:
+    """Whether the kernel reads ``value`` as it is: a number, or a one-element tensor on ``image``'s device."""
+    return not isinstance(value, torch.Tensor) or (value.numel() == 1 and value.device == image.device)
+
+
+def _features_shape(image: torch.Tensor, blur: int, col_use_pos: bool) -> tuple[int, int, int, int]:
+    """The features' shape ``[B, 5|7, ceil(H / blur), ceil(W / blur)]``."""
+    B, _, H, W = image.shape
+    return B, 7 if col_use_pos else 5, -(-H // blur), -(-W // blur)
+
+
 @library_op("convcrf_triton::gaussian_features")
 def _gaussian_features_op(image: torch.Tensor, blur: int, col_use_pos: bool, numbers: list[float],
                           tensors: list[torch.Tensor], pointers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The launch behind :func:`gaussian_features`: scalar ``i`` (of :data:`SCALARS`) is the next of ``tensors``
     where bit ``i`` of ``pointers`` is set, else ``numbers[i]``."""
-    B, _, H, W = image.shape
-    h, w = -(-H // blur), -(-W // blur)
-    feats = image.new_empty((B, 7 if col_use_pos else 5, h, w), dtype=torch.float32)
+    B, _, h, w = shape = _features_shape(image, blur, col_use_pos)
+    H, W = image.shape[-2:]
+    feats = image.new_empty(shape, dtype=torch.float32)
     compats = image.new_empty(2, dtype=torch.float32)
     given = iter(tensors)
     scalars = [next(given) if pointers >> i & 1 else numbers[i] for i in range(len(SCALARS))]
@@ -128,8 +139,7 @@ def _gaussian_features_op(image: torch.Tensor, blur: int, col_use_pos: bool, num
 
 @_gaussian_features_op.op.register_fake
 def _(image, blur, col_use_pos, numbers, tensors, pointers):
-    B, _, H, W = image.shape
-    return (image.new_empty((B, 7 if col_use_pos else 5, -(-H // blur), -(-W // blur)), dtype=torch.float32),
+    return (image.new_empty(_features_shape(image, blur, col_use_pos), dtype=torch.float32),
             image.new_empty(2, dtype=torch.float32))
 
 
@@ -154,7 +164,7 @@ def gaussian_features(
     values = (pos_sdims, col_sdims, col_schan, pos_compat, col_compat)
     for i, (name, value) in enumerate(zip(SCALARS, values, strict=True)):
         if isinstance(value, torch.Tensor):
-            if value.numel() != 1 or value.device != image.device:
+            if not takes_scalar(value, image):
                 raise ValueError(f"{name} must be a number or a one-element tensor on {image.device}, got "
                                  f"shape {tuple(value.shape)} on {value.device}")
             if grad and value.requires_grad:
