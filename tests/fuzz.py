@@ -24,6 +24,7 @@ import traceback
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
+import fast_interpreter  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -87,6 +88,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=600)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    fast_interpreter.install()
     np.seterr(over="raise", invalid="raise", divide="raise")
     rng = random.Random(args.seed)
     end, cases, failures, worst = time.time() + args.seconds, 0, 0, 0.0
