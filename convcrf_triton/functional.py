@@ -306,10 +306,11 @@ class MessagePasser:
             # The iterations but the last launch again what the first launched (kernels.Repeat).
             pooled_pass = self.ops.Repeat(lambda Qp: self._pooled_pass(g, Qp).to(unary.dtype),
                                           constants=(g.K, g.feats, g.compats))
-            step = self.ops.Repeat(lambda Mp: self.ops.blur_step(unary, lse, factors, mix(Mp), self.blur, pool=True,
+            # (The compatibility outside: its sum is a tensor the step's call would make, which rules a replay out.)
+            step = self.ops.Repeat(lambda Mp: self.ops.blur_step(unary, lse, factors, Mp, self.blur, pool=True,
                                                                  softmax=True), constants=(unary, lse, factors))
             for _ in range(num_iter - 1):
-                Qp = step(pooled_pass(Qp))
+                Qp = step(mix(pooled_pass(Qp)))
             return self.ops.blur_step(unary, lse, factors, mix(pooled_pass(Qp)), self.blur, pool=False,
                                       softmax=final_softmax)
         if C > (STEP_MAX_CLASSES_COMPAT if compat_matrix is not None else STEP_MAX_CLASSES):

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-CASES = ["inference blur 4", "inference blur 1", "inference blur 1 channels-last", "misaligned operands",
-         "fused message pass", "training", "band message pass", "band step", "one size class"]
+CASES = ["inference blur 4", "inference blur 4 compat", "inference blur 1", "inference blur 1 channels-last",
+         "misaligned operands", "fused message pass", "training", "band message pass", "band step", "one size class"]
+REPEATED = ("blur_step", "message_pass", "mean_field_step")  # the functions an inference's iterations replay
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,16 @@ def test_direct_launches_match_tritons_path(child_report: dict, case: str) -> No
     assert report["launches"] > 0
     assert report["differences"] == []
     assert report["through_triton_on_repeat"] == 0
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("inference")])
+def test_inferences_replay_the_middle_iterations(child_report: dict, case: str) -> None:
+    """Of an inference's 4 iterations the first calls the launchers' functions (``kernels.Repeat`` records their
+    launches) and the next replay them: at blur 4 the pooled pass in every later iteration and the step in the
+    two middle ones (the last writes the full-resolution logits), the compatibility between them a tensor of
+    PyTorch's; at blur 1 the step in the middle ones."""
+    calls = child_report[case]["calls"]
+    assert calls == ({"blur_step": 2, "message_pass": 1} if "blur 4" in case else {"mean_field_step": 2})
 
 
 def test_shapes_of_one_size_class_are_tuned_once(child_report: dict) -> None:
@@ -146,8 +157,8 @@ def _cases():
         for q in (Q, misaligned_q):
             kernels.message_pass(K, q)
 
-    def inference(blur, k, channels_last=None):
-        crf = ConvCRF(5, filter_size=k, blur=blur, num_iter=4, backend="triton")  # (iterations 2-3: Repeat's)
+    def inference(blur, k, channels_last=None, convcomp=False):
+        crf = ConvCRF(5, filter_size=k, blur=blur, num_iter=4, backend="triton", convcomp=convcomp)  # (2-3: Repeat's)
 
         def run():
             message_passing.STEP_CHANNELS_LAST = channels_last
@@ -170,6 +181,7 @@ def _cases():
 
     return {
         "inference blur 4": inference(4, 3),
+        "inference blur 4 compat": inference(4, 3, convcomp=True),
         "inference blur 1": inference(1, 5),
         "inference blur 1 channels-last": inference(1, 5, True),
         "misaligned operands": misaligned,
@@ -267,6 +279,18 @@ def child() -> None:
         return real_run(self, *args, **kwargs)
 
     JITFunction.run = counted_run
+    from convcrf_triton import kernels
+
+    calls = {}
+
+    def counting(name, fn):
+        def counted(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return counted
+
+    for name in REPEATED:
+        setattr(kernels, name, counting(name, getattr(kernels, name)))
     report = {}
     for name, run in _cases().items():
         _launch.DIRECT_LAUNCH = False
@@ -277,9 +301,10 @@ def child() -> None:
         run()
         stub.launches.clear()
         through_triton.clear()
+        calls.clear()
         run()
         report[name] = {"launches": len(want), "differences": _differences(want, stub.launches),
-                        "through_triton_on_repeat": len(through_triton)}
+                        "through_triton_on_repeat": len(through_triton), "calls": dict(calls)}
     report["repeat"] = _repeats(stub)
     report["forced config"] = _forced_config(stub)
     report["tunings by size class"] = _tunings_by_size_class(stub)
