@@ -13,11 +13,12 @@ Per message pass on the pooled grid ``h × w = ceil(H/blur) × ceil(W/blur)``, B
 - Floor = max(bytes / 3.0 TB/s, FLOP / 60 TFLOP/s): the H100 copy bandwidth and fp32 FMA rate the issue quotes.
 
 The whole model at blur > 1 (T = 5 iterations, the default path) adds full-resolution traffic that no message
-pass can hide, in units of one float32 logits tensor ``N = 4·C·H·W`` bytes: the input check reads the unary
-(1 N), ``blur_start`` reads it (1 N), each ``blur_step`` reads it (T N; plus a per-pixel log-sum-exp plane,
-``4·H·W``), and the last one writes the output (1 N): (T + 3) N. Before ``blur_start`` the set-up was PyTorch's
-log-softmax, softmax, scaling (each a read and a write) and pooling, and the steps read a stored unary term: (T + 9)
-N, and the unary term's N bytes of memory held through the loop.
+pass can hide, in units of one float32 logits tensor ``N = 4·C·H·W`` bytes: ``blur_start`` reads the unary (1 N,
+testing its values for the input check as it reads them), each ``blur_step`` reads it (T N; plus a per-pixel
+log-sum-exp plane, ``4·H·W``), and the last one writes the output (1 N): (T + 2) N. Before ``blur_start`` the
+set-up was PyTorch's log-softmax, softmax, scaling (each a read and a write) and pooling, the input check summed
+the unary and the image on their own, and the steps read a stored unary term: (T + 9) N, and the unary term's N
+bytes of memory held through the loop.
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ def model_bytes(H: int, W: int, blur: int, C: int, k: int, T: int = 5) -> dict[s
     the set-up was fused (module docstring)."""
     hw = math.ceil(H / blur) * math.ceil(W / blur)
     n, plane = 4.0 * C * H * W, 4.0 * H * W
-    image = 2 * 3 * plane  # the input check's read and the pooled features'
+    image = 3 * plane  # read by the features kernel (which tests its values too)
     pooled = T * (counts(H, W, blur, C, k)["bytes_two_pass"] + 4 * 4.0 * C * hw) + 4.0 * k * k * hw  # + mix, K
-    ours = (T + 3) * n + (1 + T) * plane + image + pooled
-    return {"ours": ours, "before": ours + 6 * n - (1 + T) * plane}
+    ours = (T + 2) * n + (1 + T) * plane + image + pooled
+    check = n + 3 * plane  # the input check's own reads of the unary and the image, before the kernels tested them
+    return {"ours": ours, "before": ours + check + 6 * n - (1 + T) * plane}
 
 
 def floor_us(flop: float, nbytes: float) -> tuple[float, str]:

@@ -54,10 +54,10 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
     return kernels
 
 
-def check_inputs(unary: torch.Tensor, image: torch.Tensor) -> torch.Tensor | None:
+def check_inputs(unary: torch.Tensor, image: torch.Tensor) -> ValueCheck | None:
     """Clear errors for bad inputs instead of a kernel failure or a silent wrong answer: types, shapes and devices
-    here; the values (NaN/Inf) from what this returns, by :func:`check_values` (one host sync, which the caller
-    puts after the inference's launches, so that the GPU is not left waiting at its start)."""
+    here; the values (NaN/Inf) by the :class:`ValueCheck` this returns (None inside a compiled graph or a CUDA
+    graph being recorded, where a host sync cannot be)."""
     for name, t in (("unary", unary), ("image", image)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -76,28 +76,53 @@ def check_inputs(unary: torch.Tensor, image: torch.Tensor) -> torch.Tensor | Non
         )
     if unary.device != image.device:
         raise ValueError(f"unary is on {unary.device} but image is on {image.device}: use one device")
-    # The value check needs a host sync: not inside a compiled or a CUDA graph being recorded.
     if torch.compiler.is_compiling() or (unary.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
-    # One reduction a tensor instead of isfinite's three passes: a NaN/Inf makes the sum non-finite; so can an
-    # overflow of finite values, which check_values rules out element-wise. Summed in float32 (float64 inputs in
-    # their own dtype): a float64 sum of float32 made PyTorch write a float64 copy first (H200, 1024×2048, C = 21:
-    # 105 + 55 µs a tensor, a fifth of the inference's kernel time), and a float64 result one more launch.
-    return torch.stack([_total(unary), _total(image)])
+    return ValueCheck(unary, image)
+
+
+class ValueCheck:
+    """The input check's NaN/Inf test of ``unary`` and ``image``, with one host sync: :meth:`raise_if_nonfinite`,
+    which the caller puts after the inference's launches, so that the GPU is not left waiting at its start.
+
+    A Triton kernel that reads an input whole tests it as it reads it (the set-ups ``blur_start`` and
+    ``mean_field_start`` the unary, ``gaussian_features`` the image): it sets the flag :meth:`flag` hands it where
+    the values it sums are not finite. An input no kernel tested is summed here, in one reduction (a NaN/Inf makes
+    the sum non-finite; in float32, float64 inputs in their own dtype: a float64 sum of float32 made PyTorch write a
+    float64 copy first, H200 1024×2048 C = 21: 105 + 55 µs a tensor). Both tests also fire on an overflow of finite
+    values, which the element-wise test then rules out. On the Triton path of an inference the flags spare it a read
+    of the unary (C·H·W values: its largest input) and of the image, and two launches."""
+
+    NAMES = ("unary", "image")
+
+    def __init__(self, unary: torch.Tensor, image: torch.Tensor) -> None:
+        self.tensors = (unary, image)
+        self.flags: torch.Tensor | None = None  # [2] float32, one a name: made at the first flag()
+        self.flagged = [False, False]
+
+    def flag(self, name: str) -> torch.Tensor:
+        """The flag of ``name`` (``'unary'`` or ``'image'``), a one-element float32 tensor (0: not tested yet) for the
+        kernel that reads that input whole to set to 1 where its values are not finite."""
+        i = self.NAMES.index(name)
+        if self.flags is None:
+            self.flags = self.tensors[0].new_zeros(2, dtype=torch.float32)
+        self.flagged[i] = True
+        return self.flags[i : i + 1]
+
+    def raise_if_nonfinite(self) -> None:
+        """The ValueError for a NaN/Inf in ``unary`` or ``image``."""
+        if all(self.flagged):
+            values = self.flags
+        else:
+            values = torch.stack([self.flags[i] if flagged else _total(t)
+                                  for i, (flagged, t) in enumerate(zip(self.flagged, self.tensors, strict=True))])
+        for name, t, flagged, value in zip(self.NAMES, self.tensors, self.flagged, values.tolist(), strict=True):
+            if (value != 0 if flagged else not math.isfinite(value)) and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or Inf values")
 
 
 def _total(t: torch.Tensor) -> torch.Tensor:
     return t.detach().sum(dtype=torch.float32 if t.element_size() <= 4 else None).float()
-
-
-def check_values(sums: torch.Tensor | None, unary: torch.Tensor, image: torch.Tensor) -> None:
-    """The ValueError for a NaN/Inf in ``unary`` or ``image``, from :func:`check_inputs`' ``sums`` (None: no
-    check)."""
-    if sums is None:
-        return
-    for (name, t), total in zip((("unary", unary), ("image", image)), sums.tolist(), strict=True):
-        if not math.isfinite(total) and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or Inf values")
 
 
 def blur_padding(n: int, blur: int) -> int:
@@ -205,7 +230,8 @@ class MessagePasser:
     def __init__(self, image: torch.Tensor, *, filter_size: int, blur: int, pos_sdims: Number,
                  pos_compat: Number, col_sdims: Number, col_schan: Number, col_compat: Number,
                  col_use_pos: bool, norm: str, keep_centre: bool, ops: ModuleType,
-                 storage: torch.dtype | None = None, precision: str = "float32") -> None:
+                 storage: torch.dtype | None = None, precision: str = "float32", check: ValueCheck | None = None
+                 ) -> None:
         self.k, self.blur, self.keep_centre, self.H, self.W = filter_size, blur, keep_centre, *image.shape[-2:]
         self.storage = storage
         # The band kernel's product precision for inference's passes and for the blur-1 step
@@ -221,7 +247,8 @@ class MessagePasser:
         if (ops is not reference and not learns_weights and image.dtype == torch.float32
                 and all(ops.takes_scalar(v, image) for v in scalars.values())):
             # One launch for the features and compat weights (PyTorch's ops below: ~10 on the GPU).
-            feats, compats = ops.gaussian_features(image, blur, col_use_pos=col_use_pos, **scalars)
+            feats, compats = ops.gaussian_features(image, blur, col_use_pos=col_use_pos, **scalars,
+                                                   nonfinite=None if check is None else check.flag("image"))
             pos, col = feats[:, :2], feats[:, 2:]
         else:
             pos, col = features(image, blur, pos_sdims, col_sdims, col_schan, col_use_pos)
@@ -269,7 +296,8 @@ class MessagePasser:
         return blur_upsample(Mp if mix is None else mix(Mp), self.blur, self.H, self.W)
 
     def steps(self, unary: torch.Tensor, mode: str, unary_weight: Number, weight: Number,
-              compat_matrix: torch.Tensor | None, num_iter: int, final_softmax: bool) -> torch.Tensor | None:
+              compat_matrix: torch.Tensor | None, num_iter: int, final_softmax: bool, check: ValueCheck | None = None
+              ) -> torch.Tensor | None:
         """All ``num_iter`` iterations with one launch per full-resolution pass, where that applies: the
         Triton backend, one merged Gaussian (``norm='none'``), nothing to differentiate. None otherwise (then
         the caller composes the message pass with PyTorch ops).
@@ -284,7 +312,8 @@ class MessagePasser:
         and the first pooled ``Q``); each iteration the message on the pooled grid, then one launch for everything
         at full resolution (:func:`~convcrf_triton.kernels.blur_step`: the unary term ``(unary_weight - w) ·
         log_softmax(u)`` from ``u`` and its log-sum-exp, upsample, add, softmax, pool), which hands the next
-        iteration its pooled ``Q`` directly. No C×H×W tensor but the output is written."""
+        iteration its pooled ``Q`` directly. No C×H×W tensor but the output is written. Either set-up tests the
+        unary's values for ``check``."""
         tensors = (unary, unary_weight, weight, compat_matrix, *(g.feats for g in self.gaussians),
                    *(g.compats for g in self.gaussians))
         if (self.ops is reference or num_iter < 1 or len(self.gaussians) != 1 or self.gaussians[0].norm is not None
@@ -301,7 +330,8 @@ class MessagePasser:
                 return None
             factors = torch.stack([a, w])
             mix = mixer(None, compat_matrix)  # w is applied by blur_step
-            lse, Qp = self.ops.blur_start(unary, self.blur, log=mode == "convcrf")
+            lse, Qp = self.ops.blur_start(unary, self.blur, log=mode == "convcrf",
+                                          nonfinite=None if check is None else check.flag("unary"))
             g = self.gaussians[0]
             # The iterations but the last launch again what the first launched (kernels.Repeat).
             pooled_pass = self.ops.Repeat(lambda Qp: self._pooled_pass(g, Qp).to(unary.dtype),
@@ -316,7 +346,8 @@ class MessagePasser:
         if C > (STEP_MAX_CLASSES_COMPAT if compat_matrix is not None else STEP_MAX_CLASSES):
             return None
         g = self.gaussians[0]
-        Q, unary_term = self.ops.mean_field_start(unary, a, log=mode == "convcrf")
+        Q, unary_term = self.ops.mean_field_start(unary, a, log=mode == "convcrf",
+                                                  nonfinite=None if check is None else check.flag("unary"))
         dtype = unary_term.dtype
         weight = weight.reshape(-1) if isinstance(weight, torch.Tensor) else unary.new_full((1,), weight, dtype=dtype)
         band = (self.band_step is not None and g.K is not None
@@ -404,7 +435,7 @@ def mean_field(
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not allowed: expected one of "
                          + ", ".join(repr(s) for s in PRECISIONS))
-    sums = check_inputs(unary, image)
+    check = check_inputs(unary, image)
     out_dtype = unary.dtype
     dtype = torch.float64 if unary.dtype == torch.float64 else torch.float32
     unary, image = unary.to(dtype), image.to(dtype)
@@ -413,15 +444,16 @@ def mean_field(
         image, filter_size=filter_size, blur=blur, pos_sdims=pos_sdims, pos_compat=pos_compat,
         col_sdims=col_sdims, col_schan=col_schan, col_compat=col_compat, col_use_pos=col_use_pos, norm=norm,
         keep_centre=mode == "convcrf", ops=resolve_backend(backend, unary.device), storage=STORAGE_DTYPES[storage],
-        precision=precision,
+        precision=precision, check=check,
     )
     compat_matrix = None if compat_matrix is None else compat_matrix.to(dtype)
-    Q = passer.steps(unary, mode, unary_weight, weight, compat_matrix, num_iter, final_softmax)
+    Q = passer.steps(unary, mode, unary_weight, weight, compat_matrix, num_iter, final_softmax, check)
     if Q is None:
         Q, unary_term = unary_setup(unary, mode, unary_weight, weight)
         mix = mixer(weight, compat_matrix)
         for i in range(num_iter):
             Z = unary_term + passer(Q, mix)
             Q = torch.softmax(Z, dim=1) if i < num_iter - 1 or final_softmax else Z  # the last: logits Z
-    check_values(sums, unary, image)  # after the launches: the inference's one host sync
+    if check is not None:
+        check.raise_if_nonfinite()  # after the launches: the inference's one host sync
     return Q.to(out_dtype)

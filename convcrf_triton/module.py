@@ -144,9 +144,10 @@ class ConvCRF(nn.Module):
         if (self._graphs is not None and isinstance(unary, torch.Tensor) and unary.is_cuda
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and not torch.cuda.is_current_stream_capturing()):  # inside the caller's own recording: eager
-            sums = functional.check_inputs(unary, image)
+            check = functional.check_inputs(unary, image)
             out = self._graphs(unary, image)
-            functional.check_values(sums, unary, image)  # after the replay's launch
+            if check is not None:
+                check.raise_if_nonfinite()  # after the replay's launch
             return out
         return self._infer(unary, image)
 

@@ -72,6 +72,16 @@ def check_on_device(**tensors: torch.Tensor) -> None:
             )
 
 
+def check_flag(nonfinite: torch.Tensor | None, like: torch.Tensor) -> None:
+    """A kernel's ``nonfinite`` flag (the input check's, which the kernels that read an input whole set as they read
+    it): None, or a one-element float32 tensor on the device of ``like``."""
+    if nonfinite is not None and (not isinstance(nonfinite, torch.Tensor) or nonfinite.dtype != torch.float32
+                                  or nonfinite.numel() != 1 or nonfinite.device != like.device):
+        got = (f"{nonfinite.dtype} {tuple(nonfinite.shape)} on {nonfinite.device}"
+               if isinstance(nonfinite, torch.Tensor) else type(nonfinite).__name__)
+        raise ValueError(f"nonfinite must be a one-element float32 tensor on {like.device}, got {got}")
+
+
 # The tensor types a launcher takes without the dispatcher (not fake, no subclass's __torch_dispatch__); a
 # module's parameters are passed as they are.
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -86,9 +96,9 @@ class LibraryOp:
     through it, 1.7 direct; ``bench/host_overhead.py``), against 12-23 µs of our launchers' own Python: small
     images, launch-bound, pay it at every launch."""
 
-    def __init__(self, name: str, fn: Callable[..., object]) -> None:
+    def __init__(self, name: str, fn: Callable[..., object], mutates_args: tuple[str, ...] = ()) -> None:
         self.fn = fn
-        self.op = torch.library.custom_op(name, fn, mutates_args=())
+        self.op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
 
     def __call__(self, *args: object) -> object:
         if (torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None
@@ -101,9 +111,9 @@ class LibraryOp:
         return self.fn(*args)
 
 
-def library_op(name: str) -> Callable[[Callable[..., object]], LibraryOp]:
-    """Decorator: ``fn`` as a :class:`LibraryOp` named ``name``."""
-    return lambda fn: LibraryOp(name, fn)
+def library_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable[..., object]], LibraryOp]:
+    """Decorator: ``fn`` as a :class:`LibraryOp` named ``name`` (that writes into ``mutates_args``)."""
+    return lambda fn: LibraryOp(name, fn, mutates_args)
 
 
 # CONVCRF_DIRECT_LAUNCH=0: every launch takes triton's own path (DirectLaunch is then a pass-through).

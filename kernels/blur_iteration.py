@@ -43,6 +43,7 @@ from ._launch import (
     COMPILE_OPTIONS,
     DirectLaunch,
     cdiv,
+    check_flag,
     check_on_device,
     interpreting,
     library_op,
@@ -99,10 +100,10 @@ def _logits(c, u_img, m_img, f_ptr, lse, full, m_plane, offs, ok, C, rows, col_l
 
 @triton.jit
 def _blur_step_kernel(
-    u_ptr, lse_ptr, f_ptr, m_ptr, out_ptr, term_ptr, C, H, W, h, w, pad_y, pad_x,
+    u_ptr, lse_ptr, f_ptr, m_ptr, out_ptr, term_ptr, flag_ptr, C, H, W, h, w, pad_y, pad_x,
     S: tl.constexpr, SP: tl.constexpr, START: tl.constexpr, TERM: tl.constexpr, POOL: tl.constexpr,
     SOFTMAX: tl.constexpr, LOG: tl.constexpr, BLOCK_PIXELS: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
-    CLASSES: tl.constexpr = 0,
+    CLASSES: tl.constexpr = 0, CHECK: tl.constexpr = False,
 ):
     # grid: (cdiv(w, BLOCK_J), h, B). Full-resolution pixel (y, x) of pooled cell (i, j), sub-pixel (r, t):
     #   y = i*S + r - pad_y, x = j*S + t - pad_x; its upsampled index is (y + pad_y, x + pad_x).
@@ -119,6 +120,9 @@ def _blur_step_kernel(
     # m_ptr: the message [B, C, h, w]; f_ptr: the factors [2, C], a = unary_weight - w and w (at the START a
     # alone, read with TERM only). START: Z = u, no message (m_ptr unused); the first pass stores lse(u) to
     # lse_ptr, or with TERM the second stores the unary term a * (u - lse(u)) to term_ptr at full resolution.
+    # CHECK (at the START): flag_ptr[0] = 1 where a pixel's logits do not sum to a finite number (a NaN or an Inf
+    # among them, or an overflow), the input check's test of u made as the first loop reads it (one add an element).
+    tl.static_assert(not CHECK or (START and SOFTMAX))
     BLOCK_X: tl.constexpr = BLOCK_PIXELS // SP  # full-resolution columns per program
     BLOCK_J: tl.constexpr = BLOCK_X // SP  # pooled columns per program
     UNIT: tl.constexpr = LOG2E if SOFTMAX else 1.0
@@ -168,6 +172,7 @@ def _blur_step_kernel(
                 UNIT)
     z_lse = 0.0
     inv_total = 0.0
+    u_sum = tl.zeros((BLOCK_PIXELS,), dtype=tl.float32)  # CHECK: each pixel's sum of u (times UNIT)
     if CLASSES > 0:
         # Every class in registers (a tuple, one tile a class): u read once, all its loads in flight at once.
         zs = ()
@@ -183,12 +188,17 @@ def _blur_step_kernel(
             total = es[0]
             for c in tl.static_range(1, CLASSES):
                 total += es[c]
+            if CHECK:
+                for c in tl.static_range(CLASSES):
+                    u_sum += zs[c]
     elif SOFTMAX:
         top = tl.full((BLOCK_PIXELS,), float("-inf"), tl.float32)
         total = tl.zeros((BLOCK_PIXELS,), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             # u is read again by the second loop: kept in L2 before the lines the second loop has read.
             z = _logits(cls + c0, *geometry, "evict_last")
+            if CHECK:
+                u_sum += z if BLOCK_C == 1 else tl.sum(z, axis=0)  # (past C and outside the image: 0)
             if BLOCK_C == 1:
                 # One exponential an element: of -|z - top|, the smaller term relative to the larger.
                 d = z - top
@@ -206,6 +216,9 @@ def _blur_step_kernel(
             z_lse = top + tl.log2(total)  # in base 2
         if START and not TERM:
             tl.store(lse_img, z_lse * LN2, mask=ok)
+    if CHECK:
+        nonfinite = tl.where(tl.abs(u_sum) < float("inf"), 0, 1)  # (a NaN compares false)
+        tl.store(flag_ptr, 1.0, mask=tl.max(nonfinite, axis=0) > 0)
     count = 0.0
     if POOL:
         count = tl.sum(tl.sum(tl.reshape(ok.to(tl.float32), (1, SP, BLOCK_J, SP)), axis=3), axis=1)  # [1, BLOCK_J]
@@ -320,16 +333,19 @@ INTERPRETER_CONFIG: triton.Config | None = None
 
 
 def _launch(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, message: torch.Tensor, out: torch.Tensor,
-            term: torch.Tensor | None, blur: int, *, start: bool, pool: bool, softmax: bool, log: bool) -> None:
+            term: torch.Tensor | None, blur: int, *, start: bool, pool: bool, softmax: bool, log: bool,
+            nonfinite: torch.Tensor | None = None) -> None:
     """One launch. ``factors``: ``[2, C]`` (a; w), at the start ``a`` alone (``TERM``) or unused, like the message
-    there and ``lse`` or ``term``: unused pointers are any tensor."""
+    there and ``lse`` or ``term``: unused pointers are any tensor. ``nonfinite`` (at the start): the flag ``CHECK``
+    sets, or None."""
     B, C, H, W = unary.shape
     h, w = -(-H // blur), -(-W // blur)
     sp = next_power_of_2(blur)
     pad_y, pad_x = (h * blur - H + 1) // 2, (w * blur - W + 1) // 2
-    args = (unary, lse, factors, message, out, out if term is None else term, C, H, W, h, w, pad_y, pad_x)
+    args = (unary, lse, factors, message, out, out if term is None else term, out if nonfinite is None else nonfinite,
+            C, H, W, h, w, pad_y, pad_x)
     consts = dict(S=blur, SP=sp, START=start, TERM=term is not None, POOL=pool, SOFTMAX=softmax, LOG=log,
-                  IDX64=needs_int64(unary, out))
+                  IDX64=needs_int64(unary, out), CHECK=nonfinite is not None)
 
     def grid(meta):
         return (cdiv(w, meta["BLOCK_PIXELS"] // (sp * sp)), h, B)
@@ -345,17 +361,19 @@ def _launch(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, messa
         _blur_step_launch[grid](*args, **consts, **COMPILE_OPTIONS)
 
 
-@library_op("convcrf_triton::blur_start")
-def _blur_start_op(unary: torch.Tensor, blur: int, log: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@library_op("convcrf_triton::blur_start", mutates_args=("nonfinite",))
+def _blur_start_op(unary: torch.Tensor, blur: int, log: bool, nonfinite: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     B, C, H, W = unary.shape
     lse = unary.new_empty((B, 1, H, W), dtype=torch.float32)
     pooled = unary.new_empty((B, C, -(-H // blur), -(-W // blur)))
-    _launch(unary, lse, unary, unary, pooled, None, blur, start=True, pool=True, softmax=True, log=log)
+    _launch(unary, lse, unary, unary, pooled, None, blur, start=True, pool=True, softmax=True, log=log,
+            nonfinite=nonfinite)
     return lse, pooled
 
 
 @_blur_start_op.op.register_fake
-def _(unary, blur, log):
+def _(unary, blur, log, nonfinite):
     B, C, H, W = unary.shape
     return (unary.new_empty((B, 1, H, W), dtype=torch.float32),
             unary.new_empty((B, C, -(-H // blur), -(-W // blur))))
@@ -376,17 +394,18 @@ def _(unary, lse, factors, message, blur, pool, softmax, out_dtype):
     return unary.new_empty((B, C, *message.shape[-2:]) if pool else (B, C, H, W), dtype=out_dtype)
 
 
-@library_op("convcrf_triton::mean_field_start")
-def _mean_field_start_op(unary: torch.Tensor, a: torch.Tensor, log: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@library_op("convcrf_triton::mean_field_start", mutates_args=("nonfinite",))
+def _mean_field_start_op(unary: torch.Tensor, a: torch.Tensor, log: bool, nonfinite: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     Q, term = torch.empty_like(unary), torch.empty_like(unary)
     B, C, H, W = unary.shape
     flat = unary.view(B, C, 1, H * W)  # pixels are independent without a message: one row, no ragged row ends
-    _launch(flat, Q, a, flat, Q, term, 1, start=True, pool=True, softmax=True, log=log)
+    _launch(flat, Q, a, flat, Q, term, 1, start=True, pool=True, softmax=True, log=log, nonfinite=nonfinite)
     return Q, term
 
 
 @_mean_field_start_op.op.register_fake
-def _(unary, a, log):
+def _(unary, a, log, nonfinite):
     return torch.empty_like(unary), torch.empty_like(unary)
 
 
@@ -399,14 +418,18 @@ def _check_unary(unary: torch.Tensor, blur: int | None = None) -> tuple[int, int
     return tuple(unary.shape)
 
 
-def blur_start(unary: torch.Tensor, blur: int, *, log: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def blur_start(unary: torch.Tensor, blur: int, *, log: bool = False, nonfinite: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The blurred loop's set-up in one read of the unary logits ``u: [B, C, H, W]``: their per-pixel
     log-sum-exp ``lse = log Σ_c exp(u_c)`` (``[B, 1, H, W]``, float32) and the first iteration's pooled input,
     ``pool(softmax(u))`` (``log=True``: ``pool(log_softmax(u))``, ConvCRF's first pass on the
-    log-probabilities), ``[B, C, ceil(H/blur), ceil(W/blur)]`` in the dtype of ``u``. float32 arithmetic."""
+    log-probabilities), ``[B, C, ceil(H/blur), ceil(W/blur)]`` in the dtype of ``u``. float32 arithmetic.
+    ``nonfinite``: a one-element float32 tensor set to 1 where a pixel's logits do not sum to a finite float32
+    number (a NaN or an Inf among them, or an overflow), else left as it is."""
     check_on_device(unary=unary)
     _check_unary(unary, blur)
-    return _blur_start_op(unary.contiguous(), blur, log)
+    check_flag(nonfinite, unary)
+    return _blur_start_op(unary.contiguous(), blur, log, nonfinite)
 
 
 def _check_factors(name: str, factors: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -415,14 +438,17 @@ def _check_factors(name: str, factors: torch.Tensor, shape: tuple[int, ...]) -> 
                          f"{tuple(factors.shape)}")
 
 
-def mean_field_start(unary: torch.Tensor, a: torch.Tensor, *, log: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def mean_field_start(unary: torch.Tensor, a: torch.Tensor, *, log: bool = False,
+                     nonfinite: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The set-up of the one-launch steps at blur 1 (:func:`~convcrf_triton.kernels.mean_field_step`) in one read
     of the unary logits ``u: [B, C, H, W]``: the first iteration's input ``Q = softmax(u)`` (``log=True``:
     ``log_softmax(u)``) and the loop-invariant unary term ``A = a · log_softmax(u)`` (``a: [C]``, the
-    per-class ``unary_weight - w``), both ``[B, C, H, W]`` in the dtype of ``u``. float32 arithmetic."""
+    per-class ``unary_weight - w``), both ``[B, C, H, W]`` in the dtype of ``u``. float32 arithmetic.
+    ``nonfinite``: as :func:`blur_start`'s."""
     check_on_device(unary=unary, a=a)
     _check_factors("a", a, (_check_unary(unary)[1],))
-    return _mean_field_start_op(unary.contiguous(), a.float().contiguous(), log)
+    check_flag(nonfinite, unary)
+    return _mean_field_start_op(unary.contiguous(), a.float().contiguous(), log, nonfinite)
 
 
 def blur_step(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, message: torch.Tensor, blur: int, *,

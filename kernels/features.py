@@ -12,7 +12,8 @@ where the mean of the rows ``lo..hi-1`` is ``(lo + hi - 1) / 2``, exact in float
 as PyTorch's (``div_rn``), and the colours are summed in PyTorch's order (rows, then columns), so the PyTorch path
 (``functional.features``: ~10 launches on the GPU, each ~5-10 µs of host time) gives the same features. The
 five scalars (bandwidths and the two compat weights) are numbers or one-element tensors on the image's device
-(a module's parameters, read by the kernel: no host sync, no fill).
+(a module's parameters, read by the kernel: no host sync, no fill). The kernel also tests the image's values for
+the input check (``nonfinite``: set where a cell's colours do not sum to a finite number).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ._launch import (
     COMPILE_OPTIONS,
     DirectLaunch,
     cdiv,
+    check_flag,
     check_on_device,
     interpreter_blocks,
     interpreting,
@@ -50,12 +52,14 @@ def _scalar(s, IS_PTR: tl.constexpr):
 
 @triton.jit
 def _features_kernel(
-    image, feats, compats, pos_sdims, col_sdims, col_schan, pos_compat, col_compat,
+    image, feats, compats, nonfinite, pos_sdims, col_sdims, col_schan, pos_compat, col_compat,
     stride_b, stride_c, stride_y, stride_x, H, W, h, w, pad_y, pad_x,
     S: tl.constexpr, POINTERS: tl.constexpr, COL_POS: tl.constexpr, BLOCK_P: tl.constexpr, IDX64: tl.constexpr,
+    CHECK: tl.constexpr = False,
 ):
     # grid: (cdiv(h*w, BLOCK_P), B). A program's pixels average their cells' S × S window (S: the blur; see the
-    # module docstring); program (0, 0) also writes the compat weights.
+    # module docstring); program (0, 0) also writes the compat weights. CHECK: nonfinite[0] = 1 where a cell's
+    # colours do not sum to a finite number (a NaN or an Inf among them, or an overflow).
     b = tl.program_id(1)
     plane = h * w
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -97,6 +101,9 @@ def _features_kernel(
     tl.store(out + 2 * plane, tl.div_rn(tl.div_rn(red, count), s_chan), mask=in_img)
     tl.store(out + 3 * plane, tl.div_rn(tl.div_rn(green, count), s_chan), mask=in_img)
     tl.store(out + 4 * plane, tl.div_rn(tl.div_rn(blue, count), s_chan), mask=in_img)
+    if CHECK:
+        bad = tl.where(tl.abs(red + green + blue) < float("inf"), 0, 1)  # (a NaN compares false; outside: 0)
+        tl.store(nonfinite, 1.0, mask=tl.max(bad, axis=0) > 0)
     if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         tl.store(compats, _scalar(pos_compat, (POINTERS >> 3) & 1))
         tl.store(compats + 1, _scalar(col_compat, (POINTERS >> 4) & 1))
@@ -116,9 +123,10 @@ def _features_shape(image: torch.Tensor, blur: int, col_use_pos: bool) -> tuple[
     return B, 7 if col_use_pos else 5, -(-H // blur), -(-W // blur)
 
 
-@library_op("convcrf_triton::gaussian_features")
+@library_op("convcrf_triton::gaussian_features", mutates_args=("nonfinite",))
 def _gaussian_features_op(image: torch.Tensor, blur: int, col_use_pos: bool, numbers: list[float],
-                          tensors: list[torch.Tensor], pointers: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          tensors: list[torch.Tensor], pointers: int, nonfinite: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The launch behind :func:`gaussian_features`: scalar ``i`` (of :data:`SCALARS`) is the next of ``tensors``
     where bit ``i`` of ``pointers`` is set, else ``numbers[i]``."""
     B, _, h, w = shape = _features_shape(image, blur, col_use_pos)
@@ -130,15 +138,15 @@ def _gaussian_features_op(image: torch.Tensor, blur: int, col_use_pos: bool, num
     block_p = interpreter_blocks(1, h * w)[1] if interpreting() else FEATURES_BLOCK_P
     grid = (cdiv(h * w, block_p), B)
     _features_launch[grid](
-        image, feats, compats, *scalars, *image.stride(), H, W, h, w, (h * blur - H + 1) // 2,
-        (w * blur - W + 1) // 2, S=blur, POINTERS=pointers, COL_POS=col_use_pos, BLOCK_P=block_p,
-        IDX64=needs_int64(image, feats), **COMPILE_OPTIONS,
+        image, feats, compats, compats if nonfinite is None else nonfinite, *scalars, *image.stride(), H, W, h, w,
+        (h * blur - H + 1) // 2, (w * blur - W + 1) // 2, S=blur, POINTERS=pointers, COL_POS=col_use_pos,
+        BLOCK_P=block_p, IDX64=needs_int64(image, feats), CHECK=nonfinite is not None, **COMPILE_OPTIONS,
     )
     return feats, compats
 
 
 @_gaussian_features_op.op.register_fake
-def _(image, blur, col_use_pos, numbers, tensors, pointers):
+def _(image, blur, col_use_pos, numbers, tensors, pointers, nonfinite):
     return (image.new_empty(_features_shape(image, blur, col_use_pos), dtype=torch.float32),
             image.new_empty(2, dtype=torch.float32))
 
@@ -146,19 +154,21 @@ def _(image, blur, col_use_pos, numbers, tensors, pointers):
 def gaussian_features(
     image: torch.Tensor, blur: int, *, pos_sdims: float | torch.Tensor, col_sdims: float | torch.Tensor,
     col_schan: float | torch.Tensor, pos_compat: float | torch.Tensor, col_compat: float | torch.Tensor,
-    col_use_pos: bool,
+    col_use_pos: bool, nonfinite: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``image: [B, 3, H, W]`` (any float dtype and strides) → the features ``[B, D, h, w]`` (float32; ``D = 5``,
     7 with ``col_use_pos``; ``h, w = ceil(H / blur), ceil(W / blur)``) of the module docstring, and the compat
     weights ``[pos_compat, col_compat]`` (``[2]``, float32). Each scalar is a number or a one-element tensor on
     the image's device. Not differentiable (inference; training builds the features with PyTorch ops,
-    ``functional.features``)."""
+    ``functional.features``). ``nonfinite``: a one-element float32 tensor set to 1 where a cell's colours do not sum
+    to a finite float32 number (a NaN or an Inf among them, or an overflow), else left as it is."""
     check_on_device(image=image)
     if image.dim() != 4 or image.shape[1] != 3 or not image.is_floating_point():
         raise ValueError(f"image must be a floating-point [B, 3, H, W] tensor, got {image.dtype} "
                          f"{tuple(image.shape)}")
     if not isinstance(blur, int) or blur < 1:
         raise ValueError(f"blur must be an int >= 1, got {blur!r}")
+    check_flag(nonfinite, image)
     grad = torch.is_grad_enabled()
     numbers, tensors, pointers = [], [], 0
     values = (pos_sdims, col_sdims, col_schan, pos_compat, col_compat)
@@ -178,4 +188,4 @@ def gaussian_features(
     if grad and image.requires_grad:
         raise ValueError("gaussian_features does not differentiate image: call it under torch.no_grad(), or build "
                          "the features with convcrf_triton.functional.features")
-    return _gaussian_features_op(image, blur, bool(col_use_pos), numbers, tensors, pointers)
+    return _gaussian_features_op(image, blur, bool(col_use_pos), numbers, tensors, pointers, nonfinite)

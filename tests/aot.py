@@ -3,10 +3,11 @@
 Tests run under ``TRITON_INTERPRET=1``, where ``@triton.jit`` yields interpreter objects that cannot be
 compiled (their ``@triton.jit`` callees are interpreter objects too). So the compile runs in a child
 process with ``TRITON_INTERPRET`` removed, which re-imports the kernel by module and name: the kernel must
-be a module-level attribute. The child writes the cubin and the TritonGPU IR (its layouts: which lanes and
-registers hold which elements); this process inspects the cubin with the ``cuobjdump`` shipped in the
-triton wheel. Compiled cubins are cached in ``CONVCRF_AOT_CACHE`` (default
-``<repo>/.aot_cache``), keyed by the source of the kernel's package, the arguments and the triton version.
+be a module-level attribute (one child per test process, serving its compiles). The child writes the cubin
+and the TritonGPU IR (its layouts: which lanes and registers hold which elements); this process inspects the
+cubin with the ``cuobjdump`` shipped in the triton wheel. Compiled cubins are cached in ``CONVCRF_AOT_CACHE``
+(default ``<repo>/.aot_cache``), keyed by the source of the kernel's package, the arguments and the triton
+version.
 """
 
 import base64
@@ -20,6 +21,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,19 +102,48 @@ def _compile(
     key_text = json.dumps([request, _source_digest(module), triton.__version__, "ttgir"], sort_keys=True)
     path = CACHE_DIR / f"{name}-{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.json"
     if not path.exists():
+        reply = _Compiler.instance().compile(request)
+        if "error" in reply:
+            raise RuntimeError(f"AOT compile of {module}.{name} for sm_{arch} failed:\n{reply['error'][-4000:]}")
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(reply))
+        tmp.replace(path)
+    return json.loads(path.read_text())
+
+
+class _Compiler:
+    """The child process that compiles, one per test process, kept for its requests: importing torch, triton and
+    the kernels takes ~3 s a process, about as long as a compile (a child per compile spent most of the cold
+    suite's AOT time importing). Requests and replies are JSON lines; a reply starts with :data:`_REPLY` (other
+    output of the compile is not the reply)."""
+
+    _current: "_Compiler | None" = None
+
+    def __init__(self) -> None:
         # triton.language itself must be imported with the interpreter off.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        proc = subprocess.run(
-            [sys.executable, __file__, json.dumps(request)], env=env, capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"AOT compile of {module}.{name} for sm_{arch} failed:\n{proc.stderr[-4000:]}")
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(proc.stdout.strip().splitlines()[-1])
-        tmp.replace(path)
-    return json.loads(path.read_text())
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    @classmethod
+    def instance(cls) -> "_Compiler":
+        if cls._current is None or cls._current.proc.poll() is not None:
+            cls._current = cls()
+        return cls._current
+
+    def compile(self, request: dict) -> dict:
+        """The cache entry for ``request``, or ``{"error": traceback}``."""
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(_REPLY):
+                return json.loads(line[len(_REPLY):])
+        return {"error": f"the compiler process ended (exit status {self.proc.wait()})"}
+
+
+_REPLY = "AOT-REPLY "
 
 
 def compile_for(
@@ -204,8 +235,18 @@ def instructions_per_ffma(listing: str) -> float:
     return len(body) / sum(opcode(t) == "FFMA" for t in body)
 
 
-def _child(request: dict) -> None:
-    """Child-process side: import the kernel, compile it, print the cache entry as one JSON line."""
+def _serve() -> None:
+    """Child-process side: for each request line, the cache entry (or the error's traceback) as a reply line."""
+    for line in sys.stdin:
+        try:
+            reply = _child(json.loads(line))
+        except Exception:  # noqa: BLE001 (the request's failure, reported to the test that made it)
+            reply = {"error": traceback.format_exc()}
+        print(_REPLY + json.dumps(reply), flush=True)
+
+
+def _child(request: dict) -> dict:
+    """Import the kernel, compile it: the cache entry."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
@@ -231,8 +272,8 @@ def _child(request: dict) -> None:
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", request["arch"], 32), options=options)
     cubin = base64.b64encode(compiled.asm["cubin"]).decode()
-    print(json.dumps({"cubin": cubin, "shared": compiled.metadata.shared, "ttgir": compiled.asm["ttgir"]}))
+    return {"cubin": cubin, "shared": compiled.metadata.shared, "ttgir": compiled.asm["ttgir"]}
 
 
 if __name__ == "__main__":
-    _child(json.loads(sys.argv[1]))
+    _serve()

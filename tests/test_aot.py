@@ -68,7 +68,7 @@ def _features_signature(pointers: int) -> dict[str, str]:
     is set (a module's parameter), else a float (a number)."""
     scalars = {name: PTR if pointers >> i & 1 else "fp32" for i, name in enumerate(ft.SCALARS)}
     sizes = ("stride_b", "stride_c", "stride_y", "stride_x", "H", "W", "h", "w", "pad_y", "pad_x")
-    return {"image": PTR, "feats": PTR, "compats": PTR, **scalars, **dict.fromkeys(sizes, "i32")}
+    return {"image": PTR, "feats": PTR, "compats": PTR, "nonfinite": PTR, **scalars, **dict.fromkeys(sizes, "i32")}
 
 
 # A module's scalars: every one a parameter but col_sdims (a number without col_use_pos).
@@ -76,14 +76,14 @@ MODULE_POINTERS = 0b11101
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("pointers,col_pos,idx64", [(MODULE_POINTERS, False, False), (0, True, True),
-                                                    (0b11111, True, False)])
-def test_features_kernel_compiles_without_spills(arch, pointers, col_pos, idx64):
+@pytest.mark.parametrize("pointers,col_pos,idx64,check", [(MODULE_POINTERS, False, False, True),
+                                                          (0, True, True, True), (0b11111, True, False, False)])
+def test_features_kernel_compiles_without_spills(arch, pointers, col_pos, idx64, check):
     usage = compile_for(ft._features_kernel, _features_signature(pointers),
                         {"S": 4, "POINTERS": pointers, "COL_POS": col_pos, "BLOCK_P": ft.FEATURES_BLOCK_P,
-                         "IDX64": idx64},
+                         "IDX64": idx64, "CHECK": check},
                         arch)
-    print(f"gaussian_features pointers={pointers:05b} col_pos={col_pos} sm_{arch}: {usage}")
+    print(f"gaussian_features pointers={pointers:05b} col_pos={col_pos} check={check} sm_{arch}: {usage}")
     assert usage.stack == 0 and usage.reg <= 128
 
 
@@ -418,7 +418,7 @@ def test_channels_last_step_reads_classes_16_bytes_at_a_time():
 
 
 BLUR_SIGNATURE = {"u_ptr": PTR, "lse_ptr": PTR, "f_ptr": PTR, "m_ptr": PTR, "out_ptr": PTR, "term_ptr": PTR,
-                  "C": "i32", "H": "i32", "W": "i32", "h": "i32", "w": "i32", "pad_y": "i32",
+                  "flag_ptr": PTR, "C": "i32", "H": "i32", "W": "i32", "h": "i32", "w": "i32", "pad_y": "i32",
                   "pad_x": "i32"}
 # (start, term, pool, softmax, log): the set-ups (blur > 1: lse and the pooled softmax or log-softmax of u;
 # blur 1: softmax(u) and the unary term), then the iterations'.
@@ -437,7 +437,8 @@ def _blur_default(blur, output="pooled"):
 def _blur_consts(blur, output, idx64=False):
     start, term, pool, softmax, log = BLUR_OUTPUTS[output]
     return {"S": blur, "SP": triton.next_power_of_2(blur), "START": start, "TERM": term, "POOL": pool,
-            "SOFTMAX": softmax, "LOG": log, **_blur_default(blur, output).kwargs, "IDX64": idx64}
+            "SOFTMAX": softmax, "LOG": log, **_blur_default(blur, output).kwargs, "IDX64": idx64,
+            "CHECK": start}  # (an inference's set-ups test the unary's values)
 
 
 # The iterations' outputs at every blur kind (2, odd, 4, int64 offsets, 8); the set-ups, smaller kernels (no
@@ -620,7 +621,7 @@ SIZE_ONE_CASES = {
     "band_message_pass": (bp._band_message_pass_kernel, BAND_SIGNATURE, _band_consts(3), bp.NUM_WARPS),
     "gaussian_features": (ft._features_kernel, _features_signature(MODULE_POINTERS),
                           {"S": 1, "POINTERS": MODULE_POINTERS, "COL_POS": True, "BLOCK_P": ft.FEATURES_BLOCK_P,
-                           "IDX64": False}, 4),
+                           "IDX64": False, "CHECK": True}, 4),
 }
 
 

@@ -2,6 +2,8 @@
 PyTorch composition they replace (``blur_upsample``, add, softmax, ``blur_pool``) in float64, and their place
 in the mean-field loop."""
 
+import math
+
 import pytest
 import torch
 from convcrf_triton.kernels import blur_iteration
@@ -250,11 +252,33 @@ def test_blur_kernels_with_each_config(which, monkeypatch, device):
                 got = _step(device, u, lse, a, w, M, blur, pool=pool, softmax=softmax)
                 assert rel_err(got.cpu(), want) < RTOL, (blur, pool, softmax)
             for log in (False, True) if blur == 4 else (True,):
-                got_lse, got_q = kernels.blur_start(u.to(device), blur, log=log)
+                flag = torch.zeros(1, device=device)
+                got_lse, got_q = kernels.blur_start(u.to(device), blur, log=log, nonfinite=flag)
                 assert rel_err(got_lse.cpu(), lse) < RTOL
                 L = u.double() - lse
                 assert rel_err(got_q.cpu(), functional.blur_pool(L if log else L.exp(), blur)) < RTOL
+                assert flag.item() == 0
+            assert _flags_nonfinite(lambda u, flag, blur=blur: kernels.blur_start(u, blur, nonfinite=flag), u, device)
         else:
-            got_q, got_term = kernels.mean_field_start(u.to(device), a.to(device))
+            flag = torch.zeros(1, device=device)
+            got_q, got_term = kernels.mean_field_start(u.to(device), a.to(device), nonfinite=flag)
             assert rel_err(got_q.cpu(), (u.double() - lse).exp()) < RTOL
             assert rel_err(got_term.cpu(), a.double().view(1, -1, 1, 1) * (u.double() - lse)) < RTOL
+            assert flag.item() == 0
+            assert _flags_nonfinite(lambda u, flag: kernels.mean_field_start(u, a.to(device), nonfinite=flag), u,
+                                    device)
+
+
+def _flags_nonfinite(start, u, device) -> bool:
+    """Whether the set-up ``start(u, flag)`` sets its flag for a NaN, an Inf and a -Inf, each in one class of one
+    pixel (the last pixel, in a cell the image's edge cuts; the first; one in the middle: other programs)."""
+    B, C, H, W = u.shape
+    for where, value in [((B - 1, C - 2, H - 1, W - 1), math.nan), ((0, 0, 0, 0), math.inf),
+                         ((B - 1, C - 1, H // 2, W // 2), -math.inf)]:
+        bad = u.clone()
+        bad[where] = value
+        flag = torch.zeros(1, device=device)
+        start(bad.to(device), flag)
+        if flag.item() != 1:
+            return False
+    return True

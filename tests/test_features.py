@@ -103,6 +103,27 @@ def test_equal_to_the_pytorch_features(device):
     torch.testing.assert_close(feats, torch.cat([pos, col], 1), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 3e38], ids=["nan", "inf", "-inf", "overflow"])
+def test_nonfinite_flags_a_cell_whose_colours_do_not_sum_to_a_finite_number(value, device):
+    """``nonfinite`` stays 0 for finite colours and is set to 1 by a NaN or an Inf in one channel of one pixel (of
+    the second image, in a cell the image's edge cuts, the image channels-last), or by finite colours whose sum
+    overflows (which the functional layer's element-wise test then lets through); the features are those of the
+    kernel without the test."""
+    g = torch.Generator().manual_seed(11)
+    image = (torch.rand(2, 3, 13, 10, generator=g) * 255).to(device).contiguous(memory_format=torch.channels_last)
+    args = dict(pos_sdims=3.0, col_sdims=80.0, col_schan=13.0, pos_compat=3.0, col_compat=10.0, col_use_pos=False)
+    flag = torch.zeros(1, device=device)
+    want, _ = kernels.gaussian_features(image, 4, **args)
+    assert torch.equal(kernels.gaussian_features(image, 4, **args, nonfinite=flag)[0], want)
+    assert flag.item() == 0
+    if value == 3e38:
+        image[1, :, 12, 9] = value
+    else:
+        image[1, 1, 12, 9] = value
+    kernels.gaussian_features(image, 4, **args, nonfinite=flag)
+    assert flag.item() == 1
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(image=torch.rand(1, 4, 5, 5)), "image must be a floating-point \\[B, 3, H, W\\]"),
     (dict(image=torch.randint(0, 255, (1, 3, 5, 5))), "image must be a floating-point"),
@@ -112,6 +133,8 @@ def test_equal_to_the_pytorch_features(device):
     (dict(col_compat=torch.ones(1, 2)), "col_compat must be a number or a one-element tensor"),
     (dict(col_schan=torch.tensor(13.0, requires_grad=True)), "does not differentiate col_schan"),
     (dict(image=torch.rand(1, 3, 5, 5, requires_grad=True)), "does not differentiate image"),
+    (dict(nonfinite=torch.zeros(1, dtype=torch.int32)), "nonfinite must be a one-element float32 tensor"),
+    (dict(nonfinite=torch.zeros(2)), "nonfinite must be a one-element float32 tensor"),
 ])
 def test_bad_arguments_name_themselves(kwargs, match, device):
     args = dict(image=torch.rand(1, 3, 5, 5), blur=2, pos_sdims=3.0, col_sdims=80.0, col_schan=13.0,

@@ -380,7 +380,8 @@ def test_mean_field_step_matches_reference(case, monkeypatch, device):
     calls = []
     step, start = kernels.mean_field_step, kernels.mean_field_start
     monkeypatch.setattr(kernels, "mean_field_step", lambda *a, **kw: calls.append("step") or step(*a, **kw))
-    monkeypatch.setattr(kernels, "mean_field_start", lambda *a, **kw: calls.append(kw) or start(*a, **kw))
+    monkeypatch.setattr(kernels, "mean_field_start",
+                        lambda *a, **kw: calls.append((kw["log"], kw["nonfinite"] is not None)) or start(*a, **kw))
     unary, image, weight, compat = step_inputs(case, case["k"] + case["C"], (13, 9), device)
     kw = dict(filter_size=case["k"], blur=1, num_iter=3, mode=case["mode"], weight=weight, compat_matrix=compat,
               final_softmax=case["final_softmax"])
@@ -388,7 +389,8 @@ def test_mean_field_step_matches_reference(case, monkeypatch, device):
         got = functional.mean_field(unary, image, backend="triton", **{**kw, "final_softmax": False})
     want = functional.mean_field(unary.double(), image.double(), backend="torch",
                                  **{**kw, "weight": weight.double(), "compat_matrix": compat, "final_softmax": False})
-    assert calls == [{"log": case["mode"] == "convcrf"}] + ["step"] * 3, "one set-up, every iteration one step"
+    # One set-up (which tests the unary's values for the input check), every iteration one step.
+    assert calls == [(case["mode"] == "convcrf", True)] + ["step"] * 3
     assert rel_err(got, want) < RTOL
     if case["final_softmax"]:
         # Probabilities: softmax moves each by at most 2·max|ΔZ| (its ∞-norm Lipschitz bound), so their
