@@ -261,6 +261,36 @@ def test_non_finite_is_value_error(via: str, bad: str, value: float, dtype: torc
         _call(via, args["unary"], args["image"])
 
 
+@pytest.mark.parametrize("blur", [1, 2])
+@pytest.mark.parametrize("bad", ["unary", "image"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_is_value_error_on_the_triton_path(blur: int, bad: str, value: float, dtype: torch.dtype,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inference on the Triton path tests the values in the kernels that read the inputs whole, in one class of one
+    pixel of the second image: the set-up the unary, the features kernel (float32 images) the image; a float64
+    image, which PyTorch's ops pool, is summed on its own, the unary still tested by the set-up."""
+    summed = []
+    total = functional._total
+    monkeypatch.setattr(functional, "_total", lambda t: summed.append(t.shape[1]) or total(t))
+    unary, image = _inputs(5, 2, 4, 7, 9, dtype)
+    args = {"unary": unary, "image": image}
+    mean_field(unary, image, filter_size=3, blur=blur, num_iter=2, backend="triton")
+    assert summed == ([] if dtype == torch.float32 else [3])
+    args[bad][1, 2, 6, 8] = value
+    with pytest.raises(ValueError, match=f"{bad} contains NaN or Inf"):
+        mean_field(args["unary"], args["image"], filter_size=3, blur=blur, num_iter=2, backend="triton")
+
+
+def test_finite_colours_whose_sum_overflows_are_accepted_on_the_triton_path() -> None:
+    """The features kernel's test sums a cell's colours, which finite values can overflow: the element-wise
+    confirmation lets them through, and the inference runs."""
+    unary, image = _inputs(6, 1, 4, 6, 5)
+    image[0, :, 2, 3] = 3e38
+    out = mean_field(unary, image, filter_size=3, blur=2, num_iter=2, backend="triton")
+    assert bool(torch.isfinite(out).all())
+
+
 @pytest.mark.parametrize("via", VIAS)
 @pytest.mark.parametrize(("dtype", "huge"), [(torch.float64, 1e308), (torch.float32, 3e38)])
 def test_finite_values_whose_sum_overflows_are_accepted(via: str, dtype: torch.dtype, huge: float) -> None:
