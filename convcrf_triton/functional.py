@@ -31,6 +31,9 @@ STORAGE_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": to
 # [C, C] matrix too (compiled for sm_80/sm_90: no spills up to 32 classes, spills at 64).
 STEP_MAX_CLASSES = 256
 STEP_MAX_CLASSES_COMPAT = 32
+# The largest logit magnitude the Triton set-ups take: their softmax runs in base 2 on u · log2 e, which float32
+# holds up to its largest value (3.4e38) over log2 e. PyTorch's path takes every finite logit.
+MAX_TRITON_LOGIT = torch.finfo(torch.float32).max / math.log2(math.e)
 
 
 def _interpreting() -> bool:
@@ -91,7 +94,9 @@ class ValueCheck:
     the sum non-finite; in float32, float64 inputs in their own dtype: a float64 sum of float32 made PyTorch write a
     float64 copy first, H200 1024×2048 C = 21: 105 + 55 µs a tensor). Both tests also fire on an overflow of finite
     values, which the element-wise test then rules out. On the Triton path of an inference the flags spare it a read
-    of the unary (C·H·W values: its largest input) and of the image, and two launches."""
+    of the unary (C·H·W values: its largest input) and of the image, and two launches. The set-ups' flag also fires
+    on finite logits beyond :data:`MAX_TRITON_LOGIT` (their base-2 scaling overflows): a ValueError too, not the
+    NaNs the kernels made of them."""
 
     NAMES = ("unary", "image")
 
@@ -117,8 +122,14 @@ class ValueCheck:
             values = torch.stack([self.flags[i] if flagged else _total(t)
                                   for i, (flagged, t) in enumerate(zip(self.flagged, self.tensors, strict=True))])
         for name, t, flagged, value in zip(self.NAMES, self.tensors, self.flagged, values.tolist(), strict=True):
-            if (value != 0 if flagged else not math.isfinite(value)) and not bool(torch.isfinite(t).all()):
+            if not (value != 0 if flagged else not math.isfinite(value)):
+                continue
+            if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or Inf values")
+            if flagged and name == "unary" and (largest := float(t.detach().abs().max())) > MAX_TRITON_LOGIT:
+                raise ValueError(f"unary holds logits of magnitude {largest:.3g}, beyond the {MAX_TRITON_LOGIT:.3g} "
+                                 "the Triton kernels take (float32 in base 2): scale them down or use "
+                                 "backend='torch'")
 
 
 def _total(t: torch.Tensor) -> torch.Tensor:

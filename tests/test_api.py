@@ -282,6 +282,24 @@ def test_non_finite_is_value_error_on_the_triton_path(blur: int, bad: str, value
         mean_field(args["unary"], args["image"], filter_size=3, blur=blur, num_iter=2, backend="triton")
 
 
+def test_logits_beyond_the_triton_range_are_value_errors() -> None:
+    """The Triton set-ups scale the logits by log2 e, which overflows float32 above ~2.36e38: such finite logits
+    are a ValueError there (not NaN logits), at blur 1 and 2; below it, logits whose per-pixel sum overflows
+    (four classes of 2e38) set the flag but are accepted, and the PyTorch path takes both."""
+    unary, image = _inputs(7, 1, 4, 6, 5)
+    for blur in (1, 2):
+        huge = unary.clone()
+        huge[0, 2, :, :3] = 3e38
+        with pytest.raises(ValueError, match="beyond the 2.36e\\+38 the Triton kernels take"):
+            mean_field(huge, image, filter_size=3, blur=blur, num_iter=2, backend="triton")
+        assert bool(torch.isfinite(mean_field(huge, image, filter_size=3, blur=blur, num_iter=2,
+                                              backend="torch")[0, :, :, 3:]).all())
+        large = unary.clone()
+        large[0, :, :, :3] = 2e38
+        out = mean_field(large, image, filter_size=3, blur=blur, num_iter=2, backend="triton")
+        assert bool(torch.isfinite(out[0, :, :, 3:]).all())
+
+
 def test_finite_colours_whose_sum_overflows_are_accepted_on_the_triton_path() -> None:
     """The features kernel's test sums a cell's colours, which finite values can overflow: the element-wise
     confirmation lets them through, and the inference runs."""
