@@ -4,13 +4,13 @@ PyTorch backend in float64. A script, not a test (hundreds of cases take tens of
     python tests/fuzz.py [--seed 0] [--seconds 600]
 
 Each case draws B, C, k, blur, H, W (widths that are multiples of 4 half the time: the 16-byte chunk loops),
-mode, norm, the compatibility, a scalar or per-class weight, ``final_softmax``, ``col_use_pos``, the fused or
-two-pass message pass (or the default choice), the step's layout (or the default) and the interpreter's tile
-(``BLOCK_C`` 1-16 and ``BLOCK_P`` 16-256, as the GPU's configs take: border, EDGE and interior blocks), with at
-most 12 programs a launch to keep the interpreter's time down. numpy's floating-point warnings are errors, so
-an overflow even in lanes that are never stored fails the case. Prints one line a case (seconds, seed, case,
-error relative to the largest output, and the float32 PyTorch path's) and ``BAD`` / ``EXC`` lines for failures;
-exits 1 if any.
+the iterations (1-3), mode, norm, the compatibility, a scalar or per-class weight, ``final_softmax``,
+``col_use_pos``, the fused or two-pass message pass (or the default choice), the step's layout (or the default)
+and the interpreter's tile (``BLOCK_C`` 1-16 and ``BLOCK_P`` 16-256, as the GPU's configs take: border, EDGE and
+interior blocks), with at most 12 programs a launch to keep the interpreter's time down. numpy's floating-point
+warnings are errors, so an overflow even in lanes that are never stored fails the case. Prints one line a case
+(seconds, seed, case, error relative to the largest output, and the float32 PyTorch path's) and ``BAD`` / ``EXC``
+lines for failures; exits 1 if any.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def draw(r: random.Random) -> dict | None:
                 norm=r.choice(["none", "none", "sym"]), compat=r.random() < 0.4, per_class=r.random() < 0.5,
                 fused=r.choice([None, True, False]), channels_last=r.choice([None, True, False]),
                 block_c=r.choice([1, 2, 4, 8, 16]), block_p=r.choice([16, 32, 64, 128, 256]),
-                final_softmax=r.random() < 0.3, col_use_pos=r.random() < 0.2)
+                final_softmax=r.random() < 0.3, col_use_pos=r.random() < 0.2, num_iter=r.choice([1, 2, 2, 3]))
     h, w = -(-H // blur), -(-W // blur)
     if B * H * W > 1500 or -(-h * w // case["block_p"]) * -(-C // case["block_c"]) * B > 12:
         return None
@@ -71,7 +71,7 @@ def run(case: dict, seed: int) -> tuple[float, float]:
     image = torch.rand(B, 3, H, W, generator=g) * 255
     weight = torch.rand(1, C, 1, 1, generator=g) if case["per_class"] else torch.tensor(0.3)
     compat = torch.randn(C, C, generator=g) * 0.1 if case["compat"] else None
-    kw = dict(filter_size=case["k"], blur=case["blur"], num_iter=2, mode=case["mode"], norm=case["norm"],
+    kw = dict(filter_size=case["k"], blur=case["blur"], num_iter=case["num_iter"], mode=case["mode"], norm=case["norm"],
               final_softmax=case["final_softmax"], col_use_pos=case["col_use_pos"])
     with torch.no_grad():
         got = functional.mean_field(unary, image, backend="triton", weight=weight, compat_matrix=compat, **kw)
