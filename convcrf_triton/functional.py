@@ -94,9 +94,9 @@ class ValueCheck:
     the sum non-finite; in float32, float64 inputs in their own dtype: a float64 sum of float32 made PyTorch write a
     float64 copy first, H200 1024×2048 C = 21: 105 + 55 µs a tensor). Both tests also fire on an overflow of finite
     values, which the element-wise test then rules out. On the Triton path of an inference the flags spare it a read
-    of the unary (C·H·W values: its largest input) and of the image, and two launches. The set-ups' flag also fires
-    on finite logits beyond :data:`MAX_TRITON_LOGIT` (their base-2 scaling overflows): a ValueError too, not the
-    NaNs the kernels made of them."""
+    of the unary (C·H·W values: its largest input) and of the image, and two launches. A kernel whose arithmetic
+    holds values up to a ``limit`` only (the set-ups' base-2 scaling: :data:`MAX_TRITON_LOGIT`) says so with its
+    flag, whose test then also raises for finite values beyond it: a ValueError, not the NaNs the kernel made."""
 
     NAMES = ("unary", "image")
 
@@ -104,14 +104,16 @@ class ValueCheck:
         self.tensors = (unary, image)
         self.flags: torch.Tensor | None = None  # [2] float32, one a name: made at the first flag()
         self.flagged = [False, False]
+        self.limits: list[float | None] = [None, None]
 
-    def flag(self, name: str) -> torch.Tensor:
+    def flag(self, name: str, limit: float | None = None) -> torch.Tensor:
         """The flag of ``name`` (``'unary'`` or ``'image'``), a one-element float32 tensor (0: not tested yet) for the
-        kernel that reads that input whole to set to 1 where its values are not finite."""
+        kernel that reads that input whole to set to 1 where its values are not finite; ``limit``: the largest
+        magnitude that kernel takes, if any."""
         i = self.NAMES.index(name)
         if self.flags is None:
             self.flags = self.tensors[0].new_zeros(2, dtype=torch.float32)
-        self.flagged[i] = True
+        self.flagged[i], self.limits[i] = True, limit
         return self.flags[i : i + 1]
 
     def raise_if_nonfinite(self) -> None:
@@ -121,15 +123,20 @@ class ValueCheck:
         else:
             values = torch.stack([self.flags[i] if flagged else _total(t)
                                   for i, (flagged, t) in enumerate(zip(self.flagged, self.tensors, strict=True))])
-        for name, t, flagged, value in zip(self.NAMES, self.tensors, self.flagged, values.tolist(), strict=True):
+        checks = zip(self.NAMES, self.tensors, self.flagged, self.limits, values.tolist(), strict=True)
+        for name, t, flagged, limit, value in checks:
             if not (value != 0 if flagged else not math.isfinite(value)):
                 continue
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or Inf values")
-            if flagged and name == "unary" and (largest := float(t.detach().abs().max())) > MAX_TRITON_LOGIT:
-                raise ValueError(f"unary holds logits of magnitude {largest:.3g}, beyond the {MAX_TRITON_LOGIT:.3g} "
-                                 "the Triton kernels take (float32 in base 2): scale them down or use "
-                                 "backend='torch'")
+            if limit is not None and (largest := float(t.detach().abs().max())) > limit:
+                raise ValueError(f"{name} holds values of magnitude {largest:.3g}, beyond the {limit:.3g} the Triton "
+                                 "kernels take (float32 in base 2): scale them down or use backend='torch'")
+
+
+def _flag(check: ValueCheck | None, name: str, limit: float | None = None) -> torch.Tensor | None:
+    """``check``'s flag of ``name`` for the kernel that reads that input whole (None: no check)."""
+    return None if check is None else check.flag(name, limit)
 
 
 def _total(t: torch.Tensor) -> torch.Tensor:
@@ -259,7 +266,7 @@ class MessagePasser:
                 and all(ops.takes_scalar(v, image) for v in scalars.values())):
             # One launch for the features and compat weights (PyTorch's ops below: ~10 on the GPU).
             feats, compats = ops.gaussian_features(image, blur, col_use_pos=col_use_pos, **scalars,
-                                                   nonfinite=None if check is None else check.flag("image"))
+                                                   nonfinite=_flag(check, "image"))
             pos, col = feats[:, :2], feats[:, 2:]
         else:
             pos, col = features(image, blur, pos_sdims, col_sdims, col_schan, col_use_pos)
@@ -342,7 +349,7 @@ class MessagePasser:
             factors = torch.stack([a, w])
             mix = mixer(None, compat_matrix)  # w is applied by blur_step
             lse, Qp = self.ops.blur_start(unary, self.blur, log=mode == "convcrf",
-                                          nonfinite=None if check is None else check.flag("unary"))
+                                          nonfinite=_flag(check, "unary", MAX_TRITON_LOGIT))
             g = self.gaussians[0]
             # The iterations but the last launch again what the first launched (kernels.Repeat).
             pooled_pass = self.ops.Repeat(lambda Qp: self._pooled_pass(g, Qp).to(unary.dtype),
@@ -358,7 +365,7 @@ class MessagePasser:
             return None
         g = self.gaussians[0]
         Q, unary_term = self.ops.mean_field_start(unary, a, log=mode == "convcrf",
-                                                  nonfinite=None if check is None else check.flag("unary"))
+                                                  nonfinite=_flag(check, "unary", MAX_TRITON_LOGIT))
         dtype = unary_term.dtype
         weight = weight.reshape(-1) if isinstance(weight, torch.Tensor) else unary.new_full((1,), weight, dtype=dtype)
         band = (self.band_step is not None and g.K is not None

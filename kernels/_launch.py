@@ -340,10 +340,10 @@ class Repeat:
                 output_slots.append(at)
             elif given is not None:
                 input_slots.append((at, given))
-            elif not any(a is t for t in self.constants):
-                return None  # a tensor fn made: a later call would read this one's stale values
-            else:
+            elif any(a is t for t in self.constants):
                 continue
+            else:
+                return None  # a tensor fn made: a later call would read this one's stale values
             template[at] = None
         if not output_slots:
             return None

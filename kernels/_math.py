@@ -28,3 +28,12 @@ def exp(x):
 def gaussian(sq):
     """``exp(-sq / 2)`` of squared feature distances ``sq``: one multiply and one ``MUFU.EX2``."""
     return tl.exp2(sq * NEG_HALF_LOG2E)
+
+
+@triton.jit
+def flag_nonfinite(flag_ptr, sums):
+    """``flag_ptr[0] = 1`` if any of the block's ``sums`` (an input's values, summed as a kernel reads them) is not
+    finite: a NaN or an Inf among the values, or an overflow (the input check's test, see
+    ``functional.ValueCheck``). A NaN compares false."""
+    bad = tl.where(tl.abs(sums) < float("inf"), 0, 1)
+    tl.store(flag_ptr, 1.0, mask=tl.max(bad, axis=0) > 0)

@@ -51,7 +51,7 @@ from ._launch import (
     next_power_of_2,
     tuning_off,
 )
-from ._math import LN2, LOG2E
+from ._math import LN2, LOG2E, flag_nonfinite
 
 
 @triton.jit
@@ -217,8 +217,7 @@ def _blur_step_kernel(
         if START and not TERM:
             tl.store(lse_img, z_lse * LN2, mask=ok)
     if CHECK:
-        nonfinite = tl.where(tl.abs(u_sum) < float("inf"), 0, 1)  # (a NaN compares false)
-        tl.store(flag_ptr, 1.0, mask=tl.max(nonfinite, axis=0) > 0)
+        flag_nonfinite(flag_ptr, u_sum)
     count = 0.0
     if POOL:
         count = tl.sum(tl.sum(tl.reshape(ok.to(tl.float32), (1, SP, BLOCK_J, SP)), axis=3), axis=1)  # [1, BLOCK_J]

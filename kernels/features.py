@@ -33,6 +33,7 @@ from ._launch import (
     library_op,
     needs_int64,
 )
+from ._math import flag_nonfinite
 
 # Pooled pixels per program on the GPU (4 warps): the kernel reads the image once and writes D + 2 channels a
 # pixel; a tiny share of an inference.
@@ -102,8 +103,7 @@ def _features_kernel(
     tl.store(out + 3 * plane, tl.div_rn(tl.div_rn(green, count), s_chan), mask=in_img)
     tl.store(out + 4 * plane, tl.div_rn(tl.div_rn(blue, count), s_chan), mask=in_img)
     if CHECK:
-        bad = tl.where(tl.abs(red + green + blue) < float("inf"), 0, 1)  # (a NaN compares false; outside: 0)
-        tl.store(nonfinite, 1.0, mask=tl.max(bad, axis=0) > 0)
+        flag_nonfinite(nonfinite, red + green + blue)  # (outside the image: 0)
     if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         tl.store(compats, _scalar(pos_compat, (POINTERS >> 3) & 1))
         tl.store(compats + 1, _scalar(col_compat, (POINTERS >> 4) & 1))
