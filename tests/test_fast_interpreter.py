@@ -41,3 +41,33 @@ def test_helper_calls_skip_the_patch_and_compute_the_same():
     assert patched + skipped == 1 + 3 * 6
     assert patched <= 2
     assert tl.core.is_builtin(tl.program_id)  # the launch's patch undone
+
+
+@triton.jit
+def _downcast_kernel(x_ptr, out_ptr, rtz_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(x_ptr + offs)
+    tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty))
+    tl.store(rtz_ptr + offs, x.to(tl.bfloat16, fp_downcast_rounding="rtz"))
+
+
+def test_bfloat16_stores_round_to_nearest_even_as_on_the_gpu():
+    """float32 → bfloat16 rounds to nearest even (ties, carries into the exponent, subnormals, Inf, NaN): torch's
+    conversion, and the GPU's ``cvt.rn.bf16.f32``; an explicit ``rtz`` still truncates; float16 is unchanged."""
+    assert fast_interpreter.install()
+    g = torch.Generator().manual_seed(7)
+    ties = torch.tensor([1 + 2.0**-8, 1 + 3 * 2.0**-8, -(1 + 2.0**-8), 2 - 2.0**-9, 3.0e38, 1e-40, -2.0**-130])
+    x = torch.cat([torch.randn(52, generator=g) * 10.0 ** torch.randint(-30, 30, (52,), generator=g),
+                   ties, torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0])]).float()
+    out, rtz = torch.empty(x.shape, dtype=torch.bfloat16), torch.empty(x.shape, dtype=torch.bfloat16)
+    _downcast_kernel[(1,)](x, out, rtz, N=x.numel())
+    want = x.to(torch.bfloat16)
+    assert bool((out.view(torch.int16)[:-3] == want.view(torch.int16)[:-3]).all())  # bitwise (not ±0 and NaN)
+    assert bool(out[-3].isnan()) and out[-2] == 0 and out[-1] == 0
+    normal = x.isfinite() & (x.abs() >= torch.finfo(torch.float32).smallest_normal)
+    truncated = (x.view(torch.int32) & ~0xFFFF).view(torch.float32)  # the low 16 bits dropped
+    assert bool((rtz[normal].float() == truncated[normal]).all())  # (the interpreter's own, for normal values)
+    assert bool((out[normal].float() != rtz[normal].float()).any())  # (the two differ somewhere)
+    half = torch.empty(x.shape, dtype=torch.float16)
+    _downcast_kernel[(1,)](x, half, rtz, N=x.numel())
+    assert bool((half[normal] == x[normal].half()).all())

@@ -451,8 +451,11 @@ def test_low_precision_weights_are_the_rounded_float32_weights(storage, device):
     feats, compats, Q = make_inputs(9, 2, 3, 11, 13, (2, 3), device=device)
     K32 = kernels.gaussian_weights(feats, (2, 3), compats, 5, False)
     K = kernels.gaussian_weights(feats, (2, 3), compats, 5, False, out_dtype=dtype)
-    # within one unit in the last place (the GPU rounds to nearest; Triton's interpreter truncates)
-    assert K.dtype == dtype and bool(((K.float() - K32).abs() <= K32.abs() * torch.finfo(dtype).eps).all())
+    # rounded to nearest: within half a unit in the last place (the interpreter's truncation is mended by
+    # tests/fast_interpreter.py), with room for a float32 ulp of K32 (another compilation) and for subnormals
+    info = torch.finfo(dtype)
+    bound = K32.abs() * (info.eps / 2 + 2.0**-22) + info.smallest_normal * info.eps / 2
+    assert K.dtype == dtype and bool(((K.float() - K32).abs() <= bound).all())
     # the message pass reads the stored K and Q as they are and sums in float32
     want = reference.message_pass(K.double(), Q.to(dtype).double())
     got = kernels.message_pass(K, Q.to(dtype))
