@@ -14,11 +14,13 @@ interpreter's time down. numpy's floating-point warnings are errors, so an overf
 stored fails the case. Prints one line a case (seconds, seed, case, error relative to the largest value, and the
 float32 PyTorch path's) and ``BAD`` / ``EXC`` lines for failures; exits 1 if any.
 
-The tolerance: ``TOLERANCE`` (``TF32_TOLERANCE`` with TF32 products) relative to the largest value, or a multiple
+The tolerance: ``TOLERANCE`` (``TF32_TOLERANCE`` with TF32 products) relative to the largest value (absolute
+where every value is zero), or a multiple
 of the float32 PyTorch path's own error: twice it against the float64 path with the same storage; ``LOOSE_FACTOR``
 times it for gradients (a sum over every pixel and tap loses digits to cancellation in float32 whatever the
 implementation) and for low-precision storage the Triton path rounds elsewhere (the fused pass never stores
-``K``; training differentiates the weights in float32), both then against the float64 path without storage.
+``K``, the blur-1 step never stores the message; training differentiates the weights in float32), both then
+against the float64 path without storage.
 """
 
 from __future__ import annotations
@@ -64,8 +66,11 @@ def draw(r: random.Random) -> dict | None:
     return case
 
 
-# Relative to the largest value: precision='tf32' (the band kernel's rounded operands; kernels.band_precision).
-TF32_TOLERANCE = 3e-4
+# Relative to the largest value, precision='tf32' (the band kernel's products of operands rounded to 10 bits:
+# kernels.band_precision): a message within ~2e-4 of the largest, up to 2^-11 on a small pooled grid (few taps,
+# little cancellation), compounded over the iterations and by a final softmax (4.5e-4 on the logits, 1.1e-3 on
+# the probabilities of a 1×9 grid, k = 7, two iterations).
+TF32_TOLERANCE = 2e-3
 # The gradients (tests/test_gradients.py's rule) and storage rounded elsewhere than PyTorch's: this multiple of
 # the float32 PyTorch path's own error.
 LOOSE_FACTOR = 4
@@ -107,14 +112,15 @@ def run(case: dict, seed: int) -> tuple[float, float, float]:
         out.backward(grad_out.to(dtype))
         return {"out": out.detach(), **{name: t.grad for name, t in leaves.items()}}
 
-    # Low-precision storage rounds at the PyTorch path's points in inference's two-pass loops; the fused pass
-    # never stores K, and training differentiates weights in float32: there, against the float64 path without
-    # storage, within a multiple of the float32 PyTorch path's error (both are the storage's rounding).
+    # Low-precision storage rounds at the PyTorch path's points in inference's blur > 1 loops; the fused pass never
+    # stores K, the blur-1 step never stores the message, and training differentiates weights in float32: there,
+    # against the float64 path without storage, within a multiple of the float32 PyTorch path's error (both are
+    # the storage's rounding).
     h, w = -(-H // case["blur"]), -(-W // case["blur"])
     fused = case["fused"]
     if fused is None:
         fused = PREFER_FUSED(case["k"], B * h * w, getattr(torch, case["storage"]).itemsize)
-    same_rounding = case["storage"] == "float32" or not (case["grad"] or fused)
+    same_rounding = case["storage"] == "float32" or not (case["grad"] or fused or case["blur"] == 1)
     got = values("triton", torch.float32, case["precision"])
     want = values("torch", torch.float64, storage=case["storage"] if same_rounding else "float32")
     torch32 = values("torch", torch.float32)
@@ -123,7 +129,8 @@ def run(case: dict, seed: int) -> tuple[float, float, float]:
         if want_ is None:  # (the colour bandwidth's where the appearance kernel has no position)
             assert got[name] is None, name
             continue
-        scale = want_.abs().max().clamp_min(1e-30)
+        scale = want_.abs().max()
+        scale = scale if scale > 0 else 1.0  # (all zero, as C = 1's first log-probabilities: absolute)
         err = max(err, ((got[name].double() - want_).abs().max() / scale).item())
         err32 = max(err32, ((torch32[name].double() - want_).abs().max() / scale).item())
     tf32 = case["precision"] == "tf32" and kernels.band_precision(case["k"], "tf32") is not None
