@@ -239,6 +239,17 @@ class _Gaussian:
     norm: torch.Tensor | None = None
 
 
+def to_storage(X: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
+    """``X`` in the ``storage`` dtype, saturating where float16's range (±65504) ends: with ``norm='sym'`` the pass
+    reads ``n ⊙ Q``, and a pixel whose Gaussian's weights all but vanish (a colour far from every neighbour's) has
+    ``n`` up to 1e10. Rounded to infinity, that pixel's value made every message it reaches NaN (its weights,
+    zero, times infinity); saturated, it sends them next to nothing, as the true ``g · n ⊙ Q`` (g ≤ 1/n²)."""
+    if storage == torch.float16:
+        big = torch.finfo(torch.float16).max
+        X = X.clamp(-big, big)
+    return X.to(storage)
+
+
 class MessagePasser:
     """``Q [B, C, H, W] → M [B, C, H, W]``: the pairwise message through the blur path.
 
@@ -299,7 +310,7 @@ class MessagePasser:
     def _pooled_pass(self, g: _Gaussian, Xp: torch.Tensor) -> torch.Tensor:
         """The message of the pooled ``Xp [B, C, h, w]`` (read in the storage dtype), on the pooled grid."""
         if self.storage is not None:
-            Xp = Xp.to(self.storage)
+            Xp = to_storage(Xp, self.storage)
         if g.K is None:
             return self.ops.fused_message_pass(g.feats, g.dims, g.compats, Xp, self.k, self.keep_centre)
         if self.learns_weights:

@@ -445,6 +445,24 @@ def test_low_precision_storage_against_float32(storage, backend, blur, filter_si
     assert (got.argmax(1) == want.argmax(1)).float().mean().item() > 0.99
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float16_storage_of_a_normalised_isolated_pixel(backend, device):
+    """norm='sym' reads ``n ⊙ Q``; a pixel whose colour is far from all its neighbours' (255 in a dark image:
+    colour weights exp(-(255/13)²/2), 0 in float32) has n = 1e10, beyond float16: it became infinity, and
+    infinity times its zero weights made every message NaN. Saturated, the output is the float32 storage's
+    within float16's rounding (found by tests/fuzz.py on a random image)."""
+    g = torch.Generator().manual_seed(11)
+    unary = (torch.randn(1, 3, 9, 12, generator=g) * 2).to(device)
+    image = torch.rand(1, 3, 9, 12, generator=g) * 20
+    image[0, :, 4, 5] = 255.0
+    kw = dict(filter_size=5, blur=1, num_iter=2, norm="sym", backend=backend)
+    with torch.no_grad():
+        want = functional.mean_field(unary, image.to(device), **kw)
+        got = functional.mean_field(unary, image.to(device), storage="float16", **kw)
+    assert bool(got.isfinite().all())
+    assert 0 < rel_err(got, want) < STORAGE_BOUNDS["float16"][1]
+
+
 @pytest.mark.parametrize("storage", sorted(STORAGE_BOUNDS))
 @pytest.mark.parametrize("blur,filter_size", [(2, 7), (4, 3)])
 def test_low_precision_storage_rounds_where_pytorch_does(storage, blur, filter_size, device):
