@@ -468,8 +468,9 @@ def test_float16_storage_of_a_normalised_isolated_pixel(backend, device):
 def test_low_precision_storage_rounds_where_pytorch_does(storage, blur, filter_size, device):
     """Blur > 1 (the pooled grid's two-pass loop): the Triton path stores K and the pooled Q where the PyTorch path
     rounds them, to nearest (also in the interpreter: tests/fast_interpreter.py), so the two agree far closer
-    than either agrees with float32: a rare weight a float32 ulp apart rounds the other way (~2e-4 each). The
-    interpreter's truncation of bfloat16 was 5e-3 apart."""
+    than either agrees with float32: in the interpreter within 1/20 of the storage's bound (its truncation of
+    bfloat16 was 5e-3 apart); on the GPU within 1/4, as its exp2 approximation and PyTorch's exp give weights an
+    ulp or two apart, of which a few round the other way (~1e-3 of the largest logit each in bfloat16)."""
     g = torch.Generator().manual_seed(blur)
     unary = (torch.randn(2, 5, 23, 29, generator=g) * 2).to(device)
     image = (torch.rand(2, 3, 23, 29, generator=g) * 255).to(device)
@@ -477,7 +478,7 @@ def test_low_precision_storage_rounds_where_pytorch_does(storage, blur, filter_s
     with torch.no_grad():
         want = functional.mean_field(unary, image, backend="torch", **kw)
         got = functional.mean_field(unary, image, backend="triton", **kw)
-    assert rel_err(got, want) < STORAGE_BOUNDS[storage][1] / 20
+    assert rel_err(got, want) < STORAGE_BOUNDS[storage][1] / (20 if _launch.interpreting() else 4)
 
 
 @pytest.mark.parametrize("storage", sorted(STORAGE_BOUNDS))
