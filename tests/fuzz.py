@@ -4,8 +4,8 @@ PyTorch backend in float64. A script, not a test (hundreds of cases take tens of
     python tests/fuzz.py [--seed 0] [--seconds 600]
     python tests/fuzz.py --case 449804157 [--case ...]    # rerun the cases of these seeds
 
-Each case draws B, C, k, blur, H, W (widths that are multiples of 4 half the time: the 16-byte chunk loops),
-the iterations (1-3), mode, norm, the compatibility, a scalar or per-class weight, ``final_softmax``,
+Each case draws B, C (1-33), k (3-13), blur, H, W (widths that are multiples of 4 half the time: the 16-byte
+chunk loops), the iterations (1-3), mode, norm, the compatibility, a scalar or per-class weight, ``final_softmax``,
 ``col_use_pos``, the fused or two-pass message pass (or the default choice), the step's layout (or the default),
 the storage dtype and the precision, whether to differentiate (the gradients of the inputs and of every
 parameter, as training takes them) and the interpreter's tile (``BLOCK_C`` 1-16 and ``BLOCK_P`` 16-256, as the
@@ -50,8 +50,8 @@ PREFER_FUSED = kernels.prefer_fused  # the default choice, restored where a case
 
 def draw(r: random.Random) -> dict | None:
     """A case, or None when it would take too many interpreter programs."""
-    B, C = r.choice([1, 1, 2, 3]), r.choice([1, 2, 3, 5, 8, 9, 21])
-    k, blur = r.choice([3, 5, 7, 9]), r.choice([1, 1, 2, 3, 4])
+    B, C = r.choice([1, 1, 2, 3]), r.choice([1, 2, 3, 5, 8, 9, 21, 33])
+    k, blur = r.choice([3, 5, 7, 9, 9, 11, 13]), r.choice([1, 1, 2, 3, 4])
     H, W = r.randint(1, 40), r.choice([r.randint(1, 60), 4 * r.randint(1, 16)])
     case = dict(B=B, C=C, k=k, blur=blur, H=H, W=W, mode=r.choice(["textbook", "convcrf"]),
                 norm=r.choice(["none", "none", "sym"]), compat=r.random() < 0.4, per_class=r.random() < 0.5,
