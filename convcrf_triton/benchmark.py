@@ -696,7 +696,8 @@ class Bench:
         hw = pooled(case.H, case.blur) * pooled(case.W, case.blur)
         flops = 2.0 * B * C * k * k * hw
         weights = B * sum(FEATURE_DIMS) * hw if impl == "triton-fused" else B * k * k * hw
-        nbytes = (2.0 if impl == BF16_IMPL else 4.0) * (weights + 2 * B * C * hw)
+        # K (or the features) and Q in the storage dtype, the message M in float32 (kernels._launch.message_dtype)
+        nbytes = (2.0 if impl == BF16_IMPL else 4.0) * (weights + B * C * hw) + 4.0 * B * C * hw
         t = m.median_ms * 1e-3
         ideal = max(flops / self.ceiling["flops"], nbytes / self.ceiling["bytes"])
         return {"gflops": flops / t / 1e9, "gbs": nbytes / t / 1e9, "roofline_frac": ideal / t}

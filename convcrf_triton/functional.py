@@ -243,7 +243,11 @@ def to_storage(X: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
     """``X`` in the ``storage`` dtype, saturating where float16's range (±65504) ends: with ``norm='sym'`` the pass
     reads ``n ⊙ Q``, and a pixel whose Gaussian's weights all but vanish (a colour far from every neighbour's) has
     ``n`` up to 1e10. Rounded to infinity, that pixel's value made every message it reaches NaN (its weights,
-    zero, times infinity); saturated, it sends them next to nothing, as the true ``g · n ⊙ Q`` (g ≤ 1/n²)."""
+    zero, times infinity); saturated, it sends them next to nothing, as the true ``g · n ⊙ Q`` (g ≤ 1/n²). Also
+    ``mode='convcrf'``'s first ``Q``, the log-probabilities, below -65504 (logits that far apart): the class's
+    probability is 0 either way (the kernels that store a pooled ``Q`` saturate so too: ``kernels._math.as_stored``)."""
+    if X.dtype == storage:
+        return X
     if storage == torch.float16:
         big = torch.finfo(torch.float16).max
         X = X.clamp(-big, big)
@@ -359,7 +363,8 @@ class MessagePasser:
                 return None
             factors = torch.stack([a, w])
             mix = mixer(None, compat_matrix)  # w is applied by blur_step
-            lse, Qp = self.ops.blur_start(unary, self.blur, log=mode == "convcrf",
+            # (the pooled Q in the storage dtype, as the message pass reads it)
+            lse, Qp = self.ops.blur_start(unary, self.blur, log=mode == "convcrf", out_dtype=self.storage,
                                           nonfinite=_flag(check, "unary", MAX_TRITON_LOGIT))
             g = self.gaussians[0]
             # The iterations but the last launch again what the first launched (kernels.Repeat).
@@ -367,7 +372,8 @@ class MessagePasser:
                                           constants=(g.K, g.feats, g.compats))
             # (The compatibility outside: its sum is a tensor the step's call would make, which rules a replay out.)
             step = self.ops.Repeat(lambda Mp: self.ops.blur_step(unary, lse, factors, Mp, self.blur, pool=True,
-                                                                 softmax=True), constants=(unary, lse, factors))
+                                                                 softmax=True, out_dtype=self.storage),
+                                   constants=(unary, lse, factors))
             for _ in range(num_iter - 1):
                 Qp = step(mix(pooled_pass(Qp)))
             return self.ops.blur_step(unary, lse, factors, mix(pooled_pass(Qp)), self.blur, pool=False,
@@ -396,7 +402,7 @@ class MessagePasser:
         if channels_last:
             Q, unary_term = self.ops.to_channels_last(Q), self.ops.to_channels_last(unary_term)
         if self.storage is not None:
-            Q = Q.to(self.storage)
+            Q = to_storage(Q, self.storage)
         repeat = self.ops.Repeat(lambda Q: step(Q, True, self.storage or dtype),
                                  constants=(unary_term, weight, compat_matrix, g.K, g.feats, g.compats))
         for _ in range(num_iter - 1):

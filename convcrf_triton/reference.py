@@ -79,14 +79,16 @@ def gaussian_weights(
 def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """``M[b, c, p] = sum_t K[b, t, p] * Q[b, c, p + d_t]`` (zero outside the image).
 
-    ``K: [B, k*k, h, w]``, ``Q: [B, C, h, w]`` → ``M: [B, C, h, w]`` in the dtype of ``Q``. The sums run in
-    float32 (float64 when an operand is float64) whatever the storage dtypes, like the kernels.
+    ``K: [B, k*k, h, w]``, ``Q: [B, C, h, w]`` → ``M: [B, C, h, w]`` in the dtype of ``Q`` (float32 for a
+    bfloat16/float16 ``Q``: a sum of k² values can pass float16's range). The sums run in float32 (float64 when an
+    operand is float64) whatever the storage dtypes, like the kernels.
     """
     h, w = Q.shape[-2:]
     k = int(round(K.shape[1] ** 0.5))
     r = k // 2
     acc = torch.float64 if torch.float64 in (K.dtype, Q.dtype) else torch.float32
-    out_dtype, Q = Q.dtype, Q.to(acc)
+    out_dtype = Q.dtype if Q.dtype in (torch.float32, torch.float64) else acc
+    Q = Q.to(acc)
     Q = torch.where(Q.abs() < _flush_below(acc), 0, Q)
     padded = F.pad(Q, (r, r, r, r))
     M = torch.zeros_like(Q)

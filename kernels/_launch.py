@@ -60,6 +60,13 @@ def tuning_off(configs: list) -> list:
     return configs[:1] if os.environ.get("CONVCRF_AUTOTUNE", "1") == "0" else configs
 
 
+def message_dtype(q_dtype: torch.dtype) -> torch.dtype:
+    """A message pass's output dtype for ``Q`` in ``q_dtype``: float32 where ``Q`` is stored in bfloat16 or float16
+    (a message is a sum of up to k² weighted values: float16 ends at 65504, which the original mode's first pass,
+    on log-probabilities, passes with logits in the hundreds), else ``Q``'s."""
+    return torch.float32 if q_dtype in (torch.bfloat16, torch.float16) else q_dtype
+
+
 def check_on_device(**tensors: torch.Tensor) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
     if interpreting():

@@ -37,3 +37,12 @@ def flag_nonfinite(flag_ptr, sums):
     ``functional.ValueCheck``). A NaN compares false."""
     bad = tl.where(tl.abs(sums) < float("inf"), 0, 1)
     tl.store(flag_ptr, 1.0, mask=tl.max(bad, axis=0) > 0)
+
+
+@triton.jit
+def as_stored(x, ptr):
+    """``x`` in the element type of ``ptr``, float16 saturated at ±65504 (``functional.to_storage``'s rule: a value
+    beyond it is a log-probability of a class of probability 0, or next to nothing a message passes)."""
+    if ptr.dtype.element_ty == tl.float16:
+        x = tl.minimum(tl.maximum(x, -65504.0), 65504.0)
+    return x.to(ptr.dtype.element_ty)

@@ -26,7 +26,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import COMPILE_OPTIONS, DirectLaunch, cdiv, check_on_device, interpreting, needs_int64, next_power_of_2
+from ._launch import (
+    COMPILE_OPTIONS,
+    DirectLaunch,
+    cdiv,
+    check_on_device,
+    interpreting,
+    message_dtype,
+    needs_int64,
+    next_power_of_2,
+)
 from .message_passing import _step_epilogue, step_mixing
 
 PRECISIONS = ("tf32x3", "tf32", "ieee")
@@ -197,12 +206,13 @@ def _launch(K: torch.Tensor, Q: torch.Tensor, k: int, precision: str, out: torch
 
 def band_message_pass(K: torch.Tensor, Q: torch.Tensor, precision: str = "tf32x3") -> torch.Tensor:
     """:func:`~convcrf_triton.kernels.message_pass` as banded tensor-core products: ``K: [B, k*k, h, w]``,
-    ``Q: [B, C, h, w]`` → ``M: [B, C, h, w]`` (Q's dtype), products in ``precision`` (one of
+    ``Q: [B, C, h, w]`` → ``M: [B, C, h, w]`` (:func:`message_dtype` of Q's), products in ``precision`` (one of
     :data:`PRECISIONS`), float32 sums. Inference only (not differentiable)."""
     check_on_device(K=K, Q=Q)
     k = _check_operands(K, Q)
     Q = Q.contiguous()
-    return _launch(K.contiguous(), Q, k, precision, torch.empty_like(Q), band_blocks(Q.shape[1]))
+    return _launch(K.contiguous(), Q, k, precision, torch.empty_like(Q, dtype=message_dtype(Q.dtype)),
+                   band_blocks(Q.shape[1]))
 
 
 # Classes the band step holds in one tile (its [64, C] accumulator and, with a compatibility, [C, C]): no

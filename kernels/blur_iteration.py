@@ -51,7 +51,7 @@ from ._launch import (
     next_power_of_2,
     tuning_off,
 )
-from ._math import LN2, LOG2E, flag_nonfinite
+from ._math import LN2, LOG2E, as_stored, flag_nonfinite
 
 
 @triton.jit
@@ -267,7 +267,7 @@ def _output(z, c, f_ptr, out_ptr, term_ptr, b, C, full, m_plane, i, w, offs, ok,
         j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)[None, :]
         q_ok = (tl.reshape(c, (BLOCK_C, 1)) < C) & (j < w)
         out = out_ptr + b * C * m_plane + tl.reshape(c, (BLOCK_C, 1)) * m_plane + i * w + j
-        tl.store(out, q.to(out_ptr.dtype.element_ty), mask=q_ok)
+        tl.store(out, as_stored(q, out_ptr), mask=q_ok)
     else:
         tl.store(out_ptr + full_offs, z.to(out_ptr.dtype.element_ty), mask=c_ok & ok)
 
@@ -361,21 +361,21 @@ def _launch(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, messa
 
 
 @library_op("convcrf_triton::blur_start", mutates_args=("nonfinite",))
-def _blur_start_op(unary: torch.Tensor, blur: int, log: bool, nonfinite: torch.Tensor | None
+def _blur_start_op(unary: torch.Tensor, blur: int, log: bool, nonfinite: torch.Tensor | None, out_dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     B, C, H, W = unary.shape
     lse = unary.new_empty((B, 1, H, W), dtype=torch.float32)
-    pooled = unary.new_empty((B, C, -(-H // blur), -(-W // blur)))
+    pooled = unary.new_empty((B, C, -(-H // blur), -(-W // blur)), dtype=out_dtype)
     _launch(unary, lse, unary, unary, pooled, None, blur, start=True, pool=True, softmax=True, log=log,
             nonfinite=nonfinite)
     return lse, pooled
 
 
 @_blur_start_op.op.register_fake
-def _(unary, blur, log, nonfinite):
+def _(unary, blur, log, nonfinite, out_dtype):
     B, C, H, W = unary.shape
     return (unary.new_empty((B, 1, H, W), dtype=torch.float32),
-            unary.new_empty((B, C, -(-H // blur), -(-W // blur))))
+            unary.new_empty((B, C, -(-H // blur), -(-W // blur)), dtype=out_dtype))
 
 
 @library_op("convcrf_triton::blur_step")
@@ -417,18 +417,19 @@ def _check_unary(unary: torch.Tensor, blur: int | None = None) -> tuple[int, int
     return tuple(unary.shape)
 
 
-def blur_start(unary: torch.Tensor, blur: int, *, log: bool = False, nonfinite: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def blur_start(unary: torch.Tensor, blur: int, *, log: bool = False, nonfinite: torch.Tensor | None = None,
+               out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The blurred loop's set-up in one read of the unary logits ``u: [B, C, H, W]``: their per-pixel
     log-sum-exp ``lse = log Σ_c exp(u_c)`` (``[B, 1, H, W]``, float32) and the first iteration's pooled input,
     ``pool(softmax(u))`` (``log=True``: ``pool(log_softmax(u))``, ConvCRF's first pass on the
-    log-probabilities), ``[B, C, ceil(H/blur), ceil(W/blur)]`` in the dtype of ``u``. float32 arithmetic.
-    ``nonfinite``: a one-element float32 tensor set to 1 where a pixel's logits do not sum to a finite float32
-    number (a NaN or an Inf among them, or an overflow), else left as it is."""
+    log-probabilities), ``[B, C, ceil(H/blur), ceil(W/blur)]`` in ``out_dtype`` (default: that of ``u``; float16
+    saturated at ±65504). float32 arithmetic. ``nonfinite``: a one-element float32 tensor set to 1 where a pixel's
+    logits do not sum to a finite float32 number (a NaN or an Inf among them, or an overflow), else left as it
+    is."""
     check_on_device(unary=unary)
     _check_unary(unary, blur)
     check_flag(nonfinite, unary)
-    return _blur_start_op(unary.contiguous(), blur, log, nonfinite)
+    return _blur_start_op(unary.contiguous(), blur, log, nonfinite, out_dtype or unary.dtype)
 
 
 def _check_factors(name: str, factors: torch.Tensor, shape: tuple[int, ...]) -> None:

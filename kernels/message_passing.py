@@ -45,6 +45,7 @@ from ._launch import (
     interpreter_blocks,
     interpreting,
     library_op,
+    message_dtype,
     needs_int64,
     next_power_of_2,
     tuning_off,
@@ -628,7 +629,7 @@ def _launch(Q: torch.Tensor, K: torch.Tensor | None, feats: torch.Tensor | None,
     (the tests run every tuned config against the reference)."""
     B, C, h, w = Q.shape
     Q = Q.contiguous()
-    M = torch.empty_like(Q)
+    M = torch.empty_like(Q, dtype=message_dtype(Q.dtype))
     args, consts = _operands(Q, K, feats, compats, dims, filter_size, keep_centre, w)
     dummy = args[1] if K is None else args[2]
     args = (*args, M, dummy, dummy, dummy, C, h, w)
@@ -853,17 +854,17 @@ def _learned_message_pass_op(Q: torch.Tensor, K: torch.Tensor, feats: torch.Tens
 
 @_message_pass_op.op.register_fake
 def _(Q, K):
-    return Q.new_empty(Q.shape)
+    return Q.new_empty(Q.shape, dtype=message_dtype(Q.dtype))
 
 
 @_learned_message_pass_op.op.register_fake
 def _(Q, K, feats, compats, dims, filter_size, keep_centre):
-    return Q.new_empty(Q.shape)
+    return Q.new_empty(Q.shape, dtype=message_dtype(Q.dtype))
 
 
 @_fused_message_pass_op.op.register_fake
 def _(Q, feats, compats, dims, filter_size, keep_centre):
-    return Q.new_empty(Q.shape)
+    return Q.new_empty(Q.shape, dtype=message_dtype(Q.dtype))
 
 
 @_weight_grad_op.op.register_fake
@@ -928,7 +929,7 @@ _fused_message_pass_op.op.register_autograd(_fused_backward, setup_context=_fuse
 
 def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """Two-pass: ``K: [B, k*k, h, w]`` (float32, or bfloat16/float16 storage), ``Q: [B, C, h, w]`` → ``M: [B, C,
-    h, w]`` (Q's dtype); the sums run in float32."""
+    h, w]`` (Q's dtype; float32 for bfloat16/float16 ``Q``: :func:`message_dtype`); the sums run in float32."""
     check_on_device(K=K, Q=Q)
     if K.requires_grad and torch.is_grad_enabled():
         raise ValueError("message_pass does not differentiate K: use learned_message_pass or fused_message_pass to "

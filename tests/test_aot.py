@@ -338,7 +338,8 @@ def test_mean_field_step_hot_loop_overhead(cs, unroll):
 @pytest.mark.parametrize("step", [False, True])
 def test_low_precision_storage_compiles_without_spills(arch, storage, step):
     """K and Q stored in bfloat16/float16 (and, for the step, its output): the same kernel, float32 sums."""
-    signature = {**MP_SIGNATURE, "q_ptr": storage, "k_ptr": storage, "m_ptr": storage}
+    # (a message in float32: kernels._launch.message_dtype; the step's output, the next Q, in the storage dtype)
+    signature = {**MP_SIGNATURE, "q_ptr": storage, "k_ptr": storage, "m_ptr": storage if step else "*fp32"}
     if step:
         block_c, block_p, num_warps = mp.step_blocks(21, False)
         consts = {"KSIZE": 7, "FUSED": False, "KEEP_CENTRE": False, "IDX64": False, **TWO_GAUSSIANS, "STEP": True,
@@ -455,6 +456,16 @@ def test_blur_step_compiles_without_spills(arch, blur, idx64, output):
                         num_warps=_blur_default(blur, output).num_warps)
     print(f"blur_step blur={blur} {output} idx64={idx64} sm_{arch}: {usage}")
     assert usage.stack == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("storage", ["*bf16", "*fp16"])
+@pytest.mark.parametrize("output", ["start-log", "pooled"])
+def test_blur_kernels_pooled_q_in_low_precision_storage(arch, storage, output):
+    """The pooled Q written in the storage dtype (float16 saturated: kernels._math.as_stored): no spills."""
+    usage = compile_for(bi._blur_step_kernel, {**BLUR_SIGNATURE, "out_ptr": storage}, _blur_consts(4, output), arch,
+                        num_warps=_blur_default(4, output).num_warps)
+    assert usage.stack == 0, usage
 
 
 def test_blur_step_exponentiates_only_for_the_softmax():

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-CASES = ["inference blur 4", "inference blur 4 compat", "inference blur 1", "inference blur 1 channels-last",
+CASES = ["inference blur 4", "inference blur 4 compat", "inference blur 4 bfloat16", "inference blur 1",
+         "inference blur 1 channels-last",
          "misaligned operands", "fused message pass", "training", "band message pass", "band step", "one size class"]
 REPEATED = ("blur_step", "message_pass", "mean_field_step")  # the functions an inference's iterations replay
 
@@ -49,7 +50,8 @@ def test_inferences_replay_the_middle_iterations(child_report: dict, case: str) 
     """Of an inference's 4 iterations the first calls the launchers' functions (``kernels.Repeat`` records their
     launches) and the next replay them: at blur 4 the pooled pass in every later iteration and the step in the
     two middle ones (the last writes the full-resolution logits), the compatibility between them a tensor of
-    PyTorch's; at blur 1 the step in the middle ones."""
+    PyTorch's, and with bfloat16 storage too (the pass's message is float32: no conversion after it, which
+    made a tensor the step read); at blur 1 the step in the middle ones."""
     calls = child_report[case]["calls"]
     assert calls == ({"blur_step": 2, "message_pass": 1} if "blur 4" in case else {"mean_field_step": 2})
 
@@ -157,8 +159,9 @@ def _cases():
         for q in (Q, misaligned_q):
             kernels.message_pass(K, q)
 
-    def inference(blur, k, channels_last=None, convcomp=False):
-        crf = ConvCRF(5, filter_size=k, blur=blur, num_iter=4, backend="triton", convcomp=convcomp)  # (2-3: Repeat's)
+    def inference(blur, k, channels_last=None, convcomp=False, storage="float32"):
+        crf = ConvCRF(5, filter_size=k, blur=blur, num_iter=4, backend="triton", convcomp=convcomp,
+                      storage=storage)  # (iterations 2-3: Repeat's)
 
         def run():
             message_passing.STEP_CHANNELS_LAST = channels_last
@@ -182,6 +185,7 @@ def _cases():
     return {
         "inference blur 4": inference(4, 3),
         "inference blur 4 compat": inference(4, 3, convcomp=True),
+        "inference blur 4 bfloat16": inference(4, 3, storage="bfloat16"),
         "inference blur 1": inference(1, 5),
         "inference blur 1 channels-last": inference(1, 5, True),
         "misaligned operands": misaligned,

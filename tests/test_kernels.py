@@ -102,8 +102,8 @@ def test_low_precision_q_accumulates_in_float32(dtype, device):
     feats, compats, Q = make_inputs(3, 2, 6, 11, 13, (2, 3), dtype, device)
     want = reference.fused_message_pass(feats.double(), (2, 3), compats.double(), Q.double(), 5, False)
     got = kernels.fused_message_pass(feats, (2, 3), compats, Q, 5, False)
-    assert got.dtype == dtype
-    assert rel_err(got, want) < 1e-2  # the output's own rounding; the sum itself is float32
+    assert got.dtype == torch.float32  # the sum, in float32 (kernels._launch.message_dtype), not rounded back
+    assert rel_err(got, want) < 1e-5
 
 
 def test_int64_indexing_path(monkeypatch, device):
@@ -445,6 +445,26 @@ def test_low_precision_storage_against_float32(storage, backend, blur, filter_si
     assert (got.argmax(1) == want.argmax(1)).float().mean().item() > 0.99
 
 
+@pytest.mark.parametrize("scale", [300.0, 1e5])
+@pytest.mark.parametrize("blur", [1, 2])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float16_storage_of_the_original_modes_large_messages(backend, blur, scale, device):
+    """mode='convcrf' passes the log-probabilities first: logits a few hundred apart (the original code's reach
+    them) on a smooth image give messages of ~3e5 at k = 11, past float16's 65504 (they were infinite). Messages
+    are float32 sums whatever the storage (kernels._launch.message_dtype), so float16 storage stays within its
+    rounding of float32 storage. Logits 1e5 apart: log-probabilities past -65504, saturated where Q is stored
+    (functional.to_storage, kernels._math.as_stored), a probability of 0 either way."""
+    g = torch.Generator().manual_seed(12)
+    unary = (torch.randn(1, 3, 12, 14, generator=g) * scale).to(device)
+    image = (100 + torch.rand(1, 3, 12, 14, generator=g) * 10).to(device)  # smooth: every colour weight ~10
+    kw = dict(filter_size=11, blur=blur, num_iter=2, mode="convcrf", backend=backend)
+    with torch.no_grad():
+        want = functional.mean_field(unary, image, **kw)
+        got = functional.mean_field(unary, image, storage="float16", **kw)
+    assert bool(got.isfinite().all())
+    assert rel_err(got, want) < STORAGE_BOUNDS["float16"][1]
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_float16_storage_of_a_normalised_isolated_pixel(backend, device):
     """norm='sym' reads ``n ⊙ Q``; a pixel whose colour is far from all its neighbours' (255 in a dark image:
@@ -492,10 +512,12 @@ def test_low_precision_weights_are_the_rounded_float32_weights(storage, device):
     info = torch.finfo(dtype)
     bound = K32.abs() * (info.eps / 2 + 2.0**-22) + info.smallest_normal * info.eps / 2
     assert K.dtype == dtype and bool(((K.float() - K32).abs() <= bound).all())
-    # the message pass reads the stored K and Q as they are and sums in float32
+    # the message pass reads the stored K and Q as they are, sums in float32 and returns the sums in float32 (a
+    # float16 message could overflow), on both backends
     want = reference.message_pass(K.double(), Q.to(dtype).double())
-    got = kernels.message_pass(K, Q.to(dtype))
-    assert got.dtype == dtype and rel_err(got, want) < 2 * torch.finfo(dtype).eps
+    for ops in (kernels, reference):
+        got = ops.message_pass(K, Q.to(dtype))
+        assert got.dtype == torch.float32 and rel_err(got, want) < 1e-6
     passer = functional.MessagePasser(
         (torch.rand(1, 3, 9, 10) * 255).to(device), filter_size=5, blur=1, pos_sdims=3.0, pos_compat=3.0,
         col_sdims=80.0, col_schan=13.0, col_compat=10.0, col_use_pos=False, norm="none", keep_centre=False,
