@@ -245,7 +245,7 @@ def to_storage(X: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
     ``n`` up to 1e10. Rounded to infinity, that pixel's value made every message it reaches NaN (its weights,
     zero, times infinity); saturated, it sends them next to nothing, as the true ``g · n ⊙ Q`` (g ≤ 1/n²). Also
     ``mode='convcrf'``'s first ``Q``, the log-probabilities, below -65504 (logits that far apart): the class's
-    probability is 0 either way (the kernels that store a pooled ``Q`` saturate so too: ``kernels._math.as_stored``)."""
+    probability is 0 either way (the set-up kernels that store a ``Q`` saturate so too: ``kernels._math.as_stored``)."""
     if X.dtype == storage:
         return X
     if storage == torch.float16:
@@ -381,7 +381,7 @@ class MessagePasser:
         if C > (STEP_MAX_CLASSES_COMPAT if compat_matrix is not None else STEP_MAX_CLASSES):
             return None
         g = self.gaussians[0]
-        Q, unary_term = self.ops.mean_field_start(unary, a, log=mode == "convcrf",
+        Q, unary_term = self.ops.mean_field_start(unary, a, log=mode == "convcrf", out_dtype=self.storage,
                                                   nonfinite=_flag(check, "unary", MAX_TRITON_LOGIT))
         dtype = unary_term.dtype
         weight = weight.reshape(-1) if isinstance(weight, torch.Tensor) else unary.new_full((1,), weight, dtype=dtype)
@@ -401,8 +401,6 @@ class MessagePasser:
 
         if channels_last:
             Q, unary_term = self.ops.to_channels_last(Q), self.ops.to_channels_last(unary_term)
-        if self.storage is not None:
-            Q = to_storage(Q, self.storage)
         repeat = self.ops.Repeat(lambda Q: step(Q, True, self.storage or dtype),
                                  constants=(unary_term, weight, compat_matrix, g.K, g.feats, g.compats))
         for _ in range(num_iter - 1):

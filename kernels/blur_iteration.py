@@ -394,9 +394,9 @@ def _(unary, lse, factors, message, blur, pool, softmax, out_dtype):
 
 
 @library_op("convcrf_triton::mean_field_start", mutates_args=("nonfinite",))
-def _mean_field_start_op(unary: torch.Tensor, a: torch.Tensor, log: bool, nonfinite: torch.Tensor | None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    Q, term = torch.empty_like(unary), torch.empty_like(unary)
+def _mean_field_start_op(unary: torch.Tensor, a: torch.Tensor, log: bool, nonfinite: torch.Tensor | None,
+                         out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    Q, term = torch.empty_like(unary, dtype=out_dtype), torch.empty_like(unary)
     B, C, H, W = unary.shape
     flat = unary.view(B, C, 1, H * W)  # pixels are independent without a message: one row, no ragged row ends
     _launch(flat, Q, a, flat, Q, term, 1, start=True, pool=True, softmax=True, log=log, nonfinite=nonfinite)
@@ -404,8 +404,8 @@ def _mean_field_start_op(unary: torch.Tensor, a: torch.Tensor, log: bool, nonfin
 
 
 @_mean_field_start_op.op.register_fake
-def _(unary, a, log, nonfinite):
-    return torch.empty_like(unary), torch.empty_like(unary)
+def _(unary, a, log, nonfinite, out_dtype):
+    return torch.empty_like(unary, dtype=out_dtype), torch.empty_like(unary)
 
 
 def _check_unary(unary: torch.Tensor, blur: int | None = None) -> tuple[int, int, int, int]:
@@ -439,16 +439,18 @@ def _check_factors(name: str, factors: torch.Tensor, shape: tuple[int, ...]) -> 
 
 
 def mean_field_start(unary: torch.Tensor, a: torch.Tensor, *, log: bool = False,
-                     nonfinite: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     nonfinite: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The set-up of the one-launch steps at blur 1 (:func:`~convcrf_triton.kernels.mean_field_step`) in one read
     of the unary logits ``u: [B, C, H, W]``: the first iteration's input ``Q = softmax(u)`` (``log=True``:
     ``log_softmax(u)``) and the loop-invariant unary term ``A = a · log_softmax(u)`` (``a: [C]``, the
-    per-class ``unary_weight - w``), both ``[B, C, H, W]`` in the dtype of ``u``. float32 arithmetic.
-    ``nonfinite``: as :func:`blur_start`'s."""
+    per-class ``unary_weight - w``), both ``[B, C, H, W]``: ``A`` in the dtype of ``u``, ``Q`` in ``out_dtype``
+    (default: that of ``u``; float16 saturated at ±65504). float32 arithmetic. ``nonfinite``: as
+    :func:`blur_start`'s."""
     check_on_device(unary=unary, a=a)
     _check_factors("a", a, (_check_unary(unary)[1],))
     check_flag(nonfinite, unary)
-    return _mean_field_start_op(unary.contiguous(), a.float().contiguous(), log, nonfinite)
+    return _mean_field_start_op(unary.contiguous(), a.float().contiguous(), log, nonfinite, out_dtype or unary.dtype)
 
 
 def blur_step(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, message: torch.Tensor, blur: int, *,

@@ -460,11 +460,13 @@ def test_blur_step_compiles_without_spills(arch, blur, idx64, output):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("storage", ["*bf16", "*fp16"])
-@pytest.mark.parametrize("output", ["start-log", "pooled"])
-def test_blur_kernels_pooled_q_in_low_precision_storage(arch, storage, output):
-    """The pooled Q written in the storage dtype (float16 saturated: kernels._math.as_stored): no spills."""
-    usage = compile_for(bi._blur_step_kernel, {**BLUR_SIGNATURE, "out_ptr": storage}, _blur_consts(4, output), arch,
-                        num_warps=_blur_default(4, output).num_warps)
+@pytest.mark.parametrize("output", ["start-log", "start-term", "pooled"])
+def test_blur_kernels_store_q_in_low_precision_storage(arch, storage, output):
+    """The set-ups' first Q (blur 1's with the unary term) and the iterations' pooled Q written in the storage dtype
+    (float16 saturated: kernels._math.as_stored): no spills."""
+    blur = 1 if output == "start-term" else 4
+    usage = compile_for(bi._blur_step_kernel, {**BLUR_SIGNATURE, "out_ptr": storage}, _blur_consts(blur, output),
+                        arch, num_warps=_blur_default(blur, output).num_warps)
     assert usage.stack == 0, usage
 
 
