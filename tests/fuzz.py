@@ -14,13 +14,13 @@ interpreter's time down. numpy's floating-point warnings are errors, so an overf
 stored fails the case. Prints one line a case (seconds, seed, case, error relative to the largest value, and the
 float32 PyTorch path's) and ``BAD`` / ``EXC`` lines for failures; exits 1 if any.
 
-The tolerance: ``TOLERANCE`` (``TF32_TOLERANCE`` with TF32 products) relative to the largest value (absolute
-where every value is zero), or a multiple
-of the float32 PyTorch path's own error: twice it against the float64 path with the same storage; ``LOOSE_FACTOR``
-times it for gradients (a sum over every pixel and tap loses digits to cancellation in float32 whatever the
-implementation) and for low-precision storage the Triton path rounds elsewhere (the fused pass never stores
-``K``, the blur-1 step never stores the message; training differentiates the weights in float32), both then
-against the float64 path without storage.
+The tolerance, for the output and each gradient on its own: ``TOLERANCE`` (``TF32_TOLERANCE`` with TF32
+products) relative to its largest value (absolute where every value is zero), or a multiple of the float32
+PyTorch path's own error: twice it against the float64 path with the same storage; ``LOOSE_FACTOR`` times it for
+gradients (a sum over every pixel and tap loses digits to cancellation in float32 whatever the implementation)
+and for low-precision storage the Triton path rounds elsewhere (the fused pass never stores ``K``, the blur-1 step
+never stores the message; training differentiates the weights in float32), both then against the float64 path
+without storage; ``BANDWIDTH_FACTOR`` times it for the bandwidths' gradients (see there).
 """
 
 from __future__ import annotations
@@ -74,12 +74,20 @@ TF32_TOLERANCE = 2e-3
 # The gradients (tests/test_gradients.py's rule) and storage rounded elsewhere than PyTorch's: this multiple of
 # the float32 PyTorch path's own error.
 LOOSE_FACTOR = 4
+# The bandwidths' gradients: sums over every pixel of the features' gradients times the features, which for the
+# positions cancel (their gradients sum to 0: shifting every pixel changes nothing). The weight-gradient kernel
+# adds a pair's two terms in different programs, so they do not cancel bit for bit as autograd's do: its
+# per-pixel gradients lie within 2x PyTorch's error of float64 (3.1e-7 against 1.5e-7, k = 11), their sum 1.3e-5
+# against PyTorch's 8.8e-7, and a bandwidth's gradient up to ~9x PyTorch's error (case 373275450: 1.6e-4).
+BANDWIDTHS = ("pos_sdims", "col_sdims", "col_schan")
+BANDWIDTH_FACTOR = 16
 
 
 def run(case: dict, seed: int) -> tuple[float, float, float]:
-    """The case's largest error relative to the largest value of the float64 PyTorch path (of the output, and of
-    each gradient with ``grad``), that of the float32 PyTorch path with the case's storage (the inputs' own
-    conditioning: a normaliser of a few pixels' weights, say; or the storage's rounding), and the tolerance."""
+    """Of the output and, with ``grad``, of each gradient, the one nearest its tolerance: its error relative to its
+    largest value in the float64 PyTorch path, that of the float32 PyTorch path with the case's storage (the
+    inputs' own conditioning: a normaliser of a few pixels' weights, say; or the storage's rounding), and its
+    tolerance."""
     def blocks(C: int, hw: int) -> tuple[int, int]:  # the step asks for every class in one tile (C >= 16)
         if C >= 16:
             return triton.next_power_of_2(C), min(triton.next_power_of_2(hw), case["block_p"])
@@ -124,18 +132,22 @@ def run(case: dict, seed: int) -> tuple[float, float, float]:
     got = values("triton", torch.float32, case["precision"])
     want = values("torch", torch.float64, storage=case["storage"] if same_rounding else "float32")
     torch32 = values("torch", torch.float32)
-    err = err32 = 0.0
+    tf32 = case["precision"] == "tf32" and kernels.band_precision(case["k"], "tf32") is not None
+    worst = (0.0, 0.0, 1.0)  # the (error, float32 PyTorch path's error, tolerance) nearest its tolerance
     for name, want_ in want.items():
         if want_ is None:  # (the colour bandwidth's where the appearance kernel has no position)
             assert got[name] is None, name
             continue
         scale = want_.abs().max()
         scale = scale if scale > 0 else 1.0  # (all zero, as C = 1's first log-probabilities: absolute)
-        err = max(err, ((got[name].double() - want_).abs().max() / scale).item())
-        err32 = max(err32, ((torch32[name].double() - want_).abs().max() / scale).item())
-    tf32 = case["precision"] == "tf32" and kernels.band_precision(case["k"], "tf32") is not None
-    factor = 2 if same_rounding and not case["grad"] else LOOSE_FACTOR
-    tolerance = max(TF32_TOLERANCE if tf32 else TOLERANCE, factor * err32)
+        err = ((got[name].double() - want_).abs().max() / scale).item()
+        err32 = ((torch32[name].double() - want_).abs().max() / scale).item()
+        factor = (2 if same_rounding and not case["grad"] else
+                  BANDWIDTH_FACTOR if name in BANDWIDTHS else LOOSE_FACTOR)
+        tolerance = max(TF32_TOLERANCE if tf32 else TOLERANCE, factor * err32)
+        if err / tolerance >= worst[0] / worst[2]:
+            worst = (err, err32, tolerance)
+    err, err32, tolerance = worst
     return err, err32, tolerance
 
 
