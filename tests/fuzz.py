@@ -19,8 +19,9 @@ products) relative to its largest value (absolute where every value is zero), or
 PyTorch path's own error: twice it against the float64 path with the same storage; ``LOOSE_FACTOR`` times it for
 gradients (a sum over every pixel and tap loses digits to cancellation in float32 whatever the implementation)
 and for low-precision storage the Triton path rounds elsewhere (the fused pass never stores ``K``, the blur-1 step
-never stores the message; training differentiates the weights in float32), both then against the float64 path
-without storage; ``BANDWIDTH_FACTOR`` times it for the bandwidths' gradients (see there).
+never stores the message; training differentiates the weights in float32), then against the float64 path
+without storage and the largest of the PyTorch path's errors; ``BANDWIDTH_FACTOR`` times it for the bandwidths'
+gradients (see there).
 """
 
 from __future__ import annotations
@@ -133,18 +134,24 @@ def run(case: dict, seed: int) -> tuple[float, float, float]:
     want = values("torch", torch.float64, storage=case["storage"] if same_rounding else "float32")
     torch32 = values("torch", torch.float32)
     tf32 = case["precision"] == "tf32" and kernels.band_precision(case["k"], "tf32") is not None
-    worst = (0.0, 0.0, 1.0)  # the (error, float32 PyTorch path's error, tolerance) nearest its tolerance
+    errors = {}  # name -> (error, the float32 PyTorch path's error)
     for name, want_ in want.items():
         if want_ is None:  # (the colour bandwidth's where the appearance kernel has no position)
             assert got[name] is None, name
             continue
         scale = want_.abs().max()
         scale = scale if scale > 0 else 1.0  # (all zero, as C = 1's first log-probabilities: absolute)
-        err = ((got[name].double() - want_).abs().max() / scale).item()
-        err32 = ((torch32[name].double() - want_).abs().max() / scale).item()
+        errors[name] = (((got[name].double() - want_).abs().max() / scale).item(),
+                        ((torch32[name].double() - want_).abs().max() / scale).item())
+    # Low-precision storage rounded elsewhere than PyTorch's path: the storage's error, the same size on every
+    # value but random, so the largest of PyTorch's (one gradient's can be small by chance: a compat weight's
+    # 1.1e-5 against 2.3e-3 for the other's, where the Triton path's were 4.9e-4 and 1.1e-3 at the op level).
+    storage_error = None if same_rounding else max(err32 for _, err32 in errors.values())
+    worst = (0.0, 0.0, 1.0)  # the (error, float32 PyTorch path's error, tolerance) nearest its tolerance
+    for name, (err, err32) in errors.items():
         factor = (2 if same_rounding and not case["grad"] else
                   BANDWIDTH_FACTOR if name in BANDWIDTHS else LOOSE_FACTOR)
-        tolerance = max(TF32_TOLERANCE if tf32 else TOLERANCE, factor * err32)
+        tolerance = max(TF32_TOLERANCE if tf32 else TOLERANCE, factor * (storage_error or err32))
         if err / tolerance >= worst[0] / worst[2]:
             worst = (err, err32, tolerance)
     err, err32, tolerance = worst
