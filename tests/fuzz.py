@@ -154,8 +154,7 @@ def run(case: dict, seed: int) -> tuple[float, float, float]:
         tolerance = max(TF32_TOLERANCE if tf32 else TOLERANCE, factor * (storage_error or err32))
         if err / tolerance >= worst[0] / worst[2]:
             worst = (err, err32, tolerance)
-    err, err32, tolerance = worst
-    return err, err32, tolerance
+    return worst
 
 
 def main() -> int:
