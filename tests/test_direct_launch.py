@@ -22,7 +22,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 CASES = ["inference blur 4", "inference blur 4 compat", "inference blur 4 bfloat16", "inference blur 1",
-         "inference blur 1 channels-last",
+         "inference blur 1 channels-last", "inference blur 4 with a launch hook",
          "misaligned operands", "fused message pass", "training", "band message pass", "band step", "one size class"]
 REPEATED = ("blur_step", "message_pass", "mean_field_step")  # the functions an inference's iterations replay
 
@@ -43,6 +43,14 @@ def test_direct_launches_match_tritons_path(child_report: dict, case: str) -> No
     assert report["launches"] > 0
     assert report["differences"] == []
     assert report["through_triton_on_repeat"] == 0
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_launch_hooks_get_their_metadata(child_report: dict, case: str) -> None:
+    """With a launch hook installed (a profiler's) every direct launch passes the hooks and a launch-metadata
+    object, as triton's path does; with none, the launcher gets None for all three (nothing to call)."""
+    hooks = ["'metadata'", "'hooks'", "'no hooks'"] if "hook" in case else ["'no hooks'"] * 3
+    assert child_report[case]["hooks"] == [f"[{', '.join(hooks)}]"]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.startswith("inference")])
@@ -110,14 +118,32 @@ def test_direct_launches_compute_what_tritons_path_does_on_the_gpu(device, monke
 # ---------------------------------------------------------------------------------------------------------
 
 
+HOOKS = slice(6, 9)  # a launch's metadata and its enter and exit hooks, in the stub's record
+
+
+def _hook(metadata: object) -> None:
+    """A launch hook (the stub launches call none)."""
+
+
 def _describe(value: object) -> object:
     import torch
 
     if isinstance(value, torch.Tensor):
         return ["tensor", str(value.dtype), list(value.shape), list(value.stride()), value.data_ptr() % 16]
-    if type(value).__name__ in ("LazyDict", "HookChain"):
-        return type(value).__name__  # (a new launch-metadata object per launch; the hooks: triton's knobs)
+    if type(value).__name__ == "HookChain":  # (triton's knobs: the same objects on both paths)
+        return "hooks" if value.calls else "no hooks"
+    if type(value).__name__ == "LazyDict":
+        return "metadata"  # (a new object per launch)
     return [type(value).__name__, value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)]
+
+
+def _describe_launch(launch: tuple) -> list:
+    """The launch's arguments described; with no hook installed (an empty chain or None: the launcher calls
+    nothing) the metadata, which only hooks read, and the hooks as one "no hooks"."""
+    described = [_describe(x) for x in launch]
+    if all(d in ("no hooks", ["NoneType", None]) for d in described[HOOKS][1:]):
+        described[HOOKS] = ["no hooks"] * 3
+    return described
 
 
 def _differences(want: list[tuple], got: list[tuple]) -> list[str]:
@@ -125,7 +151,7 @@ def _differences(want: list[tuple], got: list[tuple]) -> list[str]:
         return [f"{len(want)} launches through triton, {len(got)} direct"]
     out = []
     for i, (a, b) in enumerate(zip(want, got, strict=True)):
-        da, db = [_describe(x) for x in a], [_describe(x) for x in b]
+        da, db = _describe_launch(a), _describe_launch(b)
         if da != db:
             where = [j for j in range(max(len(da), len(db))) if j >= min(len(da), len(db)) or da[j] != db[j]]
             out.append(f"launch {i} ({a[4]}): arguments {where[:5]} differ: {[da[j] for j in where[:3] if j < len(da)]}"
@@ -170,6 +196,19 @@ def _cases():
             message_passing.STEP_CHANNELS_LAST = None
         return run
 
+    def hooked(run):  # (a launch hook installed, as a profiler such as proton installs one)
+        from triton import knobs
+
+        def with_hook():  # (a chain of its own, which the stub's records keep once it is put back)
+            empty = knobs.runtime.launch_enter_hook
+            knobs.runtime.launch_enter_hook = type(empty)()
+            knobs.runtime.launch_enter_hook.add(_hook)
+            try:
+                run()
+            finally:
+                knobs.runtime.launch_enter_hook = empty
+        return with_hook
+
     def training():
         crf = ConvCRF(5, filter_size=3, blur=1, num_iter=1, backend="triton", trainable=True)
         crf(unary, image).sum().backward()
@@ -187,6 +226,7 @@ def _cases():
         "inference blur 4 compat": inference(4, 3, convcomp=True),
         "inference blur 4 bfloat16": inference(4, 3, storage="bfloat16"),
         "inference blur 1": inference(1, 5),
+        "inference blur 4 with a launch hook": hooked(inference(4, 3)),
         "inference blur 1 channels-last": inference(1, 5, True),
         "misaligned operands": misaligned,
         "fused message pass": lambda: kernels.fused_message_pass(feats, [2, 3], compats, Q, 5, False),
@@ -308,7 +348,8 @@ def child() -> None:
         calls.clear()
         run()
         report[name] = {"launches": len(want), "differences": _differences(want, stub.launches),
-                        "through_triton_on_repeat": len(through_triton), "calls": dict(calls)}
+                        "through_triton_on_repeat": len(through_triton), "calls": dict(calls),
+                        "hooks": sorted({str(_describe_launch(launch)[HOOKS]) for launch in stub.launches})}
     report["repeat"] = _repeats(stub)
     report["forced config"] = _forced_config(stub)
     report["tunings by size class"] = _tunings_by_size_class(stub)
