@@ -8,6 +8,9 @@
 # Budgets (seconds; environment): TEST_SECONDS (170), MP_SECONDS (110, the message_pass section),
 # FS_SECONDS (120, the filter_size section), SLACK (30, each section's grace to write what it measured);
 # BENCH_ARGS: more flags for both sections (e.g. "--k-resolutions 1024x2048 --blurs 1").
+# pydensecrf on the host's CPU (SPEC §7: >= 1000x it), DENSE_SECONDS (45): only with a wheel of pydensecrf2 for
+# the GPU image's Python carried in .whl/ (the machine reaches no index; build it with
+# `python3.12 -m pip wheel pydensecrf2 -w .whl` and pass the device tool carry=[".whl"]).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench-results/gpu-session}
@@ -20,6 +23,10 @@ python3 -c "import torch, triton, sys; print(sys.version.split()[0], 'torch', to
 triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
 git log -1 --format='commit %h %s' 2>/dev/null; git status --short 2>/dev/null | head
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || echo "pip install failed"
+dense=0
+if ls .whl/pydensecrf2-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-deps --no-index .whl/pydensecrf2-*.whl && dense=1 || echo "pydensecrf2 install failed"
+fi
 
 echo "== device tests"
 t0=$(date +%s)
@@ -49,4 +56,7 @@ section message_pass "${MP_SECONDS:-110}" --filter-sizes "$ks" \
   --implementations "$(tr , '\n' <<<"$impls" | grep -v -e triton-cl -e triton-graph | paste -sd,)"
 section filter_size "${FS_SECONDS:-120}" --filter-sizes "$ks" \
   --implementations "$(tr , '\n' <<<"$impls" | grep -v -e unfold -e triton-tf32 | paste -sd,)"
+if [ "$dense" = 1 ]; then  # (375x500, 512x512, 1024x2048: ~8 s a call at the largest)
+  section densecrf "${DENSE_SECONDS:-45}" --implementations pydensecrf
+fi
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
