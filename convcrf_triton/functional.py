@@ -11,6 +11,7 @@ Shapes: ``unary: [B, C, H, W]`` logits, ``image: [B, 3, H, W]`` RGB, features on
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable
@@ -82,6 +83,25 @@ def check_inputs(unary: torch.Tensor, image: torch.Tensor) -> ValueCheck | None:
     if torch.compiler.is_compiling() or (unary.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
     return ValueCheck(unary, image)
+
+
+def check_devices(unary: torch.Tensor, **tensors: object) -> None:
+    """A ValueError naming the first of ``tensors`` (the parameters: numbers or tensors) that is a tensor on another
+    device than ``unary``, instead of PyTorch's error from inside an op or, on the Triton path, a kernel reading
+    another device's memory."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device != unary.device:
+            raise ValueError(f"{name} is on {t.device} but unary is on {unary.device}: every tensor argument must be "
+                             f"on the inputs' device (a ConvCRF module: crf.to({str(unary.device)!r}))")
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """``t``'s CUDA device made the current one where it is not (Triton launches on the current device, and the
+    loop's replays, ``kernels.Repeat``, on the device they were recorded on); else nothing (also while compiling:
+    the compiled code sets the device of its graph)."""
+    if t.is_cuda and not torch.compiler.is_compiling() and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 class ValueCheck:
@@ -469,24 +489,27 @@ def mean_field(
         raise ValueError(f"precision={precision!r} is not allowed: expected one of "
                          + ", ".join(repr(s) for s in PRECISIONS))
     check = check_inputs(unary, image)
+    check_devices(unary, pos_sdims=pos_sdims, pos_compat=pos_compat, col_sdims=col_sdims, col_schan=col_schan,
+                  col_compat=col_compat, weight=weight, unary_weight=unary_weight, compat_matrix=compat_matrix)
     out_dtype = unary.dtype
     dtype = torch.float64 if unary.dtype == torch.float64 else torch.float32
-    unary, image = unary.to(dtype), image.to(dtype)
-    weight, unary_weight = (v.to(dtype) if isinstance(v, torch.Tensor) else v for v in (weight, unary_weight))
-    passer = MessagePasser(
-        image, filter_size=filter_size, blur=blur, pos_sdims=pos_sdims, pos_compat=pos_compat,
-        col_sdims=col_sdims, col_schan=col_schan, col_compat=col_compat, col_use_pos=col_use_pos, norm=norm,
-        keep_centre=mode == "convcrf", ops=resolve_backend(backend, unary.device), storage=STORAGE_DTYPES[storage],
-        precision=precision, check=check,
-    )
-    compat_matrix = None if compat_matrix is None else compat_matrix.to(dtype)
-    Q = passer.steps(unary, mode, unary_weight, weight, compat_matrix, num_iter, final_softmax, check)
-    if Q is None:
-        Q, unary_term = unary_setup(unary, mode, unary_weight, weight)
-        mix = mixer(weight, compat_matrix)
-        for i in range(num_iter):
-            Z = unary_term + passer(Q, mix)
-            Q = torch.softmax(Z, dim=1) if i < num_iter - 1 or final_softmax else Z  # the last: logits Z
-    if check is not None:
-        check.raise_if_nonfinite()  # after the launches: the inference's one host sync
-    return Q.to(out_dtype)
+    with on_device(unary):
+        unary, image = unary.to(dtype), image.to(dtype)
+        weight, unary_weight = (v.to(dtype) if isinstance(v, torch.Tensor) else v for v in (weight, unary_weight))
+        passer = MessagePasser(
+            image, filter_size=filter_size, blur=blur, pos_sdims=pos_sdims, pos_compat=pos_compat,
+            col_sdims=col_sdims, col_schan=col_schan, col_compat=col_compat, col_use_pos=col_use_pos, norm=norm,
+            keep_centre=mode == "convcrf", ops=resolve_backend(backend, unary.device),
+            storage=STORAGE_DTYPES[storage], precision=precision, check=check,
+        )
+        compat_matrix = None if compat_matrix is None else compat_matrix.to(dtype)
+        Q = passer.steps(unary, mode, unary_weight, weight, compat_matrix, num_iter, final_softmax, check)
+        if Q is None:
+            Q, unary_term = unary_setup(unary, mode, unary_weight, weight)
+            mix = mixer(weight, compat_matrix)
+            for i in range(num_iter):
+                Z = unary_term + passer(Q, mix)
+                Q = torch.softmax(Z, dim=1) if i < num_iter - 1 or final_softmax else Z  # the last: logits Z
+        if check is not None:
+            check.raise_if_nonfinite()  # after the launches: the inference's one host sync
+        return Q.to(out_dtype)

@@ -67,16 +67,23 @@ def message_dtype(q_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if q_dtype in (torch.bfloat16, torch.float16) else q_dtype
 
 
-def check_on_device(**tensors: torch.Tensor) -> None:
-    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
-    if interpreting():
-        return
+def check_on_device(**tensors: torch.Tensor | None) -> None:
+    """Kernels run on CUDA tensors (or on CPU tensors under the interpreter), all of a launch's on one device: a
+    kernel reads its pointers on the device it runs on, and another GPU's memory is an illegal access or, with
+    peer access, silently slow. None: an operand not given."""
+    first = None
     for name, t in tensors.items():
-        if not t.is_cuda:  # (an attribute: t.device builds a device object, ~0.5 µs a tensor)
+        if t is None:
+            continue
+        if not interpreting() and not t.is_cuda:
             raise ValueError(
                 f"{name} is on {t.device}: the Triton backend needs CUDA tensors "
                 "(or TRITON_INTERPRET=1 for CPU tensors); use backend='torch' on the CPU"
             )
+        if first is None:
+            first = name, t.device
+        elif t.device != first[1]:
+            raise ValueError(f"{name} is on {t.device} but {first[0]} is on {first[1]}: put them on one device")
 
 
 def check_flag(nonfinite: torch.Tensor | None, like: torch.Tensor) -> None:
@@ -138,6 +145,11 @@ def size_class(n: int) -> tuple[int, int]:
     return b, n >> max(b - 2, 0)
 
 
+def _device_of(t: torch.Tensor) -> int:
+    """The CUDA device index of ``t`` (-1 on the CPU)."""
+    return t.get_device()
+
+
 def _specialisation(args: tuple) -> list:
     """What triton's caches tell apart in positional arguments: a tensor's dtype and 16-byte alignment (the
     binder's ``D``), an int's value (the binder's ``== 1`` and ``% 16``, the autotuner's key), a float's type
@@ -196,17 +208,27 @@ class DirectLaunch:
         return None if self.tuner is None else (self.tuner.configs, self.tuner.cache)
 
     def __getitem__(self, grid: object) -> Callable[..., object]:
-        if INTERPRETING or not DIRECT_LAUNCH:
+        if INTERPRETING:
             return self.fn[grid]
         return functools.partial(self._launch, grid)
 
     def _launch(self, grid: object, *args: object, **kwargs: object) -> object:
+        device = driver.active.get_current_device()
+        index = _device_of(args[0])  # (every kernel's first operand is a tensor)
+        if index != device and index >= 0:
+            # Triton launches on the current device, not the operands': switch to theirs for the launch.
+            driver.active.set_current_device(index)
+            try:
+                return self._launch(grid, *args, **kwargs)
+            finally:
+                driver.active.set_current_device(device)
+        if not DIRECT_LAUNCH:
+            return self.fn[grid](*args, **kwargs)
         tuner = self.tuner
         if tuner is not None and (tuner.cache is not self.tuned_from[1] or tuner.configs is not self.tuned_from[0]):
             self.launches.clear()
             self.tuned.clear()
             self.tuned_from = self._tuner_state()
-        device = driver.active.get_current_device()
         key = (device, tuple(kwargs.items()), *_specialisation(args))
         hit = self.launches.get(key)
         if hit is None:

@@ -234,7 +234,7 @@ def band_mean_field_step(
     the message pass as banded tensor-core products: ``Z = A + w·(M + compat·M)``, returned as ``softmax(Z)`` or
     ``Z`` in ``out_dtype`` (default: Q's). At most :data:`STEP_MAX_CLASSES` classes, :data:`STEP_MAX_CLASSES_COMPAT`
     with ``compat_matrix`` (one tile holds them all)."""
-    check_on_device(Q=Q, unary_term=unary_term, K=K)
+    check_on_device(Q=Q, unary_term=unary_term, K=K, weight=weight, compat_matrix=compat_matrix)
     k = _check_operands(K, Q)
     C = Q.shape[1]
     max_classes = band_step_max_classes(compat_matrix is not None)

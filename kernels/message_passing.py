@@ -745,7 +745,8 @@ def mean_field_step(
 
     ``channels_last=C``: ``Q``, ``unary_term`` and the result are ``[B, h, w, CS]`` instead, the ``C`` classes
     of a pixel contiguous and zero-padded to ``CS`` (a multiple of 4; see :func:`to_channels_last`)."""
-    check_on_device(Q=Q, unary_term=unary_term)
+    check_on_device(Q=Q, unary_term=unary_term, weight=weight, compat_matrix=compat_matrix, K=K, feats=feats,
+                    compats=compats)
     C = Q.shape[1] if channels_last is None else channels_last
     if channels_last is not None and (Q.shape[-1] % 4 or not 0 < C <= Q.shape[-1] or unary_term.shape != Q.shape):
         raise ValueError(f"channels_last={C}: Q and unary_term must be [B, h, w, CS] with CS a multiple of 4 "

@@ -33,23 +33,26 @@ class _Utils:
 class StubDriver:
     """Triton's driver interface as far as compiling, tuning and launching use it; ``launches`` holds each
     launch's arguments: ``(grid_x, grid_y, grid_z, stream, function, packed metadata, launch metadata,
-    enter hook, exit hook, *kernel arguments)``, the last ``MAX_LAUNCHES``. The tuner's timings are all equal
+    enter hook, exit hook, *kernel arguments)``, the last ``MAX_LAUNCHES``, and ``devices`` the current device
+    (``set_current_device``'s) at each. The tuner's timings are all equal
     (it keeps the first config); ``benchmarks`` counts them."""
 
     def __init__(self) -> None:
         self.utils = _Utils()
         self.launches: deque[tuple] = deque(maxlen=MAX_LAUNCHES)
+        self.devices: deque[int] = deque(maxlen=MAX_LAUNCHES)  # the current device at each launch
         self.benchmarks = 0  # the tuner's timings taken
+        self.device = 0
 
     @staticmethod
     def is_active() -> bool:
         return True
 
     def get_current_device(self) -> int:
-        return 0
+        return self.device
 
     def set_current_device(self, device: int) -> None:
-        pass
+        self.device = device
 
     def get_current_stream(self, device: int | None = None) -> int:
         return 0
@@ -76,7 +79,10 @@ class StubDriver:
         pass
 
     def launcher_cls(self, src, metadata):
-        return lambda *args: self.launches.append(args)
+        def launch(*args):
+            self.launches.append(args)
+            self.devices.append(self.device)
+        return launch
 
 
 def install() -> StubDriver:

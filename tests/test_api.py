@@ -336,6 +336,58 @@ def test_empty_tensors_are_value_errors(via: str, unary_shape: tuple, image_shap
         _call(via, torch.zeros(unary_shape), torch.zeros(image_shape))
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("name", ["pos_sdims", "pos_compat", "col_sdims", "col_schan", "col_compat", "weight",
+                                  "unary_weight", "compat_matrix"])
+def test_a_tensor_argument_on_another_device_is_named(backend: str, name: str) -> None:
+    """A parameter on another device than the inputs is a ValueError naming it, on either backend (PyTorch's path
+    raised a RuntimeError from inside an op, or none for a number it copied; the kernels would read another
+    device's memory). 'meta' stands in for another device on a CPU."""
+    unary, image = _inputs(41, 1, 3, 6, 5)
+    value = torch.eye(3, device="meta") if name == "compat_matrix" else torch.tensor(3.0, device="meta")
+    kwargs = {"col_use_pos": True} if name == "col_sdims" else {}
+    with pytest.raises(ValueError, match=f"{name} is on meta but unary is on cpu"):
+        mean_field(unary, image, filter_size=3, blur=2, num_iter=1, backend=backend, **{name: value}, **kwargs)
+
+
+def test_a_module_on_another_device_than_its_inputs_says_so() -> None:
+    unary, image = _inputs(42, 1, 3, 6, 5)
+    crf = _small(3, convcomp=True).to("meta")
+    with pytest.raises(ValueError, match=r"is on meta but unary is on cpu.*crf\.to\('cpu'\)"):
+        crf(unary, image)
+
+
+@pytest.mark.parametrize("launcher", ["message_pass", "mean_field_step", "blur_step"])
+def test_kernel_operands_on_two_devices_are_named(launcher: str) -> None:
+    """The kernels' own functions name the operand that is not on the first one's device."""
+    from convcrf_triton import kernels
+
+    Q, K = torch.rand(1, 3, 4, 5), torch.rand(1, 9, 4, 5)
+    other = torch.rand(1, 3, 4, 5, device="meta")
+    with pytest.raises(ValueError, match="is on meta but .* is on cpu"):
+        if launcher == "message_pass":
+            kernels.message_pass(K, other)
+        elif launcher == "mean_field_step":
+            kernels.mean_field_step(Q, Q, torch.ones(1, device="meta"), None, K, None, None, [2, 3], 3, False, True)
+        else:
+            kernels.blur_step(Q, Q[:, :1], torch.ones(2, 3), other[..., :2, :3], 2, pool=True, softmax=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("blur", [1, 4])
+def test_an_inference_on_a_device_that_is_not_the_current_one(blur: int) -> None:
+    """Inputs and module on cuda:1 while cuda:0 is current: the kernels run on cuda:1 (Triton launches on the
+    current device) and give what the same inference gives with cuda:1 current; cuda:0 stays current."""
+    unary, image = _inputs(43, 2, 5, 37, 45)
+    crf = ConvCRF(5, filter_size=5, blur=blur, num_iter=3, backend="triton").to("cuda:1")
+    with torch.no_grad(), torch.cuda.device(1):
+        want = crf(unary.to("cuda:1"), image.to("cuda:1"))
+    with torch.no_grad(), torch.cuda.device(0):
+        got = crf(unary.to("cuda:1"), image.to("cuda:1"))
+        assert torch.cuda.current_device() == 0
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_functional_rejects_zero_classes() -> None:
     with pytest.raises(ValueError, match="unary"):
         mean_field(torch.zeros(1, 0, 4, 4), torch.zeros(1, 3, 4, 4), backend="torch")

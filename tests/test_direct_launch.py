@@ -81,6 +81,13 @@ def test_repeat_launches_what_the_call_launches(child_report: dict) -> None:
         assert report[case] == {"replays": False, "differences": []}
 
 
+def test_launches_run_on_their_operands_device(child_report: dict) -> None:
+    """Triton launches on the current device, not the operands': with device 0 current and the operands on device
+    1, both launch paths make device 1 current for the launch (a kernel reading another GPU's memory faults, or
+    with peer access reads it slowly) and device 0 again after it."""
+    assert child_report["other device"] == [[[1], 0]] * 3
+
+
 def test_a_replaced_autotuner_cache_empties_the_table(child_report: dict) -> None:
     """Forcing a config as the blur test does (a new ``configs`` and ``cache`` on the autotuner) reaches the
     launch: its compiled kernel is the forced config's, not the recorded one."""
@@ -237,6 +244,32 @@ def _cases():
     }
 
 
+def _other_device(stub) -> list:
+    """``kernels.message_pass`` on operands that say they are on device 1 (a patched ``_launch._device_of``) while
+    device 0 is current: through triton's path, then twice directly (the second from ``DirectLaunch``'s table);
+    each time the devices current at the launches and the one current after the call."""
+    import torch
+    from convcrf_triton.kernels import _launch
+
+    from convcrf_triton import kernels
+
+    g = torch.Generator().manual_seed(1)
+    Q, K = torch.rand(1, 3, 8, 16, generator=g), torch.rand(1, 9, 8, 16, generator=g)
+    real, runs = _launch._device_of, []
+    _launch._device_of = lambda t: 1
+    try:
+        for direct in (False, True, True):
+            _launch.DIRECT_LAUNCH = direct
+            stub.launches.clear()
+            stub.devices.clear()
+            kernels.message_pass(K, Q)
+            runs.append([list(stub.devices), stub.device])
+    finally:
+        _launch._device_of = real
+        _launch.DIRECT_LAUNCH = True
+    return runs
+
+
 def _forced_config(stub) -> dict:
     """The blur step launched once, then with its autotuner's configs and cache replaced by one other config."""
     import torch
@@ -352,6 +385,7 @@ def child() -> None:
                         "hooks": sorted({str(_describe_launch(launch)[HOOKS]) for launch in stub.launches})}
     report["repeat"] = _repeats(stub)
     report["forced config"] = _forced_config(stub)
+    report["other device"] = _other_device(stub)
     report["tunings by size class"] = _tunings_by_size_class(stub)
     print(json.dumps(report))
 
