@@ -104,6 +104,17 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def without_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for ``t``'s device type where it is on: the inference computes in float32 (float64) whatever the
+    caller's mixed precision, as it does for half inputs (``storage`` and ``precision`` choose what is rounded).
+    Under an fp16/bf16 autocast the PyTorch ops between kernels (the compatibility's einsum: a batched matmul)
+    ran in half precision: logits 0.02-0.05 off float32's instead of 5e-6 on a CPU with bfloat16, and with float16
+    messages beyond 65504 (``mode='convcrf'``'s first pass) would overflow."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class ValueCheck:
     """The input check's NaN/Inf test of ``unary`` and ``image``, with one host sync: :meth:`raise_if_nonfinite`,
     which the caller puts after the inference's launches, so that the GPU is not left waiting at its start.
@@ -472,7 +483,8 @@ def mean_field(
     ``weight``: a scalar or ``[1, C, 1, 1]`` per-class weight ``w``; ``compat_matrix``: ``[C, C]`` learned
     1×1 compatibility (``M += compat_matrix @ M`` over classes) or None; ``mode='convcrf'`` reproduces
     the original ConvCRF code (first pass on the log-probabilities, centre tap kept). Half and bfloat16
-    inputs are computed in float32 and returned in their dtype; float64 stays float64. ``storage``
+    inputs are computed in float32 and returned in their dtype; float64 stays float64; a caller's autocast is
+    off inside. Inputs may be on any CUDA device (the kernels run on theirs, current or not). ``storage``
     (``'float32' | 'bfloat16' | 'float16'``) is the dtype the Gaussian weights ``K`` and the probabilities read
     by the message pass are kept in between kernels (half the bytes and, for ``K``, half the memory); the
     arithmetic and the logits stay in the compute dtype. ``precision='tf32'`` lets the Triton backend run the
@@ -493,7 +505,7 @@ def mean_field(
                   col_compat=col_compat, weight=weight, unary_weight=unary_weight, compat_matrix=compat_matrix)
     out_dtype = unary.dtype
     dtype = torch.float64 if unary.dtype == torch.float64 else torch.float32
-    with on_device(unary):
+    with on_device(unary), without_autocast(unary):
         unary, image = unary.to(dtype), image.to(dtype)
         weight, unary_weight = (v.to(dtype) if isinstance(v, torch.Tensor) else v for v in (weight, unary_weight))
         passer = MessagePasser(
