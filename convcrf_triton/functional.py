@@ -58,6 +58,12 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
     return kernels
 
 
+# CUDA's limit on a grid's y and z dimensions (x: 2^31 - 1). The kernels' grids hold the batch there, and the
+# blur kernels' (blur_start, blur_step, mean_field_start) the pooled rows: larger batches run in chunks, taller
+# images the composed loop.
+MAX_GRID_YZ = 65535
+
+
 def check_inputs(unary: torch.Tensor, image: torch.Tensor) -> ValueCheck | None:
     """Clear errors for bad inputs instead of a kernel failure or a silent wrong answer: types, shapes and devices
     here; the values (NaN/Inf) by the :class:`ValueCheck` this returns (None inside a compiled graph or a CUDA
@@ -381,6 +387,7 @@ class MessagePasser:
         tensors = (unary, unary_weight, weight, compat_matrix, *(g.feats for g in self.gaussians),
                    *(g.compats for g in self.gaussians))
         if (self.ops is reference or num_iter < 1 or len(self.gaussians) != 1 or self.gaussians[0].norm is not None
+                or -(-self.H // self.blur) > MAX_GRID_YZ  # (the set-up's and blur_step's grids: a row a program)
                 or self.gaussians[0].scale is not None
                 or (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))):
             return None
@@ -505,16 +512,14 @@ def mean_field(
                   col_compat=col_compat, weight=weight, unary_weight=unary_weight, compat_matrix=compat_matrix)
     out_dtype = unary.dtype
     dtype = torch.float64 if unary.dtype == torch.float64 else torch.float32
-    with on_device(unary), without_autocast(unary):
-        unary, image = unary.to(dtype), image.to(dtype)
-        weight, unary_weight = (v.to(dtype) if isinstance(v, torch.Tensor) else v for v in (weight, unary_weight))
+    ops = resolve_backend(backend, unary.device)
+
+    def infer(unary: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         passer = MessagePasser(
             image, filter_size=filter_size, blur=blur, pos_sdims=pos_sdims, pos_compat=pos_compat,
             col_sdims=col_sdims, col_schan=col_schan, col_compat=col_compat, col_use_pos=col_use_pos, norm=norm,
-            keep_centre=mode == "convcrf", ops=resolve_backend(backend, unary.device),
-            storage=STORAGE_DTYPES[storage], precision=precision, check=check,
+            keep_centre=mode == "convcrf", ops=ops, storage=STORAGE_DTYPES[storage], precision=precision, check=check,
         )
-        compat_matrix = None if compat_matrix is None else compat_matrix.to(dtype)
         Q = passer.steps(unary, mode, unary_weight, weight, compat_matrix, num_iter, final_softmax, check)
         if Q is None:
             Q, unary_term = unary_setup(unary, mode, unary_weight, weight)
@@ -522,6 +527,18 @@ def mean_field(
             for i in range(num_iter):
                 Z = unary_term + passer(Q, mix)
                 Q = torch.softmax(Z, dim=1) if i < num_iter - 1 or final_softmax else Z  # the last: logits Z
+        return Q
+
+    with on_device(unary), without_autocast(unary):
+        unary, image = unary.to(dtype), image.to(dtype)
+        weight, unary_weight = (v.to(dtype) if isinstance(v, torch.Tensor) else v for v in (weight, unary_weight))
+        compat_matrix = None if compat_matrix is None else compat_matrix.to(dtype)
+        B = unary.shape[0]
+        step = B if ops is reference else MAX_GRID_YZ  # (the kernels' grids hold the batch in y or z)
+        if B <= step:
+            Q = infer(unary, image)
+        else:  # each image is a CRF of its own
+            Q = torch.cat([infer(unary[b : b + step], image[b : b + step]) for b in range(0, B, step)])
         if check is not None:
             check.raise_if_nonfinite()  # after the launches: the inference's one host sync
         return Q.to(out_dtype)

@@ -412,6 +412,38 @@ def test_autocast_does_not_lower_the_inference_precision(backend: str, blur: int
         assert torch.equal(plain, cast)
 
 
+def test_batches_beyond_the_grid_limit_run_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels' grids hold the batch in y or z (at most 65535 on CUDA): a larger batch runs in chunks of that
+    many images (here the limit patched to 2, a batch of 5 of 2 pooled rows: three chunks), with the same bits, and
+    a NaN in the last chunk is still a ValueError."""
+    from convcrf_triton.kernels import blur_iteration
+
+    unary, image = _inputs(45, 5, 4, 4, 7)
+    crf = ConvCRF(4, filter_size=3, blur=2, num_iter=2, backend="auto")
+    want = crf(unary, image)
+    starts = []
+    real = blur_iteration.blur_start
+    monkeypatch.setattr(blur_iteration, "blur_start", lambda u, *a, **k: starts.append(u.shape[0]) or real(u, *a, **k))
+    monkeypatch.setattr(convcrf_triton.kernels, "blur_start", blur_iteration.blur_start)
+    monkeypatch.setattr(functional, "MAX_GRID_YZ", 2)
+    assert torch.equal(crf(unary, image), want)
+    assert starts == [2, 2, 1]
+    unary[4, 1, 2, 5] = math.nan
+    with pytest.raises(ValueError, match="unary contains NaN"):
+        crf(unary, image)
+
+
+def test_images_taller_than_the_grid_limit_take_the_composed_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blur kernels' grids hold the pooled rows in y: an image with more (here the limit patched to 4, an
+    image of 5 pooled rows) runs the loop of separate message passes and PyTorch ops, to the same result."""
+    unary, image = _inputs(46, 1, 4, 9, 7)
+    crf = ConvCRF(4, filter_size=3, blur=2, num_iter=2, backend="auto")
+    want = crf(unary, image)
+    monkeypatch.setattr(functional, "MAX_GRID_YZ", 4)
+    monkeypatch.setattr(convcrf_triton.kernels, "blur_start", lambda *a, **k: pytest.fail("blur_start launched"))
+    _assert_close_scaled(crf(unary, image), want, 1e-5)
+
+
 def test_functional_rejects_zero_classes() -> None:
     with pytest.raises(ValueError, match="unary"):
         mean_field(torch.zeros(1, 0, 4, 4), torch.zeros(1, 3, 4, 4), backend="torch")
