@@ -58,9 +58,9 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
     return kernels
 
 
-# CUDA's limit on a grid's y and z dimensions (x: 2^31 - 1). The kernels' grids hold the batch there, and the
-# blur kernels' (blur_start, blur_step, mean_field_start) the pooled rows: larger batches run in chunks, taller
-# images the composed loop.
+# CUDA's limit on a grid's y and z dimensions (x: 2^31 - 1; kernels._launch.MAX_GRID_YZ). The kernels' grids hold
+# the batch there, and the blurred kernels' (blur_start, blur_step) the pooled rows: larger batches run in chunks,
+# taller images at blur > 1 the composed loop.
 MAX_GRID_YZ = 65535
 
 
@@ -387,7 +387,7 @@ class MessagePasser:
         tensors = (unary, unary_weight, weight, compat_matrix, *(g.feats for g in self.gaussians),
                    *(g.compats for g in self.gaussians))
         if (self.ops is reference or num_iter < 1 or len(self.gaussians) != 1 or self.gaussians[0].norm is not None
-                or -(-self.H // self.blur) > MAX_GRID_YZ  # (the set-up's and blur_step's grids: a row a program)
+                or (self.blur > 1 and -(-self.H // self.blur) > MAX_GRID_YZ)  # (blur_start's, blur_step's grids)
                 or self.gaussians[0].scale is not None
                 or (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))):
             return None

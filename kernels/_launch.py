@@ -86,6 +86,20 @@ def check_on_device(**tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{name} is on {t.device} but {first[0]} is on {first[1]}: put them on one device")
 
 
+# CUDA's limit on a grid's y and z dimensions (x: 2^31 - 1), where the kernels' grids hold the batch and the blurred
+# kernels the pooled rows.
+MAX_GRID_YZ = 65535
+
+
+def check_grid(**sizes: int) -> None:
+    """A ValueError for a size (the batch, the pooled rows) beyond what a CUDA grid holds in y or z, where the kernel
+    puts it, instead of the launch's 'invalid argument'."""
+    for name, n in sizes.items():
+        if n > MAX_GRID_YZ:
+            raise ValueError(f"{name}={n}: the kernel's grid holds it in y or z, where CUDA allows at most "
+                             f"{MAX_GRID_YZ} blocks; split it (ConvCRF and mean_field split the batch)")
+
+
 def check_flag(nonfinite: torch.Tensor | None, like: torch.Tensor) -> None:
     """A kernel's ``nonfinite`` flag (the input check's, which the kernels that read an input whole set as they read
     it): None, or a one-element float32 tensor on the device of ``like``."""

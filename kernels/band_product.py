@@ -30,6 +30,7 @@ from ._launch import (
     COMPILE_OPTIONS,
     DirectLaunch,
     cdiv,
+    check_grid,
     check_on_device,
     interpreting,
     message_dtype,
@@ -210,6 +211,7 @@ def band_message_pass(K: torch.Tensor, Q: torch.Tensor, precision: str = "tf32x3
     :data:`PRECISIONS`), float32 sums. Inference only (not differentiable)."""
     check_on_device(K=K, Q=Q)
     k = _check_operands(K, Q)
+    check_grid(batch=Q.shape[0])
     Q = Q.contiguous()
     return _launch(K.contiguous(), Q, k, precision, torch.empty_like(Q, dtype=message_dtype(Q.dtype)),
                    band_blocks(Q.shape[1]))
@@ -236,6 +238,7 @@ def band_mean_field_step(
     with ``compat_matrix`` (one tile holds them all)."""
     check_on_device(Q=Q, unary_term=unary_term, K=K, weight=weight, compat_matrix=compat_matrix)
     k = _check_operands(K, Q)
+    check_grid(batch=Q.shape[0])
     C = Q.shape[1]
     max_classes = band_step_max_classes(compat_matrix is not None)
     if C > max_classes or unary_term.shape != Q.shape:

@@ -44,6 +44,7 @@ from ._launch import (
     DirectLaunch,
     cdiv,
     check_flag,
+    check_grid,
     check_on_device,
     interpreting,
     library_op,
@@ -427,7 +428,8 @@ def blur_start(unary: torch.Tensor, blur: int, *, log: bool = False, nonfinite: 
     logits do not sum to a finite float32 number (a NaN or an Inf among them, or an overflow), else left as it
     is."""
     check_on_device(unary=unary)
-    _check_unary(unary, blur)
+    B, _, H, _ = _check_unary(unary, blur)
+    check_grid(batch=B, pooled_rows=-(-H // blur))
     check_flag(nonfinite, unary)
     return _blur_start_op(unary.contiguous(), blur, log, nonfinite, out_dtype or unary.dtype)
 
@@ -448,7 +450,9 @@ def mean_field_start(unary: torch.Tensor, a: torch.Tensor, *, log: bool = False,
     (default: that of ``u``; float16 saturated at ±65504). float32 arithmetic. ``nonfinite``: as
     :func:`blur_start`'s."""
     check_on_device(unary=unary, a=a)
-    _check_factors("a", a, (_check_unary(unary)[1],))
+    B, C, _, _ = _check_unary(unary)
+    check_grid(batch=B)  # (the pixels of an image are one row of the grid)
+    _check_factors("a", a, (C,))
     check_flag(nonfinite, unary)
     return _mean_field_start_op(unary.contiguous(), a.float().contiguous(), log, nonfinite, out_dtype or unary.dtype)
 
@@ -464,6 +468,7 @@ def blur_step(unary: torch.Tensor, lse: torch.Tensor, factors: torch.Tensor, mes
     ops). One tensor of factors, so that the kernel holds one pointer for both (a second spilled on sm_90)."""
     check_on_device(unary=unary, lse=lse, factors=factors, message=message)
     B, C, H, W = _check_unary(unary, blur)
+    check_grid(batch=B, pooled_rows=-(-H // blur))
     pooled = (B, C, -(-H // blur), -(-W // blur))
     if tuple(message.shape) != pooled:
         raise ValueError(f"message must be the pooled grid {pooled} of unary {tuple(unary.shape)} at "

@@ -27,6 +27,7 @@ from ._launch import (
     DirectLaunch,
     cdiv,
     check_flag,
+    check_grid,
     check_on_device,
     interpreter_blocks,
     interpreting,
@@ -168,6 +169,7 @@ def gaussian_features(
                          f"{tuple(image.shape)}")
     if not isinstance(blur, int) or blur < 1:
         raise ValueError(f"blur must be an int >= 1, got {blur!r}")
+    check_grid(batch=image.shape[0])
     check_flag(nonfinite, image)
     grad = torch.is_grad_enabled()
     numbers, tensors, pointers = [], [], 0

@@ -22,6 +22,7 @@ from ._launch import (
     COMPILE_OPTIONS,
     DirectLaunch,
     cdiv,
+    check_grid,
     check_on_device,
     interpreter_blocks,
     interpreting,
@@ -176,6 +177,7 @@ def gaussian_weights(
     stored as ``out_dtype`` (float32, bfloat16 or float16; default float32). Not differentiable: learn the
     weights through the fused message pass."""
     check_on_device(feats=feats, compats=compats)
+    check_grid(batch=feats.shape[0])
     out_dtype = out_dtype or torch.float32
     if out_dtype not in K_DTYPES:
         raise ValueError(f"out_dtype must be one of {K_DTYPES}, got {out_dtype}")

@@ -41,6 +41,7 @@ from ._launch import (
     COMPILE_OPTIONS,
     DirectLaunch,
     cdiv,
+    check_grid,
     check_on_device,
     interpreter_blocks,
     interpreting,
@@ -747,6 +748,7 @@ def mean_field_step(
     of a pixel contiguous and zero-padded to ``CS`` (a multiple of 4; see :func:`to_channels_last`)."""
     check_on_device(Q=Q, unary_term=unary_term, weight=weight, compat_matrix=compat_matrix, K=K, feats=feats,
                     compats=compats)
+    check_grid(batch=Q.shape[0])
     C = Q.shape[1] if channels_last is None else channels_last
     if channels_last is not None and (Q.shape[-1] % 4 or not 0 < C <= Q.shape[-1] or unary_term.shape != Q.shape):
         raise ValueError(f"channels_last={C}: Q and unary_term must be [B, h, w, CS] with CS a multiple of 4 "
@@ -932,6 +934,7 @@ def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """Two-pass: ``K: [B, k*k, h, w]`` (float32, or bfloat16/float16 storage), ``Q: [B, C, h, w]`` → ``M: [B, C,
     h, w]`` (Q's dtype; float32 for bfloat16/float16 ``Q``: :func:`message_dtype`); the sums run in float32."""
     check_on_device(K=K, Q=Q)
+    check_grid(batch=Q.shape[0])
     if K.requires_grad and torch.is_grad_enabled():
         raise ValueError("message_pass does not differentiate K: use learned_message_pass or fused_message_pass to "
                          "learn the weights")
@@ -948,6 +951,7 @@ def learned_message_pass(
     gradient with the same ``K``) and w.r.t. ``feats`` and ``compats`` (the weight-gradient kernel, recomputing
     the weights). Training at the cost of the two-pass loop, where ``K``'s memory is allowed."""
     check_on_device(K=K, feats=feats, compats=compats, Q=Q)
+    check_grid(batch=Q.shape[0])
     if K.shape[1] != filter_size * filter_size or K.shape[2:] != Q.shape[2:] or K.shape[2:] != feats.shape[2:]:
         raise ValueError(f"K must be [B, {filter_size}², h, w] on the grid of Q {tuple(Q.shape)} and feats "
                          f"{tuple(feats.shape)}, got {tuple(K.shape)}")
@@ -966,6 +970,7 @@ def fused_message_pass(
 ) -> torch.Tensor:
     """Fused: the weights of :func:`gaussian_weights` computed in-kernel from ``feats: [B, D, h, w]``."""
     check_on_device(feats=feats, compats=compats, Q=Q)
+    check_grid(batch=Q.shape[0])
     feats = feats.contiguous().float()
     compats = compats.contiguous().float()
     return _fused_message_pass_op(Q.contiguous(), feats, compats, list(dims), filter_size, keep_centre)

@@ -433,15 +433,57 @@ def test_batches_beyond_the_grid_limit_run_in_chunks(monkeypatch: pytest.MonkeyP
         crf(unary, image)
 
 
-def test_images_taller_than_the_grid_limit_take_the_composed_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The blur kernels' grids hold the pooled rows in y: an image with more (here the limit patched to 4, an
-    image of 5 pooled rows) runs the loop of separate message passes and PyTorch ops, to the same result."""
-    unary, image = _inputs(46, 1, 4, 9, 7)
-    crf = ConvCRF(4, filter_size=3, blur=2, num_iter=2, backend="auto")
+@pytest.mark.parametrize("launcher", ["message_pass", "fused_message_pass", "mean_field_step", "band_message_pass",
+                                      "gaussian_features", "gaussian_weights", "blur_start", "blur_start rows",
+                                      "mean_field_start", "blur_step rows"])
+def test_kernels_name_a_size_beyond_the_grid_limit(monkeypatch: pytest.MonkeyPatch, launcher: str) -> None:
+    """A batch (or, for the blurred kernels, pooled rows) beyond CUDA's grid limit in y and z (patched to 2 here)
+    is a ValueError naming it before any launch (on a GPU the launch failed with 'invalid argument')."""
+    from convcrf_triton import kernels
+    from convcrf_triton.kernels import _launch
+
+    monkeypatch.setattr(_launch, "MAX_GRID_YZ", 2)
+    B, rows = (1, 6) if launcher.endswith("rows") else (3, 2)
+    Q, K, f = torch.rand(B, 3, rows, 5), torch.rand(B, 9, rows, 5), torch.rand(B, 5, rows, 5)
+    calls = {
+        "message_pass": lambda: kernels.message_pass(K, Q),
+        "fused_message_pass": lambda: kernels.fused_message_pass(f, [2, 3], torch.ones(2), Q, 3, False),
+        "mean_field_step": lambda: kernels.mean_field_step(Q, Q, torch.ones(1), None, K, None, None, [2, 3], 3, False,
+                                                           True),
+        "band_message_pass": lambda: kernels.band_message_pass(K, Q),
+        "gaussian_features": lambda: kernels.gaussian_features(
+            Q, 1, pos_sdims=3.0, col_sdims=80.0, col_schan=13.0, pos_compat=3.0, col_compat=10.0, col_use_pos=False),
+        "gaussian_weights": lambda: kernels.gaussian_weights(f, [2, 3], torch.ones(2), 3, False),
+        "blur_start": lambda: kernels.blur_start(Q, 2),
+        "blur_start rows": lambda: kernels.blur_start(Q, 2),
+        "mean_field_start": lambda: kernels.mean_field_start(Q, torch.ones(3)),
+        "blur_step rows": lambda: kernels.blur_step(Q, Q[:, :1], torch.ones(2, 3), Q[..., ::2, ::2], 2, pool=True,
+                                                    softmax=True),
+    }
+    name = "pooled_rows=3" if launcher.endswith("rows") else "batch=3"
+    with pytest.raises(ValueError, match=f"{name}: the kernel's grid holds it in y or z, where CUDA allows at most 2"):
+        calls[launcher]()
+
+
+@pytest.mark.parametrize("blur", [1, 2])
+def test_images_taller_than_the_grid_limit_take_the_composed_loop(monkeypatch: pytest.MonkeyPatch, blur: int) -> None:
+    """The blurred kernels' grids hold the pooled rows in y: at blur > 1 an image with more (here the limit patched
+    to 4, an image of 5 pooled rows) runs the loop of separate message passes and PyTorch ops, to the same result.
+    At blur 1 the set-up's grid holds an image's pixels in one row: the one-launch steps run."""
+    from convcrf_triton.kernels import _launch
+
+    unary, image = _inputs(46, 1, 4, 9 * blur // 2 + 1, 7)  # (5 pooled rows at blur 2, 5 rows at blur 1)
+    crf = ConvCRF(4, filter_size=3, blur=blur, num_iter=2, backend="auto")
     want = crf(unary, image)
     monkeypatch.setattr(functional, "MAX_GRID_YZ", 4)
-    monkeypatch.setattr(convcrf_triton.kernels, "blur_start", lambda *a, **k: pytest.fail("blur_start launched"))
+    monkeypatch.setattr(_launch, "MAX_GRID_YZ", 4)
+    starts = []
+    for name in ("blur_start", "mean_field_start"):
+        real = getattr(convcrf_triton.kernels, name)
+        monkeypatch.setattr(convcrf_triton.kernels, name,
+                            lambda *a, name=name, real=real, **k: starts.append(name) or real(*a, **k))
     _assert_close_scaled(crf(unary, image), want, 1e-5)
+    assert starts == ([] if blur > 1 else ["mean_field_start"])
 
 
 def test_functional_rejects_zero_classes() -> None:
