@@ -373,11 +373,12 @@ def test_kernel_operands_on_two_devices_are_named(launcher: str) -> None:
             kernels.blur_step(Q, Q[:, :1], torch.ones(2, 3), other[..., :2, :3], 2, pool=True, softmax=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 @pytest.mark.parametrize("blur", [1, 4])
-def test_an_inference_on_a_device_that_is_not_the_current_one(blur: int) -> None:
+def test_an_inference_on_a_device_that_is_not_the_current_one(device: torch.device, blur: int) -> None:
     """Inputs and module on cuda:1 while cuda:0 is current: the kernels run on cuda:1 (Triton launches on the
     current device) and give what the same inference gives with cuda:1 current; cuda:0 stays current."""
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices (CONVCRF_TEST_DEVICE=cuda)")
     unary, image = _inputs(43, 2, 5, 37, 45)
     crf = ConvCRF(5, filter_size=5, blur=blur, num_iter=3, backend="triton").to("cuda:1")
     with torch.no_grad(), torch.cuda.device(1):
@@ -439,8 +440,9 @@ def test_batches_beyond_the_grid_limit_run_in_chunks(monkeypatch: pytest.MonkeyP
 def test_kernels_name_a_size_beyond_the_grid_limit(monkeypatch: pytest.MonkeyPatch, launcher: str) -> None:
     """A batch (or, for the blurred kernels, pooled rows) beyond CUDA's grid limit in y and z (patched to 2 here)
     is a ValueError naming it before any launch (on a GPU the launch failed with 'invalid argument')."""
-    from convcrf_triton import kernels
     from convcrf_triton.kernels import _launch
+
+    from convcrf_triton import kernels
 
     monkeypatch.setattr(_launch, "MAX_GRID_YZ", 2)
     B, rows = (1, 6) if launcher.endswith("rows") else (3, 2)
