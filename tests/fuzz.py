@@ -20,8 +20,9 @@ PyTorch path's own error: twice it against the float64 path with the same storag
 gradients (a sum over every pixel and tap loses digits to cancellation in float32 whatever the implementation)
 and for low-precision storage the Triton path rounds elsewhere (the fused pass never stores ``K``, the blur-1 step
 never stores the message; training differentiates the weights in float32), then against the float64 path
-without storage and the largest of the PyTorch path's errors; ``BANDWIDTH_FACTOR`` times it for the bandwidths'
-gradients (see there).
+without storage and the largest of the PyTorch path's errors (the same rule where storage rounds at PyTorch's points
+but the strict one fails: a value within a float32 ulp of a storage tie rounds either way); ``BANDWIDTH_FACTOR``
+times it for the bandwidths' gradients (see there).
 """
 
 from __future__ import annotations
@@ -130,9 +131,25 @@ def run(case: dict, seed: int) -> tuple[float, float, float]:
         fused = PREFER_FUSED(case["k"], B * h * w, getattr(torch, case["storage"]).itemsize)
     same_rounding = case["storage"] == "float32" or not (case["grad"] or fused or case["blur"] == 1)
     got = values("triton", torch.float32, case["precision"])
-    want = values("torch", torch.float64, storage=case["storage"] if same_rounding else "float32")
     torch32 = values("torch", torch.float32)
     tf32 = case["precision"] == "tf32" and kernels.band_precision(case["k"], "tf32") is not None
+    want = values("torch", torch.float64, storage=case["storage"] if same_rounding else "float32")
+    worst = judge(got, torch32, want, same_rounding, case["grad"], tf32)
+    if same_rounding and case["storage"] != "float32" and worst[0] > worst[2]:
+        # Rounding at the same points still rounds a value within a float32 ulp of a storage tie either way: the
+        # kernels' float32 values differ from PyTorch's by an ulp (exp2 against exp, another order of a sum), so
+        # one stored value can lie a storage ulp off PyTorch's (case 451776116: 1 pooled float16 log-probability
+        # of 12342, 0.496 of a float16 ulp from the float64 value, took the output 6.1e-5 off against PyTorch's
+        # 2.3e-5 with none). Then the rule of storage rounded elsewhere, against the float64 path without it.
+        want = values("torch", torch.float64, storage="float32")
+        worst = min(worst, judge(got, torch32, want, False, case["grad"], tf32), key=lambda t: t[0] / t[2])
+    return worst
+
+
+def judge(got: dict, torch32: dict, want: dict, same_rounding: bool, grad: bool, tf32: bool
+          ) -> tuple[float, float, float]:
+    """The (error, float32 PyTorch path's error, tolerance) of ``got`` against ``want`` nearest its tolerance, over
+    the output and the gradients (see the module docstring for the tolerances)."""
     errors = {}  # name -> (error, the float32 PyTorch path's error)
     for name, want_ in want.items():
         if want_ is None:  # (the colour bandwidth's where the appearance kernel has no position)
@@ -148,7 +165,7 @@ def run(case: dict, seed: int) -> tuple[float, float, float]:
     storage_error = None if same_rounding else max(err32 for _, err32 in errors.values())
     worst = (0.0, 0.0, 1.0)  # the (error, float32 PyTorch path's error, tolerance) nearest its tolerance
     for name, (err, err32) in errors.items():
-        factor = (2 if same_rounding and not case["grad"] else
+        factor = (2 if same_rounding and not grad else
                   BANDWIDTH_FACTOR if name in BANDWIDTHS else LOOSE_FACTOR)
         tolerance = max(TF32_TOLERANCE if tf32 else TOLERANCE, factor * (storage_error or err32))
         if err / tolerance >= worst[0] / worst[2]:
