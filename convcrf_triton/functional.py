@@ -58,12 +58,6 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
     return kernels
 
 
-# CUDA's limit on a grid's y and z dimensions (x: 2^31 - 1; kernels._launch.MAX_GRID_YZ). The kernels' grids hold
-# the batch there, and the blurred kernels' (blur_start, blur_step) the pooled rows: larger batches run in chunks,
-# taller images at blur > 1 the composed loop.
-MAX_GRID_YZ = 65535
-
-
 def check_inputs(unary: torch.Tensor, image: torch.Tensor) -> ValueCheck | None:
     """Clear errors for bad inputs instead of a kernel failure or a silent wrong answer: types, shapes and devices
     here; the values (NaN/Inf) by the :class:`ValueCheck` this returns (None inside a compiled graph or a CUDA
@@ -387,7 +381,8 @@ class MessagePasser:
         tensors = (unary, unary_weight, weight, compat_matrix, *(g.feats for g in self.gaussians),
                    *(g.compats for g in self.gaussians))
         if (self.ops is reference or num_iter < 1 or len(self.gaussians) != 1 or self.gaussians[0].norm is not None
-                or (self.blur > 1 and -(-self.H // self.blur) > MAX_GRID_YZ)  # (blur_start's, blur_step's grids)
+                # (CUDA's grid limit in y: blur_start's and blur_step's grids hold the pooled rows there)
+                or (self.blur > 1 and -(-self.H // self.blur) > self.ops.grid_limit())
                 or self.gaussians[0].scale is not None
                 or (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))):
             return None
@@ -534,7 +529,7 @@ def mean_field(
         weight, unary_weight = (v.to(dtype) if isinstance(v, torch.Tensor) else v for v in (weight, unary_weight))
         compat_matrix = None if compat_matrix is None else compat_matrix.to(dtype)
         B = unary.shape[0]
-        step = B if ops is reference else MAX_GRID_YZ  # (the kernels' grids hold the batch in y or z)
+        step = B if ops is reference else ops.grid_limit()  # (the kernels' grids hold the batch in y or z)
         if B <= step:
             Q = infer(unary, image)
         else:  # each image is a CRF of its own

@@ -91,6 +91,11 @@ def check_on_device(**tensors: torch.Tensor | None) -> None:
 MAX_GRID_YZ = 65535
 
 
+def grid_limit() -> int:
+    """:data:`MAX_GRID_YZ`, read at the call (for the callers that route around it: ``functional.mean_field``)."""
+    return MAX_GRID_YZ
+
+
 def check_grid(**sizes: int) -> None:
     """A ValueError for a size (the batch, the pooled rows) beyond what a CUDA grid holds in y or z, where the kernel
     puts it, instead of the launch's 'invalid argument'."""

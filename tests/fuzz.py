@@ -138,7 +138,7 @@ def run(case: dict, seed: int) -> tuple[float, float, float]:
     got = values("triton", torch.float32, case["precision"])
     torch32 = values("torch", torch.float32)
     want = values("torch", torch.float64, storage=case["storage"] if same_rounding else "float32")
-    tf32 = 0.0  # the tolerance's floor with TF32 products
+    tf32_floor = 0.0  # the tolerance's floor with TF32 products
     if case["precision"] == "tf32" and kernels.band_precision(case["k"], "tf32") is not None:
         # The rounding's own error: every PyTorch message pass on tf32-rounded operands (an upper bound).
         message_pass = reference.message_pass
@@ -147,9 +147,9 @@ def run(case: dict, seed: int) -> tuple[float, float, float]:
             emulated = values("torch", torch.float64, storage=case["storage"] if same_rounding else "float32")
         finally:
             reference.message_pass = message_pass
-        scale = want["out"].abs().max().clamp_min(1e-30)
-        tf32 = max(TF32_TOLERANCE, TF32_EMULATED_FACTOR * ((emulated["out"] - want["out"]).abs().max() / scale).item())
-    worst = judge(got, torch32, want, same_rounding, case["grad"], tf32)
+        emulated_error = ((emulated["out"] - want["out"]).abs().max() / want["out"].abs().max().clamp_min(1e-30)).item()
+        tf32_floor = max(TF32_TOLERANCE, TF32_EMULATED_FACTOR * emulated_error)
+    worst = judge(got, torch32, want, same_rounding, case["grad"], tf32_floor)
     if same_rounding and case["storage"] != "float32" and worst[0] > worst[2]:
         # Rounding at the same points still rounds a value within a float32 ulp of a storage tie either way: the
         # kernels' float32 values differ from PyTorch's by an ulp (exp2 against exp, another order of a sum), so
@@ -157,7 +157,7 @@ def run(case: dict, seed: int) -> tuple[float, float, float]:
         # of 12342, 0.496 of a float16 ulp from the float64 value, took the output 6.1e-5 off against PyTorch's
         # 2.3e-5 with none). Then the rule of storage rounded elsewhere, against the float64 path without it.
         want = values("torch", torch.float64, storage="float32")
-        worst = min(worst, judge(got, torch32, want, False, case["grad"], tf32), key=lambda t: t[0] / t[2])
+        worst = min(worst, judge(got, torch32, want, False, case["grad"], tf32_floor), key=lambda t: t[0] / t[2])
     return worst
 
 
@@ -168,10 +168,10 @@ def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
     return ((bits + 0x1000) & -0x2000).view(torch.float32).to(x.dtype)
 
 
-def judge(got: dict, torch32: dict, want: dict, same_rounding: bool, grad: bool, tf32: float
+def judge(got: dict, torch32: dict, want: dict, same_rounding: bool, grad: bool, tf32_floor: float
           ) -> tuple[float, float, float]:
     """The (error, float32 PyTorch path's error, tolerance) of ``got`` against ``want`` nearest its tolerance, over
-    the output and the gradients (see the module docstring for the tolerances); ``tf32``: the floor of the
+    the output and the gradients (see the module docstring for the tolerances); ``tf32_floor``: the floor of the
     tolerance where TF32 products ran (0: none)."""
     errors = {}  # name -> (error, the float32 PyTorch path's error)
     for name, want_ in want.items():
@@ -190,7 +190,7 @@ def judge(got: dict, torch32: dict, want: dict, same_rounding: bool, grad: bool,
     for name, (err, err32) in errors.items():
         factor = (2 if same_rounding and not grad else
                   BANDWIDTH_FACTOR if name in BANDWIDTHS else LOOSE_FACTOR)
-        tolerance = max(tf32 or TOLERANCE, factor * (storage_error or err32))
+        tolerance = max(tf32_floor or TOLERANCE, factor * (storage_error or err32))
         if err / tolerance >= worst[0] / worst[2]:
             worst = (err, err32, tolerance)
     return worst

@@ -417,7 +417,7 @@ def test_batches_beyond_the_grid_limit_run_in_chunks(monkeypatch: pytest.MonkeyP
     """The kernels' grids hold the batch in y or z (at most 65535 on CUDA): a larger batch runs in chunks of that
     many images (here the limit patched to 2, a batch of 5 of 2 pooled rows: three chunks), with the same bits, and
     a NaN in the last chunk is still a ValueError."""
-    from convcrf_triton.kernels import blur_iteration
+    from convcrf_triton.kernels import _launch, blur_iteration
 
     unary, image = _inputs(45, 5, 4, 4, 7)
     crf = ConvCRF(4, filter_size=3, blur=2, num_iter=2, backend="auto")
@@ -426,7 +426,7 @@ def test_batches_beyond_the_grid_limit_run_in_chunks(monkeypatch: pytest.MonkeyP
     real = blur_iteration.blur_start
     monkeypatch.setattr(blur_iteration, "blur_start", lambda u, *a, **k: starts.append(u.shape[0]) or real(u, *a, **k))
     monkeypatch.setattr(convcrf_triton.kernels, "blur_start", blur_iteration.blur_start)
-    monkeypatch.setattr(functional, "MAX_GRID_YZ", 2)
+    monkeypatch.setattr(_launch, "MAX_GRID_YZ", 2)
     assert torch.equal(crf(unary, image), want)
     assert starts == [2, 2, 1]
     unary[4, 1, 2, 5] = math.nan
@@ -477,7 +477,6 @@ def test_images_taller_than_the_grid_limit_take_the_composed_loop(monkeypatch: p
     unary, image = _inputs(46, 1, 4, 9 * blur // 2 + 1, 7)  # (5 pooled rows at blur 2, 5 rows at blur 1)
     crf = ConvCRF(4, filter_size=3, blur=blur, num_iter=2, backend="auto")
     want = crf(unary, image)
-    monkeypatch.setattr(functional, "MAX_GRID_YZ", 4)
     monkeypatch.setattr(_launch, "MAX_GRID_YZ", 4)
     starts = []
     for name in ("blur_start", "mean_field_start"):
