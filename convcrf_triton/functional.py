@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from . import reference
 from .config import BACKENDS, PRECISIONS
+from .resample import blur_pool, blur_upsample
 
 Number = float | torch.Tensor
 # ``storage``: the dtype K and the message pass's Q are kept in (None: the compute dtype).
@@ -174,29 +175,6 @@ def _total(t: torch.Tensor) -> torch.Tensor:
     return t.detach().sum(dtype=torch.float32 if t.element_size() <= 4 else None).float()
 
 
-def blur_padding(n: int, blur: int) -> int:
-    """Padding per side so that ``blur`` tiles ``n`` pixels: ``ceil(((blur - n % blur) % blur) / 2)``."""
-    return math.ceil(((blur - n % blur) % blur) / 2)
-
-
-def blur_pool(x: torch.Tensor, blur: int) -> torch.Tensor:
-    """``[B, C, H, W]`` → ``[B, C, ceil(H/blur), ceil(W/blur)]`` averages over the real pixels only."""
-    if blur == 1:
-        return x
-    H, W = x.shape[-2:]
-    pad = (blur_padding(H, blur), blur_padding(W, blur))
-    return F.avg_pool2d(x, blur, stride=blur, padding=pad, count_include_pad=False)
-
-
-def blur_upsample(m: torch.Tensor, blur: int, H: int, W: int) -> torch.Tensor:
-    """Inverse of :func:`blur_pool`: bilinear ×blur (align_corners=False), cropped back to ``H × W``."""
-    if blur == 1:
-        return m
-    up = F.interpolate(m, scale_factor=blur, mode="bilinear", align_corners=False)
-    py, px = blur_padding(H, blur), blur_padding(W, blur)
-    return up[:, :, py : py + H, px : px + W]
-
-
 def _position(B: int, H: int, W: int, blur: int, like: torch.Tensor) -> torch.Tensor:
     """Pooled pixel positions ``(y, x)`` in full-resolution units: ``[B, 2, h, w]`` (a broadcast view)."""
     ys = torch.arange(H, device=like.device, dtype=like.dtype).view(H, 1).expand(H, W)
@@ -233,6 +211,19 @@ def unary_setup(unary: torch.Tensor, mode: str, unary_weight: Number, weight: Nu
     L = F.log_softmax(unary, dim=1)
     Q = L if mode == "convcrf" else torch.softmax(L, dim=1)
     return Q, (unary_weight - weight) * L
+
+
+def softmax_of_sum(unary_term: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``softmax(unary_term + M)`` over the classes (dim 1) of ``[B, C, H, W]`` tensors, consuming ``M`` (a message
+    the caller made): on the CPU, where nothing is differentiated, in ``M``'s memory. Each full-resolution
+    temporary there costs its page faults (malloc hands such sizes back to the system): one thread of a 2-core AMD
+    EPYC, 375×500, C = 21, an iteration's add and softmax 21.6 → 15.9 ms with the temporaries gone."""
+    if (M.device.type != "cpu" or torch.compiler.is_compiling()  # (inductor fuses the two ops itself)
+            or (torch.is_grad_enabled() and (M.requires_grad or unary_term.requires_grad))):
+        return torch.softmax(unary_term + M, dim=1)
+    Z = M.add_(unary_term)
+    Z.sub_(Z.amax(1, keepdim=True)).exp_()
+    return Z.div_(Z.sum(1, keepdim=True))
 
 
 def _per_class(value: Number, C: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -520,8 +511,8 @@ def mean_field(
             Q, unary_term = unary_setup(unary, mode, unary_weight, weight)
             mix = mixer(weight, compat_matrix)
             for i in range(num_iter):
-                Z = unary_term + passer(Q, mix)
-                Q = torch.softmax(Z, dim=1) if i < num_iter - 1 or final_softmax else Z  # the last: logits Z
+                M = passer(Q, mix)
+                Q = softmax_of_sum(unary_term, M) if i < num_iter - 1 or final_softmax else unary_term + M  # last: Z
         return Q
 
     with on_device(unary), without_autocast(unary):

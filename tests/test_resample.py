@@ -1,0 +1,95 @@
+"""The blur path's resampling and the loop's softmax against PyTorch's own ops (float64, then float32).
+
+``blur_pool`` is ``avg_pool2d(count_include_pad=False)`` on the centred grid, ``blur_upsample`` ``interpolate(
+bilinear, align_corners=False)`` cropped: on CPU tensors they are separable passes of strided views, so every
+grid shape that puts a border cell short (sizes below, at and above multiples of ``blur``, one pixel) is compared.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convcrf_triton import functional
+from convcrf_triton.resample import blur_padding, blur_pool, blur_upsample
+
+SIZES = [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 31]
+
+
+def avg_pool(x: torch.Tensor, blur: int) -> torch.Tensor:
+    pad = (blur_padding(x.shape[-2], blur), blur_padding(x.shape[-1], blur))
+    return F.avg_pool2d(x, blur, stride=blur, padding=pad, count_include_pad=False)
+
+
+def bilinear(m: torch.Tensor, blur: int, H: int, W: int) -> torch.Tensor:
+    up = F.interpolate(m, scale_factor=blur, mode="bilinear", align_corners=False)
+    py, px = blur_padding(H, blur), blur_padding(W, blur)
+    return up[:, :, py : py + H, px : px + W]
+
+
+@pytest.mark.parametrize("blur", [2, 3, 4, 5, 8])
+def test_pool_and_upsample_equal_pytorchs_ops(blur: int) -> None:
+    g = torch.Generator().manual_seed(blur)
+    for H, W in itertools.product(SIZES, SIZES[::2]):
+        x = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64)
+        want = avg_pool(x, blur)
+        got = blur_pool(x, blur)
+        assert got.shape == want.shape == (2, 3, -(-H // blur), -(-W // blur))
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14, msg=f"pool {H}x{W}")
+        m = torch.randn(want.shape, generator=g, dtype=torch.float64)
+        got = blur_upsample(m, blur, H, W)
+        assert got.shape == (2, 3, H, W)
+        # (interpolate's source coordinate is (dst + 0.5) · (1 / blur) - 0.5 in float64; ours exact per phase)
+        torch.testing.assert_close(got, bilinear(m, blur, H, W), rtol=1e-14, atol=1e-14, msg=f"upsample {H}x{W}")
+
+
+def test_pooled_positions_stay_exact() -> None:
+    """The features' positions are means of integer rows: halves and integers, exact (the Triton features kernel
+    writes them so)."""
+    for blur, H in itertools.product([2, 3, 4, 8], SIZES):
+        rows = torch.arange(H, dtype=torch.float32).view(1, 1, H, 1).expand(1, 1, H, 3)
+        got = blur_pool(rows, blur)[0, 0, :, 0]
+        pad = blur_padding(H, blur)
+        want = [sum(range(max(i * blur - pad, 0), min((i + 1) * blur - pad, H)))
+                / (min((i + 1) * blur - pad, H) - max(i * blur - pad, 0)) for i in range(-(-H // blur))]
+        assert got.tolist() == want, (blur, H)
+
+
+def test_float32_and_strided_inputs() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 21, 37, 45, generator=g).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(blur_pool(x, 4), avg_pool(x.double(), 4).float(), rtol=1e-6, atol=1e-6)
+    m = torch.randn(1, 21, 45, 10, generator=g).transpose(-1, -2)  # [1, 21, 10, 45], not contiguous
+    torch.testing.assert_close(blur_upsample(m, 4, 37, 179), bilinear(m.double(), 4, 37, 179).float(),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_gradients_equal_pytorchs_ops() -> None:
+    """Under autograd the upsampling takes ``interpolate`` (lerp's ``out=`` has no gradient); the pooling's
+    in-place adds into a fresh tensor are differentiated as they are."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 11, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(2, 3, 11, 13, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((blur_pool(x, 4) * blur_pool(up, 4)).sum(), x)
+    (want,) = torch.autograd.grad((avg_pool(x, 4) * avg_pool(up, 4)).sum(), x)
+    torch.testing.assert_close(grad, want, rtol=1e-14, atol=1e-14)
+    m = torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad((blur_upsample(m, 4, 11, 13) * up).sum(), m)
+    (want,) = torch.autograd.grad((bilinear(m, 4, 11, 13) * up).sum(), m)
+    torch.testing.assert_close(grad, want, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_softmax_of_sum(grad: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    u = (torch.randn(2, 5, 7, 9, generator=g, dtype=torch.float64) * 40).requires_grad_(grad)
+    M = torch.randn(2, 5, 7, 9, generator=g, dtype=torch.float64) * 40  # logits ~100 apart: the max matters
+    want = torch.softmax(u + M, 1)
+    with torch.set_grad_enabled(grad):
+        got = functional.softmax_of_sum(u, M.clone())
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-15)
+    if grad:
+        up = torch.randn(want.shape, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(torch.autograd.grad((got * up).sum(), u)[0],
+                                   torch.autograd.grad((want * up).sum(), u)[0])
