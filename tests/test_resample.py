@@ -93,3 +93,23 @@ def test_softmax_of_sum(grad: bool) -> None:
         up = torch.randn(want.shape, generator=g, dtype=torch.float64)
         torch.testing.assert_close(torch.autograd.grad((got * up).sum(), u)[0],
                                    torch.autograd.grad((want * up).sum(), u)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_of_sum_keeps_probabilities_normal(dtype: torch.dtype) -> None:
+    """A peaked ``Q`` (logits thousands apart, as a natural image drives them): the CPU path raises the
+    probabilities that would be denormal or zero to at least the dtype's smallest normal number (x86 computes
+    denormals on a slow path), moving none by more than ``C · tiny`` (and rounding)."""
+    g = torch.Generator().manual_seed(4)
+    C = 6
+    u = torch.randn(1, C, 5, 8, generator=g, dtype=dtype) * 1000
+    M = torch.randn(1, C, 5, 8, generator=g, dtype=dtype)
+    want = torch.softmax(u + M, 1)
+    tiny = torch.finfo(dtype).tiny
+    assert (want < tiny).any()  # (the case holds denormal or zero probabilities)
+    with torch.no_grad():
+        got = functional.softmax_of_sum(u, M.clone())
+    assert got.min() >= tiny * (1 - 1e-6)
+    rtol = 1e-6 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(got, want, rtol=rtol, atol=C * tiny * (1 + rtol))
+    torch.testing.assert_close(got.sum(1), torch.ones_like(got.sum(1)))
