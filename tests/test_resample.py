@@ -113,3 +113,19 @@ def test_softmax_of_sum_keeps_probabilities_normal(dtype: torch.dtype) -> None:
     rtol = 1e-6 if dtype == torch.float32 else 1e-13
     torch.testing.assert_close(got, want, rtol=rtol, atol=C * tiny * (1 + rtol))
     torch.testing.assert_close(got.sum(1), torch.ones_like(got.sum(1)))
+
+
+@pytest.mark.parametrize("blur", [1, 3, 4])
+@pytest.mark.parametrize("mode", ["textbook", "convcrf"])
+def test_float32_cpu_loop_stays_within_rounding_of_float64(blur: int, mode: str) -> None:
+    """The whole PyTorch loop in float32 (in-place softmax with its floor, the separable resampling) against the
+    same loop in float64, on logits far enough apart that probabilities fall below float32's smallest normal."""
+    g = torch.Generator().manual_seed(5 + blur)
+    unary = torch.randn(2, 7, 23, 30, generator=g, dtype=torch.float64) * 40
+    image = torch.rand(2, 3, 23, 30, generator=g, dtype=torch.float64) * 255
+    kw = dict(filter_size=5, blur=blur, num_iter=4, mode=mode, backend="torch")
+    with torch.no_grad():
+        want = functional.mean_field(unary, image, **kw)
+        assert (torch.softmax(unary.float(), 1) < torch.finfo(torch.float32).tiny).any()
+        got = functional.mean_field(unary.float(), image.float(), **kw)
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-6  # (measured 1.1-1.6e-7)
