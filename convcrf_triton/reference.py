@@ -49,6 +49,10 @@ def gaussian_weights(
     neighbour lies outside the image are 0; the centre tap is 0 unless ``keep_centre``.
     Returns ``K: [B, k*k, h, w]`` in ``out_dtype`` (default: the dtype of ``feats``), computed in that of
     ``feats``.
+
+    The weight is symmetric, ``K[t(d), p] = K[t(-d), p + d]``: the taps up to the centre are computed, the others
+    are their planes shifted by ``d`` (one copy a tap), so ``K`` is symmetric to the bit. One thread of a 2-core
+    AMD EPYC, a 375×500 VOC image at blur 1, k = 11: the inference 943 → 763 ms (median of 6, interleaved).
     """
     B, D, h, w = feats.shape
     k, r = filter_size, filter_size // 2
@@ -59,9 +63,10 @@ def gaussian_weights(
     # Taps are computed a chunk of dx at a time, as a strided [B, D, h, n, w] view of the padded features,
     # with n chosen to bound the temporaries (n = k on small grids, 1 on large ones).
     n = max(1, min(k, _CHUNK_ELEMENTS // (B * D * h * w)))
-    for dy in range(k):
-        for dx in range(0, k, n):
-            m = min(n, k - dx)
+    for dy in range(r + 1):
+        taps = k if dy < r else r + 1  # (the centre row: up to the centre)
+        for dx in range(0, taps, n):
+            m = min(n, taps - dx)
             window = (slice(None), slice(None), slice(dy, dy + h), slice(dx, dx + m + w - 1))
             sq = (padded[window].unfold(3, w, 1) - feats.unsqueeze(3)).square()
             start, weight = 0, None
@@ -71,8 +76,18 @@ def gaussian_weights(
                 start += c
             K[:, dy, dx : dx + m] = (weight * inside[window[1:]].unfold(2, w, 1)).transpose(1, 2)
     K = K.view(B, k * k, h, w)
+    centre = k * k // 2
     if not keep_centre:
-        K[:, k * k // 2] = 0
+        K[:, centre] = 0
+    # The mirrored taps: K[t(-d), p] = K[t(d), p - d], zero where p - d leaves the image.
+    K[:, centre + 1 :] = 0
+    for t in range(centre):
+        ddy, ddx = t // k - r, t % k - r  # d of tap t; the mirror's is -d
+        rows, cols = h - abs(ddy), w - abs(ddx)  # (none: the tap reaches outside the image everywhere)
+        if rows > 0 and cols > 0:
+            y, x = max(ddy, 0), max(ddx, 0)  # (the first pixel whose p - d lies in the image)
+            K[:, k * k - 1 - t, y : y + rows, x : x + cols] = K[:, t, y - ddy : y - ddy + rows,
+                                                                x - ddx : x - ddx + cols]
     return K
 
 
@@ -89,7 +104,7 @@ def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     acc = torch.float64 if torch.float64 in (K.dtype, Q.dtype) else torch.float32
     out_dtype = Q.dtype if Q.dtype in (torch.float32, torch.float64) else acc
     Q = Q.to(acc)
-    Q = torch.where(Q.abs() < _flush_below(acc), 0, Q)
+    Q = F.hardshrink(Q, _flush_below(acc))  # (0 where |Q| <= the floor: one op, where abs, < and where took three)
     padded = F.pad(Q, (r, r, r, r))
     M = torch.zeros_like(Q)
     # Row bands of ~_BAND_BYTES of M, each through every tap while it (and Q's rows around it) stays in cache;

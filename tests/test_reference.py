@@ -4,6 +4,8 @@ Every mode of SPEC §1: textbook and original-compatible, merged and ``norm='sym
 sizes, ``col_use_pos``, scalar and per-class weights, the 1×1 compatibility, ``final_softmax``.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +84,60 @@ def test_message_pass_in_row_bands_equals_one_band(band_bytes, dtype, monkeypatc
     monkeypatch.setattr(reference, "_BAND_BYTES", band_bytes)
     banded = reference.message_pass(K, Q)
     assert torch.equal(banded, whole) and whole.abs().min() > 0
+
+
+def _weights_tap_by_tap(feats, dims, compats, k, keep_centre):
+    """Every tap computed on its own (no mirroring), in the operations' order of ``gaussian_weights``."""
+    B, D, h, w = feats.shape
+    r = k // 2
+    floor = math.log(reference._flush_below(feats.dtype))
+    padded = torch.nn.functional.pad(feats, (r, r, r, r))
+    inside = torch.nn.functional.pad(feats.new_ones(h, w), (r, r, r, r))
+    K = feats.new_zeros(B, k * k, h, w)
+    for t in range(k * k):
+        dy, dx = divmod(t, k)
+        sq = (padded[:, :, dy : dy + h, dx : dx + w] - feats).square()
+        start, weight = 0, None
+        for g, c in enumerate(dims):
+            gauss = sq[:, start : start + c].sum(1).mul(-0.5).clamp_min(floor).exp() * compats[g]
+            weight = gauss if weight is None else weight + gauss
+            start += c
+        K[:, t] = weight * inside[dy : dy + h, dx : dx + w]
+    if not keep_centre:
+        K[:, k * k // 2] = 0
+    return K
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("k", "h", "w"), [(3, 7, 9), (5, 2, 11), (11, 13, 4), (7, 1, 1), (13, 6, 20)])
+def test_mirrored_taps_equal_the_taps_computed(k, h, w, dtype):
+    """Half the taps are copies of the others, shifted (the weight is symmetric): the numbers of each tap computed
+    on its own, including the taps that reach outside the image (to the bit with one or two channels a Gaussian;
+    PyTorch may sum five channels in another order for another layout), and ``K`` symmetric to the bit."""
+    g = torch.Generator().manual_seed(k * 100 + h)
+    for dims in ((2, 3), (5,)):
+        feats = torch.randn(2, 5, h, w, generator=g, dtype=dtype) * 2
+        compats = torch.rand(len(dims), generator=g, dtype=dtype) + 0.5
+        for keep_centre in (False, True):
+            got = reference.gaussian_weights(feats, dims, compats, k, keep_centre)
+            want = _weights_tap_by_tap(feats, dims, compats, k, keep_centre)
+            if dims == (2, 3):
+                assert torch.equal(got, want)
+            else:
+                # (an ulp of a channel sum s moves exp(-s / 2) by s / 2 ulps; s / 2 <= 41 at the weights' floor)
+                torch.testing.assert_close(got, want, rtol=100 * torch.finfo(dtype).eps, atol=0)
+            r = k // 2
+            for t in range(k * k):  # K[t(-d), p] = K[t(d), p - d] wherever p - d lies in the image
+                dy, dx = t // k - r, t % k - r
+                y, x = max(dy, 0), max(dx, 0)
+                rows, cols = h - abs(dy), w - abs(dx)
+                if rows > 0 and cols > 0:
+                    assert torch.equal(got[:, k * k - 1 - t, y : y + rows, x : x + cols],
+                                       got[:, t, y - dy : y - dy + rows, x - dx : x - dx + cols])
+
+
+def test_mirrored_taps_are_differentiable():
+    g = torch.Generator().manual_seed(7)
+    feats = torch.randn(1, 5, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    compats = torch.tensor([3.0, 10.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f, c: reference.gaussian_weights(f, (2, 3), c, 5, False), (feats, compats))
