@@ -41,12 +41,13 @@ def _flush_below(dtype: torch.dtype) -> float:
 
 def gaussian_weights(
     feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor, filter_size: int, keep_centre: bool,
-    out_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None, floor: float | None = None,
 ) -> torch.Tensor:
     """Merged kernel ``K[b, t, p] = sum_g compats[g] * exp(-1/2 |f_g[p] - f_g[p + d_t]|^2)``.
 
     ``feats: [B, D, h, w]``, ``dims``: feature channels per Gaussian g, ``compats: [G]``. Taps whose
-    neighbour lies outside the image are 0; the centre tap is 0 unless ``keep_centre``.
+    neighbour lies outside the image are 0; the centre tap is 0 unless ``keep_centre``. Each Gaussian's weights
+    stay at or above ``floor`` (default :func:`_flush_below`: normal products with the message pass's ``Q``).
     Returns ``K: [B, k*k, h, w]`` in ``out_dtype`` (default: the dtype of ``feats``), computed in that of
     ``feats``.
 
@@ -56,7 +57,7 @@ def gaussian_weights(
     """
     B, D, h, w = feats.shape
     k, r = filter_size, filter_size // 2
-    floor = math.log(_flush_below(feats.dtype))  # weights stay >= that: normal, and normal products
+    floor = math.log(_flush_below(feats.dtype) if floor is None else floor)  # (of the exponent)
     padded = F.pad(feats, (r, r, r, r))
     inside = F.pad(feats.new_ones(1, h, w), (r, r, r, r))
     K = feats.new_empty(B, k, k, h, w, dtype=out_dtype or feats.dtype)
