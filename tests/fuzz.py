@@ -12,8 +12,8 @@ parameter, as training takes them) and the interpreter's tile (``BLOCK_C`` 1-16 
 GPU's configs take: border, EDGE and interior blocks), with at most 12 programs a launch to keep the
 interpreter's time down. numpy's floating-point warnings are errors, so an overflow even in lanes that are never
 stored fails the case. Prints one line a case (seconds, seed, case, error relative to the largest value, and the
-float32 PyTorch path's) and ``BAD`` / ``EXC`` lines for failures (the float32 PyTorch path is judged too, by the
-same rules against the Triton path's errors); exits 1 if any.
+float32 PyTorch path's) and ``BAD`` / ``EXC`` lines for failures (the float32 PyTorch path is judged too: against
+the float64 one with the same storage, by the same rules against the Triton path's errors); exits 1 if any.
 
 The tolerance, for the output and each gradient on its own: ``TOLERANCE`` (with TF32 products
 ``TF32_TOLERANCE`` or twice the error of PyTorch's path on tf32-rounded operands) relative to its largest value
@@ -95,9 +95,8 @@ def run(case: dict, seed: int) -> tuple[tuple[float, float, float], tuple[float,
     """Of the output and, with ``grad``, of each gradient, the one nearest its tolerance: its error relative to its
     largest value in the float64 PyTorch path, that of the float32 PyTorch path with the case's storage (the
     inputs' own conditioning: a normaliser of a few pixels' weights, say; or the storage's rounding), and its
-    tolerance. Then the same of the float32 PyTorch path, judged by the same rules against the Triton path's
-    errors: the CPU's product path is checked too (case 293664190: its weight floor put ``norm='sym'`` 0.30 off
-    where the kernels were 1.5e-6)."""
+    tolerance. Then the same of the float32 PyTorch path (see there): the CPU's product path is checked too (case
+    293664190: its weight floor put ``norm='sym'`` 0.30 off where the kernels were 1.5e-6)."""
     def blocks(C: int, hw: int) -> tuple[int, int]:  # the step asks for every class in one tile (C >= 16)
         if C >= 16:
             return triton.next_power_of_2(C), min(triton.next_power_of_2(hw), case["block_p"])
@@ -153,6 +152,7 @@ def run(case: dict, seed: int) -> tuple[tuple[float, float, float], tuple[float,
         emulated_error = ((emulated["out"] - want["out"]).abs().max() / want["out"].abs().max().clamp_min(1e-30)).item()
         tf32_floor = max(TF32_TOLERANCE, TF32_EMULATED_FACTOR * emulated_error)
     worst = judge(got, torch32, want, same_rounding, case["grad"], tf32_floor)
+    stored = want if same_rounding else values("torch", torch.float64)  # (the float64 path with the case's storage)
     if same_rounding and case["storage"] != "float32" and worst[0] > worst[2]:
         # Rounding at the same points still rounds a value within a float32 ulp of a storage tie either way: the
         # kernels' float32 values differ from PyTorch's by an ulp (exp2 against exp, another order of a sum), so
@@ -161,7 +161,17 @@ def run(case: dict, seed: int) -> tuple[tuple[float, float, float], tuple[float,
         # 2.3e-5 with none). Then the rule of storage rounded elsewhere, against the float64 path without it.
         want = values("torch", torch.float64, storage="float32")
         worst = min(worst, judge(got, torch32, want, False, case["grad"], tf32_floor), key=lambda t: t[0] / t[2])
-    return worst, judge(torch32, got, want, same_rounding, case["grad"], tf32_floor)
+    # The float32 PyTorch path against the float64 one with the same storage (the same code, rounding at the same
+    # points), by the strict rule against the Triton path's errors there. A value within a float32 ulp of a storage
+    # tie still rounds either way, so the storage's own error (the float64 path's, with it against without it)
+    # bounds it too: LOOSE_FACTOR times (case 721928038: norm='sym' with float16 K, whose weights below 6e-8 flush,
+    # 0.58 off the float64 path without storage on both PyTorch paths; the fused Triton pass never stores K).
+    allowance = 0.0
+    if case["storage"] != "float32":
+        plain = values("torch", torch.float64, storage="float32")
+        allowance = LOOSE_FACTOR * max(((stored[name] - plain[name]).abs().max() / plain[name].abs().max()
+                                        .clamp_min(1e-30)).item() for name in plain if plain[name] is not None)
+    return worst, judge(torch32, got, stored, True, case["grad"], max(tf32_floor or TOLERANCE, allowance))
 
 
 def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
