@@ -166,11 +166,15 @@ def run(case: dict, seed: int) -> tuple[tuple[float, float, float], tuple[float,
     # tie still rounds either way, so the storage's own error (the float64 path's, with it against without it)
     # bounds it too: LOOSE_FACTOR times (case 721928038: norm='sym' with float16 K, whose weights below 6e-8 flush,
     # 0.58 off the float64 path without storage on both PyTorch paths; the fused Triton pass never stores K).
-    allowance = 0.0
+    # With gradients, sums over every pixel and tap (the compat weights', the bandwidths') lose digits to
+    # cancellation in float32: PyTorch's up to 2.1e-5 of the largest where the kernels' reduction kept 4e-6 (case
+    # 65328073, pos_compat; 1.8e-5 on the tree before this session's CPU changes), so LOOSE_FACTOR times the floor.
+    allowance = LOOSE_FACTOR * TOLERANCE if case["grad"] else 0.0
     if case["storage"] != "float32":
         plain = values("torch", torch.float64, storage="float32")
-        allowance = LOOSE_FACTOR * max(((stored[name] - plain[name]).abs().max() / plain[name].abs().max()
-                                        .clamp_min(1e-30)).item() for name in plain if plain[name] is not None)
+        allowance = max(allowance, LOOSE_FACTOR * max(((stored[name] - plain[name]).abs().max()
+                                                       / plain[name].abs().max().clamp_min(1e-30)).item()
+                                                      for name in plain if plain[name] is not None))
     return worst, judge(torch32, got, stored, True, case["grad"], max(tf32_floor or TOLERANCE, allowance))
 
 
