@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import reference
 from .config import BACKENDS, PRECISIONS
-from .resample import blur_pool, blur_upsample
+from .resample import blur_pool, blur_upsample, eager_cpu
 
 Number = float | torch.Tensor
 # ``storage``: the dtype K and the message pass's Q are kept in (None: the compute dtype).
@@ -224,8 +224,7 @@ def softmax_of_sum(unary_term: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     k = 11, the original-compatible mode on a VOC image and its SPEC §6 unary: the inference 194 → 152 ms (median of
     8, interleaved; random inputs 166 → 163). The floor moves a probability by less than ``C · tiny`` (2.5e-37 in
     float32), which the message pass zeroes anyway (``reference._flush_below``)."""
-    if (M.device.type != "cpu" or torch.compiler.is_compiling()  # (inductor fuses the two ops itself)
-            or (torch.is_grad_enabled() and (M.requires_grad or unary_term.requires_grad))):
+    if not eager_cpu(M) or (torch.is_grad_enabled() and (M.requires_grad or unary_term.requires_grad)):
         return torch.softmax(unary_term + M, dim=1)
     Z = M.add_(unary_term)
     Z.sub_(Z.amax(1, keepdim=True)).clamp_min_(math.log(torch.finfo(Z.dtype).tiny * Z.shape[1])).exp_()

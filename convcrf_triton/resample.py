@@ -26,9 +26,9 @@ def blur_padding(n: int, blur: int) -> int:
     return math.ceil(((blur - n % blur) % blur) / 2)
 
 
-def _every(dim: int, start: int, stop: int, step: int) -> tuple[slice, ...]:
-    """The index of ``[start:stop:step]`` along ``dim`` (counted from the front)."""
-    return (slice(None),) * dim + (slice(start, stop, step),)
+def _every(dim: int, start: int, stop: int, blur: int) -> tuple[slice, ...]:
+    """The index of ``[start:stop:blur]`` along ``dim`` (counted from the front)."""
+    return (slice(None),) * dim + (slice(start, stop, blur),)
 
 
 def _pool_axis(x: torch.Tensor, blur: int, dim: int) -> torch.Tensor:
@@ -46,15 +46,12 @@ def _pool_axis(x: torch.Tensor, blur: int, dim: int) -> torch.Tensor:
         last = min((L - 1 + pad - r) // blur, n - 1)
         if last >= first:
             start = first * blur - pad + r
-            out[_every(dim, first, last + 1, 1)] += x[_every(dim, start, start + (last - first) * blur + 1, blur)]
-    # Divided by each cell's count of real rows: blur inside, fewer in the border cells.
+            out.narrow(dim, first, last + 1 - first).add_(x[_every(dim, start, start + (last - first) * blur + 1,
+                                                                   blur)])
+    # Divided by each cell's count of real rows: blur inside, fewer in the border cells (a CPU tensor: no copy to
+    # a device).
     counts = [min((i + 1) * blur - pad, L) - max(i * blur - pad, 0) for i in range(n)]
-    lo = 1 if counts[0] != blur else 0
-    hi = n - 1 if n > lo and counts[-1] != blur else n
-    out[_every(dim, lo, hi, 1)] /= blur
-    for i in {*range(lo), *range(hi, n)}:
-        out[_every(dim, i, i + 1, 1)] /= counts[i]
-    return out
+    return out.div_(torch.tensor(counts, dtype=x.dtype).view(n, *[1] * (x.dim() - 1 - dim)))
 
 
 def _upsample_axis(x: torch.Tensor, blur: int, n: int, dim: int) -> torch.Tensor:
@@ -76,9 +73,10 @@ def _upsample_axis(x: torch.Tensor, blur: int, n: int, dim: int) -> torch.Tensor
     return out.flatten(dim, dim + 1).narrow(dim, blur_padding(n, blur), n)
 
 
-def _eager_cpu(t: torch.Tensor) -> bool:
-    """The separable passes' case: a CPU tensor outside ``torch.compile`` (whose inductor fuses PyTorch's ops, and
-    whose tracer takes no strided ``out=``)."""
+def eager_cpu(t: torch.Tensor) -> bool:
+    """Where this path's hand-written forms of PyTorch ops run (the separable passes here, the loop's in-place
+    softmax): a CPU tensor outside ``torch.compile``, whose inductor fuses the plain ops itself and whose tracer
+    takes no strided ``out=``."""
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
@@ -86,7 +84,7 @@ def blur_pool(x: torch.Tensor, blur: int) -> torch.Tensor:
     """``[B, C, H, W]`` → ``[B, C, ceil(H/blur), ceil(W/blur)]`` averages over the real pixels only."""
     if blur == 1:
         return x
-    if _eager_cpu(x):
+    if eager_cpu(x):
         return _pool_axis(_pool_axis(x, blur, 2), blur, 3)  # rows first: the strided column adds on 1/blur of x
     H, W = x.shape[-2:]
     pad = (blur_padding(H, blur), blur_padding(W, blur))
@@ -97,7 +95,7 @@ def blur_upsample(m: torch.Tensor, blur: int, H: int, W: int) -> torch.Tensor:
     """Inverse of :func:`blur_pool`: bilinear ×blur (align_corners=False), cropped back to ``H × W``."""
     if blur == 1:
         return m
-    if _eager_cpu(m) and not (torch.is_grad_enabled() and m.requires_grad):  # (lerp's out= has no autograd)
+    if eager_cpu(m) and not (torch.is_grad_enabled() and m.requires_grad):  # (lerp's out= has no autograd)
         # (columns first: their strided writes on the h rows only)
         return _upsample_axis(_upsample_axis(m, blur, W, 3), blur, H, 2)
     up = F.interpolate(m, scale_factor=blur, mode="bilinear", align_corners=False)
