@@ -39,6 +39,15 @@ def _flush_below(dtype: torch.dtype) -> float:
     return 10.0 * math.sqrt(torch.finfo(dtype).tiny)
 
 
+def _windows(x: torch.Tensor, start: int, m: int, w: int) -> torch.Tensor:
+    """``m`` windows of ``w`` columns of ``x [..., L]``, the ``j``-th from column ``start + j``: ``[..., m, w]``. A
+    strided view (``unfold``); traced by ``torch.compile``/``torch.export``, a stack of the slices (``unfold``'s
+    shape checks specialise a symbolic width)."""
+    if torch.compiler.is_compiling():
+        return torch.stack([x.narrow(-1, start + j, w) for j in range(m)], -2)
+    return x.narrow(-1, start, m + w - 1).unfold(-1, w, 1)
+
+
 def gaussian_weights(
     feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor, filter_size: int, keep_centre: bool,
     out_dtype: torch.dtype | None = None, floor: float | None = None,
@@ -63,19 +72,20 @@ def gaussian_weights(
     K = feats.new_empty(B, k, k, h, w, dtype=out_dtype or feats.dtype)
     # Taps are computed a chunk of dx at a time, as a strided [B, D, h, n, w] view of the padded features,
     # with n chosen to bound the temporaries (n = k on small grids, 1 on large ones).
-    n = max(1, min(k, _CHUNK_ELEMENTS // (B * D * h * w)))
+    # (Traced by torch.compile/export: n = k, as inductor fuses the temporaries away and the sizes may be symbolic.)
+    n = k if torch.compiler.is_compiling() else max(1, min(k, _CHUNK_ELEMENTS // (B * D * h * w)))
     for dy in range(r + 1):
         taps = k if dy < r else r + 1  # (the centre row: up to the centre)
         for dx in range(0, taps, n):
             m = min(n, taps - dx)
-            window = (slice(None), slice(None), slice(dy, dy + h), slice(dx, dx + m + w - 1))
-            sq = (padded[window].unfold(3, w, 1) - feats.unsqueeze(3)).square()
+            rows = (slice(None), slice(None), slice(dy, dy + h))
+            sq = (_windows(padded[rows], dx, m, w) - feats.unsqueeze(3)).square()
             start, weight = 0, None
             for g, c in enumerate(dims):
                 gauss = sq[:, start : start + c].sum(1).mul(-0.5).clamp_min(floor).exp() * compats[g]
                 weight = gauss if weight is None else weight + gauss
                 start += c
-            K[:, dy, dx : dx + m] = (weight * inside[window[1:]].unfold(2, w, 1)).transpose(1, 2)
+            K[:, dy, dx : dx + m] = (weight * _windows(inside[rows[1:]], dx, m, w)).transpose(1, 2)
     K = K.view(B, k * k, h, w)
     centre = k * k // 2
     if not keep_centre:
@@ -108,13 +118,16 @@ def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     Q = F.hardshrink(Q, _flush_below(acc))  # (0 where |Q| <= the floor: one op, where abs, < and where took three)
     padded = F.pad(Q, (r, r, r, r))
     M = torch.zeros_like(Q)
-    # Row bands of ~_BAND_BYTES of M, each through every tap while it (and Q's rows around it) stays in cache;
-    # one band without gradients to track (a band's in-place adds are autograd views). Each element takes
-    # the same multiply-adds in the same order either way.
-    tracked = torch.is_grad_enabled() and (K.requires_grad or Q.requires_grad)
-    band = h if tracked else max(1, _BAND_BYTES // (M.numel() // h * M.element_size()))
-    for y0 in range(0, h, band):
-        rows = min(band, h - y0)
+    # Row bands of ~_BAND_BYTES of M, each through every tap while it (and Q's rows around it) stays in cache. One
+    # band where autograd tracks the adds (a band's in-place adds are autograd views) or torch.compile/export traces
+    # them (inductor fuses the taps itself; the sizes may be symbolic). Each element takes the same multiply-adds
+    # in the same order either way.
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (K.requires_grad or Q.requires_grad)):
+        bands = [(0, h)]
+    else:
+        band = max(1, _BAND_BYTES // (M.numel() // h * M.element_size()))
+        bands = [(y0, min(band, h - y0)) for y0 in range(0, h, band)]
+    for y0, rows in bands:
         M_band, K_band = M[:, :, y0 : y0 + rows], K[:, :, y0 : y0 + rows]
         for t in range(k * k):
             dy, dx = divmod(t, k)

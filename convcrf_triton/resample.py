@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 
 def blur_padding(n: int, blur: int) -> int:
-    """Padding before the first cell so that ``blur`` tiles ``n`` pixels: ``ceil(((blur - n % blur) % blur) / 2)``."""
-    return math.ceil(((blur - n % blur) % blur) / 2)
+    """Padding before the first cell so that ``blur`` tiles ``n`` pixels: ``ceil(((blur - n % blur) % blur) / 2)``,
+    in integer arithmetic (a symbolic ``n`` of ``torch.compile``/``torch.export`` stays symbolic: no guard)."""
+    return ((blur - n % blur) % blur + 1) // 2
 
 
 def _every(dim: int, start: int, stop: int, blur: int) -> tuple[slice, ...]:
@@ -88,7 +89,25 @@ def blur_pool(x: torch.Tensor, blur: int) -> torch.Tensor:
         return _pool_axis(_pool_axis(x, blur, 2), blur, 3)  # rows first: the strided column adds on 1/blur of x
     H, W = x.shape[-2:]
     pad = (blur_padding(H, blur), blur_padding(W, blur))
+    if torch.compiler.is_compiling():
+        return _traced_pool(x, blur, pad)
     return F.avg_pool2d(x, blur, stride=blur, padding=pad, count_include_pad=False)
+
+
+def _traced_pool(x: torch.Tensor, blur: int, pad: tuple[int, int]) -> torch.Tensor:
+    """:func:`blur_pool` as ``torch.compile``/``torch.export`` trace it: the cells' sums over the zero-padded tensor,
+    divided by their counts of real pixels. ``avg_pool2d`` takes its padding as ints, which specialised a graph to
+    the image size's remainder modulo ``blur``; these ops keep symbolic sizes symbolic (inductor fuses them)."""
+    (H, W), (py, px) = x.shape[-2:], pad
+    h, w = -(-H // blur), -(-W // blur)
+    sums = F.pad(x, (px, w * blur - W - px, py, h * blur - H - py)).unflatten(-1, (w, blur)).sum(-1)
+    sums = sums.unflatten(-2, (h, blur)).sum(-2)
+
+    def counts(n: int, L: int, start: int) -> torch.Tensor:  # real pixels of each of n cells along an axis
+        first = torch.arange(n, device=x.device, dtype=x.dtype) * blur - start
+        return (first + blur).clamp(max=L) - first.clamp(min=0)
+
+    return sums / (counts(h, H, py)[:, None] * counts(w, W, px))
 
 
 def blur_upsample(m: torch.Tensor, blur: int, H: int, W: int) -> torch.Tensor:
@@ -98,6 +117,24 @@ def blur_upsample(m: torch.Tensor, blur: int, H: int, W: int) -> torch.Tensor:
     if eager_cpu(m) and not (torch.is_grad_enabled() and m.requires_grad):  # (lerp's out= has no autograd)
         # (columns first: their strided writes on the h rows only)
         return _upsample_axis(_upsample_axis(m, blur, W, 3), blur, H, 2)
+    if torch.compiler.is_compiling():
+        return _traced_upsample(_traced_upsample(m, blur, W, 3), blur, H, 2)
     up = F.interpolate(m, scale_factor=blur, mode="bilinear", align_corners=False)
     py, px = blur_padding(H, blur), blur_padding(W, blur)
     return up[:, :, py : py + H, px : px + W]
+
+
+def _traced_upsample(x: torch.Tensor, blur: int, n: int, dim: int) -> torch.Tensor:
+    """:func:`blur_upsample` along ``dim`` as ``torch.compile``/``torch.export`` trace it: ``interpolate``'s source
+    coordinates (``(i + 0.5) / blur - 0.5``, clamped at 0) computed for the ``n`` kept outputs only, each a lerp
+    between two gathered cells. Cropping ``interpolate``'s output took a slice whose bound a symbolic size could
+    not prove, and so specialised the graph to it."""
+    L = x.shape[dim]
+    i = torch.arange(n, device=x.device, dtype=x.dtype) + blur_padding(n, blur)
+    src = ((i + 0.5) * (1.0 / blur) - 0.5).clamp(min=0)
+    left = src.floor()
+    weight = (src - left).view(n, *[1] * (x.dim() - 1 - dim))
+    left = left.long()
+    right = (left + 1).clamp(max=L - 1)
+    return torch.lerp(x.index_select(dim, left), x.index_select(dim, right), weight)
+

@@ -3,6 +3,7 @@ and on the Triton path, whose kernels are torch.library custom ops with fake imp
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from convcrf_triton import ConvCRF
 
@@ -56,3 +57,45 @@ def test_fullgraph_inference_on_the_triton_path():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert "convcrf_triton.gaussian_features.default" in targets
     assert "convcrf_triton.blur_step.default" in targets
+
+
+# Sizes whose remainders modulo the blur differ (so do the pooled grids' paddings), the last smaller than the first.
+SIZES = [(13, 11), (16, 9), (10, 14)]
+
+
+def _eager_and_inputs(backend: str, blur: int):
+    crf = ConvCRF(3, filter_size=3, blur=blur, num_iter=2, col_use_pos=True, backend=backend).eval()
+    g = torch.Generator().manual_seed(blur)
+    inputs = [(torch.randn(1, 3, H, W, generator=g), torch.rand(1, 3, H, W, generator=g) * 255) for H, W in SIZES]
+    return crf, inputs
+
+
+@pytest.mark.parametrize(("backend", "blur"), [("torch", 1), ("torch", 2), ("triton", 4)])
+def test_one_graph_serves_every_image_size(backend: str, blur: int) -> None:
+    """``torch.compile(dynamic=True)`` traces one whole graph for every image size: nothing in the traced code (the blur
+    path's padding, pooling and cropping, the weights' windows, the message pass's bands) specialises on the
+    height or width, so a folder of images of many sizes compiles once, not once a size up to dynamo's limit."""
+    torch._dynamo.reset()
+    crf, inputs = _eager_and_inputs(backend, blur)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(crf, dynamic=True, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for i, (unary, image) in enumerate(inputs):
+            got = compiled(unary, image)
+            if i == 0:
+                frames = counter.frame_count
+            torch.testing.assert_close(got, crf(unary, image), rtol=1e-5, atol=1e-5, msg=str(SIZES[i]))
+    assert counter.frame_count == frames, "a new image size recompiled"
+
+
+def test_export_with_a_dynamic_height_and_width() -> None:
+    """``torch.export`` with symbolic height and width (the reference path), from ``blur · filter_size`` pixels up
+    (smaller grids meet PyTorch's size-1 special cases, which export specialises): the exported program runs every
+    size in its range, the smallest too, and equals the eager module."""
+    crf, inputs = _eager_and_inputs("torch", 2)
+    g = torch.Generator().manual_seed(0)
+    inputs.append((torch.randn(1, 3, 6, 7, generator=g), torch.rand(1, 3, 6, 7, generator=g) * 255))
+    H, W = torch.export.Dim("H", min=6, max=4096), torch.export.Dim("W", min=6, max=4096)
+    program = torch.export.export(crf, inputs[0], dynamic_shapes=({2: H, 3: W}, {2: H, 3: W}))
+    for unary, image in inputs:
+        torch.testing.assert_close(program.module()(unary, image), crf(unary, image), rtol=1e-5, atol=1e-5)

@@ -6,6 +6,7 @@ grid shape that puts a border cell short (sizes below, at and above multiples of
 """
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -28,23 +29,39 @@ def bilinear(m: torch.Tensor, blur: int, H: int, W: int) -> torch.Tensor:
     return up[:, :, py : py + H, px : px + W]
 
 
+@pytest.fixture(params=["eager", "traced"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which forms run: the CPU's separable passes, or those ``torch.compile``/``torch.export`` trace (sums over
+    the padded tensor, gathers and lerps: no size-dependent ints or slices), chosen as tracing chooses them."""
+    if request.param == "traced":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    return request.param
+
+
 @pytest.mark.parametrize("blur", [2, 3, 4, 5, 8])
-def test_pool_and_upsample_equal_pytorchs_ops(blur: int) -> None:
+def test_pool_and_upsample_equal_pytorchs_ops(blur: int, path: str) -> None:
     g = torch.Generator().manual_seed(blur)
     for H, W in itertools.product(SIZES, SIZES[::2]):
-        x = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64)
+        assert blur_padding(H, blur) == math.ceil(((blur - H % blur) % blur) / 2)
+        x = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64, requires_grad=path == "traced")
         want = avg_pool(x, blur)
         got = blur_pool(x, blur)
         assert got.shape == want.shape == (2, 3, -(-H // blur), -(-W // blur))
         torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14, msg=f"pool {H}x{W}")
-        m = torch.randn(want.shape, generator=g, dtype=torch.float64)
-        got = blur_upsample(m, blur, H, W)
-        assert got.shape == (2, 3, H, W)
+        m = torch.randn(want.shape, generator=g, dtype=torch.float64, requires_grad=path == "traced")
+        got_up = blur_upsample(m, blur, H, W)
+        assert got_up.shape == (2, 3, H, W)
         # (interpolate's source coordinate is (dst + 0.5) · (1 / blur) - 0.5 in float64; ours exact per phase)
-        torch.testing.assert_close(got, bilinear(m, blur, H, W), rtol=1e-14, atol=1e-14, msg=f"upsample {H}x{W}")
+        want_up = bilinear(m, blur, H, W)
+        torch.testing.assert_close(got_up, want_up, rtol=1e-14, atol=1e-14, msg=f"upsample {H}x{W}")
+        if path == "traced":  # (what training under torch.compile differentiates)
+            for a, b, wrt in ((got, want, x), (got_up, want_up, m)):
+                weights = torch.randn(a.shape, generator=g, dtype=torch.float64)
+                (ga,), (gb,) = (torch.autograd.grad((v * weights).sum(), wrt) for v in (a, b))
+                torch.testing.assert_close(ga, gb, rtol=1e-13, atol=1e-13, msg=f"gradient {H}x{W}")
 
 
-def test_pooled_positions_stay_exact() -> None:
+def test_pooled_positions_stay_exact(path: str) -> None:
     """The features' positions are means of integer rows: halves and integers, exact (the Triton features kernel
     writes them so)."""
     for blur, H in itertools.product([2, 3, 4, 8], SIZES):
