@@ -9,7 +9,9 @@ No ``[B, C*k*k, h, w]`` unfold tensor is ever built: the window sum is a loop of
 multiply-adds of shifted views (measured ~17x faster than the unfold formulation on 2 CPU threads), over row
 bands of a few MB of ``M`` (narrow bands of a few rows measured slower: the per-op overhead outweighs the
 cache gain).
-Everything here is differentiable by autograd and works for float32 and float64 on any device.
+Everything here is differentiable by autograd and works for float32 and float64 on any device. Traced by
+``torch.compile`` or ``torch.export``, nothing specialises on the image size; an inference that ``torch.compile``
+traces on the CPU calls both ops as custom ops running this eager code (:func:`~convcrf_triton.resample.opaque_on_cpu`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .resample import opaque_on_cpu
 
 # Elements of the largest temporary while building K (~4 MB in float32; measured best of 2^16..2^20).
 _CHUNK_ELEMENTS = 1 << 20
@@ -64,6 +68,15 @@ def gaussian_weights(
     are their planes shifted by ``d`` (one copy a tap), so ``K`` is symmetric to the bit. One thread of a 2-core
     AMD EPYC, a 375×500 VOC image at blur 1, k = 11: the inference 943 → 763 ms (median of 6, interleaved).
     """
+    if opaque_on_cpu(feats, compats):
+        return _gaussian_weights_op(feats, list(dims), compats, filter_size, keep_centre, out_dtype, floor)
+    return _gaussian_weights(feats, dims, compats, filter_size, keep_centre, out_dtype, floor)
+
+
+def _gaussian_weights(
+    feats: torch.Tensor, dims: Sequence[int], compats: torch.Tensor, filter_size: int, keep_centre: bool,
+    out_dtype: torch.dtype | None, floor: float | None,
+) -> torch.Tensor:
     B, D, h, w = feats.shape
     k, r = filter_size, filter_size // 2
     floor = math.log(_flush_below(feats.dtype) if floor is None else floor)  # (of the exponent)
@@ -109,11 +122,16 @@ def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     bfloat16/float16 ``Q``: a sum of k² values can pass float16's range). The sums run in float32 (float64 when an
     operand is float64) whatever the storage dtypes, like the kernels.
     """
+    if opaque_on_cpu(K, Q):
+        return _message_pass_op(K, Q)
+    return _message_pass(K, Q)
+
+
+def _message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     h, w = Q.shape[-2:]
     k = int(round(K.shape[1] ** 0.5))
     r = k // 2
-    acc = torch.float64 if torch.float64 in (K.dtype, Q.dtype) else torch.float32
-    out_dtype = Q.dtype if Q.dtype in (torch.float32, torch.float64) else acc
+    acc, out_dtype = _message_dtypes(K, Q)
     Q = Q.to(acc)
     Q = F.hardshrink(Q, _flush_below(acc))  # (0 where |Q| <= the floor: one op, where abs, < and where took three)
     padded = F.pad(Q, (r, r, r, r))
@@ -135,6 +153,12 @@ def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     return M.to(out_dtype)
 
 
+def _message_dtypes(K: torch.Tensor, Q: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """The message pass's accumulation dtype and that of ``M``."""
+    acc = torch.float64 if torch.float64 in (K.dtype, Q.dtype) else torch.float32
+    return acc, Q.dtype if Q.dtype in (torch.float32, torch.float64) else acc
+
+
 def fused_message_pass(
     feats: torch.Tensor,
     dims: Sequence[int],
@@ -145,3 +169,26 @@ def fused_message_pass(
 ) -> torch.Tensor:
     """The message of :func:`message_pass` with ``K`` built from ``feats`` (materialised on this path)."""
     return message_pass(gaussian_weights(feats, dims, compats, filter_size, keep_centre), Q)
+
+
+@torch.library.custom_op("convcrf_triton::reference_gaussian_weights", mutates_args=())
+def _gaussian_weights_op(feats: torch.Tensor, dims: list[int], compats: torch.Tensor, filter_size: int,
+                         keep_centre: bool, out_dtype: torch.dtype | None, floor: float | None) -> torch.Tensor:
+    return _gaussian_weights(feats, dims, compats, filter_size, keep_centre, out_dtype, floor)
+
+
+@_gaussian_weights_op.register_fake
+def _(feats, dims, compats, filter_size, keep_centre, out_dtype, floor):  # noqa: ANN001, ANN202
+    B, _, h, w = feats.shape
+    return feats.new_empty(B, filter_size * filter_size, h, w, dtype=out_dtype or feats.dtype)
+
+
+@torch.library.custom_op("convcrf_triton::reference_message_pass", mutates_args=())
+def _message_pass_op(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    return _message_pass(K, Q)
+
+
+@_message_pass_op.register_fake
+def _(K, Q):  # noqa: ANN001, ANN202
+    return Q.new_empty(Q.shape, dtype=_message_dtypes(K, Q)[1])
+

@@ -3,7 +3,9 @@ and on the Triton path, whose kernels are torch.library custom ops with fake imp
 
 import pytest
 import torch
+from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch._functorch.aot_autograd import make_boxed_func
 
 from convcrf_triton import ConvCRF
 
@@ -99,3 +101,67 @@ def test_export_with_a_dynamic_height_and_width() -> None:
     program = torch.export.export(crf, inputs[0], dynamic_shapes=({2: H, 3: W}, {2: H, 3: W}))
     for unary, image in inputs:
         torch.testing.assert_close(program.module()(unary, image), crf(unary, image), rtol=1e-5, atol=1e-5)
+
+
+def _call_targets(crf: ConvCRF, unary: torch.Tensor, image: torch.Tensor) -> set[str]:
+    """The ops of the graph ``torch.compile`` traces for one call."""
+    torch._dynamo.reset()
+    targets = set()
+
+    def record(gm, example_inputs):
+        targets.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    torch.compile(crf, fullgraph=True, backend=record)(unary, image)
+    return targets
+
+
+def _aten_targets(crf: ConvCRF, unary: torch.Tensor, image: torch.Tensor) -> set[str]:
+    """The ATen ops of the forward graph AOTAutograd traces for a training call."""
+    torch._dynamo.reset()
+    targets = set()
+
+    def record(gm, example_inputs):
+        targets.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    torch.compile(crf, fullgraph=True, backend=aot_autograd(fw_compiler=record))(unary, image)
+    return targets
+
+
+REFERENCE_OPS = {f"convcrf_triton.reference_{name}.default"
+                 for name in ("gaussian_weights", "message_pass", "blur_pool", "blur_upsample")}
+
+
+def test_a_cpu_inference_compiles_the_eager_ops_as_custom_ops() -> None:
+    """Traced for a CPU inference, the weights, the message pass and the resampling are custom ops running the eager
+    code (inductor's own code for their k² shifted views compiled ~10× slower and ran 2-5× slower); where a gradient
+    flows (the message passes of trainable parameters), and in an exported program, ATen ops."""
+    crf, inputs = _eager_and_inputs("torch", 2)
+    with torch.no_grad():
+        assert REFERENCE_OPS <= _call_targets(crf, *inputs[0])
+    crf = ConvCRF(3, filter_size=3, blur=2, num_iter=2, trainable=True, backend="torch")
+    assert "aten.addcmul.default" in {str(t) for t in _aten_targets(crf, *inputs[0])}
+    with torch.no_grad():
+        program = torch.export.export(crf, inputs[0])
+    assert not any("convcrf_triton" in str(node.target) for node in program.graph.nodes)
+
+
+@pytest.mark.parametrize("op", sorted(REFERENCE_OPS))
+def test_the_custom_ops_agree_with_their_fake_implementations(op: str) -> None:
+    """``torch.library.opcheck``: schema, fake shapes and strides (the upsampling's output is rows of a taller
+    tensor) and the compiled dispatch, on odd sizes."""
+    from convcrf_triton import reference, resample
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 5, 7, 9, generator=g)
+    samples = {
+        "gaussian_weights": (reference._gaussian_weights_op, (feats, [2, 3], torch.tensor([3.0, 10.0]), 5, False,
+                                                              None, None)),
+        "message_pass": (reference._message_pass_op, (torch.rand(2, 25, 7, 9, generator=g),
+                                                      torch.rand(2, 4, 7, 9, generator=g))),
+        "blur_pool": (resample._pool_op, (torch.randn(2, 4, 13, 11, generator=g), 4)),
+        "blur_upsample": (resample._upsample_op, (torch.randn(2, 4, 4, 3, generator=g), 4, 13, 11)),
+    }
+    fn, args = samples[op.split(".")[1].removeprefix("reference_")]
+    torch.library.opcheck(fn, args)
