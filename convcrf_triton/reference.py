@@ -191,4 +191,3 @@ def _message_pass_op(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
 @_message_pass_op.register_fake
 def _(K, Q):  # noqa: ANN001, ANN202
     return Q.new_empty(Q.shape, dtype=_message_dtypes(K, Q)[1])
-

@@ -49,10 +49,14 @@ def _pool_axis(x: torch.Tensor, blur: int, dim: int) -> torch.Tensor:
             start = first * blur - pad + r
             out.narrow(dim, first, last + 1 - first).add_(x[_every(dim, start, start + (last - first) * blur + 1,
                                                                    blur)])
-    # Divided by each cell's count of real rows: blur inside, fewer in the border cells (a CPU tensor: no copy to
-    # a device).
-    counts = [min((i + 1) * blur - pad, L) - max(i * blur - pad, 0) for i in range(n)]
-    return out.div_(torch.tensor(counts, dtype=x.dtype).view(n, *[1] * (x.dim() - 1 - dim)))
+    # Divided by each cell's count of real rows: blur inside, fewer in the border cells.
+    return out.div_(_cell_counts(n, L, pad, blur, x).view(n, *[1] * (x.dim() - 1 - dim)))
+
+
+def _cell_counts(n: int, L: int, pad: int, blur: int, like: torch.Tensor) -> torch.Tensor:
+    """The real pixels of each of the ``n`` cells along an axis of ``L`` pixels: ``[n]`` in ``like``'s dtype."""
+    first = torch.arange(n, device=like.device, dtype=like.dtype) * blur - pad
+    return (first + blur).clamp(max=L) - first.clamp(min=0)
 
 
 def _upsample_axis(x: torch.Tensor, blur: int, n: int, dim: int) -> torch.Tensor:
@@ -81,12 +85,20 @@ def _upsample_axis(x: torch.Tensor, blur: int, n: int, dim: int) -> torch.Tensor
                        out=out[_every(dim, start, start + (count - 1) * blur + 1, blur)])
     return out
 
+def _separable_pool(x: torch.Tensor, blur: int) -> torch.Tensor:
+    return _pool_axis(_pool_axis(x, blur, 2), blur, 3)  # rows first: the strided column adds on 1/blur of x
+
+
+def _separable_upsample(m: torch.Tensor, blur: int, H: int, W: int) -> torch.Tensor:
+    return _upsample_axis(_upsample_axis(m, blur, W, 3), blur, H, 2)  # columns first: their strided writes on h rows
+
+
 def opaque_on_cpu(*tensors: torch.Tensor) -> bool:
     """Whether ``torch.compile`` (not ``torch.export``) traces an inference on the CPU: there this path's costly ops
     (the resampling here, ``reference``'s weights and message pass) run as custom ops whose implementation is the
     eager code, opaque to inductor. Inductor's own code for them, a 2-core AMD EPYC, 375×500, C = 21, blur 4, k = 7,
     5 iterations: 140 s to compile and 125 ms an inference against eager's 62 (symbolic sizes: 590 s, 374 ms
-    against 77); with the custom ops 11.5 s and 60 ms against 70 (symbolic sizes 15 s, 60 against 73). The exported
+    against 77); with the custom ops 13 s and 62 ms against 75 (symbolic sizes 15 s, 65 against 77). The exported
     graph of ``torch.export`` keeps the ATen ops (it needs no import of this package), and a gradient the traced
     ops."""
     return (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and tensors[0].device.type == "cpu"
@@ -107,7 +119,7 @@ def blur_pool(x: torch.Tensor, blur: int) -> torch.Tensor:
     if opaque_on_cpu(x):
         return _pool_op(x, blur)
     if eager_cpu(x):
-        return _pool_axis(_pool_axis(x, blur, 2), blur, 3)  # rows first: the strided column adds on 1/blur of x
+        return _separable_pool(x, blur)
     H, W = x.shape[-2:]
     pad = (blur_padding(H, blur), blur_padding(W, blur))
     if torch.compiler.is_compiling():
@@ -123,12 +135,7 @@ def _traced_pool(x: torch.Tensor, blur: int, pad: tuple[int, int]) -> torch.Tens
     h, w = -(-H // blur), -(-W // blur)
     sums = F.pad(x, (px, w * blur - W - px, py, h * blur - H - py)).unflatten(-1, (w, blur)).sum(-1)
     sums = sums.unflatten(-2, (h, blur)).sum(-2)
-
-    def counts(n: int, L: int, start: int) -> torch.Tensor:  # real pixels of each of n cells along an axis
-        first = torch.arange(n, device=x.device, dtype=x.dtype) * blur - start
-        return (first + blur).clamp(max=L) - first.clamp(min=0)
-
-    return sums / (counts(h, H, py)[:, None] * counts(w, W, px))
+    return sums / (_cell_counts(h, H, py, blur, x)[:, None] * _cell_counts(w, W, px, blur, x))
 
 
 def blur_upsample(m: torch.Tensor, blur: int, H: int, W: int) -> torch.Tensor:
@@ -138,8 +145,7 @@ def blur_upsample(m: torch.Tensor, blur: int, H: int, W: int) -> torch.Tensor:
     if opaque_on_cpu(m):
         return _upsample_op(m, blur, H, W)
     if eager_cpu(m) and not (torch.is_grad_enabled() and m.requires_grad):  # (lerp's out= has no autograd)
-        # (columns first: their strided writes on the h rows only)
-        return _upsample_axis(_upsample_axis(m, blur, W, 3), blur, H, 2)
+        return _separable_upsample(m, blur, H, W)
     if torch.compiler.is_compiling():
         return _traced_upsample(_traced_upsample(m, blur, W, 3), blur, H, 2)
     up = F.interpolate(m, scale_factor=blur, mode="bilinear", align_corners=False)
@@ -164,7 +170,7 @@ def _traced_upsample(x: torch.Tensor, blur: int, n: int, dim: int) -> torch.Tens
 
 @torch.library.custom_op("convcrf_triton::reference_blur_pool", mutates_args=())
 def _pool_op(x: torch.Tensor, blur: int) -> torch.Tensor:
-    return _pool_axis(_pool_axis(x, blur, 2), blur, 3)
+    return _separable_pool(x, blur)
 
 
 @_pool_op.register_fake
@@ -174,7 +180,7 @@ def _(x, blur):  # noqa: ANN001, ANN202
 
 @torch.library.custom_op("convcrf_triton::reference_blur_upsample", mutates_args=())
 def _upsample_op(m: torch.Tensor, blur: int, H: int, W: int) -> torch.Tensor:
-    return _upsample_axis(_upsample_axis(m, blur, W, 3), blur, H, 2)
+    return _separable_upsample(m, blur, H, W)
 
 
 @_upsample_op.register_fake
