@@ -49,8 +49,10 @@ def _pool_axis(x: torch.Tensor, blur: int, dim: int) -> torch.Tensor:
             start = first * blur - pad + r
             out.narrow(dim, first, last + 1 - first).add_(x[_every(dim, start, start + (last - first) * blur + 1,
                                                                    blur)])
-    # Divided by each cell's count of real rows: blur inside, fewer in the border cells.
-    return out.div_(_cell_counts(n, L, pad, blur, x).view(n, *[1] * (x.dim() - 1 - dim)))
+    # Divided by each cell's count of real rows: blur inside, fewer in the border cells (counted on the host: a CPU
+    # tensor, no device op; the traced form's counts are ops on symbolic sizes, _cell_counts).
+    counts = [min((i + 1) * blur - pad, L) - max(i * blur - pad, 0) for i in range(n)]
+    return out.div_(torch.tensor(counts, dtype=x.dtype).view(n, *[1] * (x.dim() - 1 - dim)))
 
 
 def _cell_counts(n: int, L: int, pad: int, blur: int, like: torch.Tensor) -> torch.Tensor:
