@@ -9,7 +9,9 @@ No ``[B, C*k*k, h, w]`` unfold tensor is ever built: the window sum is a loop of
 multiply-adds of shifted views (measured ~17x faster than the unfold formulation on 2 CPU threads), over row
 bands of a few MB of ``M`` (narrow bands of a few rows measured slower: the per-op overhead outweighs the
 cache gain).
-Everything here is differentiable by autograd and works for float32 and float64 on any device. Traced by
+Everything here is differentiable and works for float32 and float64 on any device; eager, the two ops' backward is
+written out (``_GaussianWeights``, ``_MessagePass``: autograd through their k² in-place ops of shifted views took
+7-19× longer at blur 1 on the CPU), traced, autograd differentiates the ops. Traced by
 ``torch.compile`` or ``torch.export``, nothing specialises on the image size; an inference that ``torch.compile``
 traces on the CPU calls both ops as custom ops running this eager code (:func:`~convcrf_triton.resample.opaque_on_cpu`).
 """
@@ -70,6 +72,8 @@ def gaussian_weights(
     """
     if opaque_on_cpu(feats, compats):
         return _gaussian_weights_op(feats, list(dims), compats, filter_size, keep_centre, out_dtype, floor)
+    if _differentiated(feats, compats):
+        return _GaussianWeights.apply(feats, compats, tuple(dims), filter_size, keep_centre, out_dtype, floor)
     return _gaussian_weights(feats, dims, compats, filter_size, keep_centre, out_dtype, floor)
 
 
@@ -124,6 +128,8 @@ def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """
     if opaque_on_cpu(K, Q):
         return _message_pass_op(K, Q)
+    if _differentiated(K, Q):
+        return _MessagePass.apply(K, Q)
     return _message_pass(K, Q)
 
 
@@ -137,15 +143,10 @@ def _message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     padded = F.pad(Q, (r, r, r, r))
     M = torch.zeros_like(Q)
     # Row bands of ~_BAND_BYTES of M, each through every tap while it (and Q's rows around it) stays in cache. One
-    # band where autograd tracks the adds (a band's in-place adds are autograd views) or torch.compile/export traces
-    # them (inductor fuses the taps itself; the sizes may be symbolic). Each element takes the same multiply-adds
-    # in the same order either way.
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (K.requires_grad or Q.requires_grad)):
-        bands = [(0, h)]
-    else:
-        band = max(1, _BAND_BYTES // (M.numel() // h * M.element_size()))
-        bands = [(y0, min(band, h - y0)) for y0 in range(0, h, band)]
-    for y0, rows in bands:
+    # band where torch.compile/export traces the adds (inductor fuses the taps itself; the sizes may be symbolic, and
+    # autograd, which differentiates the traced ops, takes a band's in-place adds as views). Each element takes the
+    # same multiply-adds in the same order either way.
+    for y0, rows in _row_bands(M):
         M_band, K_band = M[:, :, y0 : y0 + rows], K[:, :, y0 : y0 + rows]
         for t in range(k * k):
             dy, dx = divmod(t, k)
@@ -153,10 +154,155 @@ def _message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     return M.to(out_dtype)
 
 
+def _row_bands(M: torch.Tensor) -> list[tuple[int, int]]:
+    """``(first row, rows)`` of the row bands of ``~_BAND_BYTES`` of ``M [B, C, h, w]``; one band when traced."""
+    h = M.shape[-2]
+    if torch.compiler.is_compiling():
+        return [(0, h)]
+    band = max(1, _BAND_BYTES // (M.numel() // h * M.element_size()))
+    return [(y0, min(band, h - y0)) for y0 in range(0, h, band)]
+
+
 def _message_dtypes(K: torch.Tensor, Q: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
     """The message pass's accumulation dtype and that of ``M``."""
     acc = torch.float64 if torch.float64 in (K.dtype, Q.dtype) else torch.float32
     return acc, Q.dtype if Q.dtype in (torch.float32, torch.float64) else acc
+
+
+def _differentiated(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an eager op on these tensors: then it runs as an ``autograd.Function`` whose
+    backward is written out below. (Traced by ``torch.compile``/``torch.export``, autograd differentiates the ops.)"""
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and not torch.compiler.is_compiling())
+
+
+class _GaussianWeights(torch.autograd.Function):
+    """:func:`gaussian_weights` with its gradients written out (:func:`_gaussian_weights_grad`). Autograd's own
+    went through the k² in-place writes into ``K`` (each a ``CopySlices`` that cloned ``K``'s gradient)."""
+
+    @staticmethod
+    def forward(ctx, feats: torch.Tensor, compats: torch.Tensor, dims: tuple[int, ...], filter_size: int,  # noqa: ANN001
+                keep_centre: bool, out_dtype: torch.dtype | None, floor: float | None) -> torch.Tensor:
+        ctx.save_for_backward(feats, compats)
+        ctx.args = dims, filter_size, keep_centre, floor
+        return _gaussian_weights(feats, dims, compats, filter_size, keep_centre, out_dtype, floor)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_K: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        feats, compats = ctx.saved_tensors
+        grad_feats, grad_compats = _gaussian_weights_grad(grad_K, feats, compats, *ctx.args)
+        return (grad_feats if ctx.needs_input_grad[0] else None,
+                grad_compats if ctx.needs_input_grad[1] else None, None, None, None, None, None)
+
+
+def _gaussian_weights_grad(
+    grad_K: torch.Tensor, feats: torch.Tensor, compats: torch.Tensor, dims: Sequence[int], filter_size: int,
+    keep_centre: bool, floor: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`gaussian_weights` in ``feats [B, D, h, w]`` and ``compats [G]``, given
+    ``grad_K: [B, k*k, h, w]``; in the dtype of ``feats``.
+
+    A mirrored tap is a copy, ``K[t(-d), p] = K[t(d), p - d]``, so its gradient joins tap ``t(d)``'s at ``p - d``:
+    ``G_t(p) = grad_K[t(d), p] + grad_K[t(-d), p + d]``, taken where ``p + d`` lies in the image. With
+    ``x = f_g[p + d] - f_g[p]`` and ``e_g = exp(max(-|x|²/2, floor))`` (the forward's clamp: no gradient where it
+    holds), ``K_t(p) = sum_g compats[g] * e_g`` gives ``d compats[g] = sum_p G_t e_g`` and, with
+    ``a = G_t · compats[g] · e_g``, ``d f_g[p] += a x`` and ``d f_g[p + d] -= a x`` (into a padded gradient).
+    """
+    B, D, h, w = feats.shape
+    k, r = filter_size, filter_size // 2
+    dtype = feats.dtype
+    floor = math.log(_flush_below(dtype) if floor is None else floor)
+    grad_K = grad_K.to(dtype)
+    padded = F.pad(feats, (r, r, r, r))
+    inside = F.pad(feats.new_ones(1, h, w), (r, r, r, r))
+    grad_padded = torch.zeros_like(padded)  # d f at p + d; the centre [r : r + h, r : r + w] is d f at p
+    grad_compats = compats.new_zeros(compats.shape, dtype=dtype)
+    centre = k * k // 2
+    if keep_centre:  # (every Gaussian is 1 there)
+        grad_compats += grad_K[:, centre].sum()
+    for t in range(centre):
+        dy, dx = divmod(t, k)
+        ddy, ddx = dy - r, dx - r
+        G = grad_K[:, t].clone()
+        rows, cols = h - abs(ddy), w - abs(ddx)
+        if rows <= 0 or cols <= 0:
+            continue  # (the tap reaches outside the image everywhere: K is 0 there)
+        y, x = max(ddy, 0), max(ddx, 0)  # (the mirror's region, as the forward copies it)
+        G[:, y - ddy : y - ddy + rows, x - ddx : x - ddx + cols] += grad_K[:, k * k - 1 - t, y : y + rows,
+                                                                           x : x + cols]
+        G = (G * inside[:, dy : dy + h, dx : dx + w]).unsqueeze(1)
+        diff = padded[:, :, dy : dy + h, dx : dx + w] - feats
+        start = 0
+        for g, c in enumerate(dims):
+            x_g = diff[:, start : start + c]
+            exponent = x_g.square().sum(1, keepdim=True).mul_(-0.5)
+            e = exponent.clamp_min(floor).exp_()
+            a = G * e
+            grad_compats[g] += a.sum()
+            a = a.mul_(compats[g].to(dtype)).masked_fill_(exponent < floor, 0) * x_g
+            grad_padded[:, start : start + c, dy : dy + h, dx : dx + w] -= a
+            grad_padded[:, start : start + c, r : r + h, r : r + w] += a
+            start += c
+    return grad_padded[:, :, r : r + h, r : r + w].contiguous(), grad_compats.to(compats.dtype)
+
+
+class _MessagePass(torch.autograd.Function):
+    """:func:`message_pass` with its gradients written out. Autograd's own, through the k² in-place adds of
+    shifted views, zero-filled and copied a padded ``Q``-sized tensor a tap (``SliceBackward``)."""
+
+    @staticmethod
+    def forward(ctx, K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(K, Q)
+        return _message_pass(K, Q)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_M: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN001
+        K, Q = ctx.saved_tensors
+        acc, _ = _message_dtypes(K, Q)
+        grad_M = grad_M.to(acc)
+        Qs = F.hardshrink(Q.to(acc), _flush_below(acc))  # (the forward's operand)
+        grad_K = grad_Q = None
+        if ctx.needs_input_grad[0]:
+            grad_K = _message_weight_grad(grad_M, Qs, int(round(K.shape[1] ** 0.5))).to(K.dtype)
+        if ctx.needs_input_grad[1]:  # (zero where the forward's hardshrink zeroed Q)
+            grad_Q = torch.where(Qs != 0, _message_pass_transposed(K, grad_M), 0).to(Q.dtype)
+        return grad_K, grad_Q
+
+
+def _message_pass_transposed(K: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """``X[b, c, q] = sum_t K[b, t, q - d_t] * G[b, c, q - d_t]``, the message pass's adjoint in ``Q`` (the sum runs
+    over the pixels ``p = q - d_t`` in the image): each tap adds ``K_t * G`` to a shifted view of a padded ``X``.
+    ``K: [B, k*k, h, w]``, ``G: [B, C, h, w]`` → ``X: [B, C, h, w]`` in ``G``'s dtype; row bands as the pass."""
+    h, w = G.shape[-2:]
+    k = int(round(K.shape[1] ** 0.5))
+    r = k // 2
+    padded = G.new_zeros(*G.shape[:2], h + 2 * r, w + 2 * r)
+    for y0, rows in _row_bands(G):
+        G_band, K_band = G[:, :, y0 : y0 + rows], K[:, :, y0 : y0 + rows]
+        for t in range(k * k):
+            dy, dx = divmod(t, k)
+            padded[:, :, y0 + dy : y0 + dy + rows, dx : dx + w].addcmul_(K_band[:, t : t + 1].to(G.dtype), G_band)
+    return padded[:, :, r : r + h, r : r + w]
+
+
+def _message_weight_grad(G: torch.Tensor, Q: torch.Tensor, k: int) -> torch.Tensor:
+    """``dK[b, t, p] = sum_c G[b, c, p] * Q[b, c, p + d_t]`` (zero where ``p + d_t`` leaves the image), the message
+    pass's gradient in ``K``. ``G, Q: [B, C, h, w]`` → ``dK: [B, k*k, h, w]``; row bands as the pass, one product
+    buffer a band."""
+    B, C, h, w = G.shape
+    r = k // 2
+    padded = F.pad(Q, (r, r, r, r))
+    dK = G.new_empty(B, k * k, h, w)
+    for y0, rows in _row_bands(G):
+        G_band = G[:, :, y0 : y0 + rows]
+        product = torch.empty_like(G_band)
+        for t in range(k * k):
+            dy, dx = divmod(t, k)
+            torch.mul(G_band, padded[:, :, y0 + dy : y0 + dy + rows, dx : dx + w], out=product)
+            torch.sum(product, 1, out=dK[:, t, y0 : y0 + rows])
+    return dK
 
 
 def fused_message_pass(

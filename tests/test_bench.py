@@ -178,6 +178,21 @@ def test_backward_script_times_both_kernels(tmp_path: Path) -> None:
     assert all(float(r[t]) > 0 for r in rows for t in ("two_pass_us", "fused_pass_us", "weight_grad_us"))
 
 
+def test_train_step_script_times_both_backwards(tmp_path: Path) -> None:
+    """``bench/train_step.py`` writes a row per blur and filter size: inference, forward and backward, the
+    written-out backward's and (``--plain``) autograd's through the plain ops."""
+    out = tmp_path / "train_step.csv"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--size", "9x13", "--blurs", "1,2",
+                           "--filter-sizes", "3", "--classes", "3", "--reps", "1", "--plain", "--device", "cpu",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["blur"], r["filter_size"]) for r in rows] == [("1", "3"), ("2", "3")]
+    times = ("inference_ms", "written_forward_ms", "written_backward_ms", "plain_forward_ms", "plain_backward_ms")
+    assert all(float(r[t]) > 0 for r in rows for t in times)
+
+
 def _load_accuracy():
     spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "bench" / "accuracy.py")
     module = importlib.util.module_from_spec(spec)

@@ -86,11 +86,11 @@ def test_message_pass_in_row_bands_equals_one_band(band_bytes, dtype, monkeypatc
     assert torch.equal(banded, whole) and whole.abs().min() > 0
 
 
-def _weights_tap_by_tap(feats, dims, compats, k, keep_centre):
+def _weights_tap_by_tap(feats, dims, compats, k, keep_centre, floor=None):
     """Every tap computed on its own (no mirroring), in the operations' order of ``gaussian_weights``."""
     B, D, h, w = feats.shape
     r = k // 2
-    floor = math.log(reference._flush_below(feats.dtype))
+    floor = math.log(reference._flush_below(feats.dtype) if floor is None else floor)
     padded = torch.nn.functional.pad(feats, (r, r, r, r))
     inside = torch.nn.functional.pad(feats.new_ones(h, w), (r, r, r, r))
     K = feats.new_zeros(B, k * k, h, w)
@@ -134,6 +134,96 @@ def test_mirrored_taps_equal_the_taps_computed(k, h, w, dtype):
                 if rows > 0 and cols > 0:
                     assert torch.equal(got[:, k * k - 1 - t, y : y + rows, x : x + cols],
                                        got[:, t, y - dy : y - dy + rows, x - dx : x - dx + cols])
+
+
+def _message_pass_by_unfold(K, Q):
+    """``M[b, c, p] = sum_t K[b, t, p] * Q[b, c, p + d_t]`` through ``F.unfold`` (the original ConvCRF's form)."""
+    B, C, h, w = Q.shape
+    k = int(round(K.shape[1] ** 0.5))
+    windows = torch.nn.functional.unfold(Q, k, padding=k // 2).view(B, C, k * k, h, w)
+    return (windows * K.unsqueeze(1)).sum(2)
+
+
+@pytest.mark.parametrize(("k", "h", "w", "B"), [(3, 7, 9, 2), (5, 2, 11, 1), (7, 6, 5, 1), (9, 4, 13, 2),
+                                                (11, 3, 2, 1), (5, 1, 1, 1)])
+def test_written_out_gradients_equal_autograds_of_the_plain_forms(k, h, w, B):
+    """The gradients that ``_GaussianWeights`` and ``_MessagePass`` write out, in float64, against autograd's
+    through the weights tap by tap (no mirrored taps) and the message pass by unfold: random features scaled so
+    that some exponents lie below the floor (no gradient there: a floor of 0.05 makes that visible), ``Q`` with
+    values below its floor (zeroed by the pass, no gradient), every tap's weights random and both ways of the
+    centre tap."""
+    g = torch.Generator().manual_seed(k * 1000 + h * 10 + w)
+    C, f64 = 4, dict(dtype=torch.float64)
+    for dims, scale, floor in (((2, 3), 1.0, None), ((5,), 2.0, None), ((2, 3), 6.0, None), ((2, 3), 1.5, 0.05)):
+        for keep_centre in (False, True):
+            feats = (torch.randn(B, 5, h, w, generator=g, **f64) * scale).requires_grad_()
+            compats = (torch.rand(len(dims), generator=g, **f64) + 0.5).requires_grad_()
+            grad_K = torch.randn(B, k * k, h, w, generator=g, **f64)
+            got = torch.autograd.grad(reference.gaussian_weights(feats, dims, compats, k, keep_centre, floor=floor),
+                                      (feats, compats), grad_K)
+            want = torch.autograd.grad(_weights_tap_by_tap(feats, dims, compats, k, keep_centre, floor),
+                                       (feats, compats), grad_K)
+            for x, y in zip(got, want, strict=True):
+                torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12 * max(y.abs().max().item(), 1e-300))
+    K = torch.randn(B, k * k, h, w, generator=g, **f64).requires_grad_()
+    Q = torch.randn(B, C, h, w, generator=g, **f64)
+    Q = Q.where(torch.rand(Q.shape, generator=g) < 0.8, Q * 1e-160).requires_grad_()  # (a fifth below the floor)
+    grad_M = torch.randn(B, C, h, w, generator=g, **f64)
+    got = torch.autograd.grad(reference.message_pass(K, Q), (K, Q), grad_M)
+    floor = reference._flush_below(torch.float64)
+    want = torch.autograd.grad(_message_pass_by_unfold(K, torch.nn.functional.hardshrink(Q, floor)), (K, Q), grad_M)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12 * y.abs().max().item())
+    assert (got[1] == 0).sum() >= (Q.abs() <= floor).sum() > 0
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.float16])
+def test_written_out_gradients_keep_their_operands_dtypes(storage):
+    """A float32 ``Q`` with ``K`` stored in ``storage``: the gradients come in the operands' dtypes and equal
+    autograd's through the plain ops (the pass's ``_message_pass``, not the ``autograd.Function``) to rounding:
+    float32's, or the storage's (autograd summed a mirrored tap's gradient into its tap's in the storage dtype)."""
+    g = torch.Generator().manual_seed(11)
+    feats = torch.randn(2, 5, 9, 10, generator=g).requires_grad_()
+    compats = torch.tensor([3.0, 10.0], requires_grad=True)
+    Q = torch.rand(2, 3, 9, 10, generator=g).requires_grad_()
+    grad_M = torch.randn(2, 3, 9, 10, generator=g)
+    inputs = (feats, compats, Q)
+
+    def run(weights, message_pass):
+        K = weights(feats, (2, 3), compats, 5, False, storage, None)
+        return torch.autograd.grad(message_pass(K, Q), inputs, grad_M)
+
+    got = run(reference.gaussian_weights, reference.message_pass)
+    want = run(reference._gaussian_weights, reference._message_pass)
+    for x, y, t in zip(got, want, inputs, strict=True):
+        assert x.dtype == t.dtype
+        tol = max(1e-5, torch.finfo(storage).eps)
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol * y.abs().max().item())
+
+
+def test_eager_gradients_are_written_out_and_traced_ones_autograds():
+    """Eager, the two ops record their ``autograd.Function`` (autograd through their plain ops cloned a ``K``- or
+    ``Q``-sized gradient a tap: ~18× the inference's time at blur 1 on the CPU); traced, the plain ops."""
+    feats = torch.randn(1, 5, 6, 7, requires_grad=True)
+    K = reference.gaussian_weights(feats, (2, 3), torch.tensor([3.0, 10.0]), 3, False)
+    M = reference.message_pass(K, torch.rand(1, 2, 6, 7))
+    assert type(K.grad_fn).__name__ == "_GaussianWeightsBackward"
+    assert type(M.grad_fn).__name__ == "_MessagePassBackward"
+    with torch.no_grad():
+        assert reference.message_pass(K, torch.rand(1, 2, 6, 7)).grad_fn is None
+
+    def traced(feats):
+        return reference.message_pass(reference.gaussian_weights(feats, (2, 3), torch.tensor([3.0, 10.0]), 3, False),
+                                      feats[:, :2])
+
+    names = set()
+
+    def backend(gm, example_inputs):
+        names.update(str(n.target) for n in gm.graph.nodes)
+        return gm
+
+    torch.compile(traced, backend=backend, fullgraph=True)(feats)
+    assert not any("Function" in n or "autograd" in n for n in names) and any("addcmul" in n for n in names)
 
 
 def test_mirrored_taps_are_differentiable():
