@@ -7,7 +7,7 @@
 image; the loss is ``logsumexp`` over the classes, summed. Per blur and filter size: the median of ``--reps``
 inferences (``torch.no_grad``), forwards with gradient and backwards, interleaved, each after one untimed step.
 With ``--plain`` the PyTorch path's two hot ops (the Gaussian weights, the message pass) are also differentiated
-by autograd through their plain ops instead of their written-out backward (``reference._differentiated`` off),
+by autograd through their plain ops instead of their written-out backward (``reference.written_backward`` off),
 in the same rounds. CUDA: wall-clock between synchronisations.
 """
 
@@ -86,7 +86,7 @@ def main() -> None:
     image = (torch.rand(1, 3, H, W, generator=g) * 255).to(device)
     ways = {"written": nullcontext}
     if args.plain:
-        ways["plain"] = lambda: mock.patch.object(reference, "_differentiated", lambda *tensors: False)
+        ways["plain"] = lambda: mock.patch.object(reference, "written_backward", lambda *tensors: False)
     rows = []
     for blur in (int(v) for v in args.blurs.split(",")):
         for k in (int(v) for v in args.filter_sizes.split(",")):

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .resample import opaque_on_cpu
+from .resample import opaque_on_cpu, written_backward
 
 # Elements of the largest temporary while building K (~4 MB in float32; measured best of 2^16..2^20).
 _CHUNK_ELEMENTS = 1 << 20
@@ -72,7 +72,7 @@ def gaussian_weights(
     """
     if opaque_on_cpu(feats, compats):
         return _gaussian_weights_op(feats, list(dims), compats, filter_size, keep_centre, out_dtype, floor)
-    if _differentiated(feats, compats):
+    if written_backward(feats, compats):
         return _GaussianWeights.apply(feats, compats, tuple(dims), filter_size, keep_centre, out_dtype, floor)
     return _gaussian_weights(feats, dims, compats, filter_size, keep_centre, out_dtype, floor)
 
@@ -128,7 +128,7 @@ def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """
     if opaque_on_cpu(K, Q):
         return _message_pass_op(K, Q)
-    if _differentiated(K, Q):
+    if written_backward(K, Q):
         return _MessagePass.apply(K, Q)
     return _message_pass(K, Q)
 
@@ -167,13 +167,6 @@ def _message_dtypes(K: torch.Tensor, Q: torch.Tensor) -> tuple[torch.dtype, torc
     """The message pass's accumulation dtype and that of ``M``."""
     acc = torch.float64 if torch.float64 in (K.dtype, Q.dtype) else torch.float32
     return acc, Q.dtype if Q.dtype in (torch.float32, torch.float64) else acc
-
-
-def _differentiated(*tensors: torch.Tensor) -> bool:
-    """Whether autograd records an eager op on these tensors: then it runs as an ``autograd.Function`` whose
-    backward is written out below. (Traced by ``torch.compile``/``torch.export``, autograd differentiates the ops.)"""
-    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            and not torch.compiler.is_compiling())
 
 
 class _GaussianWeights(torch.autograd.Function):

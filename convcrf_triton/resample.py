@@ -6,11 +6,12 @@ cell's real pixels (``avg_pool2d(..., count_include_pad=False)``); ``blur_upsamp
 scale_factor=blur, mode='bilinear', align_corners=False)`` cropped back to ``H × W``.
 
 On CPU tensors both run as separable passes over strided views, one elementwise op per phase of a cell (the
-``blur`` rows, or columns, a cell holds; the upsampling only where nothing is differentiated, as it writes through
-``out=``): PyTorch's CPU kernels compute each output's source indices and weights as they go. One thread of a
-2-core AMD EPYC, ``C = 21``, 375×500 at blur 4 (the loop runs one of each an iteration at full resolution):
-``interpolate`` 12-15 ms, the lerps ~6; ``avg_pool2d`` 7 ms, the adds ~2.5-3.5. Elsewhere (CUDA) PyTorch's
-kernels: one launch each.
+``blur`` rows, or columns, a cell holds): PyTorch's CPU kernels compute each output's source indices and weights as
+they go. One thread of a 2-core AMD EPYC, ``C = 21``, 375×500 at blur 4 (the loop runs one of each an iteration at
+full resolution): ``interpolate`` 12-15 ms, the lerps ~6; ``avg_pool2d`` 7 ms, the adds ~2.5-3.5. Differentiated,
+each is an ``autograd.Function`` whose backward is its adjoint, separable too (``interpolate``'s CPU backward took
+23 ms a call; a training step's backward at blur 4, k = 7, one thread: 355-389 → 171-187 ms). Elsewhere (CUDA)
+PyTorch's kernels: one launch each.
 """
 
 from __future__ import annotations
@@ -87,12 +88,94 @@ def _upsample_axis(x: torch.Tensor, blur: int, n: int, dim: int) -> torch.Tensor
                        out=out[_every(dim, start, start + (count - 1) * blur + 1, blur)])
     return out
 
+def _pool_axis_adjoint(g: torch.Tensor, blur: int, L: int, dim: int) -> torch.Tensor:
+    """The adjoint of :func:`_pool_axis` (its gradient): ``[..., ceil(L / blur), ...] → [..., L, ...]``, each row
+    its cell's value over the cell's count (one strided copy a phase: every row lies in one cell)."""
+    pad, n = blur_padding(L, blur), g.shape[dim]
+    counts = [min((i + 1) * blur - pad, L) - max(i * blur - pad, 0) for i in range(n)]
+    g = g / torch.tensor(counts, dtype=g.dtype, device=g.device).view(n, *[1] * (g.dim() - 1 - dim))
+    shape = list(g.shape)
+    shape[dim] = L
+    out = g.new_empty(shape)
+    for r in range(blur):
+        first = 0 if r >= pad else 1
+        last = min((L - 1 + pad - r) // blur, n - 1)
+        if last >= first:
+            start = first * blur - pad + r
+            out[_every(dim, start, start + (last - first) * blur + 1, blur)] = g.narrow(dim, first, last + 1 - first)
+    return out
+
+
+def _upsample_axis_adjoint(g: torch.Tensor, blur: int, L: int, dim: int) -> torch.Tensor:
+    """The adjoint of :func:`_upsample_axis` (its gradient): ``[..., n, ...] → [..., L, ...]``. Each phase's rows
+    go back to the two cells its lerp read, weighted ``1 - s + floor(s)`` and ``s - floor(s)``; the edge cells
+    also take what was read beyond the grid."""
+    n, pad = g.shape[dim], blur_padding(g.shape[dim], blur)
+    shape = list(g.shape)
+    shape[dim] = L + 2
+    edged = g.new_zeros(shape)
+    for r in range(blur):
+        s = (r + 0.5) / blur - 0.5
+        left = math.floor(s)
+        first = 0 if r >= pad else 1
+        last = min((n - 1 + pad - r) // blur, L - 1)
+        if last >= first:
+            start, count = first * blur - pad + r, last + 1 - first
+            rows = g[_every(dim, start, start + (count - 1) * blur + 1, blur)]
+            edged.narrow(dim, 1 + left + first, count).add_(rows, alpha=1 - (s - left))
+            edged.narrow(dim, 2 + left + first, count).add_(rows, alpha=s - left)
+    out = edged.narrow(dim, 1, L).clone()
+    out.narrow(dim, 0, 1).add_(edged.narrow(dim, 0, 1))
+    out.narrow(dim, L - 1, 1).add_(edged.narrow(dim, L + 1, 1))
+    return out
+
+
 def _separable_pool(x: torch.Tensor, blur: int) -> torch.Tensor:
     return _pool_axis(_pool_axis(x, blur, 2), blur, 3)  # rows first: the strided column adds on 1/blur of x
 
 
 def _separable_upsample(m: torch.Tensor, blur: int, H: int, W: int) -> torch.Tensor:
     return _upsample_axis(_upsample_axis(m, blur, W, 3), blur, H, 2)  # columns first: their strided writes on h rows
+
+
+class _SeparablePool(torch.autograd.Function):
+    """:func:`_separable_pool` with its gradient written out (autograd's own, through the strided in-place adds,
+    zero-filled and copied an ``x``-sized gradient a phase)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, blur: int) -> torch.Tensor:  # noqa: ANN001
+        ctx.blur, ctx.size = blur, x.shape[-2:]
+        return _separable_pool(x, blur)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        (H, W), blur = ctx.size, ctx.blur
+        return _pool_axis_adjoint(_pool_axis_adjoint(g, blur, W, 3), blur, H, 2), None
+
+
+class _SeparableUpsample(torch.autograd.Function):
+    """:func:`_separable_upsample` with its gradient written out (``lerp``'s ``out=`` has none; ``interpolate``'s
+    CPU backward took 23 ms a call at 375×500, C = 21, blur 4, one thread)."""
+
+    @staticmethod
+    def forward(ctx, m: torch.Tensor, blur: int, H: int, W: int) -> torch.Tensor:  # noqa: ANN001
+        ctx.blur, ctx.size = blur, m.shape[-2:]
+        return _separable_upsample(m, blur, H, W)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # noqa: ANN001
+        (h, w), blur = ctx.size, ctx.blur
+        return _upsample_axis_adjoint(_upsample_axis_adjoint(g, blur, h, 2), blur, w, 3), None, None, None
+
+
+def written_backward(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an eager op on these tensors: then this path's hand-written ops (the separable
+    passes here, ``reference``'s weights and message pass) run as an ``autograd.Function`` whose backward is
+    written out. (Traced by ``torch.compile``/``torch.export``, autograd differentiates the traced ops.)"""
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and not torch.compiler.is_compiling())
 
 
 def opaque_on_cpu(*tensors: torch.Tensor) -> bool:
@@ -121,7 +204,7 @@ def blur_pool(x: torch.Tensor, blur: int) -> torch.Tensor:
     if opaque_on_cpu(x):
         return _pool_op(x, blur)
     if eager_cpu(x):
-        return _separable_pool(x, blur)
+        return _SeparablePool.apply(x, blur) if written_backward(x) else _separable_pool(x, blur)
     H, W = x.shape[-2:]
     pad = (blur_padding(H, blur), blur_padding(W, blur))
     if torch.compiler.is_compiling():
@@ -146,8 +229,8 @@ def blur_upsample(m: torch.Tensor, blur: int, H: int, W: int) -> torch.Tensor:
         return m
     if opaque_on_cpu(m):
         return _upsample_op(m, blur, H, W)
-    if eager_cpu(m) and not (torch.is_grad_enabled() and m.requires_grad):  # (lerp's out= has no autograd)
-        return _separable_upsample(m, blur, H, W)
+    if eager_cpu(m):
+        return _SeparableUpsample.apply(m, blur, H, W) if written_backward(m) else _separable_upsample(m, blur, H, W)
     if torch.compiler.is_compiling():
         return _traced_upsample(_traced_upsample(m, blur, W, 3), blur, H, 2)
     up = F.interpolate(m, scale_factor=blur, mode="bilinear", align_corners=False)

@@ -79,7 +79,7 @@ def test_triton_backward_matches_reference(mode, fused, device, monkeypatch):
         u, im = unary.to(device, dtype).requires_grad_(), image.to(device, dtype).requires_grad_()
         with monkeypatch.context() as patch:
             if plain:
-                patch.setattr(reference, "_differentiated", lambda *tensors: False)
+                patch.setattr(reference, "written_backward", lambda *tensors: False)
             _run(u, im, params, backend, **mode).backward(grad_out.to(device, dtype))
         grads[backend, dtype, plain] = {"unary": u.grad, "image": im.grad, **{k: v.grad for k, v in params.items()}}
     for name, want in grads["torch", torch.float64, False].items():

@@ -43,22 +43,23 @@ def test_pool_and_upsample_equal_pytorchs_ops(blur: int, path: str) -> None:
     g = torch.Generator().manual_seed(blur)
     for H, W in itertools.product(SIZES, SIZES[::2]):
         assert blur_padding(H, blur) == math.ceil(((blur - H % blur) % blur) / 2)
-        x = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64, requires_grad=path == "traced")
+        x = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64, requires_grad=True)
         want = avg_pool(x, blur)
         got = blur_pool(x, blur)
         assert got.shape == want.shape == (2, 3, -(-H // blur), -(-W // blur))
         torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14, msg=f"pool {H}x{W}")
-        m = torch.randn(want.shape, generator=g, dtype=torch.float64, requires_grad=path == "traced")
+        m = torch.randn(want.shape, generator=g, dtype=torch.float64, requires_grad=True)
         got_up = blur_upsample(m, blur, H, W)
         assert got_up.shape == (2, 3, H, W)
         # (interpolate's source coordinate is (dst + 0.5) · (1 / blur) - 0.5 in float64; ours exact per phase)
         want_up = bilinear(m, blur, H, W)
         torch.testing.assert_close(got_up, want_up, rtol=1e-14, atol=1e-14, msg=f"upsample {H}x{W}")
-        if path == "traced":  # (what training under torch.compile differentiates)
-            for a, b, wrt in ((got, want, x), (got_up, want_up, m)):
-                weights = torch.randn(a.shape, generator=g, dtype=torch.float64)
-                (ga,), (gb,) = (torch.autograd.grad((v * weights).sum(), wrt) for v in (a, b))
-                torch.testing.assert_close(ga, gb, rtol=1e-13, atol=1e-13, msg=f"gradient {H}x{W}")
+        # (the gradients: eager, the separable passes' written-out adjoints; traced, autograd's through the ops
+        # training under torch.compile differentiates)
+        for a, b, wrt in ((got, want, x), (got_up, want_up, m)):
+            weights = torch.randn(a.shape, generator=g, dtype=torch.float64)
+            (ga,), (gb,) = (torch.autograd.grad((v * weights).sum(), wrt) for v in (a, b))
+            torch.testing.assert_close(ga, gb, rtol=1e-13, atol=1e-13, msg=f"gradient {H}x{W}")
 
 
 def test_pooled_positions_stay_exact(path: str) -> None:
@@ -83,8 +84,8 @@ def test_float32_and_strided_inputs() -> None:
 
 
 def test_gradients_equal_pytorchs_ops() -> None:
-    """Under autograd the upsampling takes ``interpolate`` (lerp's ``out=`` has no gradient); the pooling's
-    in-place adds into a fresh tensor are differentiated as they are."""
+    """Under autograd both separable passes record an ``autograd.Function`` whose backward is their adjoint (a
+    strided copy a phase for the pooling, two strided adds a phase for the upsampling), through two of each."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 11, 13, generator=g, dtype=torch.float64, requires_grad=True)
     up = torch.randn(2, 3, 11, 13, generator=g, dtype=torch.float64)
@@ -95,6 +96,8 @@ def test_gradients_equal_pytorchs_ops() -> None:
     (grad,) = torch.autograd.grad((blur_upsample(m, 4, 11, 13) * up).sum(), m)
     (want,) = torch.autograd.grad((bilinear(m, 4, 11, 13) * up).sum(), m)
     torch.testing.assert_close(grad, want, rtol=1e-14, atol=1e-14)
+    assert type(blur_pool(x, 4).grad_fn).__name__ == "_SeparablePoolBackward"
+    assert type(blur_upsample(m, 4, 11, 13).grad_fn).__name__ == "_SeparableUpsampleBackward"
 
 
 @pytest.mark.parametrize("grad", [False, True])
