@@ -34,6 +34,22 @@ _CHUNK_ELEMENTS = 1 << 20
 _BAND_BYTES = 4 << 20
 
 
+def _settle_mkl_dispatch() -> None:
+    """Call MKL's vector math (``exp``, ``log``, ``sqrt``: PyTorch's CPU kernels for contiguous float tensors) once
+    on a few elements, in this thread. MKL picks each function's kernel on its first call; when that call runs on
+    several of PyTorch's threads at once, one of them can take a low-accuracy kernel for its whole share of that
+    call (pytorch/pytorch#188792). Measured here (torch 2.13, 2 threads, fresh processes): the first ``exp`` of
+    6084 float32 values off by up to 1.5e-4 relative in 4 processes of 8 (float64 3.3e-9), ``log`` and ``sqrt``
+    alike; the CPU path's first inference in a process inherited it (its Gaussian weights)."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.ones(8, dtype=dtype)
+        for op in (torch.exp, torch.log, torch.sqrt):
+            op(x)
+
+
+_settle_mkl_dispatch()
+
+
 def _flush_below(dtype: torch.dtype) -> float:
     """Magnitude under which weights are raised and ``Q`` values zeroed before the multiply-adds.
 
@@ -209,11 +225,14 @@ def _gaussian_weights_grad(
     grad_K = grad_K.to(dtype)
     padded = F.pad(feats, (r, r, r, r))
     inside = F.pad(feats.new_ones(1, h, w), (r, r, r, r))
-    grad_padded = torch.zeros_like(padded)  # d f at p + d; the centre [r : r + h, r : r + w] is d f at p
-    grad_compats = compats.new_zeros(compats.shape, dtype=dtype)
+    # Summed in float64: the position bandwidth's gradient is a sum of these gradients times the positions, which
+    # cancels (shifting every pixel changes nothing); float32 sums put it 8.6e-5 off float64 in fuzz case 522000693
+    # (autograd's 4.4e-5), float64 ones 3.3e-5.
+    grad_padded = torch.zeros_like(padded, dtype=torch.float64)  # d f at p + d; [r : r + h, r : r + w] is d f at p
+    grad_compats = compats.new_zeros(compats.shape, dtype=torch.float64)
     centre = k * k // 2
     if keep_centre:  # (every Gaussian is 1 there)
-        grad_compats += grad_K[:, centre].sum()
+        grad_compats += grad_K[:, centre].sum(dtype=torch.float64)
     for t in range(centre):
         dy, dx = divmod(t, k)
         ddy, ddx = dy - r, dx - r
@@ -232,12 +251,13 @@ def _gaussian_weights_grad(
             exponent = x_g.square().sum(1, keepdim=True).mul_(-0.5)
             e = exponent.clamp_min(floor).exp_()
             a = G * e
-            grad_compats[g] += a.sum()
+            grad_compats[g] += a.sum(dtype=torch.float64)
             a = a.mul_(compats[g].to(dtype)).masked_fill_(exponent < floor, 0) * x_g
             grad_padded[:, start : start + c, dy : dy + h, dx : dx + w] -= a
             grad_padded[:, start : start + c, r : r + h, r : r + w] += a
             start += c
-    return grad_padded[:, :, r : r + h, r : r + w].contiguous(), grad_compats.to(compats.dtype)
+    grad_feats = grad_padded[:, :, r : r + h, r : r + w].to(dtype, memory_format=torch.contiguous_format)
+    return grad_feats, grad_compats.to(compats.dtype)
 
 
 class _MessagePass(torch.autograd.Function):

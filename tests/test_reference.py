@@ -5,6 +5,9 @@ sizes, ``col_use_pos``, scalar and per-class weights, the 1×1 compatibility, ``
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -248,3 +251,26 @@ def test_sym_norm_in_float32_where_every_weight_lies_below_the_floor(blur, col_u
     got = functional.mean_field(unary.float(), image.float(), **kw)
     assert got.dtype == torch.float32
     assert ((got.double() - want).abs().max() / want.abs().max()).item() < 5e-6  # (measured 2.0-4.8e-7)
+
+
+FIRST_CALLS = """
+import torch
+import convcrf_triton  # noqa: F401
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.float64):
+    x = (torch.rand(6084, generator=g, dtype=torch.float64) * 4 + 0.1).to(dtype)
+    for op in (torch.exp, torch.log, torch.sqrt):
+        assert torch.equal(op(x), op(x)), (op.__name__, dtype)
+"""
+
+
+def test_a_process_first_vector_math_is_as_accurate_as_the_next():
+    """MKL picks a vector-math function's kernel on its first call, and one of several threads making that call at
+    once can take a low-accuracy one (pytorch/pytorch#188792): importing the package settles it
+    (``reference._settle_mkl_dispatch``). Fresh processes with 2 threads: the first ``exp``, ``log`` and ``sqrt``
+    of 6084 values equal the second, in 6 processes one after the other (without the settling, 4 processes of 10
+    failed here, ``exp`` float32 up to 1.5e-4 off; 8 processes at once never failed: the race wants idle cores)."""
+    for _ in range(6):
+        run = subprocess.run([sys.executable, "-c", FIRST_CALLS], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "2"})
+        assert run.returncode == 0, run.stderr[-2000:]
