@@ -42,7 +42,7 @@ def _settle_mkl_dispatch() -> None:
     6084 float32 values off by up to 1.5e-4 relative in 4 processes of 8 (float64 3.3e-9), ``log`` and ``sqrt``
     alike; the CPU path's first inference in a process inherited it (its Gaussian weights)."""
     for dtype in (torch.float32, torch.float64):
-        x = torch.ones(8, dtype=dtype)
+        x = torch.ones(8, dtype=dtype, device="cpu")  # (not a default device set before the import)
         for op in (torch.exp, torch.log, torch.sqrt):
             op(x)
 
@@ -236,10 +236,10 @@ def _gaussian_weights_grad(
     for t in range(centre):
         dy, dx = divmod(t, k)
         ddy, ddx = dy - r, dx - r
-        G = grad_K[:, t].clone()
         rows, cols = h - abs(ddy), w - abs(ddx)
         if rows <= 0 or cols <= 0:
             continue  # (the tap reaches outside the image everywhere: K is 0 there)
+        G = grad_K[:, t].clone()
         y, x = max(ddy, 0), max(ddx, 0)  # (the mirror's region, as the forward copies it)
         G[:, y - ddy : y - ddy + rows, x - ddx : x - ddx + cols] += grad_K[:, k * k - 1 - t, y : y + rows,
                                                                            x : x + cols]
