@@ -151,7 +151,7 @@ def message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
 
 def _message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     h, w = Q.shape[-2:]
-    k = int(round(K.shape[1] ** 0.5))
+    k = _filter_size(K)
     r = k // 2
     acc, out_dtype = _message_dtypes(K, Q)
     Q = Q.to(acc)
@@ -168,6 +168,11 @@ def _message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
             dy, dx = divmod(t, k)
             M_band.addcmul_(K_band[:, t : t + 1].to(acc), padded[:, :, y0 + dy : y0 + dy + rows, dx : dx + w])
     return M.to(out_dtype)
+
+
+def _filter_size(K: torch.Tensor) -> int:
+    """``k`` of ``K: [B, k*k, h, w]``."""
+    return int(round(K.shape[1] ** 0.5))
 
 
 def _row_bands(M: torch.Tensor) -> list[tuple[int, int]]:
@@ -278,7 +283,7 @@ class _MessagePass(torch.autograd.Function):
         Qs = F.hardshrink(Q.to(acc), _flush_below(acc))  # (the forward's operand)
         grad_K = grad_Q = None
         if ctx.needs_input_grad[0]:
-            grad_K = _message_weight_grad(grad_M, Qs, int(round(K.shape[1] ** 0.5))).to(K.dtype)
+            grad_K = _message_weight_grad(grad_M, Qs, _filter_size(K)).to(K.dtype)
         if ctx.needs_input_grad[1]:  # (zero where the forward's hardshrink zeroed Q)
             grad_Q = torch.where(Qs != 0, _message_pass_transposed(K, grad_M), 0).to(Q.dtype)
         return grad_K, grad_Q
@@ -289,7 +294,7 @@ def _message_pass_transposed(K: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     over the pixels ``p = q - d_t`` in the image): each tap adds ``K_t * G`` to a shifted view of a padded ``X``.
     ``K: [B, k*k, h, w]``, ``G: [B, C, h, w]`` → ``X: [B, C, h, w]`` in ``G``'s dtype; row bands as the pass."""
     h, w = G.shape[-2:]
-    k = int(round(K.shape[1] ** 0.5))
+    k = _filter_size(K)
     r = k // 2
     padded = G.new_zeros(*G.shape[:2], h + 2 * r, w + 2 * r)
     for y0, rows in _row_bands(G):

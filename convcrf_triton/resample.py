@@ -28,32 +28,42 @@ def blur_padding(n: int, blur: int) -> int:
     return ((blur - n % blur) % blur + 1) // 2
 
 
-def _every(dim: int, start: int, stop: int, blur: int) -> tuple[slice, ...]:
-    """The index of ``[start:stop:blur]`` along ``dim`` (counted from the front)."""
-    return (slice(None),) * dim + (slice(start, stop, blur),)
+def _phases(fine: int, cells: int, blur: int, dim: int) -> list[tuple[int, int, int, tuple[slice, ...]]]:
+    """The phases of ``cells`` cells over ``fine`` rows along ``dim`` (cell ``i``'s phase ``r`` is row ``i·blur - pad
+    + r``, ``pad = blur_padding(fine, blur)``), each that holds a real row: ``(r, first cell, cells, the index of
+    their rows)``. A phase is real from the first cell on, or from the second where ``r < pad`` (``pad < blur``),
+    up to the last cell whose row lies below ``fine``."""
+    pad, phases = blur_padding(fine, blur), []
+    for r in range(blur):
+        first = 0 if r >= pad else 1
+        count = min((fine - 1 + pad - r) // blur, cells - 1) + 1 - first
+        if count > 0:
+            start = first * blur - pad + r
+            rows = (slice(None),) * dim + (slice(start, start + (count - 1) * blur + 1, blur),)
+            phases.append((r, first, count, rows))
+    return phases
+
+
+def _host_cell_counts(cells: int, fine: int, blur: int, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """Each cell's count of real rows (``blur`` inside, fewer in the border cells), shaped to divide along ``dim``:
+    counted on the host (a CPU tensor: no device op; the traced form's counts are ops on symbolic sizes,
+    :func:`_cell_counts`)."""
+    pad = blur_padding(fine, blur)
+    counts = [min((i + 1) * blur - pad, fine) - max(i * blur - pad, 0) for i in range(cells)]
+    return torch.tensor(counts, dtype=like.dtype, device=like.device).view(cells, *[1] * (like.dim() - 1 - dim))
 
 
 def _pool_axis(x: torch.Tensor, blur: int, dim: int) -> torch.Tensor:
-    """The mean of each cell's real rows along ``dim``: ``[..., L, ...] → [..., ceil(L / blur), ...]``.
-
-    Phase ``r`` of cell ``i`` is row ``i·blur - pad + r``: one strided add a phase, over the cells that hold it.
-    """
+    """The mean of each cell's real rows along ``dim``: ``[..., L, ...] → [..., ceil(L / blur), ...]``: one strided add
+    a phase, over the cells that hold it, then a division by the cells' counts."""
     L = x.shape[dim]
-    pad, n = blur_padding(L, blur), -(-L // blur)
+    n = -(-L // blur)
     shape = list(x.shape)
     shape[dim] = n
     out = x.new_zeros(shape)
-    for r in range(blur):
-        first = 0 if r >= pad else 1  # (pad < blur: every phase is real from the second cell on)
-        last = min((L - 1 + pad - r) // blur, n - 1)
-        if last >= first:
-            start = first * blur - pad + r
-            out.narrow(dim, first, last + 1 - first).add_(x[_every(dim, start, start + (last - first) * blur + 1,
-                                                                   blur)])
-    # Divided by each cell's count of real rows: blur inside, fewer in the border cells (counted on the host: a CPU
-    # tensor, no device op; the traced form's counts are ops on symbolic sizes, _cell_counts).
-    counts = [min((i + 1) * blur - pad, L) - max(i * blur - pad, 0) for i in range(n)]
-    return out.div_(torch.tensor(counts, dtype=x.dtype).view(n, *[1] * (x.dim() - 1 - dim)))
+    for _, first, count, rows in _phases(L, n, blur, dim):
+        out.narrow(dim, first, count).add_(x[rows])
+    return out.div_(_host_cell_counts(n, L, blur, x, dim))
 
 
 def _cell_counts(n: int, L: int, pad: int, blur: int, like: torch.Tensor) -> torch.Tensor:
@@ -62,68 +72,58 @@ def _cell_counts(n: int, L: int, pad: int, blur: int, like: torch.Tensor) -> tor
     return (first + blur).clamp(max=L) - first.clamp(min=0)
 
 
+def _lerp_weight(r: int, blur: int) -> tuple[int, float]:
+    """Phase ``r`` samples the grid at ``j + s``, ``s = (r + 0.5) / blur - 0.5`` (in ``(-0.5, 0.5)``): the offset
+    ``floor(s)`` of its left cell and the weight ``s - floor(s)`` of the next."""
+    s = (r + 0.5) / blur - 0.5
+    return math.floor(s), s - math.floor(s)
+
+
 def _upsample_axis(x: torch.Tensor, blur: int, n: int, dim: int) -> torch.Tensor:
     """Linear ×blur along ``dim`` (align_corners=False), cropped to ``n``: ``[..., L, ...] → [..., n, ...]``
     (contiguous).
 
-    Phase ``r`` of cell ``j`` (output row ``j·blur + r - pad``) samples the grid at ``j + s`` with ``s = (r + 0.5) /
-    blur - 0.5`` (in ``(-0.5, 0.5)``): one lerp a phase between the cells ``j + floor(s)`` and the next, with weight
-    ``s - floor(s)``, over the cells whose row lies in the crop. Source cells beyond the grid are its edge cells
-    (PyTorch clamps the source index). (Writing the crop only, not the whole grid then a view of it: one thread,
-    375×500 at blur 4, C = 21, the upsampling and the add that follows 7.6 → 6.4 ms, bitwise the same.)
+    Phase ``r`` of cell ``j`` (output row ``j·blur + r - pad``) is one lerp a phase between the cells ``j + left``
+    and the next (:func:`_lerp_weight`), over the cells whose row lies in the crop. Source cells beyond the grid are
+    its edge cells (PyTorch clamps the source index). (Writing the crop only, not the whole grid then a view of it:
+    one thread, 375×500 at blur 4, C = 21, the upsampling and the add that follows 7.6 → 6.4 ms, bitwise the same.)
     """
-    L, pad = x.shape[dim], blur_padding(n, blur)
+    L = x.shape[dim]
     edged = torch.cat([x.narrow(dim, 0, 1), x, x.narrow(dim, L - 1, 1)], dim)
     shape = list(x.shape)
     shape[dim] = n
     out = x.new_empty(shape)
-    for r in range(blur):
-        s = (r + 0.5) / blur - 0.5
-        left = math.floor(s)
-        first = 0 if r >= pad else 1  # (pad < blur: every phase is in the crop from the second cell on)
-        last = min((n - 1 + pad - r) // blur, L - 1)
-        if last >= first:
-            start, count = first * blur - pad + r, last + 1 - first
-            torch.lerp(edged.narrow(dim, 1 + left + first, count), edged.narrow(dim, 2 + left + first, count), s - left,
-                       out=out[_every(dim, start, start + (count - 1) * blur + 1, blur)])
+    for r, first, count, rows in _phases(n, L, blur, dim):
+        left, weight = _lerp_weight(r, blur)
+        torch.lerp(edged.narrow(dim, 1 + left + first, count), edged.narrow(dim, 2 + left + first, count), weight,
+                   out=out[rows])
     return out
+
 
 def _pool_axis_adjoint(g: torch.Tensor, blur: int, L: int, dim: int) -> torch.Tensor:
     """The adjoint of :func:`_pool_axis` (its gradient): ``[..., ceil(L / blur), ...] → [..., L, ...]``, each row
     its cell's value over the cell's count (one strided copy a phase: every row lies in one cell)."""
-    pad, n = blur_padding(L, blur), g.shape[dim]
-    counts = [min((i + 1) * blur - pad, L) - max(i * blur - pad, 0) for i in range(n)]
-    g = g / torch.tensor(counts, dtype=g.dtype, device=g.device).view(n, *[1] * (g.dim() - 1 - dim))
+    n = g.shape[dim]
+    g = g / _host_cell_counts(n, L, blur, g, dim)
     shape = list(g.shape)
     shape[dim] = L
     out = g.new_empty(shape)
-    for r in range(blur):
-        first = 0 if r >= pad else 1
-        last = min((L - 1 + pad - r) // blur, n - 1)
-        if last >= first:
-            start = first * blur - pad + r
-            out[_every(dim, start, start + (last - first) * blur + 1, blur)] = g.narrow(dim, first, last + 1 - first)
+    for _, first, count, rows in _phases(L, n, blur, dim):
+        out[rows] = g.narrow(dim, first, count)
     return out
 
 
 def _upsample_axis_adjoint(g: torch.Tensor, blur: int, L: int, dim: int) -> torch.Tensor:
     """The adjoint of :func:`_upsample_axis` (its gradient): ``[..., n, ...] → [..., L, ...]``. Each phase's rows
-    go back to the two cells its lerp read, weighted ``1 - s + floor(s)`` and ``s - floor(s)``; the edge cells
-    also take what was read beyond the grid."""
-    n, pad = g.shape[dim], blur_padding(g.shape[dim], blur)
+    go back to the two cells its lerp read, weighted ``1 - weight`` and ``weight``; the edge cells also take what
+    was read beyond the grid."""
     shape = list(g.shape)
     shape[dim] = L + 2
     edged = g.new_zeros(shape)
-    for r in range(blur):
-        s = (r + 0.5) / blur - 0.5
-        left = math.floor(s)
-        first = 0 if r >= pad else 1
-        last = min((n - 1 + pad - r) // blur, L - 1)
-        if last >= first:
-            start, count = first * blur - pad + r, last + 1 - first
-            rows = g[_every(dim, start, start + (count - 1) * blur + 1, blur)]
-            edged.narrow(dim, 1 + left + first, count).add_(rows, alpha=1 - (s - left))
-            edged.narrow(dim, 2 + left + first, count).add_(rows, alpha=s - left)
+    for r, first, count, rows in _phases(g.shape[dim], L, blur, dim):
+        left, weight = _lerp_weight(r, blur)
+        edged.narrow(dim, 1 + left + first, count).add_(g[rows], alpha=1 - weight)
+        edged.narrow(dim, 2 + left + first, count).add_(g[rows], alpha=weight)
     out = edged.narrow(dim, 1, L).clone()
     out.narrow(dim, 0, 1).add_(edged.narrow(dim, 0, 1))
     out.narrow(dim, L - 1, 1).add_(edged.narrow(dim, L + 1, 1))
@@ -174,8 +174,12 @@ def written_backward(*tensors: torch.Tensor) -> bool:
     """Whether autograd records an eager op on these tensors: then this path's hand-written ops (the separable
     passes here, ``reference``'s weights and message pass) run as an ``autograd.Function`` whose backward is
     written out. (Traced by ``torch.compile``/``torch.export``, autograd differentiates the traced ops.)"""
-    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            and not torch.compiler.is_compiling())
+    return _tracked(*tensors) and not torch.compiler.is_compiling()
+
+
+def _tracked(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on these tensors."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def opaque_on_cpu(*tensors: torch.Tensor) -> bool:
@@ -187,7 +191,7 @@ def opaque_on_cpu(*tensors: torch.Tensor) -> bool:
     graph of ``torch.export`` keeps the ATen ops (it needs no import of this package), and a gradient the traced
     ops."""
     return (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and tensors[0].device.type == "cpu"
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+            and not _tracked(*tensors))
 
 
 def eager_cpu(t: torch.Tensor) -> bool:
