@@ -14,7 +14,7 @@ import pytest
 import torch
 from oracle import naive_crf
 
-from convcrf_triton import functional, reference
+from convcrf_triton import baselines, functional, reference
 
 CASES = [
     dict(filter_size=3, blur=1, mode="textbook"),
@@ -140,11 +140,11 @@ def test_mirrored_taps_equal_the_taps_computed(k, h, w, dtype):
 
 
 def _message_pass_by_unfold(K, Q):
-    """``M[b, c, p] = sum_t K[b, t, p] * Q[b, c, p + d_t]`` through ``F.unfold`` (the original ConvCRF's form)."""
-    B, C, h, w = Q.shape
+    """``M[b, c, p] = sum_t K[b, t, p] * Q[b, c, p + d_t]`` through ``F.unfold``: the original ConvCRF's form
+    (``baselines``), on the full grid."""
+    B, _, h, w = Q.shape
     k = int(round(K.shape[1] ** 0.5))
-    windows = torch.nn.functional.unfold(Q, k, padding=k // 2).view(B, C, k * k, h, w)
-    return (windows * K.unsqueeze(1)).sum(2)
+    return baselines._unfold_compute(Q, K.view(B, k, k, h, w), 1, (0, 0))
 
 
 @pytest.mark.parametrize(("k", "h", "w", "B"), [(3, 7, 9, 2), (5, 2, 11, 1), (7, 6, 5, 1), (9, 4, 13, 2),
