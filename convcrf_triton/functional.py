@@ -65,15 +65,18 @@ def check_inputs(unary: torch.Tensor, image: torch.Tensor) -> ValueCheck | None:
     graph being recorded, where a host sync cannot be)."""
     for name, t in (("unary", unary), ("image", image)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            hint = f" (torch.from_numpy({name}))" if type(t).__module__ == "numpy" else ""
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}{hint}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, C, H, W], got shape {tuple(t.shape)}")
         if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+            hint = " (an 8-bit image: image.float(), whose [0, 255] is the default scale)" if name == "image" else ""
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}{hint}")
         if t.numel() == 0:
             raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
     if image.shape[1] != 3:
-        raise ValueError(f"image must have 3 (RGB) channels, got {image.shape[1]} (shape {tuple(image.shape)})")
+        hint = " (channels last [B, H, W, 3]? image.permute(0, 3, 1, 2))" if image.shape[3] == 3 else ""
+        raise ValueError(f"image must have 3 (RGB) channels, got {image.shape[1]} (shape {tuple(image.shape)}){hint}")
     if (unary.shape[0], *unary.shape[2:]) != (image.shape[0], *image.shape[2:]):
         raise ValueError(
             f"unary {tuple(unary.shape)} and image {tuple(image.shape)} must agree in batch size, height "

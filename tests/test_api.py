@@ -203,8 +203,21 @@ def test_numpy_input_is_type_error(via: str) -> None:
     unary, image = _inputs(0, 1, 4, 6, 5)
     with pytest.raises(TypeError, match="unary"):
         _call(via, unary.numpy(), image)
-    with pytest.raises(TypeError, match="image"):
+    with pytest.raises(TypeError, match=r"image must be a torch\.Tensor, got ndarray \(torch\.from_numpy\(image\)\)"):
         _call(via, unary, image.numpy())
+
+
+@pytest.mark.parametrize("via", VIAS)
+def test_common_image_mistakes_name_the_fix(via: str) -> None:
+    """An 8-bit image and a channels-last one, the two forms images are read in, get the conversion in the error."""
+    unary, image = _inputs(0, 1, 4, 6, 5)
+    with pytest.raises(TypeError, match=r"got torch\.uint8 \(an 8-bit image: image\.float\(\)"):
+        _call(via, unary, image.to(torch.uint8))
+    unary, image = _inputs(0, 1, 4, 6, 7)
+    with pytest.raises(ValueError, match=r"got 6 \(shape \(1, 6, 7, 3\)\) \(channels last .*permute\(0, 3, 1, 2\)\)"):
+        _call(via, unary, image.permute(0, 2, 3, 1))
+    with pytest.raises(TypeError, match=r"got torch\.int64$"):  # no image hint for the unary
+        _call(via, unary.long(), image)
 
 
 @pytest.mark.parametrize("via", VIAS)
