@@ -1338,10 +1338,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.flush_denormal:
         torch.set_flush_denormal(True)
+    # The sweep tunes in its own process (autotune.csv: the picks it timed), not from picks an earlier run kept.
+    kept = os.environ.get("CONVCRF_TUNE_CACHE")
+    os.environ["CONVCRF_TUNE_CACHE"] = "0"
     try:
         return _main(args)
     finally:
         torch.set_num_threads(threads)
+        if kept is None:
+            del os.environ["CONVCRF_TUNE_CACHE"]
+        else:
+            os.environ["CONVCRF_TUNE_CACHE"] = kept
         if args.flush_denormal:
             torch.set_flush_denormal(False)
 

@@ -16,6 +16,8 @@ from triton.compiler import CompiledKernel
 from triton.runtime import Autotuner, driver
 from triton.runtime.jit import JITFunction
 
+from ._tuning_cache import TuningCache
+
 MAX_INT32 = 2**31 - 1
 # What every launch compiles with (the interpreter ignores it): multiply-adds fused into FFMA, named because
 # triton 3.9 warns that its default turns to unfused in 3.10, which would split every one of the kernels'
@@ -55,9 +57,14 @@ def interpreter_blocks(C: int, hw: int) -> tuple[int, int]:
     return min(next_power_of_2(C), 256), min(next_power_of_2(hw), 4096)
 
 
+def autotuning() -> bool:
+    """False with ``CONVCRF_AUTOTUNE=0`` (quick GPU test runs: no benchmarking)."""
+    return os.environ.get("CONVCRF_AUTOTUNE", "1") != "0"
+
+
 def tuning_off(configs: list) -> list:
     """``CONVCRF_AUTOTUNE=0``: the first surviving autotune config, no benchmarking (quick GPU test runs)."""
-    return configs[:1] if os.environ.get("CONVCRF_AUTOTUNE", "1") == "0" else configs
+    return configs if autotuning() else configs[:1]
 
 
 def message_dtype(q_dtype: torch.dtype) -> torch.dtype:
@@ -202,7 +209,9 @@ class DirectLaunch:
     benchmarks every config of a new one (~0.1 s a config with triton's default timing: seconds an image for a
     folder of photographs of a few hundred sizes); here the first shape of a size class (same keyword arguments,
     other positional arguments and dtypes) is tuned, and the others launch the plain kernel with its config
-    (compiled if new, untimed). ``CONVCRF_TUNE_EVERY_SHAPE=1``: the autotuner's own key."""
+    (compiled if new, untimed). ``CONVCRF_TUNE_EVERY_SHAPE=1``: the autotuner's own key. The size classes' picks are
+    kept on disk (:class:`~._tuning_cache.TuningCache`), so that a new process launches a size class tuned before,
+    on the same GPU with the same kernel source, triton and configs, untimed."""
 
     def __init__(self, fn: object, sizes: tuple[str, ...] = ()) -> None:
         self.fn = fn
@@ -220,6 +229,7 @@ class DirectLaunch:
         self.tuned_from = self._tuner_state()
         self.size_at = tuple(2 + self.names.index(name) for name in sizes)  # (in the key: device, keywords, args)
         self.tuned: dict[tuple, object] = {}  # size-class key -> the config its first shape was tuned to
+        self.kept: TuningCache | None = None  # the picks on disk, for the tuner's configs of now
 
     def _tuner_state(self) -> tuple[object, object] | None:
         """The autotuner's configs and cache, the objects: replacing either (as tests do, to force a config)
@@ -247,6 +257,7 @@ class DirectLaunch:
         if tuner is not None and (tuner.cache is not self.tuned_from[1] or tuner.configs is not self.tuned_from[0]):
             self.launches.clear()
             self.tuned.clear()
+            self.kept = None
             self.tuned_from = self._tuner_state()
         key = (device, tuple(kwargs.items()), *_specialisation(args))
         hit = self.launches.get(key)
@@ -272,13 +283,22 @@ class DirectLaunch:
             size_key = tuple(size_key)
         with self.lock:  # (the autotuner's best_config is the launch's only while no other thread launches)
             config = self.tuned.get(size_key)
+            keep = size_key is not None and config is None and autotuning()  # (a pick kept on disk)
+            if keep:
+                if self.kept is None:
+                    self.kept = TuningCache(self.jit, self.tuner.configs)
+                config = self.kept.get(key[0], size_key)
             if config is not None:
                 kernel = self.jit[grid](*args, **kwargs, **config.all_kwargs())
+                if keep and isinstance(kernel, CompiledKernel):
+                    self.tuned[size_key] = config
             else:
                 kernel = self.fn[grid](*args, **kwargs)
                 config = getattr(self.fn, "best_config", None)
                 if size_key is not None and isinstance(kernel, CompiledKernel):
                     self.tuned[size_key] = config
+                    if keep:
+                        self.kept.put(key[0], size_key, config)
         if isinstance(kernel, CompiledKernel) and not self.jit.pre_run_hooks:
             meta = {**kwargs, **(config.all_kwargs() if config is not None else {})}
             tail = tuple(meta[name] if name in meta else self.defaults[name] for name in self.names[len(args):])

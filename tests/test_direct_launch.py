@@ -25,14 +25,25 @@ CASES = ["inference blur 4", "inference blur 4 compat", "inference blur 4 bfloat
          "inference blur 1 channels-last", "inference blur 4 with a launch hook",
          "misaligned operands", "fused message pass", "training", "band message pass", "band step", "one size class"]
 REPEATED = ("blur_step", "message_pass", "mean_field_step")  # the functions an inference's iterations replay
+TRITON_CACHE = str(HERE.parent / ".aot_cache" / "triton")  # (the children's compiles, kept as the AOT tests' are)
 
 
 @pytest.fixture(scope="module")
 def child_report() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(CONVCRF_AUTOTUNE="0", TRITON_CACHE_DIR=str(HERE.parent / ".aot_cache" / "triton"))
+    env.update(CONVCRF_AUTOTUNE="0", CONVCRF_TUNE_CACHE="0", TRITON_CACHE_DIR=TRITON_CACHE)
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=1200,
                           cwd=HERE)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _tuning_process(kept: str, heights: str) -> list[dict]:
+    """A process's mean-field steps on grids ``heights`` × 64, tuned (every config), the picks kept in ``kept``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CONVCRF_AUTOTUNE="1", CONVCRF_TUNE_CACHE=kept, TRITON_CACHE_DIR=TRITON_CACHE)
+    done = subprocess.run([sys.executable, __file__, "--tuning", heights], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=HERE)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -69,6 +80,46 @@ def test_shapes_of_one_size_class_are_tuned_once(child_report: dict) -> None:
     a size class only: 20×64, then 23×64 (the same half-octaves: no timing), then 40×64 (another: timed)."""
     first, same_class, other_class = child_report["tunings by size class"]
     assert first > 0 and same_class == 0 and other_class == first
+
+
+def test_tuned_picks_outlive_the_process(tmp_path: Path) -> None:
+    """A size class's pick is kept on disk: a second process launches it for another grid of the class without
+    timing, and times a new class; with ``CONVCRF_TUNE_CACHE=0``, or a damaged file, a process times again. (The
+    stub times each config faster than the one before: the tuner picks the step's last config, 2 taps unrolled, not
+    the first, which ties and ``CONVCRF_AUTOTUNE=0`` would launch.)"""
+    kept = tmp_path / "tuning"
+    first = _tuning_process(str(kept), "20")
+    assert first == [{"timings": 2, "unroll": 2}]
+    (file,) = kept.iterdir()
+    assert len(json.loads(file.read_text())) == 1
+    assert _tuning_process(str(kept), "23,40,41") == [{"timings": 0, "unroll": 2}, {"timings": 2, "unroll": 2},
+                                                     {"timings": 0, "unroll": 2}]
+    assert len(json.loads(file.read_text())) == 2 and list(kept.iterdir()) == [file]
+    assert _tuning_process("0", "23") == first
+    file.write_text('{"not": "an entry"')
+    assert _tuning_process(str(kept), "23") == first
+    assert len(json.loads(file.read_text())) == 1
+
+
+@pytest.mark.parametrize("entry", [None, [], {}, {"kwargs": {"UNROLL": 2}}, {"kwargs": [2], "num_warps": 4},
+                                   {"kwargs": {"UNROLL": [2]}, "num_warps": 4, "num_stages": 3, "num_ctas": 1,
+                                    "maxnreg": None},
+                                   {"kwargs": {}, "num_warps": 0, "num_stages": 3, "num_ctas": 1, "maxnreg": None},
+                                   {"kwargs": {}, "num_warps": 4.0, "num_stages": 3, "num_ctas": 1, "maxnreg": None},
+                                   {"kwargs": {}, "num_warps": 4, "num_stages": 3, "num_ctas": 1, "maxnreg": "x"}])
+def test_a_kept_entry_that_is_no_config_is_ignored(entry: object) -> None:
+    from convcrf_triton.kernels import _tuning_cache
+
+    assert _tuning_cache._config(entry) is None
+
+
+def test_a_kept_entry_is_the_config_it_was() -> None:
+    import triton
+    from convcrf_triton.kernels import _tuning_cache
+
+    config = triton.Config({"BLOCK_C": 8, "BLOCK_P": 128, "UNROLL": 4}, num_warps=8, num_stages=2, maxnreg=168)
+    entry = json.loads(json.dumps(_tuning_cache._config_entry(config)))
+    assert _tuning_cache._config(entry).all_kwargs() == config.all_kwargs()
 
 
 def test_repeat_launches_what_the_call_launches(child_report: dict) -> None:
@@ -290,23 +341,50 @@ def _forced_config(stub) -> dict:
     return {"launches": len(stub.launches), "block_pixels": stub.launches[-1][at]}
 
 
-def _tunings_by_size_class(stub) -> list[int]:
-    """The stub's timings taken by the step's first launch on each of three grids, with every config tuned."""
+def _step_timings(stub, h: int) -> int:
+    """The stub's timings taken by a mean-field step (k = 3, 5 classes) on an ``h`` × 64 grid."""
     import torch
 
     from convcrf_triton import kernels
 
+    g = torch.Generator().manual_seed(h)
+    Q, A = torch.rand(1, 5, h, 64, generator=g), torch.randn(1, 5, h, 64, generator=g)
+    K = torch.rand(1, 9, h, 64, generator=g)
+    before = stub.benchmarks
+    kernels.mean_field_step(Q, A, torch.ones(1), None, K, None, None, (), 3, False, True)
+    return stub.benchmarks - before
+
+
+def _tunings_by_size_class(stub) -> list[int]:
+    """The stub's timings taken by the step's first launch on each of three grids, with every config tuned."""
     os.environ["CONVCRF_AUTOTUNE"] = "1"
-    counts = []
-    for h in (20, 23, 40):
-        g = torch.Generator().manual_seed(h)
-        Q, A = torch.rand(1, 5, h, 64, generator=g), torch.randn(1, 5, h, 64, generator=g)
-        K = torch.rand(1, 9, h, 64, generator=g)
-        before = stub.benchmarks
-        kernels.mean_field_step(Q, A, torch.ones(1), None, K, None, None, (), 3, False, True)
-        counts.append(stub.benchmarks - before)
+    counts = [_step_timings(stub, h) for h in (20, 23, 40)]
     os.environ["CONVCRF_AUTOTUNE"] = "0"
     return counts
+
+
+def tuning_child(heights: list[int]) -> None:
+    """Each step's timings and its launch's tap unroll factor, the stub timing each config faster than the last."""
+    sys.path.insert(0, str(HERE))
+    import stub_driver
+
+    stub = stub_driver.install()
+    from convcrf_triton.kernels import message_passing
+
+    times = iter(range(10**6, 0, -1))
+
+    def bench(fn, quantiles=None, **kwargs):
+        stub.benchmarks += 1
+        t = float(next(times))
+        return [t] * len(quantiles) if quantiles else t
+
+    stub.get_benchmarker = lambda: bench
+    unroll_at = 9 + message_passing._mean_field_step_launch.names.index("UNROLL")  # (9: the launcher's own)
+    report = []
+    for h in heights:
+        timings = _step_timings(stub, h)
+        report.append({"timings": timings, "unroll": stub.launches[-1][unroll_at]})
+    print(json.dumps(report))
 
 
 def _repeats(stub) -> dict:
@@ -391,4 +469,7 @@ def child() -> None:
 
 
 if __name__ == "__main__":
-    child()
+    if sys.argv[1:2] == ["--tuning"]:
+        tuning_child([int(h) for h in sys.argv[2].split(",")])
+    else:
+        child()
