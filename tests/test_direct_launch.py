@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -38,10 +39,12 @@ def child_report() -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _tuning_process(kept: str, heights: str) -> list[dict]:
-    """A process's mean-field steps on grids ``heights`` × 64, tuned (every config), the picks kept in ``kept``."""
+def _tuning_process(kept: str, heights: str, threads: int = 2) -> list[dict]:
+    """A process's mean-field steps on grids ``heights`` × 64, tuned (every config), the picks kept in ``kept``,
+    compiled in ``threads``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(CONVCRF_AUTOTUNE="1", CONVCRF_TUNE_CACHE=kept, TRITON_CACHE_DIR=TRITON_CACHE)
+    env.update(CONVCRF_AUTOTUNE="1", CONVCRF_TUNE_CACHE=kept, TRITON_CACHE_DIR=TRITON_CACHE,
+               CONVCRF_COMPILE_THREADS=str(threads))
     done = subprocess.run([sys.executable, __file__, "--tuning", heights], env=env, capture_output=True, text=True,
                           timeout=600, cwd=HERE)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -89,16 +92,25 @@ def test_tuned_picks_outlive_the_process(tmp_path: Path) -> None:
     the first, which ties and ``CONVCRF_AUTOTUNE=0`` would launch.)"""
     kept = tmp_path / "tuning"
     first = _tuning_process(str(kept), "20")
-    assert first == [{"timings": 2, "unroll": 2}]
+    assert first == [{"timings": 2, "unroll": 2, "compiled": ["pool", "pool"]}]
     (file,) = kept.iterdir()
     assert len(json.loads(file.read_text())) == 1
-    assert _tuning_process(str(kept), "23,40,41") == [{"timings": 0, "unroll": 2}, {"timings": 2, "unroll": 2},
-                                                     {"timings": 0, "unroll": 2}]
+    # 23: the kept pick, compiled alone; 40: a new class, the other config compiled for its tuning; 41: in 40's class
+    assert _tuning_process(str(kept), "23,40,41") == [{"timings": 0, "unroll": 2, "compiled": ["main"]},
+                                                     {"timings": 2, "unroll": 2, "compiled": ["pool"]},
+                                                     {"timings": 0, "unroll": 2, "compiled": []}]
     assert len(json.loads(file.read_text())) == 2 and list(kept.iterdir()) == [file]
     assert _tuning_process("0", "23") == first
     file.write_text('{"not": "an entry"')
     assert _tuning_process(str(kept), "23") == first
     assert len(json.loads(file.read_text())) == 1
+
+
+def test_a_tuning_compiles_its_configs_in_threads_first() -> None:
+    """The configs a tuning will time are compiled in threads before it times them (a compile is half code
+    generation in Python, half MLIR, LLVM and ptxas, which release the GIL); with one thread the tuner compiles
+    each as it first launches it. The pick is the same."""
+    assert _tuning_process("0", "20", threads=1) == [{"timings": 2, "unroll": 2, "compiled": ["main", "main"]}]
 
 
 @pytest.mark.parametrize("entry", [None, [], {}, {"kwargs": {"UNROLL": 2}}, {"kwargs": [2], "num_warps": 4},
@@ -364,26 +376,42 @@ def _tunings_by_size_class(stub) -> list[int]:
 
 
 def tuning_child(heights: list[int]) -> None:
-    """Each step's timings and its launch's tap unroll factor, the stub timing each config faster than the last."""
+    """Each step's timings, its launch's tap unroll factor and the threads that compiled for it ("main" or "pool"),
+    the stub timing each config faster than the last."""
     sys.path.insert(0, str(HERE))
     import stub_driver
 
     stub = stub_driver.install()
+    import triton.compiler
     from convcrf_triton.kernels import message_passing
 
     times = iter(range(10**6, 0, -1))
 
     def bench(fn, quantiles=None, **kwargs):
         stub.benchmarks += 1
+        fn()  # (a launch of the config: compiled if it was not)
         t = float(next(times))
         return [t] * len(quantiles) if quantiles else t
 
     stub.get_benchmarker = lambda: bench
+    compile_kernel, compiled = triton.compiler.compile, []
+
+    def compile_in(*args, **kwargs):
+        compiled.append("main" if threading.current_thread() is threading.main_thread() else "pool")
+        return compile_kernel(*args, **kwargs)
+
+    # (a JITFunction compiles through its attribute, which triton 3.9 takes from triton.compiler at the first launch,
+    # 3.6 when the kernel is defined)
+    triton.compiler.compile = compile_in
+    jit = message_passing._mean_field_step_launch.jit
+    if "compile" in vars(jit):
+        jit.compile = compile_in
     unroll_at = 9 + message_passing._mean_field_step_launch.names.index("UNROLL")  # (9: the launcher's own)
     report = []
     for h in heights:
+        compiled.clear()
         timings = _step_timings(stub, h)
-        report.append({"timings": timings, "unroll": stub.launches[-1][unroll_at]})
+        report.append({"timings": timings, "unroll": stub.launches[-1][unroll_at], "compiled": list(compiled)})
     print(json.dumps(report))
 
 
