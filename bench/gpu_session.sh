@@ -59,4 +59,6 @@ section filter_size "${FS_SECONDS:-120}" --filter-sizes "$ks" \
 if [ "$dense" = 1 ]; then  # (375x500, 512x512, 1024x2048: ~8 s a call at the largest)
   section densecrf "${DENSE_SECONDS:-45}" --implementations pydensecrf
 fi
+echo "== time to the first inference (compiles from an empty Triton cache; last: what time is left)"
+timeout 90 python3 bench/first_call.py --threads 8
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
