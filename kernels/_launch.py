@@ -18,9 +18,9 @@ from triton.runtime import Autotuner, driver
 from triton.runtime.jit import JITFunction
 
 try:  # (triton 3.6 - 3.9; private)
-    from triton.runtime._async_compile import AsyncCompileMode
+    from triton.runtime import _async_compile
 except ImportError:
-    AsyncCompileMode = None
+    _async_compile = None
 
 from ._tuning_cache import TuningCache
 
@@ -179,12 +179,15 @@ def compile_configs(tuner: Autotuner, jit: JITFunction, grid: object, args: tupl
     this project's 2-core CPU a cold message pass at k = 11 (7 configs) took 12.1 s tuned as triton does, 8.6 s
     compiled in 2 threads first. A config that fails to compile is left to the tuner (which skips what runs out of
     resources)."""
+    if COMPILE_THREADS < 2 or _async_compile is None or _async_compile.active_mode.get():
+        return  # (one thread, or the caller compiles asynchronously already)
     configs = tuner.configs
     if tuner.early_config_prune:
         configs = tuner.early_config_prune(configs, dict(zip(tuner.arg_names, args, strict=False)), **kwargs)
-    if COMPILE_THREADS < 2 or len(configs) < 2 or AsyncCompileMode is None:
+    if len(configs) < 2:
         return
-    with ThreadPoolExecutor(min(COMPILE_THREADS, len(configs))) as pool, AsyncCompileMode(pool, ignore_errors=True):
+    with (ThreadPoolExecutor(min(COMPILE_THREADS, len(configs))) as pool,
+          _async_compile.AsyncCompileMode(pool, ignore_errors=True)):
         for config in configs:
             jit.warmup(*args, grid=grid, **kwargs, **config.all_kwargs())
 

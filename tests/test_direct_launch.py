@@ -113,6 +113,29 @@ def test_a_tuning_compiles_its_configs_in_threads_first() -> None:
     assert _tuning_process("0", "20", threads=1) == [{"timings": 2, "unroll": 2, "compiled": ["main", "main"]}]
 
 
+@pytest.mark.parametrize("active", [False, True])
+def test_configs_compile_at_once_unless_the_caller_compiles_asynchronously(monkeypatch, active: bool) -> None:
+    """Every pruned config is warmed up (compiled) in the pool; not inside a caller's own ``AsyncCompileMode``
+    (triton allows one at a time: the tuner then compiles as it times)."""
+    from types import SimpleNamespace
+
+    from convcrf_triton.kernels import _launch
+    from triton.runtime import _async_compile
+
+    monkeypatch.setattr(_launch, "COMPILE_THREADS", 2)
+    warmed = []
+    jit = SimpleNamespace(warmup=lambda *args, grid, **kwargs: warmed.append((args, grid, kwargs)))
+    configs = [SimpleNamespace(all_kwargs=lambda u=u: {"UNROLL": u, "num_warps": 4}) for u in (1, 2, 4)]
+    tuner = SimpleNamespace(configs=configs, arg_names=["q", "C"],
+                            early_config_prune=lambda configs, nargs, **kwargs: configs[:2] if nargs["C"] == 5 else [])
+    token = _async_compile.active_mode.set(object() if active else None)
+    try:
+        _launch.compile_configs(tuner, jit, (3, 1), ("Q", 5), {"KSIZE": 7})
+    finally:
+        _async_compile.active_mode.reset(token)
+    assert warmed == ([] if active else [(("Q", 5), (3, 1), {"KSIZE": 7, "UNROLL": u, "num_warps": 4}) for u in (1, 2)])
+
+
 @pytest.mark.parametrize("entry", [None, [], {}, {"kwargs": {"UNROLL": 2}}, {"kwargs": [2], "num_warps": 4},
                                    {"kwargs": {"UNROLL": [2]}, "num_warps": 4, "num_stages": 3, "num_ctas": 1,
                                     "maxnreg": None},
