@@ -168,8 +168,10 @@ DIRECT_LAUNCH = os.environ.get("CONVCRF_DIRECT_LAUNCH", "1") != "0"
 MAX_DIRECT_LAUNCHES = 1024
 # CONVCRF_TUNE_EVERY_SHAPE=1: the autotuner benchmarks every new shape (triton's key), not one per size class.
 TUNE_BY_SIZE_CLASS = os.environ.get("CONVCRF_TUNE_EVERY_SHAPE", "0") == "0"
-# Threads that compile the configs a tuning will time (CONVCRF_COMPILE_THREADS; below 2: the tuner compiles them).
-COMPILE_THREADS = int(os.environ.get("CONVCRF_COMPILE_THREADS", str(min(8, os.cpu_count() or 1))))
+# Threads that compile the configs a tuning will time (CONVCRF_COMPILE_THREADS; below 2: the tuner compiles them): by
+# default the cores this process may run on, at most 8.
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+COMPILE_THREADS = int(os.environ.get("CONVCRF_COMPILE_THREADS", str(min(8, _CORES))))
 
 
 def compile_configs(tuner: Autotuner, jit: JITFunction, grid: object, args: tuple, kwargs: dict) -> None:
