@@ -39,14 +39,15 @@ def child_report() -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _tuning_process(kept: str, heights: str, threads: int = 2) -> list[dict]:
+def _tuning_process(kept: str, heights: str, threads: int = 2, memory_clock: int | None = None) -> list[dict]:
     """A process's mean-field steps on grids ``heights`` × 64, tuned (every config), the picks kept in ``kept``,
-    compiled in ``threads``."""
+    compiled in ``threads``, on the stub's GPU or one whose memory clock (kHz) is ``memory_clock``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(CONVCRF_AUTOTUNE="1", CONVCRF_TUNE_CACHE=kept, TRITON_CACHE_DIR=TRITON_CACHE,
                CONVCRF_COMPILE_THREADS=str(threads))
-    done = subprocess.run([sys.executable, __file__, "--tuning", heights], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=HERE)
+    clock = [] if memory_clock is None else ["--memory-clock", str(memory_clock)]
+    done = subprocess.run([sys.executable, __file__, "--tuning", heights, *clock], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=HERE)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -87,7 +88,8 @@ def test_shapes_of_one_size_class_are_tuned_once(child_report: dict) -> None:
 
 def test_tuned_picks_outlive_the_process(tmp_path: Path) -> None:
     """A size class's pick is kept on disk: a second process launches it for another grid of the class without
-    timing, and times a new class; with ``CONVCRF_TUNE_CACHE=0``, or a damaged file, a process times again. (The
+    timing, and times a new class; on another GPU, with ``CONVCRF_TUNE_CACHE=0`` or a damaged file, a process times
+    again. (The
     stub times each config faster than the one before: the tuner picks the step's last config, 2 taps unrolled, not
     the first, which ties and ``CONVCRF_AUTOTUNE=0`` would launch.)"""
     kept = tmp_path / "tuning"
@@ -100,6 +102,9 @@ def test_tuned_picks_outlive_the_process(tmp_path: Path) -> None:
                                                      {"timings": 2, "unroll": 2, "compiled": ["pool"]},
                                                      {"timings": 0, "unroll": 2, "compiled": []}]
     assert len(json.loads(file.read_text())) == 2 and list(kept.iterdir()) == [file]
+    # another GPU of the same architecture (an H200 is an H100's sm_90 with faster memory): its own pick
+    assert _tuning_process(str(kept), "23", memory_clock=3200000) == first
+    assert len(json.loads(file.read_text())) == 3
     assert _tuning_process("0", "23") == first
     file.write_text('{"not": "an entry"')
     assert _tuning_process(str(kept), "23") == first
@@ -398,7 +403,7 @@ def _tunings_by_size_class(stub) -> list[int]:
     return counts
 
 
-def tuning_child(heights: list[int]) -> None:
+def tuning_child(heights: list[int], memory_clock: int | None) -> None:
     """Each step's timings, its launch's tap unroll factor and the threads that compiled for it ("main" or "pool"),
     the stub timing each config faster than the last."""
     sys.path.insert(0, str(HERE))
@@ -417,6 +422,9 @@ def tuning_child(heights: list[int]) -> None:
         return [t] * len(quantiles) if quantiles else t
 
     stub.get_benchmarker = lambda: bench
+    if memory_clock is not None:
+        properties = stub.utils.get_device_properties
+        stub.utils.get_device_properties = lambda device: {**properties(device), "mem_clock_rate": memory_clock}
     compile_kernel, compiled = triton.compiler.compile, []
 
     def compile_in(*args, **kwargs):
@@ -521,6 +529,7 @@ def child() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--tuning"]:
-        tuning_child([int(h) for h in sys.argv[2].split(",")])
+        tuning_child([int(h) for h in sys.argv[2].split(",")], int(sys.argv[4]) if sys.argv[3:4] == ["--memory-clock"]
+                     else None)
     else:
         child()
