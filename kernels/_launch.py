@@ -180,12 +180,17 @@ def compile_configs(tuner: Autotuner, jit: JITFunction, grid: object, args: tupl
     code generation, which holds the GIL) and half MLIR, LLVM and ptxas, which do not: through the stub driver on
     this project's 2-core CPU a cold message pass at k = 11 (7 configs) took 12.1 s tuned as triton does, 8.6 s
     compiled in 2 threads first. A config that fails to compile is left to the tuner (which skips what runs out of
-    resources)."""
+    resources). Nothing where the tuner has its key's pick already (a launch that differs from a tuned one only in
+    what triton's key leaves out: an operand's alignment, a constexpr that is not in the key): it times nothing."""
     if COMPILE_THREADS < 2 or _async_compile is None or _async_compile.active_mode.get():
         return  # (one thread, or the caller compiles asynchronously already)
-    configs = tuner.configs
-    if tuner.early_config_prune:
-        configs = tuner.early_config_prune(configs, dict(zip(tuner.arg_names, args, strict=False)), **kwargs)
+    nargs = dict(zip(tuner.arg_names, args, strict=False))
+    # The tuner's key, as Autotuner.run makes it (triton 3.6 - 3.9): the key arguments' values, every dtype.
+    named = {name: value for name, value in {**nargs, **kwargs}.items() if name in tuner.arg_names}
+    key = [named[name] for name in tuner.keys if name in named]
+    if tuple(key + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]) in tuner.cache:
+        return
+    configs = tuner.early_config_prune(tuner.configs, nargs, **kwargs) if tuner.early_config_prune else tuner.configs
     if len(configs) < 2:
         return
     with (ThreadPoolExecutor(min(COMPILE_THREADS, len(configs))) as pool,

@@ -118,12 +118,15 @@ def test_a_tuning_compiles_its_configs_in_threads_first() -> None:
     assert _tuning_process("0", "20", threads=1) == [{"timings": 2, "unroll": 2, "compiled": ["main", "main"]}]
 
 
-@pytest.mark.parametrize("active", [False, True])
-def test_configs_compile_at_once_unless_the_caller_compiles_asynchronously(monkeypatch, active: bool) -> None:
+@pytest.mark.parametrize("active,tuned", [(False, False), (True, False), (False, True)])
+def test_configs_compile_at_once_unless_the_caller_compiles_asynchronously(monkeypatch, active: bool,
+                                                                           tuned: bool) -> None:
     """Every pruned config is warmed up (compiled) in the pool; not inside a caller's own ``AsyncCompileMode``
-    (triton allows one at a time: the tuner then compiles as it times)."""
+    (triton allows one at a time: the tuner then compiles as it times), nor where the tuner has its key's pick
+    (it times nothing: its key is the key arguments' values and the operands' dtypes)."""
     from types import SimpleNamespace
 
+    import torch
     from convcrf_triton.kernels import _launch
     from triton.runtime import _async_compile
 
@@ -131,14 +134,17 @@ def test_configs_compile_at_once_unless_the_caller_compiles_asynchronously(monke
     warmed = []
     jit = SimpleNamespace(warmup=lambda *args, grid, **kwargs: warmed.append((args, grid, kwargs)))
     configs = [SimpleNamespace(all_kwargs=lambda u=u: {"UNROLL": u, "num_warps": 4}) for u in (1, 2, 4)]
-    tuner = SimpleNamespace(configs=configs, arg_names=["q", "C"],
+    q = torch.zeros(2, dtype=torch.float16)
+    tuner = SimpleNamespace(configs=configs, arg_names=["q", "C", "KSIZE"], keys=["C", "KSIZE"],
+                            cache={(5, 7, "torch.float16"): configs[0]} if tuned else {(5, 7, "torch.float32"): None},
                             early_config_prune=lambda configs, nargs, **kwargs: configs[:2] if nargs["C"] == 5 else [])
     token = _async_compile.active_mode.set(object() if active else None)
     try:
-        _launch.compile_configs(tuner, jit, (3, 1), ("Q", 5), {"KSIZE": 7})
+        _launch.compile_configs(tuner, jit, (3, 1), (q, 5), {"KSIZE": 7})
     finally:
         _async_compile.active_mode.reset(token)
-    assert warmed == ([] if active else [(("Q", 5), (3, 1), {"KSIZE": 7, "UNROLL": u, "num_warps": 4}) for u in (1, 2)])
+    want = [((q, 5), (3, 1), {"KSIZE": 7, "UNROLL": u, "num_warps": 4}) for u in (1, 2)]
+    assert warmed == ([] if active or tuned else want)
 
 
 @pytest.mark.parametrize("entry", [None, [], {}, {"kwargs": {"UNROLL": 2}}, {"kwargs": [2], "num_warps": 4},
