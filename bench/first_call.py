@@ -5,10 +5,11 @@
 The first inference on a machine compiles every config the autotuner times (and a tuning times every config of each
 tuned kernel); Triton keeps the compiled kernels in its cache directory and this package keeps the tuner's picks
 (``kernels/_tuning_cache.py``). Each row is a fresh process with ``CONVCRF_COMPILE_THREADS`` threads compiling a
-tuning's configs (``kernels._launch.compile_configs``) and an empty Triton cache of its own, then a second process
-with that cache full; the picks are not kept (``CONVCRF_TUNE_CACHE=0``), so that both tune. With CUDA the kernels
-run and are timed by the tuner; without, the launchers' GPU branch runs through ``tests/stub_driver.py``: every
-kernel compiles for sm_90 and the tuner's timing of a config is one stubbed launch of it (which compiles it).
+tuning's configs (``kernels._launch.compile_configs``): with an empty Triton cache of its own (it keeps its picks),
+then with that cache full and no picks (``CONVCRF_TUNE_CACHE=0``: it tunes again), then with the cache and the
+picks. With CUDA the kernels run and are timed by the tuner; without, the launchers' GPU branch runs through
+``tests/stub_driver.py``: every kernel compiles for sm_90 and the tuner's timing of a config is one stubbed launch
+of it (which compiles it: the last two rows then cost the same).
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ def first_inference(filter_size: int, blur: int, height: int, width: int, classe
     return {"first": times[0], "second": times[1]}
 
 
-def run_child(args: argparse.Namespace, threads: int, cache: str) -> dict:
+def run_child(args: argparse.Namespace, threads: int, cache: str, picks: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=cache, CONVCRF_TUNE_CACHE="0", CONVCRF_COMPILE_THREADS=str(threads))
+    env.update(TRITON_CACHE_DIR=cache, CONVCRF_TUNE_CACHE=picks, CONVCRF_COMPILE_THREADS=str(threads))
     command = [sys.executable, __file__, "--child", "--filter-size", str(args.filter_size), "--blur", str(args.blur),
                "--size", args.size, "--classes", str(args.classes)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
@@ -90,12 +91,14 @@ def main() -> None:
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA: stub driver, sm_90"
     print(f"first inference, s: ConvCRF({args.classes}, filter_size={args.filter_size}, blur={args.blur}) on "
           f"{height}x{width} (torch {torch.__version__}, triton {triton.__version__}, {where}, {os.cpu_count()} cores)")
-    print("| compile threads | Triton cache | first inference | second inference |\n|---|---|---|---|")
+    print("| compile threads | Triton cache | tuner's picks | first inference | second inference |")
+    print("|---|---|---|---|---|")
     for threads in (int(n) for n in args.threads.split(",")):
         with tempfile.TemporaryDirectory() as cache:
-            for state in ("empty", "full"):
-                row = run_child(args, threads, cache)
-                print(f"| {threads} | {state} | {row['first']:.2f} | {row['second']:.3f} |", flush=True)
+            picks = os.path.join(cache, "picks")
+            for state, kept in (("empty", "none"), ("full", "none"), ("full", "kept")):
+                row = run_child(args, threads, cache, picks if state == "empty" or kept == "kept" else "0")
+                print(f"| {threads} | {state} | {kept} | {row['first']:.2f} | {row['second']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

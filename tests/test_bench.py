@@ -166,15 +166,16 @@ def test_host_overhead_script_runs() -> None:
 
 
 def test_first_call_script_times_an_empty_and_a_full_cache() -> None:
-    """``bench/first_call.py`` times a process's first inference from an empty Triton cache and from the cache
-    that process filled (here through the stub driver, compiling for sm_90: the full cache's is faster)."""
+    """``bench/first_call.py`` times a process's first inference from an empty Triton cache, then from the cache
+    that process filled, without and with its kept picks (here through the stub driver, compiling for sm_90: the
+    full cache's are faster)."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "first_call.py"), "--filter-size", "3", "--blur", "1",
                            "--size", "8x8", "--classes", "2", "--threads", "2"], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [[c.strip() for c in line.split("|")[1:5]] for line in proc.stdout.splitlines() if line.startswith("| 2 |")]
-    assert [r[:2] for r in rows] == [["2", "empty"], ["2", "full"]], proc.stdout
-    assert float(rows[0][2]) > float(rows[1][2]) > 0, proc.stdout
+    rows = [[c.strip() for c in line.split("|")[1:6]] for line in proc.stdout.splitlines() if line.startswith("| 2 |")]
+    assert [r[:3] for r in rows] == [["2", "empty", "none"], ["2", "full", "none"], ["2", "full", "kept"]], proc.stdout
+    assert float(rows[0][3]) > max(float(rows[1][3]), float(rows[2][3])) > 0, proc.stdout
 
 
 def test_backward_script_times_both_kernels(tmp_path: Path) -> None:
