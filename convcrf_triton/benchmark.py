@@ -67,6 +67,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -1338,17 +1339,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.flush_denormal:
         torch.set_flush_denormal(True)
-    # The sweep tunes in its own process (autotune.csv: the picks it timed), not from picks an earlier run kept.
-    kept = os.environ.get("CONVCRF_TUNE_CACHE")
-    os.environ["CONVCRF_TUNE_CACHE"] = "0"
     try:
-        return _main(args)
+        # The sweep tunes in its own process (autotune.csv: the picks it timed), not from picks an earlier run kept.
+        with mock.patch.dict(os.environ, CONVCRF_TUNE_CACHE="0"):
+            return _main(args)
     finally:
         torch.set_num_threads(threads)
-        if kept is None:
-            del os.environ["CONVCRF_TUNE_CACHE"]
-        else:
-            os.environ["CONVCRF_TUNE_CACHE"] = kept
         if args.flush_denormal:
             torch.set_flush_denormal(False)
 

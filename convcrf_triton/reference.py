@@ -154,8 +154,7 @@ def _message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     k = _filter_size(K)
     r = k // 2
     acc, out_dtype = _message_dtypes(K, Q)
-    Q = Q.to(acc)
-    Q = F.hardshrink(Q, _flush_below(acc))  # (0 where |Q| <= the floor: one op, where abs, < and where took three)
+    Q = _pass_operand(Q, acc)
     padded = F.pad(Q, (r, r, r, r))
     M = torch.zeros_like(Q)
     # Row bands of ~_BAND_BYTES of M, each through every tap while it (and Q's rows around it) stays in cache. One
@@ -168,6 +167,12 @@ def _message_pass(K: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
             dy, dx = divmod(t, k)
             M_band.addcmul_(K_band[:, t : t + 1].to(acc), padded[:, :, y0 + dy : y0 + dy + rows, dx : dx + w])
     return M.to(out_dtype)
+
+
+def _pass_operand(Q: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``Q`` as the message pass multiplies it: in ``acc``, 0 where ``|Q|`` is at most the flush floor (one op, where
+    abs, < and where took three)."""
+    return F.hardshrink(Q.to(acc), _flush_below(acc))
 
 
 def _filter_size(K: torch.Tensor) -> int:
@@ -280,7 +285,7 @@ class _MessagePass(torch.autograd.Function):
         K, Q = ctx.saved_tensors
         acc, _ = _message_dtypes(K, Q)
         grad_M = grad_M.to(acc)
-        Qs = F.hardshrink(Q.to(acc), _flush_below(acc))  # (the forward's operand)
+        Qs = _pass_operand(Q, acc)
         grad_K = grad_Q = None
         if ctx.needs_input_grad[0]:
             grad_K = _message_weight_grad(grad_M, Qs, _filter_size(K)).to(K.dtype)

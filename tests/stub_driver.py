@@ -11,6 +11,7 @@ launch, with ``TRITON_INTERPRET`` unset when triton is imported; the launchers' 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 
 import torch
 from triton.backends.compiler import GPUTarget
@@ -35,13 +36,16 @@ class StubDriver:
     launch's arguments: ``(grid_x, grid_y, grid_z, stream, function, packed metadata, launch metadata,
     enter hook, exit hook, *kernel arguments)``, the last ``MAX_LAUNCHES``, and ``devices`` the current device
     (``set_current_device``'s) at each. The tuner's timings are all equal
-    (it keeps the first config); ``benchmarks`` counts them."""
+    (it keeps the first config) unless ``timings`` yields them; ``benchmarks`` counts them. With
+    ``launch_when_timing`` a timing launches its config once, as a real one does (compiling it if it was not)."""
 
     def __init__(self) -> None:
         self.utils = _Utils()
         self.launches: deque[tuple] = deque(maxlen=MAX_LAUNCHES)
         self.devices: deque[int] = deque(maxlen=MAX_LAUNCHES)  # the current device at each launch
         self.benchmarks = 0  # the tuner's timings taken
+        self.timings: Iterator[float] | None = None
+        self.launch_when_timing = False
         self.device = 0
 
     @staticmethod
@@ -69,7 +73,10 @@ class StubDriver:
     def get_benchmarker(self):
         def bench(fn, quantiles=None, **kwargs):
             self.benchmarks += 1
-            return [1.0, 1.0, 1.0] if quantiles else 1.0
+            if self.launch_when_timing:
+                fn()
+            t = 1.0 if self.timings is None else next(self.timings)
+            return [t] * len(quantiles) if quantiles else t
         return bench
 
     def get_empty_cache_for_benchmark(self) -> torch.Tensor:
