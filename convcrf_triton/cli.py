@@ -18,11 +18,13 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .config import SCHEDULES
 from .refine import (
     CLIError,
     check_output_path,
@@ -164,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_flags(tr)
     tr.add_argument("--epochs", type=int, default=10, help="default %(default)s")
     tr.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default %(default)s)")
+    tr.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="cosine: the learning rate decays "
+                    "to 0 over the run; constant: it stays (default %(default)s)")
     tr.add_argument("--seed", type=int, default=0, help="seed of the training noise and order (default %(default)s)")
     tr.add_argument("--holdout", type=int, default=0, metavar="N", help="keep the last N images (by name) out "
                     "of training and report on them (default %(default)s: report on the training images, "
@@ -458,6 +462,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ---- train ------------------------------------------------------------------------------------------------
 
 
+def _print_warning(message: Warning | str, *_: object) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -499,8 +507,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     before = evaluate(crf, report, args.noise_seed)
     print(f"before: mIoU {100 * before['miou']:.2f}  acc {100 * before['acc']:.2f}  ({which}, noise seed "
           f"{args.noise_seed}, never trained on)")
-    with torch.enable_grad():
-        train(crf, fit, epochs=args.epochs, lr=args.lr, seed=args.seed, progress=not args.quiet)
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        train(crf, fit, epochs=args.epochs, lr=args.lr, seed=args.seed, schedule=args.schedule,
+              progress=not args.quiet)
     after = evaluate(crf, report, args.noise_seed)
     print(f"after:  mIoU {100 * after['miou']:.2f}  acc {100 * after['acc']:.2f}")
     tmp = out.with_name(f".{out.name}.tmp")

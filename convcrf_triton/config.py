@@ -12,6 +12,7 @@ MODES = ("textbook", "convcrf")
 BACKENDS = ("auto", "triton", "torch")
 STORAGES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("float32", "tf32")
+SCHEDULES = ("cosine", "constant")  # the training's learning rate (train.train)
 MAX_FILTER_SIZE = 31
 
 

@@ -244,6 +244,40 @@ def test_accuracy_quick_on_a_tiny_set(tmp_path: Path) -> None:
     assert accuracy.main(["--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
 
 
+@pytest.mark.filterwarnings("ignore:.*appear in no training label")
+def test_decoupled_training_script_on_a_tiny_set(tmp_path: Path) -> None:
+    """``bench/decoupled_training.py --quick``: per held-out set, the hand-set rows then one trained row per
+    recipe, with IoUs of the held-out classes and the held-out classes no training label shows (class 3 is
+    only in the held-out image)."""
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    for i, classes in enumerate([(1, 2), (2, 1), (1, 3)]):
+        labels = np.zeros((24, 28), dtype=np.int64)
+        labels[4:14, 3:13], labels[12:22, 15:26] = classes
+        image = np.stack([labels * 70, 220 - labels * 60, np.full_like(labels, 90)], -1).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / "images" / f"im{i}.png")
+        write_labels(tmp_path / "labels" / f"im{i}.png", labels)
+    spec = importlib.util.spec_from_file_location("bench_decoupled", ROOT / "bench" / "decoupled_training.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "out"
+    argv = ["--data", str(tmp_path), "--holdout", "im2", "--num-classes", "4", "--jobs", "1", "--quick"]
+    assert module.main([*argv, "--out", str(out)]) == 0
+    with (out / "decoupled_training.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["hand-set textbook", "hand-set original-compatible"] + [
+        f"trained {module.LABELS[mode]}" for mode, *_ in module.RECIPES]
+    assert [(r["weight"], r["convcomp"], r["schedule"]) for r in rows[2:]] == [
+        (w, str(c), s) for _, w, c, _, s in module.RECIPES]
+    for r in rows:
+        iou = dict(item.split(":") for item in r["class_iou"].split())
+        assert sorted(iou) == ["0", "1", "3"] and r["unseen"] == "3" and r["holdout"] == "im2"
+        assert all(0 <= float(v) <= 100 for v in iou.values()) and 0 <= float(r["miou"]) <= 100
+    assert all(float(r["last10_min"]) <= float(r["miou"]) <= float(r["last10_max"]) for r in rows[2:])
+    assert "| held out | method |" in (out / "decoupled_training.md").read_text()
+    assert module.main([*argv, "--holdout", "im9", "--out", str(out)]) == 2  # not a stem of the set
+
+
 def test_every_row_can_be_asked_for_by_name() -> None:
     """Each row the sweep knows how to time is one ``--implementations`` accepts (a row left out of
     ``TRITON_IMPLS`` was refused on a lent GPU)."""

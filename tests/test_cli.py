@@ -377,6 +377,14 @@ def test_train_reports_saves_and_the_checkpoint_refines(capsys, tmp_path, folder
     assert lines[0].startswith("before: mIoU") and "1 held-out images" in lines[0]
     assert [ln.split()[:2] for ln in lines[1:3]] == [["epoch", "1"], ["epoch", "2"]]
     assert lines[3].startswith("after:  mIoU") and lines[4] == f"saved {out}"
+    # The training scenes (all but the last by name) label a few of the 21 classes; the per-class weight will
+    # learn to suppress the others: one line says so.
+    shown = set().union(*(np.unique(read_labels(folder / "labels" / f"im{i}.png")).tolist() for i in range(3)))
+    unseen = sorted(set(range(21)) - shown)
+    assert err.splitlines() == [
+        f"warning: {len(unseen)} of 21 classes ({', '.join(map(str, unseen[:12]))}, ...) appear in no training "
+        "label: the learned weight will learn to suppress them wherever they occur; train on labels that show "
+        "every class, or learn weight='scalar' without convcomp"]
     crf = ConvCRF.load(out)
     assert crf.config.trainable and crf.config.filter_size == 5 and crf.num_classes == 21
     assert [p.name for p in tmp_path.iterdir()] == ["crf.pt"]  # no temporary left behind
@@ -389,6 +397,7 @@ def test_train_reports_saves_and_the_checkpoint_refines(capsys, tmp_path, folder
     (["--holdout", "4"], ("--holdout 4", "4 image pairs")),
     (["--epochs", "0"], ("--epochs 0",)),
     (["--lr", "0"], ("--lr 0",)),
+    (["--schedule", "linear"], ("--schedule", "invalid choice")),
     (["--num-classes", "3"], ("beyond --num-classes 3",)),
     (["--filter-size", "4"], ("--filter-size 4",)),
 ])

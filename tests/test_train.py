@@ -1,6 +1,9 @@
 """Decoupled training: a step descends on its objective, checkpoints round-trip, bad set-ups are clear
 errors. (That it raises held-out mIoU on real images is measured by the report run, not asserted here.)"""
 
+import math
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -51,12 +54,45 @@ def test_training_runs_and_checkpoints_round_trip(tmp_path):
     assert loaded.config == crf.config
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_the_learning_rate_follows_its_schedule(schedule):
+    """Each epoch's record holds the rate of its last step: cosine decays from lr towards 0 over the run's
+    steps (epochs × images), constant keeps lr."""
+    samples = [_scene(s, 20, 24) for s in range(2)]
+    crf = ConvCRF(4, filter_size=3, blur=2, num_iter=2, weight="scalar", trainable=True, backend="torch")
+    history = train(crf, samples, epochs=3, lr=0.02, schedule=schedule, progress=False, log=lambda s: None)
+    steps = 3 * len(samples)
+    last = [(e + 1) * len(samples) - 1 for e in range(3)]  # the step index of each epoch's last step
+    expected = [0.02 * 0.5 * (1 + math.cos(math.pi * i / steps)) if schedule == "cosine" else 0.02 for i in last]
+    assert [r["lr"] for r in history] == pytest.approx(expected, rel=1e-12)
+    assert (history[-1]["lr"] < 0.002) == (schedule == "cosine")
+
+
+def test_per_class_parameters_warn_of_classes_no_label_shows():
+    """Scenes label classes 0-3: a 5-class CRF learning a per-class weight or a compatibility is told that
+    class 4 appears in no training label; a scalar weight without compatibility learns no class."""
+    samples = [_scene(s, 20, 24) for s in range(2)]
+    kw = dict(filter_size=3, blur=2, num_iter=2, trainable=True, backend="torch")
+    run = dict(epochs=1, progress=False, log=lambda s: None)
+    with pytest.warns(UserWarning, match=r"1 of 5 classes \(4\) appear in no training label: the learned weight "
+                      r"and compat_matrix will learn to suppress them"):
+        train(ConvCRF(5, convcomp=True, **kw), samples, **run)
+    with pytest.warns(UserWarning, match=r"1 of 5 classes \(4\) .* learned compat_matrix will"):
+        train(ConvCRF(5, weight="scalar", convcomp=True, **kw), samples, **run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(ConvCRF(5, weight="scalar", **kw), samples, **run)
+        train(ConvCRF(4, convcomp=True, **kw), samples, **run)  # every class shown
+
+
 def test_training_needs_trainable_parameters():
     crf = ConvCRF(4, filter_size=3, blur=1, backend="torch")
     with pytest.raises(ValueError, match="trainable=True"):
         train(crf, [_scene(0)], epochs=1, progress=False)
     with pytest.raises(ValueError, match="epochs"):
         train(ConvCRF(4, trainable=True), [_scene(0)], epochs=0, progress=False)
+    with pytest.raises(ValueError, match="schedule='linear' is not allowed: expected one of cosine, constant"):
+        train(ConvCRF(4, trainable=True), [_scene(0)], epochs=1, schedule="linear", progress=False)
 
 
 def test_load_is_strict_about_what_it_reads(tmp_path):
