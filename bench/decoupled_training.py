@@ -131,7 +131,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namesp
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        last = f"{r['last10_min']}-{r['last10_max']}" if r["last10_min"] != "" else "–"
+        last = f"{float(r['last10_min']):.2f}-{float(r['last10_max']):.2f}" if r["last10_min"] != "" else "–"
         lines.append(f"| {r['holdout'].replace(',', ', ')} | {r['method']} | {r['weight'] or '–'} | "
                      f"{r['convcomp'] if r['convcomp'] != '' else '–'} | {r['lr'] or '–'} | {r['schedule'] or '–'} | "
                      f"{r['k']} | {r['miou']:.2f} | {last} | {r['class_iou']} | {r['unseen'] or '–'} |")
