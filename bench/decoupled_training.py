@@ -5,7 +5,7 @@
 
 For each held-out set (``--holdout``, image stems; the other images train): the hand-set textbook and
 original-compatible modes at the filter size, and the best hand-set mode over filter sizes ``--best-of``; then
-each recipe of ``RECIPES`` (mode, per-class or scalar ``w``, compatibility, learning rate, schedule) trained by
+each recipe of ``RECIPES`` (mode, per-class or scalar ``w``, compatibility, learning rate, schedule, loss) trained by
 ``convcrf_triton.train.train`` (one image a step, fresh SPEC §6 noise every epoch) and evaluated on the held-out
 images with the evaluation noise (seed 0, never trained on) after every epoch. A row: the final held-out mIoU,
 its range over the last ten epochs, each held-out class's IoU, and the held-out classes that no training label
@@ -26,16 +26,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "voc7"
 DEFAULT_HOLDOUTS = ["2007_001284,2007_001288", "2007_000033,2007_000129"]
-# (mode, weight, convcomp, lr, schedule): the lr of each mode is the largest that trained it stably on voc7
-# (the original-compatible mode's logits reach the hundreds: at 0.01 it diverged even with clipping).
+# (mode, weight, convcomp, lr, schedule, loss). With the cross-entropy the original-compatible mode (logits in the
+# hundreds) diverged at lr 0.01 even with clipping, hence 0.002; the Lovász-softmax is bounded by 1.
 RECIPES = [
-    ("textbook", "vector", True, 0.01, "constant"),
-    ("textbook", "vector", True, 0.01, "cosine"),
-    ("convcrf", "vector", True, 0.002, "cosine"),
-    ("textbook", "scalar", False, 0.01, "cosine"),
-    ("convcrf", "scalar", False, 0.002, "cosine"),
+    ("textbook", "vector", True, 0.01, "constant", "cross_entropy"),
+    ("textbook", "vector", True, 0.01, "cosine", "cross_entropy"),
+    ("convcrf", "vector", True, 0.002, "cosine", "cross_entropy"),
+    ("textbook", "scalar", False, 0.01, "cosine", "cross_entropy"),
+    ("convcrf", "scalar", False, 0.002, "cosine", "cross_entropy"),
+    ("textbook", "vector", True, 0.01, "cosine", "lovasz"),
+    ("textbook", "scalar", False, 0.01, "cosine", "lovasz"),
+    ("convcrf", "scalar", False, 0.01, "cosine", "lovasz"),
+    ("convcrf", "scalar", False, 0.03, "cosine", "lovasz"),
+    ("convcrf", "scalar", False, 0.1, "cosine", "lovasz"),
 ]
-COLUMNS = ["holdout", "method", "mode", "weight", "convcomp", "lr", "schedule", "k", "blur", "epochs", "miou",
+COLUMNS = ["holdout", "method", "mode", "weight", "convcomp", "lr", "schedule", "loss", "k", "blur", "epochs", "miou",
            "last10_min", "last10_max", "class_iou", "unseen", "seconds", "torch", "commit"]
 LABELS = {"textbook": "textbook", "convcrf": "original-compatible"}
 
@@ -89,7 +94,7 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"--holdout {job['holdout']}: expected stems of the set's images, and one left to train on")
     shown = set().union(*(np.unique(s.labels).tolist() for s in fit))
     row = {"holdout": job["holdout"], "k": job["k"], "blur": job["blur"], "torch": torch.__version__,
-           "commit": git_commit(), "weight": "", "convcomp": "", "lr": "", "schedule": "", "epochs": "",
+           "commit": git_commit(), "weight": "", "convcomp": "", "lr": "", "schedule": "", "loss": "", "epochs": "",
            "last10_min": "", "last10_max": "", "seconds": ""}
     t0 = time.perf_counter()
     if "recipe" not in job:  # hand-set: the best of the filter sizes job["ks"] for job["mode"]
@@ -99,20 +104,20 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
         method = f"hand-set {LABELS[job['mode']]}" + (f", best k of {job['ks']}" if len(job["ks"]) > 1 else "")
         row.update(method=method, mode=job["mode"], k=k)
     else:
-        mode, weight, convcomp, lr, schedule = job["recipe"]
+        mode, weight, convcomp, lr, schedule, loss = job["recipe"]
         crf = _build(mode, job["k"], job["blur"], job["classes"], weight=weight, convcomp=convcomp)
         curve: list[float] = []
-        train(crf, fit, epochs=job["epochs"], lr=lr, schedule=schedule, progress=False,
+        train(crf, fit, epochs=job["epochs"], lr=lr, schedule=schedule, loss=loss, progress=False,
               log=lambda _: curve.append(_scores(crf, test)[0]))
         miou, iou = _scores(crf, test)
         last = curve[-10:]
         row.update(method=f"trained {LABELS[mode]}", mode=mode, weight=weight, convcomp=convcomp, lr=lr,
-                   schedule=schedule, epochs=job["epochs"], last10_min=round(min(last), 2),
+                   schedule=schedule, loss=loss, epochs=job["epochs"], last10_min=round(min(last), 2),
                    last10_max=round(max(last), 2), seconds=round(time.perf_counter() - t0))
     row.update(miou=round(miou, 2), class_iou=" ".join(f"{c}:{v:.1f}" for c, v in iou.items()),
                unseen=" ".join(str(c) for c in iou if c not in shown))
     print(f"{row['holdout']}  {row['method']:45s} {row['weight']!s:6} {row['convcomp']!s:5} {row['schedule']!s:8} "
-          f"mIoU {row['miou']:6.2f}  ({row['class_iou']})", flush=True)
+          f"{row['loss']!s:13} mIoU {row['miou']:6.2f}  ({row['class_iou']})", flush=True)
     return row
 
 
@@ -127,13 +132,14 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namesp
         f"(seed 0). \"last 10\": the held-out mIoU's range over the last ten epochs. \"unseen\": held-out classes "
         f"that no training label shows. PyTorch path, one thread a run. torch {r0['torch']}, commit {r0['commit']}.",
         "",
-        "| held out | method | w | convcomp | lr | schedule | k | mIoU [%] | last 10 | class IoU [%] | unseen |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| held out | method | w | convcomp | lr | schedule | loss | k | mIoU [%] | last 10 | class IoU [%] | unseen |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         last = f"{float(r['last10_min']):.2f}-{float(r['last10_max']):.2f}" if r["last10_min"] != "" else "–"
         lines.append(f"| {r['holdout'].replace(',', ', ')} | {r['method']} | {r['weight'] or '–'} | "
                      f"{r['convcomp'] if r['convcomp'] != '' else '–'} | {r['lr'] or '–'} | {r['schedule'] or '–'} | "
+                     f"{r['loss'] or '–'} | "
                      f"{r['k']} | {r['miou']:.2f} | {last} | {r['class_iou']} | {r['unseen'] or '–'} |")
     path.write_text("\n".join(lines) + "\n")
 

@@ -13,6 +13,7 @@ BACKENDS = ("auto", "triton", "torch")
 STORAGES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("float32", "tf32")
 SCHEDULES = ("cosine", "constant")  # the training's learning rate (train.train)
+LOSSES = ("lovasz", "cross_entropy")  # the training's objective (train.train)
 MAX_FILTER_SIZE = 31
 
 

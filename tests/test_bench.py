@@ -267,8 +267,8 @@ def test_decoupled_training_script_on_a_tiny_set(tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["hand-set textbook", "hand-set original-compatible"] + [
         f"trained {module.LABELS[mode]}" for mode, *_ in module.RECIPES]
-    assert [(r["weight"], r["convcomp"], r["schedule"]) for r in rows[2:]] == [
-        (w, str(c), s) for _, w, c, _, s in module.RECIPES]
+    assert [(r["weight"], r["convcomp"], r["schedule"], r["loss"]) for r in rows[2:]] == [
+        (w, str(c), s, loss) for _, w, c, _, s, loss in module.RECIPES]
     for r in rows:
         iou = dict(item.split(":") for item in r["class_iou"].split())
         assert sorted(iou) == ["0", "1", "3"] and r["unseen"] == "3" and r["holdout"] == "im2"

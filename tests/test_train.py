@@ -10,7 +10,7 @@ import torch
 
 from convcrf_triton import ConvCRF
 from convcrf_triton.data import write_labels
-from convcrf_triton.train import Sample, _training_seed, evaluate, load_samples, train
+from convcrf_triton.train import Sample, _training_seed, evaluate, load_samples, lovasz_softmax, train
 
 
 def _scene(seed: int, H: int = 48, W: int = 56) -> Sample:
@@ -85,6 +85,71 @@ def test_per_class_parameters_warn_of_classes_no_label_shows():
         train(ConvCRF(4, convcomp=True, **kw), samples, **run)  # every class shown
 
 
+def _lovasz_oracle(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The Lovász-softmax of one image from its definition, in float64: for each class c the labels show, the
+    Lovász extension of the Jaccard loss J(S) = 1 - |G \\ S| / |G ∪ S| (S: the pixels taken as mistakes, G: the
+    class's pixels) at the error vector e = |1[y = c] - p_c|, i.e. Σ_i e_(i) (J(S_i) - J(S_(i-1))) over the
+    pixels in decreasing order of error, S_i the first i of them; averaged over the classes."""
+    keep = labels != 255
+    probs, labels = probs[:, keep], labels[keep]
+    out = []
+    for c in np.unique(labels):
+        G = set(np.flatnonzero(labels == c).tolist())
+        errors = np.abs((labels == c) - probs[c])
+        order = sorted(range(len(errors)), key=lambda i: -errors[i])
+        total, S, previous = 0.0, set(), 0.0
+        for i in order:
+            S.add(i)
+            jaccard = 1 - len(G - S) / len(G | S)
+            total += errors[i] * (jaccard - previous)
+            previous = jaccard
+        out.append(total)
+    return float(np.mean(out))
+
+
+def test_lovasz_softmax_against_its_definition_and_the_iou():
+    """Soft probabilities: the loss equals the Lovász extension summed out from its definition (float64, two
+    images, ignored pixels, classes absent from an image). Hard probabilities: the mean over the classes
+    present of 1 - IoU. Its gradient reaches every logit of a counted pixel and no ignored one."""
+    rng = np.random.default_rng(5)
+    logits = torch.from_numpy(rng.normal(0, 2, (2, 4, 5, 6)))
+    labels = torch.from_numpy(rng.integers(0, 3, (2, 5, 6)))
+    labels[0, 0, :3] = 255
+    probs = logits.softmax(1).numpy().reshape(2, 4, -1)
+    expected = np.mean([_lovasz_oracle(probs[b], labels[b].flatten().numpy()) for b in range(2)])
+    logits.requires_grad_(True)
+    loss = lovasz_softmax(logits, labels)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    loss.backward()
+    assert (logits.grad[0, :, 0, :3] == 0).all() and (logits.grad[:, :, 1:].abs().sum(1) > 0).all()
+
+    pred = torch.from_numpy(rng.integers(0, 4, (2, 5, 6)))
+    hard = 80.0 * torch.nn.functional.one_hot(pred, 4).permute(0, 3, 1, 2).double()
+    ious = []
+    for b in range(2):
+        y, p = labels[b][labels[b] != 255], pred[b][labels[b] != 255]
+        ious.append(np.mean([1 - ((y == c) & (p == c)).sum().item() / ((y == c) | (p == c)).sum().item()
+                             for c in torch.unique(y).tolist()]))
+    assert lovasz_softmax(hard, labels).item() == pytest.approx(np.mean(ious), rel=1e-12)
+    assert lovasz_softmax(hard, torch.full_like(labels, 255)).item() == 0  # nothing counted
+    with pytest.raises(ValueError, match=r"labels \[B, H, W\]"):
+        lovasz_softmax(hard, labels[0])
+
+
+@pytest.mark.parametrize("loss", ["lovasz", "cross_entropy"])
+def test_a_step_descends_on_either_loss(loss):
+    """One small Adam step lowers the chosen loss on the unary it was computed on; evaluate() reports that loss."""
+    sample = _scene(3)
+    crf = ConvCRF(4, filter_size=5, blur=2, num_iter=3, weight="scalar", trainable=True, backend="torch")
+    noise = _training_seed(7, 0, 0)
+    before = evaluate(crf, [sample], noise_seed=noise, loss=loss)["loss"]
+    train(crf, [sample], epochs=1, lr=1e-3, seed=7, loss=loss, progress=False, log=lambda s: None)
+    after = evaluate(crf, [sample], noise_seed=noise, loss=loss)["loss"]
+    assert after < before
+    other = evaluate(crf, [sample], noise_seed=noise, loss={"lovasz": "cross_entropy"}.get(loss, "lovasz"))["loss"]
+    assert other != after
+
+
 def test_training_needs_trainable_parameters():
     crf = ConvCRF(4, filter_size=3, blur=1, backend="torch")
     with pytest.raises(ValueError, match="trainable=True"):
@@ -93,6 +158,8 @@ def test_training_needs_trainable_parameters():
         train(ConvCRF(4, trainable=True), [_scene(0)], epochs=0, progress=False)
     with pytest.raises(ValueError, match="schedule='linear' is not allowed: expected one of cosine, constant"):
         train(ConvCRF(4, trainable=True), [_scene(0)], epochs=1, schedule="linear", progress=False)
+    with pytest.raises(ValueError, match="loss='dice' is not allowed: expected one of lovasz, cross_entropy"):
+        train(ConvCRF(4, trainable=True), [_scene(0)], epochs=1, loss="dice", progress=False)
 
 
 def test_load_is_strict_about_what_it_reads(tmp_path):
