@@ -46,14 +46,11 @@ LABELS = {"textbook": "textbook", "convcrf": "original-compatible"}
 
 
 def _build(mode: str, k: int, blur: int, num_classes: int, **train_kw: Any):  # noqa: ANN202 (a ConvCRF)
+    """The hand-set CRF of ``mode`` (``mode="convcrf"`` is what ``from_convcrf_conf`` builds for these keys), or
+    with ``train_kw`` (``weight``, ``convcomp``) its trainable version."""
     from convcrf_triton import ConvCRF
 
-    if mode == "convcrf":
-        conf = {"filter_size": k, "blur": blur}
-        if train_kw:
-            conf.update(trainable=True, weight=train_kw["weight"], convcomp=train_kw["convcomp"])
-        return ConvCRF.from_convcrf_conf(conf, num_classes, backend="torch")
-    return ConvCRF(num_classes, filter_size=k, blur=blur, backend="torch",
+    return ConvCRF(num_classes, filter_size=k, blur=blur, mode=mode, backend="torch",
                    **({"trainable": True, **train_kw} if train_kw else {}))
 
 
@@ -69,10 +66,8 @@ def _scores(crf, samples) -> tuple[float, dict[int, float]]:  # noqa: ANN001
     with torch.no_grad():
         for sample in samples:
             cm.add(sample.labels, _forward(crf, sample, 0, torch.device("cpu"))[0].argmax(0).numpy())
-    m = cm.matrix
-    present = np.flatnonzero(m.sum(1))
-    iou = {int(c): 100 * m[c, c] / (m[c].sum() + m[:, c].sum() - m[c, c]) for c in present}
-    return 100 * cm.miou(), iou
+    iou = cm.iou()
+    return 100 * cm.miou(), {int(c): 100 * iou[c] for c in np.flatnonzero(~np.isnan(iou))}
 
 
 def _job(job: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import LOSSES, SCHEDULES
+from .config import LOSSES, SCHEDULES, CRFConfig
 from .refine import (
     CLIError,
     check_output_path,
@@ -56,8 +56,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _defaults() -> dict[str, object]:
-    from .config import CRFConfig
-
     return {f.name: f.default for f in dataclasses.fields(CRFConfig) if f.default is not dataclasses.MISSING}
 
 

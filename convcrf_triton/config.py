@@ -17,6 +17,12 @@ LOSSES = ("lovasz", "cross_entropy")  # the training's objective (train.train)
 MAX_FILTER_SIZE = 31
 
 
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed: expected one of {', '.join(allowed)}")
+
+
 def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"{name}={value!r} is not allowed: expected {allowed}")
 

@@ -99,9 +99,14 @@ class ConfusionMatrix:
         """Pixel accuracy in [0, 1]."""
         return float(np.trace(self.matrix) / max(self.matrix.sum(), 1))
 
-    def miou(self) -> float:
-        """Mean IoU in [0, 1] over the classes present in the ground truth of the set."""
+    def iou(self) -> np.ndarray:
+        """``[C]`` each class's IoU in [0, 1]; NaN for the classes absent from the ground truth of the set."""
         tp = np.diag(self.matrix).astype(np.float64)
         present = self.matrix.sum(1) > 0
         union = self.matrix.sum(1) + self.matrix.sum(0) - tp
-        return float(np.mean(tp[present] / union[present])) if present.any() else float("nan")
+        return np.where(present, tp / np.maximum(union, 1), np.nan)
+
+    def miou(self) -> float:
+        """Mean IoU in [0, 1] over the classes present in the ground truth of the set."""
+        iou = self.iou()
+        return float(np.nanmean(iou)) if not np.isnan(iou).all() else float("nan")

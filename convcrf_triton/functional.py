@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .config import BACKENDS, PRECISIONS
+from .config import BACKENDS, PRECISIONS, check_choice
 from .resample import blur_pool, blur_upsample, eager_cpu
 
 Number = float | torch.Tensor
@@ -44,8 +44,7 @@ def _interpreting() -> bool:
 
 def resolve_backend(backend: str, device: torch.device) -> ModuleType:
     """The module implementing the hot ops: Triton on CUDA (or CPU under ``TRITON_INTERPRET=1``)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not allowed: expected one of {', '.join(BACKENDS)}")
+    check_choice("backend", backend, BACKENDS)
     triton_ok = device.type == "cuda" or (device.type == "cpu" and _interpreting())
     if backend == "triton" and not triton_ok:
         raise ValueError(

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import functional
-from .config import BACKENDS, CRFConfig
+from .config import BACKENDS, CRFConfig, check_choice
 from .graphs import GraphCache
 
 CHECKPOINT_FORMAT = "convcrf-triton/1"
@@ -100,8 +100,7 @@ class ConvCRF(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise ValueError(f"backend={value!r} is not allowed: expected one of {', '.join(BACKENDS)}")
+        check_choice("backend", value, BACKENDS)
         self.config = dataclasses.replace(self.config, backend=value)
 
     @property

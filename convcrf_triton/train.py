@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import LOSSES, SCHEDULES
+from .config import LOSSES, SCHEDULES, check_choice
 from .data import IGNORE, ConfusionMatrix, read_image, read_labels, synthetic_unary
 from .module import ConvCRF
 
@@ -129,8 +129,7 @@ def evaluate(crf: ConvCRF, samples: Sequence[Sample], noise_seed: int = 0, loss:
              ) -> dict[str, float]:
     """SPEC §6 accuracy and mIoU (fractions) and the mean training loss (``loss``, as in :func:`train`) of
     ``crf`` on ``samples``, with the evaluation noise ``default_rng(noise_seed)`` per image."""
-    if loss not in LOSSES:
-        raise ValueError(f"loss={loss!r} is not allowed: expected one of {', '.join(LOSSES)}")
+    check_choice("loss", loss, LOSSES)
     device = next(iter(crf.buffers()), next(iter(crf.parameters()), torch.empty(0))).device
     cm, losses = ConfusionMatrix(crf.num_classes), []
     for sample in samples:
@@ -168,10 +167,8 @@ def train(
         raise ValueError("crf has no trainable parameters: build it with trainable=True")
     if epochs < 1 or not lr > 0:
         raise ValueError(f"epochs must be >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} is not allowed: expected one of {', '.join(SCHEDULES)}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss={loss!r} is not allowed: expected one of {', '.join(LOSSES)}")
+    check_choice("schedule", schedule, SCHEDULES)
+    check_choice("loss", loss, LOSSES)
     _warn_of_unseen_classes(crf, samples)
     device = next(crf.parameters()).device
     optimiser = torch.optim.Adam(crf.parameters(), lr=lr)
