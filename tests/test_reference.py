@@ -93,7 +93,6 @@ def _weights_tap_by_tap(feats, dims, compats, k, keep_centre, floor=None):
     """Every tap computed on its own (no mirroring), in the operations' order of ``gaussian_weights``."""
     B, D, h, w = feats.shape
     r = k // 2
-    floor = math.log(reference._flush_below(feats.dtype) if floor is None else floor)
     padded = torch.nn.functional.pad(feats, (r, r, r, r))
     inside = torch.nn.functional.pad(feats.new_ones(h, w), (r, r, r, r))
     K = feats.new_zeros(B, k * k, h, w)
@@ -102,7 +101,7 @@ def _weights_tap_by_tap(feats, dims, compats, k, keep_centre, floor=None):
         sq = (padded[:, :, dy : dy + h, dx : dx + w] - feats).square()
         start, weight = 0, None
         for g, c in enumerate(dims):
-            gauss = sq[:, start : start + c].sum(1).mul(-0.5).clamp_min(floor).exp() * compats[g]
+            gauss = reference._floored_exp(sq[:, start : start + c].sum(1).mul(-0.5), floor) * compats[g]
             weight = gauss if weight is None else weight + gauss
             start += c
         K[:, t] = weight * inside[dy : dy + h, dx : dx + w]
@@ -274,3 +273,70 @@ def test_a_process_first_vector_math_is_as_accurate_as_the_next():
         run = subprocess.run([sys.executable, "-c", FIRST_CALLS], capture_output=True, text=True, timeout=300,
                              env={**os.environ, "OMP_NUM_THREADS": "2"})
         assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tiny", [False, True])
+def test_weights_below_the_floor_are_zero_and_none_is_denormal(dtype, tiny):
+    """A row of features whose neighbours' exponents -x²/2 straddle the floor's: each weight is exp(-x²/2) above
+    the floor and 0 below it (a sliver within the clamp's rounding either), never a denormal number (the ``exp`` of
+    ``log(tiny)`` rounded down, in float32, was one: x86 computes and multiplies those on its slow path)."""
+    floor = torch.finfo(dtype).tiny if tiny else reference._flush_below(dtype)
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(400, generator=g, dtype=torch.float64) * 2 * math.sqrt(-2 * math.log(floor))  # (|x|: 0 to 2x)
+    feats = torch.cumsum(x, 0).to(dtype).view(1, 1, 1, -1)
+    K = reference.gaussian_weights(feats, (1,), torch.ones(1, dtype=dtype), 3, False,
+                                   floor=floor if tiny else None).double()
+    f = feats.double().flatten()
+    want = torch.exp(-0.5 * (f[1:] - f[:-1]) ** 2)  # (the weight between x and x + 1, both ways)
+    for got in (K[0, 5, 0, :-1], K[0, 3, 0, 1:]):
+        above, below = want > floor * (1 + 1e-4), want < floor * (1 - 1e-4)
+        assert above.sum() > 100 and below.sum() > 100
+        torch.testing.assert_close(got[above], want[above], rtol=200 * torch.finfo(dtype).eps, atol=0)
+        assert (got[below] == 0).all() and (got[got != 0] >= floor).all()
+    assert (K[0, [0, 1, 2, 4, 6, 7, 8]] == 0).all()
+
+
+def _every_tap(K, Q):
+    """The message pass as the definition reads, every tap over ``Q`` padded with zeros."""
+    k, (h, w) = round(K.shape[1] ** 0.5), Q.shape[-2:]
+    padded = torch.nn.functional.pad(Q, [k // 2] * 4)
+    return sum(K[:, t : t + 1] * padded[:, :, t // k : t // k + h, t % k : t % k + w] for t in range(k * k))
+
+
+def test_message_pass_skips_the_taps_it_is_told_are_zero():
+    """``taps`` (:func:`reference.live_taps`) and the taps outside the image: the same numbers, to the bit."""
+    g = torch.Generator().manual_seed(3)
+    K = torch.rand(2, 49, 5, 9, generator=g)
+    K[:, ::3] = 0
+    Q = torch.randn(2, 4, 5, 9, generator=g)
+    taps = reference.live_taps(K)
+    assert taps == [t for t in range(49) if t % 3] and reference.live_taps(torch.rand(1, 9, 2, 2)) is None
+    assert torch.equal(reference.message_pass(K, Q, taps), reference.message_pass(K, Q))
+    torch.testing.assert_close(reference.message_pass(K, Q, taps), _every_tap(K, Q), rtol=1e-6, atol=1e-6)
+    K, Q = torch.rand(1, 49, 2, 3, generator=g), torch.rand(1, 2, 2, 3, generator=g)  # (most taps reach out)
+    torch.testing.assert_close(reference.message_pass(K, Q), _every_tap(K, Q), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("blur", [1, 2])
+def test_sym_norm_weights_keep_the_pass_normal(blur, monkeypatch):
+    """``norm='sym'`` on the PyTorch path keeps weights down to float32's smallest normal number (the normaliser
+    counts them), scaled by a power of two so that each is at least the pass operand's floor: their products stay
+    normal (x86's fast path). The output equals the unscaled computation's within rounding."""
+    g = torch.Generator().manual_seed(blur)
+    unary = torch.randn(2, 4, 9, 14, generator=g) * 3
+    image = ((torch.rand(2, 1, 9, 14, generator=g) > 0.5) * 80.0).expand(2, 3, 9, 14)  # (colour weights exp(-57))
+    kw = dict(filter_size=5, blur=blur, pos_sdims=3.0, pos_compat=3.0, col_sdims=80.0, col_schan=13.0,
+              col_compat=10.0, col_use_pos=True, norm="sym", keep_centre=False, ops=reference)
+    passer = functional.MessagePasser(image, **kw)
+    floor, unit = reference.normalised_weights(torch.float32)
+    assert unit == 2.0 ** 67 and floor == torch.finfo(torch.float32).tiny
+    smallest = [gauss.K[gauss.K > 0].min().item() for gauss in passer.gaussians]
+    assert min(smallest) >= reference._flush_below(torch.float32)
+    assert smallest[1] < 1e-10 * unit  # (colour weights far below float32's default floor, 1.1e-18, kept)
+    run = dict(filter_size=5, blur=blur, num_iter=3, norm="sym", col_use_pos=True, final_softmax=True,
+               backend="torch")
+    got = functional.mean_field(unary, image, **run)
+    monkeypatch.setattr(reference, "normalised_weights", lambda dtype, storage=None: (torch.finfo(dtype).tiny, 1.0))
+    unscaled = functional.mean_field(unary, image, **run)
+    torch.testing.assert_close(got, unscaled, rtol=1e-6, atol=1e-7)
