@@ -1,13 +1,15 @@
 """Accuracy report in the form of the paper's Table 1 (SPEC §6): the synthetic noisy-unary benchmark on
 ``../shared/data/voc7`` for k = 3 … 13 at blur 4 and 1, textbook mean-field (``ConvCRF(...)``) and the
 original-compatible mode (``ConvCRF.from_convcrf_conf``), plus pydensecrf (matched parameters) when it is
-installed. mIoU and pixel accuracy over the whole set (one confusion matrix), and the time per image.
+installed and this package's drop-in for it (``convcrf_triton.densecrf.DenseCRF2D``, the same calls). mIoU and
+pixel accuracy over the whole set (one confusion matrix), and the time per image.
 
 Protocol (SPEC §6, via ``convcrf_triton.data``): every image gets the synthetic unary of its label map
 with a fresh ``default_rng(seed)`` (seed 0); the unary logits are the noisy probabilities themselves, as
 in the original code; 5 iterations; CRF on the PyTorch path (``backend="torch"``) of this CPU. pydensecrf:
 Gaussian sxy 3 compat 3, bilateral sxy 80 srgb 13 compat 10, with two unaries: ``-log p`` (the noisy
-probabilities, as the original code's FullCRF) and ``-log softmax(p)`` (p as logits, as ConvCRF takes it).
+probabilities, as the original code's FullCRF) and ``-log softmax(p)`` (p as logits, as ConvCRF takes it);
+the drop-in alike (its window from ``sxy``: filter size 31 at blur 8), on the PyTorch path.
 
     python bench/accuracy.py [--data ../shared/data/voc7 | --images DIR --labels DIR] [--out DIR]
                              [--filter-sizes 3,5,7,9,11,13] [--blurs 4,1] [--threads 1] [--quick]
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
     from convcrf_triton import ConvCRF
+    from convcrf_triton import densecrf as dropin
     from convcrf_triton.baselines import densecrf_available, densecrf_infer
     from convcrf_triton.benchmark import device_description, git_commit
 
@@ -117,18 +120,24 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
             predict(warm_image, warm_unary)  # lazy initialisation off the clock
             add(LABELS[mode], mode, k, blur, evaluate(data, predict))
+    # Two unary conventions: -log p (the synthetic probabilities themselves, as the original code's FullCRF
+    # does) and -log softmax(p) (p taken as logits, as ConvCRF does; nearly flat, since p is in [0, 1]).
+    conventions = (("U = -log p", True), ("U = -log softmax(p)", False))
+    implementations = []
     if args.densecrf and densecrf_available():
-        # Two unary conventions: -log p (the synthetic probabilities themselves, as the original code's FullCRF
-        # does) and -log softmax(p) (p taken as logits, as ConvCRF does; nearly flat, since p is in [0, 1]).
-        for name, probs in (("pydensecrf, U = -log p", True), ("pydensecrf, U = -log softmax(p)", False)):
-            def dense(image, unary, probs=probs):
+        implementations.append(("pydensecrf", "densecrf", {}))
+    elif args.densecrf:
+        print("pydensecrf is not installed (pip install pydensecrf2): its rows are left out", flush=True)
+    if args.densecrf:
+        implementations.append(("DenseCRF2D (drop-in)", "dropin", {"module": dropin, "backend": "torch"}))
+    for label, mode, options in implementations:
+        for convention, probs in conventions:
+            def dense(image, unary, probs=probs, options=options):
                 return densecrf_infer(unary[0].numpy(), image[0].numpy(), num_iter=args.iters,
-                                      probabilities=probs).argmax(0)
+                                      probabilities=probs, **options).argmax(0)
 
             dense(warm_image, warm_unary)
-            add(name, "densecrf", "-", "-", evaluate(data, dense))
-    elif args.densecrf:
-        print("pydensecrf is not installed (pip install pydensecrf2): its row is left out", flush=True)
+            add(f"{label}, {convention}", mode, "-", "-", evaluate(data, dense))
     return rows
 
 
@@ -185,14 +194,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     width = 0.8 / max(len(series), 1)
     x = np.arange(len(ks))
-    refs = [r for r in rows if r["mode"] in ("-", "densecrf")]
+    refs = [r for r in rows if r["mode"] in ("-", "densecrf", "dropin")]
     for ax, col, title in zip(axes, ("miou", "acc", "ms_per_image"),
                               ("mIoU [%]", "pixel accuracy [%]", "time per image [ms]"), strict=True):
         for i, (mode, blur) in enumerate(series):
             by_k = {r["k"]: r[col] for r in crf_rows if r["mode"] == mode and r["blur"] == blur}
             ax.bar(x + (i - (len(series) - 1) / 2) * width, [by_k.get(k, math.nan) for k in ks], width,
                    color=colors[(mode, blur)], label=f"{LABELS[mode]}, blur {blur}")
-        for r, (color, ls) in zip(refs, (("k", ":"), ("g", "--"), ("tab:olive", "-."), ("m", "--")), strict=False):
+        styles = (("k", ":"), ("g", "--"), ("tab:olive", "-."), ("m", "--"), ("tab:purple", "-."))
+        for r, (color, ls) in zip(refs, styles, strict=False):
             if col == "ms_per_image" and r["mode"] == "-":
                 continue
             ax.axhline(r[col], color=color, ls=ls, lw=1.5, label=r["method"])
@@ -231,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=21)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
-    p.add_argument("--no-densecrf", dest="densecrf", action="store_false", help="leave pydensecrf out")
+    p.add_argument("--no-densecrf", dest="densecrf", action="store_false", help="leave pydensecrf and the drop-in out")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quick", action="store_true", help="k = 3, 5 at blur 4 only")
     p.add_argument("--plot-only", action="store_true", help="redraw accuracy.png and .md from --out/accuracy.csv")

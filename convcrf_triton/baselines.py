@@ -12,7 +12,8 @@
     ``compare`` extra) with the pairwise parameters matched to a ConvCRF config: smoothness kernel
     ``addPairwiseGaussian(sxy=pos_sdims, compat=pos_compat)``, appearance kernel
     ``addPairwiseBilateral(sxy=col_sdims, srgb=col_schan, compat=col_compat)`` (dense CRFs always give
-    the appearance kernel a position term), unary ``-log softmax(logits)``.
+    the appearance kernel a position term), unary ``-log softmax(logits)``. With ``module=convcrf_triton.densecrf``
+    the same calls run this package's drop-in (``DenseCRF2D``, a windowed CRF) instead.
 
 Shapes: ``unary`` ``[B, C, H, W]`` (logits), ``image`` ``[B, 3, H, W]`` (RGB, scale [0, 255]).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -241,7 +243,7 @@ def densecrf_params(conf: Mapping[str, Any] | None = None) -> dict[str, float]:
 
 def densecrf_infer(
     unary: npt.ArrayLike, image: npt.ArrayLike, num_iter: int = 5, params: Mapping[str, float] | None = None,
-    probabilities: bool = False,
+    probabilities: bool = False, module: ModuleType | None = None, **options: Any,
 ) -> np.ndarray:
     """Full dense-CRF inference with pydensecrf for one image.
 
@@ -252,11 +254,14 @@ def densecrf_infer(
         image: ``[3, H, W]`` RGB in [0, 255] (rounded to uint8, as pydensecrf takes it).
         num_iter: mean-field iterations.
         params: :func:`densecrf_params` (default: the original ConvCRF defaults).
+        module: the module whose ``DenseCRF2D`` runs the calls (default ``pydensecrf.densecrf``;
+            ``convcrf_triton.densecrf``, this package's drop-in), built with ``options`` besides its three sizes.
 
     Returns:
         ``Q`` ``[C, H, W]`` float32 marginals.
     """
-    import pydensecrf.densecrf as dcrf
+    if module is None:
+        import pydensecrf.densecrf as module
 
     p = {**densecrf_params(), **(params or {})}
     logits = np.asarray(unary, dtype=np.float64)
@@ -268,7 +273,7 @@ def densecrf_infer(
         log_prob = z - np.log(np.exp(z).sum(axis=0, keepdims=True))
     energy = np.ascontiguousarray((-log_prob).reshape(C, H * W), dtype=np.float32)
     rgb = np.ascontiguousarray(np.clip(np.rint(np.asarray(image).transpose(1, 2, 0)), 0, 255).astype(np.uint8))
-    crf = dcrf.DenseCRF2D(W, H, C)
+    crf = module.DenseCRF2D(W, H, C, **options)
     crf.setUnaryEnergy(energy)
     crf.addPairwiseGaussian(sxy=p["gauss_sxy"], compat=p["gauss_compat"])
     crf.addPairwiseBilateral(sxy=p["bilateral_sxy"], srgb=p["bilateral_srgb"], rgbim=rgb,

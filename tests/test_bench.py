@@ -237,6 +237,8 @@ def test_accuracy_quick_on_a_tiny_set(tmp_path: Path) -> None:
     crf = [(r["mode"], r["k"], r["blur"]) for r in rows if r["mode"] in ("textbook", "convcrf")]
     assert crf == [(m, k, "4") for m in ("textbook", "convcrf") for k in ("3", "5")]
     assert sum(m.startswith("pydensecrf") for m in methods) == (2 if densecrf_available() else 0)
+    assert [m for m in methods if m.startswith("DenseCRF2D")] == ["DenseCRF2D (drop-in), U = -log p",
+                                                                   "DenseCRF2D (drop-in), U = -log softmax(p)"]
     for r in rows:
         assert 0 <= float(r["miou"]) <= 100 and 0 <= float(r["acc"]) <= 100 and r["n_images"] == "2"
     assert "| method | k | blur | mIoU [%] | accuracy [%] | time / image [ms] |" in (out / "accuracy.md").read_text()
