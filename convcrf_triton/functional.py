@@ -299,6 +299,7 @@ class MessagePasser:
         self.k, self.blur, self.keep_centre, self.H, self.W = filter_size, blur, keep_centre, *image.shape[-2:]
         self.storage = storage
         self._scratch: torch.Tensor | None = None  # (n ⊙ Q of norm='sym': _normalised)
+        self._spares: list[torch.Tensor] = []  # (full-resolution tensors free for a result: recycle)
         # The band kernel's product precision for inference's passes and for the blur-1 step
         # (kernels.band_precision), or None: the direct kernel.
         self.band = None if ops is reference else ops.band_precision(filter_size, precision)
@@ -372,7 +373,24 @@ class MessagePasser:
     def _pass(self, g: _Gaussian, X: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None = None
               ) -> torch.Tensor:
         Mp = self._pooled_pass(g, blur_pool(X, self.blur)).to(X.dtype)
-        return blur_upsample(Mp if mix is None else mix(Mp), self.blur, self.H, self.W)
+        Mp = Mp if mix is None else mix(Mp)
+        return blur_upsample(Mp, self.blur, self.H, self.W, out=self._spare(Mp) if self.blur > 1 else None)
+
+    def recycle(self, X: torch.Tensor) -> None:
+        """Offer ``X``, a full-resolution tensor the caller no longer reads, for a later result's memory: on the CPU
+        outside autograd, at blur > 1 (the upsampling writes there: :func:`~convcrf_triton.resample.blur_upsample`)."""
+        if (self.blur > 1 and eager_cpu(X) and _in_place(X) and X.is_contiguous() and X.dim() == 4
+                and X.shape[-2:] == (self.H, self.W)):
+            self._spares.append(X)
+
+    def _spare(self, Mp: torch.Tensor) -> torch.Tensor | None:
+        """A recycled tensor of the full-resolution shape and dtype of the pooled ``Mp``, or None."""
+        if not (eager_cpu(Mp) and _in_place(Mp)):
+            return None
+        for i, X in enumerate(self._spares):
+            if X.shape[:2] == Mp.shape[:2] and X.dtype == Mp.dtype:
+                return self._spares.pop(i)
+        return None
 
     def steps(self, unary: torch.Tensor, mode: str, unary_weight: Number, weight: Number,
               compat_matrix: torch.Tensor | None, num_iter: int, final_softmax: bool, check: ValueCheck | None = None
@@ -469,7 +487,12 @@ class MessagePasser:
                 term = self._pass(g, Q, pooled_mix)
             else:
                 term = _product(g.norm, self._pass(g, self._normalised(g.norm, Q), pooled_mix))
-            M = term if M is None else _sum(M, term)
+            if M is None:
+                M = term
+            else:
+                M = _sum(M, term)
+                if M is not term:
+                    self.recycle(term)
         return M
 
 
@@ -567,6 +590,7 @@ def mean_field(
             mix = mixer(weight, compat_matrix)
             for i in range(num_iter):
                 M = passer(Q, mix)
+                passer.recycle(Q)  # (its memory, for the next iteration's message)
                 Q = softmax_of_sum(unary_term, M) if i < num_iter - 1 or final_softmax else unary_term + M  # last: Z
         return Q
 
