@@ -259,8 +259,7 @@ def blur_upsample(m: torch.Tensor, blur: int, H: int, W: int, out: torch.Tensor 
 
     ``out``: a contiguous ``[B, C, H, W]`` tensor whose memory the CPU's eager path writes the result into, outside
     autograd (elsewhere a new tensor is returned): a new tensor of that size costs its page faults there, each
-    time where it is too large for malloc to keep (over 32 MB: 1024×2048, C = 21, blur 4, k = 11, one thread of
-    this project's Intel Xeon, the inference 2.97 s with a new tensor an upsampling, 2.00 s without page faults)."""
+    time where it is too large for malloc to keep (over 32 MB; the loop's use: ``functional.MessagePasser.recycle``)."""
     if blur == 1:
         return m
     if opaque_on_cpu(m):
