@@ -151,7 +151,7 @@ def run(case: dict, seed: int) -> tuple[tuple[float, float, float], tuple[float,
     if case["precision"] == "tf32" and kernels.band_precision(case["k"], "tf32") is not None:
         # The rounding's own error: every PyTorch message pass on tf32-rounded operands (an upper bound).
         message_pass = reference.message_pass
-        reference.message_pass = lambda K, Q: message_pass(round_to_tf32(K), round_to_tf32(Q))
+        reference.message_pass = lambda K, Q, *taps: message_pass(round_to_tf32(K), round_to_tf32(Q), *taps)
         try:
             emulated = values("torch", torch.float64, storage=case["storage"] if same_rounding else "float32")
         finally:
