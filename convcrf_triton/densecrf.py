@@ -13,7 +13,8 @@ Switch from pydensecrf by changing the import::
     labels = np.argmax(Q, axis=0).reshape(H, W)       # or d.map(Q).reshape(H, W)
 
 Arrays in and out are numpy with pydensecrf's shapes and dtypes; the work runs on the GPU when there is
-one (``device=`` overrides).
+one (``device=`` overrides). pydensecrf's step-by-step calls run too (``Q, tmp1, tmp2 = d.startInference()``,
+``d.stepInference(Q, tmp1, tmp2)`` updating ``Q`` in place, ``d.klDivergence(Q)`` with pydensecrf's formula).
 
 **How pydensecrf's model maps onto ConvCRF.** pydensecrf runs mean-field over a *fully connected* CRF
 with Potts compatibilities: ``Q_0 = softmax(-U)``, then ``n_iter`` times
@@ -56,6 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import functional
 from .config import MAX_FILTER_SIZE
 from .module import ConvCRF
 
@@ -171,6 +173,7 @@ class DenseCRF2D:
         self._unary: np.ndarray | None = None
         self._gaussian: dict[str, Any] | None = None
         self._bilateral: dict[str, Any] | None = None
+        self._passer: functional.MessagePasser | None = None  # (the step API's message: _message)
 
     # ---- energies ---------------------------------------------------------------------------------------
 
@@ -185,8 +188,10 @@ class DenseCRF2D:
         if not np.all(np.isfinite(arr)):
             raise ValueError("unary energy contains NaN or Inf (clip probabilities before taking -log)")
         self._unary = np.array(arr, dtype=np.float32)
+        self._passer = None
 
     def _add(self, slot: str, term: dict[str, Any]) -> None:
+        self._passer = None
         old = getattr(self, slot)
         if old is None:
             setattr(self, slot, term)
@@ -251,42 +256,111 @@ class DenseCRF2D:
                 f"{name}(sxy={t['sxy']:g}): the ConvCRF window (filter_size={filter_size}, blur={blur}) reaches "
                 f"{window_reach(filter_size, blur)} px, less than 1.5·sxy = {COVER * t['sxy']:g} px, so longer-range "
                 f"interactions are dropped; DenseCRF2D(..., filter_size={k}, blur={b}) would cover it",
-                LocalityWarning, stacklevel=4,  # the caller of inference()
+                LocalityWarning, stacklevel=5,  # the caller of inference(), stepInference() or klDivergence()
             )
 
-    def _crf(self, n_iter: int) -> ConvCRF:
+    def _params(self) -> dict[str, Any]:
+        """The ConvCRF parameters of the terms added: window, bandwidths, Potts weights, normalisation."""
         g, b = self._gaussian, self._bilateral
         norms = {t["norm"] for t in (g, b) if t is not None}
         if len(norms) > 1:
             raise NotImplementedError("the Gaussian and the bilateral term must use the same normalization")
         filter_size, blur = self.window()
         self._warn_locality(filter_size, blur)
-        norm = norms.pop() if norms else "none"
-        return ConvCRF(
-            self.n_labels, filter_size=filter_size, blur=blur, num_iter=n_iter,
-            pos_sdims=g["sxy"] if g else 3.0, pos_compat=g["compat"] if g else 0.0,
-            col_sdims=b["sxy"] if b else 80.0, col_schan=b["srgb"] if b else 13.0,
-            col_compat=b["compat"] if b else 0.0, col_use_pos=True, weight="scalar", weight_init=1.0,
-            unary_weight=2.0, norm=norm, merge=norm == "none", backend=self.backend,
-        )
+        return dict(filter_size=filter_size, blur=blur, pos_sdims=g["sxy"] if g else 3.0,
+                    pos_compat=g["compat"] if g else 0.0, col_sdims=b["sxy"] if b else 80.0,
+                    col_schan=b["srgb"] if b else 13.0, col_compat=b["compat"] if b else 0.0, col_use_pos=True,
+                    norm=norms.pop() if norms else "none")
+
+    def _crf(self, n_iter: int) -> ConvCRF:
+        params = self._params()
+        return ConvCRF(self.n_labels, num_iter=n_iter, weight="scalar", weight_init=1.0, unary_weight=2.0,
+                       merge=params["norm"] == "none", backend=self.backend, **params)
+
+    def _image(self) -> torch.Tensor:
+        """The bilateral term's image as ConvCRF takes it: ``[1, 3, height, width]`` float32 on the device."""
+        if self._bilateral is not None:
+            rgb = torch.from_numpy(self._bilateral["image"]).permute(2, 0, 1)[None]
+        else:
+            rgb = torch.zeros(1, 3, self.height, self.width, dtype=torch.uint8)
+        return rgb.to(self.device, torch.float32)
+
+    def _unary_logits(self) -> torch.Tensor:
+        """``-U`` as ``[1, n_labels, height, width]`` float32 on the device."""
+        n, H, W = self.n_labels, self.height, self.width
+        U = self._unary if self._unary is not None else np.zeros((n, H * W), np.float32)
+        return torch.from_numpy(-U).reshape(1, n, H, W).to(self.device)
 
     def inference(self, n_iter: int) -> np.ndarray:
         """``n_iter`` mean-field iterations: ``Q [n_labels, width·height]`` float32 (columns sum to 1)."""
         if not isinstance(n_iter, (int, np.integer)) or isinstance(n_iter, bool) or n_iter < 0:
             raise ValueError(f"n_iter must be an integer >= 0, got {n_iter!r}")
-        n, H, W = self.n_labels, self.height, self.width
-        U = self._unary if self._unary is not None else np.zeros((n, H * W), np.float32)
-        unary = torch.from_numpy(-U).reshape(1, n, H, W).to(self.device)
+        unary = self._unary_logits()
         if n_iter == 0 or (self._gaussian is None and self._bilateral is None):
-            return torch.softmax(unary, dim=1).reshape(n, H * W).cpu().numpy()
+            return self._flat(torch.softmax(unary, dim=1))
         crf = self._crf(int(n_iter))
-        if self._bilateral is not None:
-            rgb = torch.from_numpy(self._bilateral["image"]).permute(2, 0, 1)[None]
-        else:
-            rgb = torch.zeros(1, 3, H, W, dtype=torch.uint8)
         with torch.no_grad():
-            Z = crf.to(self.device)(unary, rgb.to(self.device, torch.float32))
-        return torch.softmax(Z.float(), dim=1).reshape(n, H * W).cpu().numpy()
+            Z = crf.to(self.device)(unary, self._image())
+        return self._flat(torch.softmax(Z.float(), dim=1))
+
+    def _flat(self, Q: torch.Tensor) -> np.ndarray:
+        """``[1, n_labels, height, width]`` → a numpy ``[n_labels, width·height]`` float32 array."""
+        return Q.reshape(self.n_labels, -1).float().cpu().numpy()
+
+    # ---- step by step (pydensecrf's startInference / stepInference / klDivergence) --------------------------
+
+    def startInference(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # noqa: N802 (pydensecrf's name)
+        """``Q_0 = softmax(-U)`` ``[n_labels, width·height]`` float32 and pydensecrf's two scratch arrays (empty:
+        nothing is kept in them here), for :meth:`stepInference` and :meth:`klDivergence`::
+
+            Q, tmp1, tmp2 = d.startInference()
+            for i in range(5):
+                print(i, d.klDivergence(Q))
+                d.stepInference(Q, tmp1, tmp2)       # Q now equals d.inference(i + 1)
+        """
+        empty = np.zeros((0, 0), np.float32)
+        return self._flat(torch.softmax(self._unary_logits(), dim=1)), empty, empty.copy()
+
+    def stepInference(self, Q: np.ndarray, tmp1: Any = None, tmp2: Any = None) -> None:  # noqa: N802
+        """One mean-field iteration, in place: ``Q ← softmax(-U + message(Q))`` (``tmp1``, ``tmp2``: pydensecrf's
+        scratch, unused)."""
+        self._check_marginals(Q)
+        Z = self._unary_logits()
+        if self._gaussian is not None or self._bilateral is not None:
+            Z = Z + self._message(Q)
+        Q[...] = self._flat(torch.softmax(Z, dim=1))
+
+    def klDivergence(self, Q: np.ndarray) -> float:  # noqa: N802 (pydensecrf's name)
+        """pydensecrf's KL-divergence of the marginals ``Q`` from the CRF's distribution, up to a constant:
+        ``Σ Q log max(Q, 1e-20) + Σ U Q − Σ Q ⊙ message(Q)`` (summed in float64, as pydensecrf does, whose Potts
+        terms add ``Q ⊙ (−compat · filtered Q)``)."""
+        self._check_marginals(Q)
+        q = np.asarray(Q, dtype=np.float64)
+        kl = float((q * np.log(np.maximum(q, 1e-20))).sum())
+        if self._unary is not None:
+            kl += float((self._unary.astype(np.float64) * q).sum())
+        if self._gaussian is not None or self._bilateral is not None:
+            M = self._message(Q).reshape(self.n_labels, -1).double().cpu().numpy()
+            kl -= float((q * M).sum())
+        return kl
+
+    def _check_marginals(self, Q: Any) -> None:
+        want = (self.n_labels, self.width * self.height)
+        if not isinstance(Q, np.ndarray) or Q.shape != want or Q.dtype != np.float32:
+            got = f"{type(Q).__name__} {getattr(Q, 'shape', '')} {getattr(Q, 'dtype', '')}".strip()
+            raise TypeError(f"Q must be the float32 numpy array of shape {want} that startInference returned, "
+                            f"got {got}")
+
+    def _message(self, Q: np.ndarray) -> torch.Tensor:
+        """The pairwise message ``Σ_g compat_g · n_g ⊙ (G_g (n_g ⊙ Q))`` of the marginals ``Q`` (the same one
+        :meth:`inference` adds), ``[1, n_labels, height, width]`` float32; its weights are built once."""
+        with torch.no_grad():
+            if self._passer is None:
+                params = self._params()
+                ops = functional.resolve_backend(self.backend, self.device)
+                self._passer = functional.MessagePasser(self._image(), keep_centre=False, ops=ops, **params)
+            return self._passer(torch.from_numpy(Q).reshape(1, self.n_labels, self.height, self.width)
+                                .to(self.device))
 
     def map(self, Q: np.ndarray | int) -> np.ndarray:
         """The most likely label per pixel, ``[width·height]`` int64, from ``Q`` (or from ``Q`` computed
