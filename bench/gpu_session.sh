@@ -10,7 +10,8 @@
 # BENCH_ARGS: more flags for both sections (e.g. "--k-resolutions 1024x2048 --blurs 1").
 # pydensecrf on the host's CPU (SPEC §7: >= 1000x it), DENSE_SECONDS (45): only with a wheel of pydensecrf2 for
 # the GPU image's Python carried in .whl/ (the machine reaches no index; build it with
-# `python3.12 -m pip wheel pydensecrf2 -w .whl` and pass the device tool carry=[".whl"]).
+# `python3.12 -m pip wheel pydensecrf2 -w .whl` and pass the device tool carry=[".whl"]). Last, the pydensecrf
+# drop-in (DenseCRF2D) on the GPU against it, DROPIN_SECONDS (90; its rows are in the log).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench-results/gpu-session}
@@ -61,4 +62,7 @@ if [ "$dense" = 1 ]; then  # (375x500, 512x512, 1024x2048: ~8 s a call at the la
 fi
 echo "== time to the first inference (compiles from an empty Triton cache; last: what time is left)"
 timeout 90 python3 bench/first_call.py --threads 8
+echo "== the pydensecrf drop-in on the GPU, pydensecrf on this host's CPU where installed (last: what time is left)"
+timeout "${DROPIN_SECONDS:-90}" python3 bench/densecrf_speed.py --device cuda --sizes 375x500,1024x2048 --repeat 3 \
+  --out /tmp/densecrf_speed
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv

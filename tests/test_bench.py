@@ -246,6 +246,34 @@ def test_accuracy_quick_on_a_tiny_set(tmp_path: Path) -> None:
     assert accuracy.main(["--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
 
 
+def test_densecrf_speed_script(tmp_path: Path) -> None:
+    """``bench/densecrf_speed.py``: the drop-in's row (and pydensecrf's, with the labels' agreement and the
+    speed-up, where it is installed) per size, in CSV and markdown."""
+    spec = importlib.util.spec_from_file_location("bench_densecrf_speed", ROOT / "bench" / "densecrf_speed.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        assert script.main(["--sizes", "24x32,17x20", "--repeat", "1", "--backend", "torch",
+                            "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with (tmp_path / "densecrf_speed.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == script.COLUMNS
+    names = ["DenseCRF2D (drop-in)", "pydensecrf"] if densecrf_available() else ["DenseCRF2D (drop-in)"]
+    assert [(r["H"], r["W"], r["implementation"]) for r in rows] == [(H, W, n) for H, W in (("24", "32"), ("17", "20"))
+                                                                   for n in names]
+    for r in rows:
+        assert float(r["min_ms"]) <= float(r["median_ms"]) <= float(r["max_ms"])
+        if r["implementation"] != "pydensecrf" and densecrf_available():
+            assert 0.5 < float(r["agreement"]) <= 1 and float(r["speedup"]) > 0
+    assert "| H×W | implementation | device |" in (tmp_path / "densecrf_speed.md").read_text()
+    on_gpu = ["--device", "cuda", "--sizes", "24x32", "--repeat", "1", "--out", str(tmp_path / "cuda")]
+    assert script.main(on_gpu) == (0 if torch.cuda.is_available() else 2)
+
+
 @pytest.mark.filterwarnings("ignore:.*appear in no training label")
 def test_decoupled_training_script_on_a_tiny_set(tmp_path: Path) -> None:
     """``bench/decoupled_training.py --quick``: per held-out set, the hand-set rows then one trained row per
