@@ -81,12 +81,11 @@ def normalised_weights(dtype: torch.dtype, storage: torch.dtype | None = None) -
     The normaliser ``n = 1/sqrt(g * 1 + 1e-20)`` scales a weight by up to 1e20, so weights far below
     :func:`_flush_below` still count (a pixel whose weights all lie below it exchanges O(1) messages with its like:
     fuzz case 293664190, whose weights were raised to it, put an output 0.30 off): the floor is the dtype's
-    smallest normal number. Weights that small times
-    the pass's operand fall in the denormal range, x86's slow path (``DenseCRF2D`` on a 366×500 VOC image, one thread:
-    4.4 s against 0.6 s with denormals flushed). A power of two ``unit`` lifts every weight to at least
-    :func:`_flush_below`, which keeps the products with the operand normal; dividing it out is exact, and a weight
-    times ``n`` times the operand's ``n`` is at most 1 (``g ≤ g * 1``), so the sums stay far from overflow. ``unit``
-    is 1 where ``K`` is stored in a dtype of narrower range (float16)."""
+    smallest normal number. Weights that small times the pass's operand fall in the denormal range, x86's slow path
+    (``DenseCRF2D`` on a 366×500 VOC image, one thread: 4.4 s against 0.6 s with denormals flushed). A power of two
+    ``unit`` lifts every weight to at least :func:`_flush_below`, which keeps the products with the operand normal;
+    dividing it out is exact, and a weight times ``n`` times the operand's ``n`` is at most 1 (``g ≤ g * 1``), so
+    the sums stay far from overflow. ``unit`` is 1 where ``K`` is stored in a dtype of narrower range (float16)."""
     tiny = torch.finfo(dtype).tiny
     if torch.finfo(storage or dtype).tiny != tiny:
         return tiny, 1.0
