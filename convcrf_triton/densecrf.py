@@ -44,7 +44,9 @@ is given once, naming the ``filter_size``/``blur`` that would cover it.
 Not supported (they raise ``NotImplementedError``): label compatibility vectors or matrices (only Potts
 numbers), anisotropic ``sxy``/``srgb`` (ConvCRF's Gaussians are isotropic), ``NORMALIZE_BEFORE``/
 ``NORMALIZE_AFTER``, mixed normalisations, two Gaussians (or bilaterals) with different bandwidths,
-``addPairwiseEnergy`` with arbitrary features, and parameter learning.
+``addPairwiseEnergy`` with features other than :func:`create_pairwise_gaussian`'s and
+:func:`create_pairwise_bilateral`'s (positions over one bandwidth, then up to 3 image channels), and parameter
+learning.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ from .module import ConvCRF
 
 __all__ = [
     "CONST_KERNEL", "DIAG_KERNEL", "FULL_KERNEL", "NO_NORMALIZATION", "NORMALIZE_BEFORE", "NORMALIZE_AFTER",
-    "NORMALIZE_SYMMETRIC", "DenseCRF2D", "LocalityWarning", "choose_window", "unary_from_labels",
-    "unary_from_softmax", "window_reach",
+    "NORMALIZE_SYMMETRIC", "DenseCRF2D", "LocalityWarning", "choose_window", "create_pairwise_bilateral",
+    "create_pairwise_gaussian", "unary_from_labels", "unary_from_softmax", "window_reach",
 ]
 
 # pydensecrf's enum values (KernelType, NormalizationType).
@@ -227,11 +229,34 @@ class DenseCRF2D:
                                  "image": np.array(im), "compat": _potts(compat),
                                  "norm": _normalization(normalization)})
 
-    def addPairwiseEnergy(self, *args: Any, **kwargs: Any) -> None:  # noqa: N802
-        raise NotImplementedError(
-            "addPairwiseEnergy with arbitrary features is not supported: ConvCRF's kernels are the position "
-            "Gaussian (addPairwiseGaussian) and the position+colour bilateral (addPairwiseBilateral)"
-        )
+    def addPairwiseEnergy(self, features: np.ndarray, compat: Any, kernel: int = DIAG_KERNEL,  # noqa: N802
+                          normalization: int = NORMALIZE_SYMMETRIC) -> None:
+        """A pairwise term from the features :func:`create_pairwise_gaussian` (``[2, width·height]``: the smoothness
+        kernel) or :func:`create_pairwise_bilateral` (``[2 + c, width·height]``, ``c ≤ 3`` image channels: the
+        appearance kernel) make, pydensecrf's or these: rows 0 and 1 the pixel's row and column over one bandwidth,
+        the others its channels over theirs (any per-channel bandwidths, any image values: a grey image too). Other
+        features raise ``NotImplementedError``: ConvCRF's kernels are windows over the image's positions."""
+        _check_kernel(kernel)
+        feats = np.asarray(features)
+        H, W = self.height, self.width
+        if feats.ndim != 2 or feats.shape[1] != H * W or not np.issubdtype(feats.dtype, np.floating):
+            raise ValueError(f"features must be a float array of shape [D, {H * W}] (D >= 2), got "
+                             f"{feats.shape} {feats.dtype}")
+        if not np.all(np.isfinite(feats)):
+            raise ValueError("features contain NaN or Inf")
+        sxy = _position_bandwidth(feats[:2], H, W)
+        term = {"sxy": sxy, "compat": _potts(compat), "norm": _normalization(normalization)}
+        channels = feats.shape[0] - 2
+        if channels == 0:
+            self._add("_gaussian", term)
+            return
+        if channels > 3:
+            raise NotImplementedError(f"{channels} feature channels besides the positions: ConvCRF's appearance "
+                                      "kernel takes up to 3 (an RGB image)")
+        # The channels, already over their bandwidths, as a float image (unused channels 0: no difference).
+        image = np.zeros((H, W, 3), np.float32)
+        image[..., :channels] = feats[2:].T.reshape(H, W, channels)
+        self._add("_bilateral", {**term, "srgb": 1.0, "image": image})
 
     # ---- inference --------------------------------------------------------------------------------------
 
@@ -388,6 +413,72 @@ def unary_from_softmax(sm: np.ndarray, scale: float | None = None, clip: float |
     if clip is not None:
         sm = np.clip(sm, clip, 1.0)
     return -np.log(sm).reshape([num_cls, -1]).astype(np.float32)
+
+
+def create_pairwise_gaussian(sdims: Any, shape: tuple[int, int]) -> np.ndarray:
+    """Smoothness features ``[2, H·W]`` float32 for :meth:`DenseCRF2D.addPairwiseEnergy` (as pydensecrf.utils):
+    each pixel's row over ``sdims[0]`` and column over ``sdims[1]`` (``shape = (H, W)``)."""
+    H, W = _grid_shape(shape)
+    sy, sx = _bandwidths(sdims, 2, "sdims")
+    rows, cols = np.meshgrid(np.arange(H, dtype=np.float32), np.arange(W, dtype=np.float32), indexing="ij")
+    return np.stack([rows / np.float32(sy), cols / np.float32(sx)]).reshape(2, -1)
+
+
+def create_pairwise_bilateral(sdims: Any, schan: Any, img: np.ndarray, chdim: int = -1) -> np.ndarray:
+    """Appearance features ``[2 + c, H·W]`` float32 for :meth:`DenseCRF2D.addPairwiseEnergy` (as
+    pydensecrf.utils): :func:`create_pairwise_gaussian`'s positions, then the ``c`` channels of ``img`` (an
+    ``[H, W]`` image with ``chdim=-1``, else channels along ``chdim``) over ``schan`` (one number or one a
+    channel)."""
+    arr = np.asarray(img)
+    im = arr[np.newaxis] if chdim == -1 else np.moveaxis(arr, chdim, 0)
+    if im.ndim != 3:
+        raise ValueError(f"img must be [H, W] with chdim=-1 or [H, W, c] with its channel axis chdim, got "
+                         f"shape {arr.shape} and chdim={chdim}")
+    channels = im.astype(np.float32)
+    scales = _bandwidths(schan, channels.shape[0], "schan")
+    channels /= np.asarray(scales, np.float32).reshape(-1, 1, 1)
+    positions = create_pairwise_gaussian(sdims, channels.shape[1:])
+    return np.concatenate([positions, channels.reshape(channels.shape[0], -1)])
+
+
+def _grid_shape(shape: Any) -> tuple[int, int]:
+    dims = tuple(int(v) for v in shape)
+    if len(dims) != 2 or min(dims) < 1:
+        raise ValueError(f"shape must be (height, width) of a 2-D image, got {shape!r}")
+    return dims  # type: ignore[return-value]
+
+
+def _bandwidths(value: Any, n: int, name: str) -> list[float]:
+    """``n`` positive bandwidths from one number or ``n`` numbers."""
+    arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    if arr.size == 1:
+        arr = np.repeat(arr, n)
+    if arr.size != n or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise ValueError(f"{name} must be one positive number or {n}, got {value!r}")
+    return arr.tolist()
+
+
+def _position_bandwidth(rows: np.ndarray, H: int, W: int) -> float:
+    """The one bandwidth ``s`` of features whose rows 0 and 1 are each pixel's row and column over ``s``
+    (:func:`create_pairwise_gaussian`'s), or ``NotImplementedError``."""
+    rows = rows.astype(np.float64)
+    grid = np.meshgrid(np.arange(H, dtype=np.float64), np.arange(W, dtype=np.float64), indexing="ij")
+    scales = []
+    for row, coord, n in zip(rows, grid, (H, W), strict=True):
+        if n > 1:
+            step = row[coord.reshape(-1) == 1][0]  # (the first pixel one row, or one column, on: 1 / s)
+            ok = step > 0 and np.allclose(row, coord.reshape(-1) * step, rtol=1e-5, atol=1e-6 * step * n)
+            if not ok:
+                raise NotImplementedError(
+                    "addPairwiseEnergy: features whose rows 0 and 1 are not each pixel's row and column over a "
+                    "bandwidth (create_pairwise_gaussian / create_pairwise_bilateral make them) are not supported: "
+                    "ConvCRF's kernels are windows over the image's positions"
+                )
+            scales.append(1.0 / step)
+    if len(scales) == 2 and abs(scales[0] - scales[1]) > 1e-5 * max(scales):
+        raise NotImplementedError(f"sdims=({scales[0]:g}, {scales[1]:g}): anisotropic position bandwidths are not "
+                                  "supported (ConvCRF's Gaussians are isotropic); pass one number")
+    return scales[0] if scales else 1.0
 
 
 def unary_from_labels(labels: np.ndarray, n_labels: int, gt_prob: float, zero_unsure: bool = True) -> np.ndarray:

@@ -41,6 +41,12 @@ def brute_force_terms(image: np.ndarray, gaussian: tuple[float, float] | None,
     if bilateral is not None:
         sxy, srgb, compat = bilateral
         kernels.append((np.concatenate([yx / sxy, rgb / srgb], 1), compat))
+    return feature_terms(kernels, normalize)
+
+
+def feature_terms(kernels: list[tuple[np.ndarray, float]], normalize: bool = True
+                  ) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """:func:`brute_force_terms` of features given as they are: ``[(f [H·W, D], compat)]``."""
     terms = []
     for f, compat in kernels:
         G = np.exp(-0.5 * ((f[:, None, :] - f[None, :, :]) ** 2).sum(-1))
@@ -59,7 +65,11 @@ def brute_force_dense_crf(U: np.ndarray, image: np.ndarray, n_iter: int, gaussia
                           bilateral: tuple[float, float, float] | None, normalize: bool = True) -> np.ndarray:
     """Textbook mean-field over the fully connected CRF (:func:`brute_force_terms`), in float64:
     ``Q = softmax(-U + message(Q))``. ``U [n, H·W]``, ``image [H, W, 3]`` → ``Q [n, H·W]``."""
-    terms = brute_force_terms(image, gaussian, bilateral, normalize)
+    return mean_field_over(U, brute_force_terms(image, gaussian, bilateral, normalize), n_iter)
+
+
+def mean_field_over(U: np.ndarray, terms: list[tuple[np.ndarray, np.ndarray, float]], n_iter: int) -> np.ndarray:
+    """``n_iter`` float64 mean-field iterations ``Q = softmax(-U + message(Q))`` over brute-force ``terms``."""
 
     def softmax(z: np.ndarray) -> np.ndarray:
         e = np.exp(z - z.max(0))
@@ -159,6 +169,59 @@ def test_kl_divergence_close_to_pydensecrf() -> None:
     assert kls[1][-1] < kls[1][0] and kls[0][-1] < kls[0][0]
 
 
+def test_feature_makers_match_their_definitions() -> None:
+    """``create_pairwise_gaussian`` / ``create_pairwise_bilateral`` as pydensecrf.utils defines them (and equal to
+    its arrays where it is installed): positions ``(row / s_y, column / s_x)``, then the channels over theirs."""
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (5, 7, 3)).astype(np.uint8)
+    rows, cols = np.divmod(np.arange(35), 7)
+    np.testing.assert_array_equal(dcrf.create_pairwise_gaussian((2, 4), (5, 7)),
+                                  np.stack([rows / np.float32(2), cols / np.float32(4)]).astype(np.float32))
+    got = dcrf.create_pairwise_bilateral((3, 3), (13, 20, 5), img, chdim=2)
+    assert got.shape == (5, 35) and got.dtype == np.float32
+    np.testing.assert_allclose(got[2:], (img.reshape(35, 3) / np.array([13, 20, 5])).T, rtol=1e-6)
+    grey = dcrf.create_pairwise_bilateral(3, 0.5, img[..., 0], chdim=-1)
+    np.testing.assert_allclose(grey[2], img[..., 0].reshape(-1) / 0.5, rtol=1e-6)
+    try:
+        import pydensecrf.utils as pu
+    except ImportError:
+        return
+    np.testing.assert_array_equal(got, pu.create_pairwise_bilateral((3, 3), (13, 20, 5), img, chdim=2))
+    np.testing.assert_array_equal(grey, pu.create_pairwise_bilateral((3, 3), 0.5, img[..., 0], chdim=-1))
+    np.testing.assert_array_equal(dcrf.create_pairwise_gaussian((2, 4), (5, 7)),
+                                  pu.create_pairwise_gaussian((2, 4), (5, 7)))
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_pairwise_energy_from_features_matches_brute_force(channels: int) -> None:
+    """``addPairwiseEnergy`` with the feature makers' arrays (a grey image, two channels, RGB with a bandwidth a
+    channel): with a window covering the image at blur 1, the fully connected CRF over the same features."""
+    H, W, n = 9, 11, 4
+    image, U = _tiny(4, H, W, n)
+    img = image[..., :channels] if channels > 1 else image[..., 0]
+    schan = (20.0, 35.0, 9.0)[:channels]
+    gauss = dcrf.create_pairwise_gaussian((2.0, 2.0), (H, W))
+    bilat = dcrf.create_pairwise_bilateral((5.0, 5.0), schan, img, chdim=2 if channels > 1 else -1)
+    d = DenseCRF2D(W, H, n, filter_size=2 * max(H, W) - 1, blur=1, backend="torch")
+    d.setUnaryEnergy(U)
+    d.addPairwiseEnergy(gauss, compat=3.0)
+    d.addPairwiseEnergy(bilat, compat=5.0)
+    want = mean_field_over(U, feature_terms([(gauss.T.astype(np.float64), 3.0), (bilat.T.astype(np.float64), 5.0)]),
+                           5)
+    np.testing.assert_allclose(d.inference(5), want, atol=2e-5)
+    if channels == 3:  # the terms addPairwiseGaussian / addPairwiseBilateral add, and the window they choose
+        d = DenseCRF2D(W, H, n, backend="torch")
+        d.setUnaryEnergy(U)
+        d.addPairwiseEnergy(gauss, compat=3.0)
+        d.addPairwiseEnergy(dcrf.create_pairwise_bilateral(5.0, 13.0, image, chdim=2), compat=5.0)
+        e = DenseCRF2D(W, H, n, backend="torch")
+        e.setUnaryEnergy(U)
+        e.addPairwiseGaussian(sxy=2.0, compat=3.0)
+        e.addPairwiseBilateral(sxy=5.0, srgb=13.0, rgbim=image, compat=5.0)
+        assert d.window() == e.window()
+        np.testing.assert_allclose(d.inference(5), e.inference(5), atol=2e-5)
+
+
 def test_auto_window_close_to_brute_force_on_a_larger_image() -> None:
     """The automatic window (blur 2) is an approximation of the full CRF; labels still agree almost everywhere."""
     H, W, n = 24, 30, 3
@@ -245,6 +308,13 @@ def test_window_choice_and_warning_once() -> None:
     (lambda d: d.inference(-1), "n_iter"),
     (lambda d: DenseCRF2D(6, 5, 2, filter_size=4), "filter_size"),
     (lambda d: DenseCRF2D(0, 5, 2), "width"),
+    (lambda d: d.addPairwiseEnergy(np.zeros((2, 29), np.float32), compat=3), "features"),
+    (lambda d: d.addPairwiseEnergy(np.zeros((2, 30), np.int64), compat=3), "features"),
+    (lambda d: d.addPairwiseEnergy(np.full((2, 30), np.nan, np.float32), compat=3), "NaN"),
+    (lambda d: dcrf.create_pairwise_gaussian((3, 0), (5, 6)), "sdims"),
+    (lambda d: dcrf.create_pairwise_gaussian(3, (5, 6, 2)), "shape"),
+    (lambda d: dcrf.create_pairwise_bilateral(3, (13, 13), np.zeros((5, 6, 3)), chdim=2), "schan"),
+    (lambda d: dcrf.create_pairwise_bilateral(3, 13, np.zeros((5, 6, 3)), chdim=-1), "img"),
 ])
 def test_errors(call, error) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match=error):
@@ -258,7 +328,10 @@ def test_errors(call, error) -> None:  # noqa: ANN001
     lambda d: d.addPairwiseGaussian(sxy=3, compat=np.ones(2, np.float32)),
     lambda d: d.addPairwiseGaussian(sxy=3, compat=3, normalization=dcrf.NORMALIZE_BEFORE),
     lambda d: (d.addPairwiseGaussian(sxy=3, compat=3), d.addPairwiseGaussian(sxy=5, compat=3)),
-    lambda d: d.addPairwiseEnergy(np.zeros((2, 30), np.float32), compat=3),
+    lambda d: d.addPairwiseEnergy(np.zeros((2, 30), np.float32), compat=3),  # (not positions)
+    lambda d: d.addPairwiseEnergy(np.random.default_rng(0).random((2, 30)).astype(np.float32), compat=3),
+    lambda d: d.addPairwiseEnergy(dcrf.create_pairwise_gaussian((3, 5), (5, 6)), compat=3),  # (anisotropic)
+    lambda d: d.addPairwiseEnergy(dcrf.create_pairwise_bilateral(3, 13, np.zeros((5, 6, 4)), chdim=2), compat=3),
     lambda d: (d.addPairwiseGaussian(3, 3, normalization=dcrf.NO_NORMALIZATION),
                d.addPairwiseBilateral(80, 13, np.zeros((5, 6, 3), np.uint8), 10), d.inference(1)),
 ])
