@@ -222,6 +222,32 @@ def test_pairwise_energy_from_features_matches_brute_force(channels: int) -> Non
         np.testing.assert_allclose(d.inference(5), e.inference(5), atol=2e-5)
 
 
+def test_grey_image_label_agreement_with_pydensecrf() -> None:
+    """The non-RGB way in on both (``addPairwiseEnergy`` with the features of ``create_pairwise_*``, which equal
+    pydensecrf.utils'), a grey procedural scene (240×320, 21 labels, the bench's noisy unary): the labels agree on
+    ≥ 92% of the pixels (measured 96.2%; the unary alone agrees on 60%)."""
+    pd = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf is not installed (pip install pydensecrf2)")
+    from convcrf_triton.scene import make_scene
+
+    H, W, n = 240, 320, 21
+    image, labels = make_scene(H, W, seed=0)
+    grey = image.mean(2).astype(np.float32)
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(n), H * W).T
+    probs[labels.reshape(-1) % n, np.arange(H * W)] += rng.random(H * W) < 0.7
+    U = unary_from_softmax(probs / probs.sum(0))
+    gaussian = dcrf.create_pairwise_gaussian((3, 3), (H, W))
+    bilateral = dcrf.create_pairwise_bilateral((80, 80), (13,), grey, chdim=-1)
+    results = []
+    for module, kw in ((pd, {}), (dcrf, {"backend": "torch"})):
+        d = module.DenseCRF2D(W, H, n, **kw)
+        d.setUnaryEnergy(U.copy())
+        d.addPairwiseEnergy(gaussian, compat=3)
+        d.addPairwiseEnergy(bilateral, compat=10)
+        results.append(np.asarray(d.inference(5)).argmax(0))
+    assert (results[0] == results[1]).mean() >= 0.92
+
+
 def test_auto_window_close_to_brute_force_on_a_larger_image() -> None:
     """The automatic window (blur 2) is an approximation of the full CRF; labels still agree almost everywhere."""
     H, W, n = 24, 30, 3
