@@ -14,7 +14,9 @@ Switch from pydensecrf by changing the import::
 
 Arrays in and out are numpy with pydensecrf's shapes and dtypes; the work runs on the GPU when there is
 one (``device=`` overrides). pydensecrf's step-by-step calls run too (``Q, tmp1, tmp2 = d.startInference()``,
-``d.stepInference(Q, tmp1, tmp2)`` updating ``Q`` in place, ``d.klDivergence(Q)`` with pydensecrf's formula).
+``d.stepInference(Q, tmp1, tmp2)`` updating ``Q`` in place, ``d.klDivergence(Q)`` with pydensecrf's formula), and
+so does its way in for images that are not RGB (:func:`create_pairwise_gaussian`, :func:`create_pairwise_bilateral`
+then ``d.addPairwiseEnergy(feats, compat)``: a grey image, or up to 3 channels with a bandwidth each).
 
 **How pydensecrf's model maps onto ConvCRF.** pydensecrf runs mean-field over a *fully connected* CRF
 with Potts compatibilities: ``Q_0 = softmax(-U)``, then ``n_iter`` times
