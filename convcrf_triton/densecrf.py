@@ -67,8 +67,9 @@ from .module import ConvCRF
 
 __all__ = [
     "CONST_KERNEL", "DIAG_KERNEL", "FULL_KERNEL", "NO_NORMALIZATION", "NORMALIZE_BEFORE", "NORMALIZE_AFTER",
-    "NORMALIZE_SYMMETRIC", "DenseCRF2D", "LocalityWarning", "choose_window", "create_pairwise_bilateral",
-    "create_pairwise_gaussian", "unary_from_labels", "unary_from_softmax", "window_reach",
+    "NORMALIZE_SYMMETRIC", "DenseCRF2D", "LocalityWarning", "choose_window", "compute_unary",
+    "create_pairwise_bilateral", "create_pairwise_gaussian", "softmax_to_unary", "unary_from_labels",
+    "unary_from_softmax", "window_reach",
 ]
 
 # pydensecrf's enum values (KernelType, NormalizationType).
@@ -499,3 +500,19 @@ def unary_from_labels(labels: np.ndarray, n_labels: int, gt_prob: float, zero_un
     if zero_unsure:
         U[:, labels == 0] = -np.log(1.0 / n_labels)
     return U
+
+
+def softmax_to_unary(sm: np.ndarray, GT_PROB: float = 1) -> np.ndarray:  # noqa: N803 (pydensecrf's name)
+    """Deprecated in pydensecrf (a ``DeprecationWarning`` here): :func:`unary_from_softmax` with ``scale =
+    GT_PROB`` (none at 1) and no clipping."""
+    warnings.warn("softmax_to_unary is deprecated (as in pydensecrf): use unary_from_softmax", DeprecationWarning,
+                  stacklevel=2)
+    return unary_from_softmax(sm, None if GT_PROB == 1 else GT_PROB, clip=None)
+
+
+def compute_unary(labels: np.ndarray, M: int, GT_PROB: float = 0.5) -> np.ndarray:  # noqa: N803
+    """Deprecated in pydensecrf (a ``DeprecationWarning`` here): :func:`unary_from_labels` ``(labels, M,
+    GT_PROB)``."""
+    warnings.warn("compute_unary is deprecated (as in pydensecrf): use unary_from_labels", DeprecationWarning,
+                  stacklevel=2)
+    return unary_from_labels(labels, M, GT_PROB)

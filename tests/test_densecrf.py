@@ -381,12 +381,18 @@ def test_utils_match_pydensecrf_definitions() -> None:
     np.testing.assert_allclose(U[:, 1], -np.log([0.7, 0.15, 0.15]), rtol=1e-6)  # label 1: class 0
     U = unary_from_labels(labels, 4, gt_prob=0.7, zero_unsure=False)
     np.testing.assert_allclose(U[:, 3], -np.log([0.1, 0.1, 0.1, 0.7]), rtol=1e-6)
+    with pytest.warns(DeprecationWarning, match="unary_from_softmax"):  # (the deprecated names of old tutorials)
+        np.testing.assert_allclose(dcrf.softmax_to_unary(sm, GT_PROB=0.5), unary_from_softmax(sm, 0.5, clip=None))
+    with pytest.warns(DeprecationWarning, match="unary_from_labels"):
+        np.testing.assert_array_equal(dcrf.compute_unary(labels, 3, 0.7), unary_from_labels(labels, 3, 0.7))
     try:
         import pydensecrf.utils as pu
     except ImportError:
         return
     np.testing.assert_array_equal(unary_from_softmax(sm), pu.unary_from_softmax(sm))
     np.testing.assert_array_equal(unary_from_labels(labels, 3, 0.7), pu.unary_from_labels(labels, 3, 0.7))
+    with pytest.warns(DeprecationWarning):
+        np.testing.assert_array_equal(dcrf.softmax_to_unary(sm), pu.softmax_to_unary(sm))
 
 
 def test_label_agreement_with_pydensecrf_on_voc7(voc7) -> None:  # noqa: ANN001
