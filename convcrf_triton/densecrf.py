@@ -111,17 +111,13 @@ def choose_window(sxy: float) -> tuple[int, int]:
 
 def _isotropic(value: Any, name: str, n: int) -> float:
     """One positive bandwidth from a number or a tuple of ``n`` equal numbers."""
-    arr = np.asarray(value, dtype=np.float64).reshape(-1)
-    if arr.size not in (1, n):
-        raise ValueError(f"{name} must be a number or {n} numbers, got {value!r}")
-    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    if np.ptp(arr) > 1e-6 * arr.max():
+    values = _bandwidths(value, n, name)
+    if max(values) - min(values) > 1e-6 * max(values):
         raise NotImplementedError(
             f"{name}={value!r}: anisotropic bandwidths are not supported (ConvCRF's Gaussians are isotropic); "
             "pass one number"
         )
-    return float(arr[0])
+    return values[0]
 
 
 def _potts(compat: Any) -> float:
@@ -452,12 +448,12 @@ def _grid_shape(shape: Any) -> tuple[int, int]:
 
 
 def _bandwidths(value: Any, n: int, name: str) -> list[float]:
-    """``n`` positive bandwidths from one number or ``n`` numbers."""
+    """``n`` finite, positive bandwidths from one number or ``n`` numbers."""
     arr = np.asarray(value, dtype=np.float64).reshape(-1)
     if arr.size == 1:
         arr = np.repeat(arr, n)
     if arr.size != n or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise ValueError(f"{name} must be one positive number or {n}, got {value!r}")
+        raise ValueError(f"{name} must be one finite number > 0 or {n} of them, got {value!r}")
     return arr.tolist()
 
 
