@@ -79,6 +79,7 @@ def test_reference_is_differentiable_in_every_input():
 def test_message_pass_in_row_bands_equals_one_band(band_bytes, dtype, monkeypatch):
     """Row bands (1 row, or 3 rows of float64 / 6 of float32, the last band shorter: h = 13) give every element
     the same multiply-adds in the same order as one band over the whole image: equal to the last bit."""
+    monkeypatch.setattr(reference, "_TAP_ROWS_PER_TAP", 0)  # (a tap at a time, as on larger grids)
     g = torch.Generator().manual_seed(3)
     feats = torch.randn(2, 5, 13, 11, generator=g, dtype=dtype)
     K = reference.gaussian_weights(feats, (2, 3), torch.tensor([3.0, 10.0], dtype=dtype), 5, False)
@@ -304,8 +305,12 @@ def _every_tap(K, Q):
     return sum(K[:, t : t + 1] * padded[:, :, t // k : t // k + h, t % k : t % k + w] for t in range(k * k))
 
 
-def test_message_pass_skips_the_taps_it_is_told_are_zero():
-    """``taps`` (:func:`reference.live_taps`) and the taps outside the image: the same numbers, to the bit."""
+@pytest.mark.parametrize("tap_rows", [False, True], ids=["a-tap-at-a-time", "a-row-of-taps-at-a-time"])
+def test_message_pass_skips_the_taps_it_is_told_are_zero(tap_rows, monkeypatch):
+    """``taps`` (:func:`reference.live_taps`) and the taps outside the image: the same numbers, to the bit, a tap
+    at a time or (small grids) a row of taps at a time, both the definition's within rounding."""
+    if not tap_rows:
+        monkeypatch.setattr(reference, "_TAP_ROWS_PER_TAP", 0)
     g = torch.Generator().manual_seed(3)
     K = torch.rand(2, 49, 5, 9, generator=g)
     K[:, ::3] = 0
@@ -316,6 +321,25 @@ def test_message_pass_skips_the_taps_it_is_told_are_zero():
     torch.testing.assert_close(reference.message_pass(K, Q, taps), _every_tap(K, Q), rtol=1e-6, atol=1e-6)
     K, Q = torch.rand(1, 49, 2, 3, generator=g), torch.rand(1, 2, 2, 3, generator=g)  # (most taps reach out)
     torch.testing.assert_close(reference.message_pass(K, Q), _every_tap(K, Q), rtol=1e-6, atol=1e-6)
+    K = torch.rand(2, 121, 6, 9, generator=g, dtype=torch.float64)
+    K[:, :22] = 0  # (tap rows 0 and 1 dead)
+    Q = torch.randn(2, 5, 6, 9, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(reference.message_pass(K, Q, reference.live_taps(K)), _every_tap(K, Q), rtol=1e-13,
+                               atol=1e-13)
+
+
+def test_small_grids_take_a_row_of_taps_at_a_time():
+    """The pass on a small grid (DenseCRF2D's 31×31 window on a 16×16 pooled grid: ``M`` within the row path's
+    bounds) against a tap at a time: the same sums in another order (float32 rounding)."""
+    g = torch.Generator().manual_seed(6)
+    K, Q = torch.rand(1, 31 * 31, 16, 16, generator=g), torch.rand(1, 21, 16, 16, generator=g)
+    assert Q.numel() <= min(reference._TAP_ROWS_PER_TAP * 31, reference._TAP_ROWS_MAX_PRODUCT // 31)
+    rows = reference.message_pass(K, Q)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reference, "_TAP_ROWS_PER_TAP", 0)
+        taps = reference.message_pass(K, Q)
+    torch.testing.assert_close(rows, taps, rtol=2e-6, atol=0)
+    torch.testing.assert_close(rows.double(), _every_tap(K.double(), Q.double()), rtol=2e-6, atol=0)
 
 
 @pytest.mark.parametrize("blur", [1, 2])
