@@ -270,7 +270,7 @@ def test_densecrf_speed_script(tmp_path: Path) -> None:
         if r["implementation"] != "pydensecrf" and densecrf_available():
             assert 0.5 < float(r["agreement"]) <= 1 and float(r["speedup"]) > 0
     assert "| H×W | implementation | device |" in (tmp_path / "densecrf_speed.md").read_text()
-    on_gpu = ["--device", "cuda", "--sizes", "24x32", "--repeat", "1", "--out", str(tmp_path / "cuda")]
+    on_gpu = ["--device", "cuda", "--sizes", "24x32", "--repeat", "1", "--backend", "torch", "--out", str(tmp_path)]
     assert script.main(on_gpu) == (0 if torch.cuda.is_available() else 2)
 
 
