@@ -199,9 +199,11 @@ def run(case: dict, seed: int) -> tuple[tuple[float, float, float], tuple[float,
 
 def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
     """``x`` rounded to the nearest tf32 (10 mantissa bits, ties away from zero), as the band kernel rounds its
-    operands, in ``x``'s dtype."""
-    bits = x.float().view(torch.int32)
-    return ((bits + 0x1000) & -0x2000).view(torch.float32).to(x.dtype)
+    operands, in ``x``'s dtype and range: the rounding is relative, and the PyTorch path's ``norm='sym'`` weights
+    carry a power-of-two unit (``reference.normalised_weights``: 2^515 in float64, which a float32 view took to
+    infinity; case 608659907). Equal to the bits' rounding of float32's normal numbers."""
+    mantissa, exponent = torch.frexp(x)  # (x = mantissa · 2^exponent, 0.5 ≤ |mantissa| < 1: 11 bits kept)
+    return torch.ldexp(torch.sign(mantissa) * torch.floor(mantissa.abs() * 2048 + 0.5) / 2048, exponent)
 
 
 def judge(got: dict, torch32: dict, want: dict, same_rounding: bool, grad: bool, floor: float
