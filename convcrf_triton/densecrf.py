@@ -109,6 +109,21 @@ def choose_window(sxy: float) -> tuple[int, int]:
         blur += 2
 
 
+def _device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` (default: CUDA when available, else the CPU), checked now rather than at the
+    first inference."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but no CUDA device is available here: use device='cpu' (or leave it "
+                         "unset)")
+    return dev
+
+
 def _isotropic(value: Any, name: str, n: int) -> float:
     """One positive bandwidth from a number or a tuple of ``n`` equal numbers."""
     values = _bandwidths(value, n, name)
@@ -168,7 +183,7 @@ class DenseCRF2D:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         self.width, self.height, self.n_labels = int(width), int(height), int(n_labels)
         self.filter_size, self.blur, self.backend = filter_size, blur, backend
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = _device(device)
         if filter_size is not None or blur is not None:  # validate now, not at inference time
             ConvCRF(2, filter_size=filter_size or 11, blur=blur or 4, backend=backend)
         self._unary: np.ndarray | None = None

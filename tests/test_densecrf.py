@@ -334,6 +334,7 @@ def test_window_choice_and_warning_once() -> None:
     (lambda d: d.inference(-1), "n_iter"),
     (lambda d: DenseCRF2D(6, 5, 2, filter_size=4), "filter_size"),
     (lambda d: DenseCRF2D(0, 5, 2), "width"),
+    (lambda d: DenseCRF2D(6, 5, 2, device="tpu"), "device"),
     (lambda d: d.addPairwiseEnergy(np.zeros((2, 29), np.float32), compat=3), "features"),
     (lambda d: d.addPairwiseEnergy(np.zeros((2, 30), np.int64), compat=3), "features"),
     (lambda d: d.addPairwiseEnergy(np.full((2, 30), np.nan, np.float32), compat=3), "NaN"),
@@ -345,6 +346,12 @@ def test_window_choice_and_warning_once() -> None:
 def test_errors(call, error) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match=error):
         call(DenseCRF2D(6, 5, 2, backend="torch"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of machines without CUDA")
+def test_cuda_device_without_cuda_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="device='cuda', but no CUDA device"):
+        DenseCRF2D(6, 5, 2, device="cuda")
 
 
 @pytest.mark.parametrize("call", [
