@@ -32,10 +32,13 @@ def test_fullgraph_forward_and_backward(backend):
         torch.testing.assert_close(getattr(crf, name).grad, grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_inductor_compiles_the_reference_path():
+@pytest.mark.parametrize("norm", ["none", "sym"])
+def test_inductor_compiles_the_reference_path(norm):
+    """Inference, one graph: with ``norm='sym'`` the eager loop's in-place products and sums and its reused
+    ``n ⊙ Q`` buffer (``out=``) trace too."""
     torch._dynamo.reset()
     unary, image = _inputs()
-    crf = ConvCRF(3, filter_size=3, blur=2, num_iter=2, backend="torch")
+    crf = ConvCRF(3, filter_size=3, blur=2, num_iter=2, norm=norm, merge=norm == "none", backend="torch")
     with torch.no_grad():
         want = crf(unary, image)
         got = torch.compile(crf, fullgraph=True)(unary, image)
