@@ -17,14 +17,14 @@ LOSSES = ("lovasz", "cross_entropy")  # the training's objective (train.train)
 MAX_FILTER_SIZE = 31
 
 
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{name}={value!r} is not allowed: expected {allowed}")
+
+
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     """``ValueError`` naming ``name`` unless ``value`` is one of ``allowed``."""
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed: expected one of {', '.join(allowed)}")
-
-
-def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{name}={value!r} is not allowed: expected {allowed}")
+        _fail(name, value, "one of " + ", ".join(allowed))
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,7 @@ class CRFConfig:
                 _fail(name, v, "a finite number")
         for name, allowed in (("weight", WEIGHTS), ("norm", NORMS), ("mode", MODES), ("backend", BACKENDS),
                               ("storage", STORAGES), ("precision", PRECISIONS)):
-            if getattr(self, name) not in allowed:
-                _fail(name, getattr(self, name), "one of " + ", ".join(repr(a) for a in allowed))
+            check_choice(name, getattr(self, name), allowed)
         for name in ("col_use_pos", "merge", "convcomp", "trainable", "final_softmax"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")

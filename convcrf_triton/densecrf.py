@@ -190,6 +190,7 @@ class DenseCRF2D:
         self._gaussian: dict[str, Any] | None = None
         self._bilateral: dict[str, Any] | None = None
         self._passer: functional.MessagePasser | None = None  # (the step API's message: _message)
+        self._step_logits: torch.Tensor | None = None  # (the step API's -U: stepInference)
 
     # ---- energies ---------------------------------------------------------------------------------------
 
@@ -204,7 +205,7 @@ class DenseCRF2D:
         if not np.all(np.isfinite(arr)):
             raise ValueError("unary energy contains NaN or Inf (clip probabilities before taking -log)")
         self._unary = np.array(arr, dtype=np.float32)
-        self._passer = None
+        self._step_logits = None
 
     def _add(self, slot: str, term: dict[str, Any]) -> None:
         self._passer = None
@@ -364,7 +365,9 @@ class DenseCRF2D:
         """One mean-field iteration, in place: ``Q ← softmax(-U + message(Q))`` (``tmp1``, ``tmp2``: pydensecrf's
         scratch, unused)."""
         self._check_marginals(Q)
-        Z = self._unary_logits()
+        if self._step_logits is None:  # (-U on the device, once for every step)
+            self._step_logits = self._unary_logits()
+        Z = self._step_logits
         if self._gaussian is not None or self._bilateral is not None:
             Z = Z + self._message(Q)
         Q[...] = self._flat(torch.softmax(Z, dim=1))

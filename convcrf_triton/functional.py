@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .config import BACKENDS, PRECISIONS, check_choice
+from .config import BACKENDS, PRECISIONS, STORAGES, check_choice
 from .resample import blur_pool, blur_upsample, eager_cpu
 
 Number = float | torch.Tensor
@@ -564,12 +564,8 @@ def mean_field(
     one-launch step; the blur-1 step, passes that carry a gradient, the PyTorch backend and the other filter
     sizes stay float32.
     """
-    if storage not in STORAGE_DTYPES:
-        raise ValueError(f"storage={storage!r} is not allowed: expected one of "
-                         + ", ".join(repr(s) for s in STORAGE_DTYPES))
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not allowed: expected one of "
-                         + ", ".join(repr(s) for s in PRECISIONS))
+    check_choice("storage", storage, STORAGES)
+    check_choice("precision", precision, PRECISIONS)
     check = check_inputs(unary, image)
     check_devices(unary, pos_sdims=pos_sdims, pos_compat=pos_compat, col_sdims=col_sdims, col_schan=col_schan,
                   col_compat=col_compat, weight=weight, unary_weight=unary_weight, compat_matrix=compat_matrix)
