@@ -268,6 +268,7 @@ class _Gaussian:
     scale: Number | None = None
     norm: torch.Tensor | None = None
     taps: list[int] | None = None  # (the PyTorch path's taps of K with a weight: reference.live_taps)
+    dense: torch.Tensor | None = None  # (the PyTorch path's message pass as a matrix: reference.dense_weights)
 
 
 def to_storage(X: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
@@ -349,7 +350,8 @@ class MessagePasser:
             # (A Gaussian of its own may be narrower than the window, and norm='sym' zeroes only the weights
             # below the smallest normal number.)
             taps = reference.live_taps(K) if ops is reference and scale is not None else None
-            self.gaussians.append(_Gaussian(f, dims, compats, K, scale, taps=taps))
+            dense = reference.dense_weights(K, taps) if ops is reference else None
+            self.gaussians.append(_Gaussian(f, dims, compats, K, scale, taps=taps, dense=dense))
         if norm == "sym":
             ones = pos.new_ones(image.shape[0], 1, self.H, self.W)
             for g in self.gaussians:
@@ -366,6 +368,8 @@ class MessagePasser:
             return self.ops.learned_message_pass(g.K, g.feats, g.dims, g.compats, Xp, self.k, self.keep_centre)
         if self.band is not None and not (torch.is_grad_enabled() and Xp.requires_grad):
             return self.ops.band_message_pass(g.K, Xp, self.band)
+        if g.dense is not None:
+            return reference.dense_message_pass(g.dense, Xp)
         if g.taps is not None:
             return reference.message_pass(g.K, Xp, g.taps)
         return self.ops.message_pass(g.K, Xp)

@@ -39,6 +39,19 @@ _BAND_BYTES = 4 << 20
 # 3.3 MB product: 47 / 26); k = 11 n = 16 1.1 / 1.3, n = 20 1.6 / 1.5; k = 5 n = 12 0.27 / 0.29, n = 16 0.37 / 0.29.
 _TAP_ROWS_PER_TAP = 600
 _TAP_ROWS_MAX_PRODUCT = 1 << 19
+# The weights' mirrored taps are copied through one sheared view a chunk of tap rows at a time, instead of a copy a
+# tap, where a tap's plane has at most _SHEAR_PIXELS elements (B·h·w: a copy's dispatch outweighing its bytes; the
+# sheared copy reads and writes the half twice more). One thread of this project's Intel Xeon, one call on n × m
+# (a copy a tap / sheared, ms, appearance): k = 31 16×16 6.2 / 2.2, 47×63 29 / 23, 64×96 46 / 45, 96×128
+# 105 / 105, 128×256 291 / 303; k = 11 32×32 1.7 / 1.2, 128×256 33 / 35.
+_SHEAR_PIXELS = 1 << 13
+# The message pass as one matrix product (dense_weights) on a grid of n = h·w pixels where n is at most
+# _DENSE_PER_TAP times the taps that reach inside it (a multiply-add in the product ~20× cheaper than in the window
+# sum; the matrix is built once an inference) and its build's temporary has at most _DENSE_ELEMENTS elements.
+# One thread of this project's Intel Xeon, C = 21, a pass window / product (the build) ms: k = 31 16×16 2.2 / 0.03
+# (0.5), 32×32 13.4 / 0.7 (5.8), 47×63 25 / 4.8 (61); k = 11 32×32 1.7 / 0.8 (1.0), 64×64 3.7 / 11 (73).
+_DENSE_PER_TAP = 4
+_DENSE_ELEMENTS = 1 << 22
 
 
 def _settle_mkl_dispatch() -> None:
@@ -160,6 +173,9 @@ def _gaussian_weights(
     centre = k * k // 2
     if not keep_centre:
         K[:, centre] = 0
+    if B * h * w <= _SHEAR_PIXELS and not torch.compiler.is_compiling():
+        _mirror_sheared(K.view(B, k, k, h, w))
+        return K
     # The mirrored taps: K[t(-d), p] = K[t(d), p - d], zero where p - d leaves the image.
     K[:, centre + 1 :] = 0
     for t in range(centre):
@@ -170,6 +186,26 @@ def _gaussian_weights(
             K[:, k * k - 1 - t, y : y + rows, x : x + cols] = K[:, t, y - ddy : y - ddy + rows,
                                                                 x - ddx : x - ddx + cols]
     return K
+
+
+def _mirror_sheared(K: torch.Tensor) -> None:
+    """Fills the mirrored taps of ``K: [B, k, k, h, w]`` (rows ``dy > r`` and the centre row's ``dx > r``) from the
+    others, in place: tap ``(r + j, dx)``, whose offset is ``d = (j, dx - r)``, is ``K[r - j, k - 1 - dx]`` at
+    ``p + d``. The source rows, their taps reversed (``flip``) and zero-padded by ``r`` (``P``), are read at
+    ``P[j, dx, y + r + j, x + dx]``: one strided view whose tap strides carry the shift (a shear), so a chunk of rows
+    takes three copies, not one a tap."""
+    B, k, _, h, w = K.shape
+    r = k // 2
+    rows = max(1, min(r + 1, _CHUNK_ELEMENTS // (B * k * (h + 2 * r) * (w + 2 * r))))
+    for j0 in range(0, r + 1, rows):
+        m = min(rows, r + 1 - j0)
+        P = F.pad(K[:, r + 1 - j0 - m : r + 1 - j0].flip(1, 2), (r, r, r, r))  # [B, m, k, h + 2r, w + 2r]
+        sB, sJ, sX, sY, _ = P.stride()
+        sheared = P.as_strided((B, m, k, h, w), (sB, sJ + sY, sX + 1, sY, 1), P.storage_offset() + (r + j0) * sY)
+        if j0 == 0:  # (the centre row: the taps right of the centre)
+            K[:, r, r + 1 :] = sheared[:, 0, r + 1 :]
+            sheared, j0, m = sheared[:, 1:], 1, m - 1
+        K[:, r + j0 : r + j0 + m] = sheared
 
 
 def message_pass(K: torch.Tensor, Q: torch.Tensor, taps: Sequence[int] | None = None) -> torch.Tensor:
@@ -227,6 +263,40 @@ def _message_pass(K: torch.Tensor, Q: torch.Tensor, taps: Sequence[int] | None =
                 continue  # (the tap reads only the zeros around Q)
             M_band.addcmul_(K_band[:, t : t + 1].to(acc), padded[:, :, y0 + dy : y0 + dy + rows, dx : dx + w])
     return M.to(out_dtype)
+
+
+def dense_weights(K: torch.Tensor, taps: Sequence[int] | None = None) -> torch.Tensor | None:
+    """``K: [B, k*k, h, w]`` as the matrix ``A: [B, h*w, h*w]`` of its message pass, ``A[b, p, p + d_t] = K[b, t,
+    p]`` (:func:`dense_message_pass`), where the grid is small against the window (``_DENSE_PER_TAP``) and the matrix
+    cheap to build; else None. ``taps``: those with a weight (:func:`live_taps`; None: every tap). In the message
+    pass's accumulation dtype; no gradient (None where ``K`` requires one, and where ``torch.compile`` traces).
+
+    Built through one sheared view: ``K``'s taps that reach inside the grid (offsets up to ``ry = min(r, h - 1)``
+    rows and ``rx`` columns) are copied into ``P: [B, h, w, h + 2 ry, w + 2 rx]`` at ``P[b, y, x, y + dy, x + dx]``
+    (``q + (ry, rx)`` for ``q = p + d``), whose centre columns are ``A``."""
+    B, _, h, w = K.shape
+    k = _filter_size(K)
+    r = k // 2
+    ry, rx = min(r, h - 1), min(r, w - 1)
+    reach = (2 * ry + 1) * (2 * rx + 1)
+    n = reach if taps is None else sum(abs(t // k - r) <= ry and abs(t % k - r) <= rx for t in taps)
+    if (K.requires_grad or torch.compiler.is_compiling() or h * w > _DENSE_PER_TAP * n
+            or B * h * w * (h + 2 * ry) * (w + 2 * rx) > _DENSE_ELEMENTS):
+        return None
+    acc = torch.float64 if K.dtype == torch.float64 else torch.float32
+    P = K.new_zeros(B, h, w, h + 2 * ry, w + 2 * rx, dtype=acc)
+    sB, sY, sX, sQy, sQx = P.stride()
+    P.as_strided((B, 2 * ry + 1, 2 * rx + 1, h, w), (sB, sQy, sQx, sY + sQy, sX + sQx)).copy_(
+        K.unflatten(1, (k, k))[:, r - ry : r + ry + 1, r - rx : r + rx + 1])
+    return P[..., ry : ry + h, rx : rx + w].reshape(B, h * w, h * w)
+
+
+def dense_message_pass(A: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """:func:`message_pass` through its matrix ``A: [B, h*w, h*w]`` (:func:`dense_weights`): ``M[b, c] = A[b] Q[b,
+    c]`` over the flattened pixels, ``Q: [B, C, h, w]`` → ``M`` in the message pass's dtypes. The same sums in
+    another order (the products' rounding differs); differentiable in ``Q``."""
+    acc, out_dtype = _message_dtypes(A, Q)
+    return torch.bmm(_pass_operand(Q, acc).flatten(2), A.mT).view_as(Q).to(out_dtype)
 
 
 def _pass_operand(Q: torch.Tensor, acc: torch.dtype) -> torch.Tensor:

@@ -113,10 +113,14 @@ def _weights_tap_by_tap(feats, dims, compats, k, keep_centre, floor=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("k", "h", "w"), [(3, 7, 9), (5, 2, 11), (11, 13, 4), (7, 1, 1), (13, 6, 20)])
-def test_mirrored_taps_equal_the_taps_computed(k, h, w, dtype):
+@pytest.mark.parametrize("shear_pixels", [0, 64, reference._SHEAR_PIXELS], ids=["per-tap", "either", "sheared"])
+def test_mirrored_taps_equal_the_taps_computed(k, h, w, dtype, shear_pixels, monkeypatch):
     """Half the taps are copies of the others, shifted (the weight is symmetric): the numbers of each tap computed
     on its own, including the taps that reach outside the image (to the bit with one or two channels a Gaussian;
-    PyTorch may sum five channels in another order for another layout), and ``K`` symmetric to the bit."""
+    PyTorch may sum five channels in another order for another layout), and ``K`` symmetric to the bit. Copied a
+    tap at a time and through the sheared view, in chunks of one tap row (``_CHUNK_ELEMENTS``) and of all."""
+    monkeypatch.setattr(reference, "_SHEAR_PIXELS", shear_pixels)
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 1 if shear_pixels == 64 else reference._CHUNK_ELEMENTS)
     g = torch.Generator().manual_seed(k * 100 + h)
     for dims in ((2, 3), (5,)):
         feats = torch.randn(2, 5, h, w, generator=g, dtype=dtype) * 2
@@ -364,3 +368,74 @@ def test_sym_norm_weights_keep_the_pass_normal(blur, monkeypatch):
     monkeypatch.setattr(reference, "normalised_weights", lambda dtype, storage=None: (torch.finfo(dtype).tiny, 1.0))
     unscaled = functional.mean_field(unary, image, **run)
     torch.testing.assert_close(got, unscaled, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize(("k", "h", "w", "B"), [(31, 16, 16, 1), (5, 2, 11, 2), (7, 1, 1, 2), (11, 3, 13, 1),
+                                                (5, 1, 7, 1), (9, 6, 5, 2)])
+def test_dense_pass_equals_the_window_sum(k, h, w, B, dtype):
+    """The message pass through its matrix (:func:`reference.dense_weights`: small grids against the window) against
+    the definition in float64 and the window sum: random weights, a third of the taps dead (``taps``), ``Q`` with
+    values below the pass's floor (zeroed either way), ``K`` in float16 storage too (the sums in float32)."""
+    g = torch.Generator().manual_seed(k * 100 + h * 10 + w)
+    K = torch.rand(B, k * k, h, w, generator=g, dtype=torch.float64)
+    K[:, 1::3] = 0
+    K = K.to(dtype)
+    Q = torch.randn(B, 3, h, w, generator=g, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    Q[..., 0, 0] = 1e-39
+    taps = reference.live_taps(K)
+    for alive in (None, taps):
+        A = reference.dense_weights(K, alive)
+        assert A.shape == (B, h * w, h * w) and A.dtype == (dtype if dtype == torch.float64 else torch.float32)
+        got = reference.dense_message_pass(A, Q)
+        want = _every_tap(K.double(), reference._pass_operand(Q, Q.dtype).double())
+        assert got.dtype == Q.dtype and got.shape == Q.shape
+        tol = 1e-13 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        torch.testing.assert_close(got, reference.message_pass(K, Q, taps), rtol=tol, atol=tol)
+
+
+def test_dense_weights_only_where_the_product_pays():
+    """None where the grid is large against the taps that reach into it, where the build's temporary would pass its
+    bound, where ``K`` requires a gradient; the pass differentiable in ``Q`` (float64 gradcheck)."""
+    g = torch.Generator().manual_seed(8)
+    assert reference.dense_weights(torch.rand(1, 9, 8, 8, generator=g)) is None  # (64 pixels, 9 taps)
+    assert reference.dense_weights(torch.rand(1, 9, 4, 3, generator=g)) is not None  # (12 pixels)
+    K = torch.rand(1, 49, 8, 8, generator=g)
+    assert reference.dense_weights(K) is not None
+    assert reference.dense_weights(K, [24]) is None  # (one live tap)
+    assert reference.dense_weights(K.requires_grad_()) is None
+    big = torch.zeros(1, 63 * 63, 40, 40)  # (1600 pixels, 3969 taps; the temporary 1600 · 100²)
+    assert 40 * 40 <= reference._DENSE_PER_TAP * 63 * 63 and reference.dense_weights(big) is None
+    K = torch.rand(2, 25, 3, 4, generator=g, dtype=torch.float64)
+    A = reference.dense_weights(K)
+    Q = torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda Q: reference.dense_message_pass(A, Q), (Q,))
+
+
+@pytest.mark.parametrize("norm", ["none", "sym"])
+@pytest.mark.parametrize("blur", [1, 3])
+def test_inference_through_the_dense_pass_equals_the_window_sums(norm, blur, monkeypatch):
+    """A whole inference on a small grid (DenseCRF2D's case: the window as large as the pooled grid) with the
+    message pass as a matrix product and as window sums: the same within float32 rounding, the unary's gradient
+    too."""
+    g = torch.Generator().manual_seed(blur)
+    unary = torch.randn(2, 5, 17, 22, generator=g, dtype=torch.float32)
+    image = torch.rand(2, 3, 17, 22, generator=g) * 255
+    run = dict(filter_size=11, blur=blur, num_iter=3, norm=norm, col_use_pos=norm == "sym", final_softmax=True,
+               backend="torch")
+    calls = []
+    dense_pass = reference.dense_message_pass
+    monkeypatch.setattr(reference, "dense_message_pass", lambda A, Q: calls.append(A.shape) or dense_pass(A, Q))
+    results = []
+    for per_tap in (reference._DENSE_PER_TAP, 0):
+        monkeypatch.setattr(reference, "_DENSE_PER_TAP", per_tap)
+        u = unary.clone().requires_grad_()
+        out = functional.mean_field(u, image, **run)
+        (out * torch.arange(5.0).view(1, 5, 1, 1)).sum().backward()
+        results.append((out.detach(), u.grad))
+    assert calls and all(shape[1] == -(-17 // blur) * -(-22 // blur) for shape in calls)
+    (dense, dense_grad), (window, window_grad) = results
+    torch.testing.assert_close(dense, window, rtol=1e-5, atol=1e-6)
+    # (the gradient's sums cancel: an absolute bound, a part in 1e5 of its largest entry)
+    torch.testing.assert_close(dense_grad, window_grad, rtol=1e-4, atol=1e-5 * window_grad.abs().max().item())
