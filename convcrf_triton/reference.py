@@ -47,11 +47,11 @@ _TAP_ROWS_MAX_PRODUCT = 1 << 19
 _SHEAR_PIXELS = 1 << 13
 # The message pass as one matrix product (dense_weights) on a grid of n = h·w pixels where n is at most
 # _DENSE_PER_TAP times the taps that reach inside it (a multiply-add in the product ~20× cheaper than in the window
-# sum; the matrix is built once an inference) and its build's temporary has at most _DENSE_ELEMENTS elements.
-# One thread of this project's Intel Xeon, C = 21, a pass window / product (the build) ms: k = 31 16×16 2.2 / 0.03
-# (0.5), 32×32 13.4 / 0.7 (5.8), 47×63 25 / 4.8 (61); k = 11 32×32 1.7 / 0.8 (1.0), 64×64 3.7 / 11 (73).
-_DENSE_PER_TAP = 4
-_DENSE_ELEMENTS = 1 << 22
+# sum; the matrix is built once an inference) and the matrix has at most _DENSE_ELEMENTS elements. One thread of this
+# project's Intel Xeon, C = 21, a pass window / product, the build (ms; n / taps): 47×63 k = 31 25 / 4.9, 25 (3.1);
+# k = 21 11.5 / 4.9, 21 (6.7); k = 15 5.8 / 5.0, 19 (13); 32×32 k = 11 1.7 / 0.7, 0.6 (8.5); k = 7 0.7 / 0.7, 0.4 (21).
+_DENSE_PER_TAP = 8
+_DENSE_ELEMENTS = 1 << 25
 
 
 def _settle_mkl_dispatch() -> None:
@@ -268,12 +268,13 @@ def _message_pass(K: torch.Tensor, Q: torch.Tensor, taps: Sequence[int] | None =
 def dense_weights(K: torch.Tensor, taps: Sequence[int] | None = None) -> torch.Tensor | None:
     """``K: [B, k*k, h, w]`` as the matrix ``A: [B, h*w, h*w]`` of its message pass, ``A[b, p, p + d_t] = K[b, t,
     p]`` (:func:`dense_message_pass`), where the grid is small against the window (``_DENSE_PER_TAP``) and the matrix
-    cheap to build; else None. ``taps``: those with a weight (:func:`live_taps`; None: every tap). In the message
-    pass's accumulation dtype; no gradient (None where ``K`` requires one, and where ``torch.compile`` traces).
+    not large (``_DENSE_ELEMENTS``); else None. ``taps``: those with a weight (:func:`live_taps`; None: every tap).
+    In the message pass's accumulation dtype; no gradient (None where ``K`` requires one, and where
+    ``torch.compile`` traces).
 
-    Built through one sheared view: ``K``'s taps that reach inside the grid (offsets up to ``ry = min(r, h - 1)``
-    rows and ``rx`` columns) are copied into ``P: [B, h, w, h + 2 ry, w + 2 rx]`` at ``P[b, y, x, y + dy, x + dx]``
-    (``q + (ry, rx)`` for ``q = p + d``), whose centre columns are ``A``."""
+    Built a row offset ``dy`` at a time (up to ``ry = min(r, h - 1)``; the others reach outside the grid): its taps
+    are copied into ``T: [B, h - |dy|, w, w + 2 rx]`` at ``T[b, i, x, x + dx + rx]`` through one sheared view, and
+    ``T``'s centre columns are the block of ``A`` where ``q``'s row is ``p``'s plus ``dy`` (another view)."""
     B, _, h, w = K.shape
     k = _filter_size(K)
     r = k // 2
@@ -281,14 +282,21 @@ def dense_weights(K: torch.Tensor, taps: Sequence[int] | None = None) -> torch.T
     reach = (2 * ry + 1) * (2 * rx + 1)
     n = reach if taps is None else sum(abs(t // k - r) <= ry and abs(t % k - r) <= rx for t in taps)
     if (K.requires_grad or torch.compiler.is_compiling() or h * w > _DENSE_PER_TAP * n
-            or B * h * w * (h + 2 * ry) * (w + 2 * rx) > _DENSE_ELEMENTS):
+            or B * (h * w) ** 2 > _DENSE_ELEMENTS):
         return None
     acc = torch.float64 if K.dtype == torch.float64 else torch.float32
-    P = K.new_zeros(B, h, w, h + 2 * ry, w + 2 * rx, dtype=acc)
-    sB, sY, sX, sQy, sQx = P.stride()
-    P.as_strided((B, 2 * ry + 1, 2 * rx + 1, h, w), (sB, sQy, sQx, sY + sQy, sX + sQx)).copy_(
-        K.unflatten(1, (k, k))[:, r - ry : r + ry + 1, r - rx : r + rx + 1])
-    return P[..., ry : ry + h, rx : rx + w].reshape(B, h * w, h * w)
+    # (where dy reaches every row, the blocks cover A)
+    A = (K.new_empty if ry == h - 1 else K.new_zeros)(B, h * w, h * w, dtype=acc)
+    sB, sP, sQ = A.stride()
+    taps_by_row = K.unflatten(1, (k, k))[:, :, r - rx : r + rx + 1]  # [B, k, 2 rx + 1, h, w]
+    for dy in range(-ry, ry + 1):
+        y0, rows = max(0, -dy), h - abs(dy)  # (the rows y whose y + dy lies in the grid)
+        T = K.new_zeros(B, rows, w, w + 2 * rx, dtype=acc)
+        tB, tI, tX, tQ = T.stride()
+        T.as_strided((B, 2 * rx + 1, rows, w), (tB, tQ, tI, tX + tQ)).copy_(taps_by_row[:, r + dy, :, y0 : y0 + rows])
+        A.as_strided((B, rows, w, w), (sB, w * (sP + sQ), sP, sQ), (y0 * sP + (y0 + dy) * sQ) * w).copy_(
+            T[..., rx : rx + w])
+    return A
 
 
 def dense_message_pass(A: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:

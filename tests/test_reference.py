@@ -396,17 +396,17 @@ def test_dense_pass_equals_the_window_sum(k, h, w, B, dtype):
 
 
 def test_dense_weights_only_where_the_product_pays():
-    """None where the grid is large against the taps that reach into it, where the build's temporary would pass its
-    bound, where ``K`` requires a gradient; the pass differentiable in ``Q`` (float64 gradcheck)."""
+    """None where the grid is large against the taps that reach into it, where the matrix would pass its bound,
+    where ``K`` requires a gradient; the pass differentiable in ``Q`` (float64 gradcheck)."""
     g = torch.Generator().manual_seed(8)
-    assert reference.dense_weights(torch.rand(1, 9, 8, 8, generator=g)) is None  # (64 pixels, 9 taps)
-    assert reference.dense_weights(torch.rand(1, 9, 4, 3, generator=g)) is not None  # (12 pixels)
+    assert reference.dense_weights(torch.rand(1, 9, 8, 10, generator=g)) is None  # (80 pixels, 9 taps)
+    assert reference.dense_weights(torch.rand(1, 9, 8, 9, generator=g)) is not None  # (72 pixels)
     K = torch.rand(1, 49, 8, 8, generator=g)
     assert reference.dense_weights(K) is not None
     assert reference.dense_weights(K, [24]) is None  # (one live tap)
     assert reference.dense_weights(K.requires_grad_()) is None
-    big = torch.zeros(1, 63 * 63, 40, 40)  # (1600 pixels, 3969 taps; the temporary 1600 · 100²)
-    assert 40 * 40 <= reference._DENSE_PER_TAP * 63 * 63 and reference.dense_weights(big) is None
+    big = torch.zeros(1, 31 * 31, 60, 100)  # (6000 pixels, 961 taps; the matrix 6000²)
+    assert 60 * 100 <= reference._DENSE_PER_TAP * 31 * 31 and reference.dense_weights(big) is None
     K = torch.rand(2, 25, 3, 4, generator=g, dtype=torch.float64)
     A = reference.dense_weights(K)
     Q = torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
