@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from . import reference
 from .config import BACKENDS, PRECISIONS, STORAGES, check_choice
+from .matrix_pass import BandPass, DensePass, matrix_pass
 from .resample import blur_pool, blur_upsample, eager_cpu
 
 Number = float | torch.Tensor
@@ -264,11 +265,11 @@ class _Gaussian:
     feats: torch.Tensor
     dims: tuple[int, ...]
     compats: torch.Tensor
-    K: torch.Tensor | None
+    K: torch.Tensor | None  # (None: the fused kernel's, or every pass through ``matrix``)
     scale: Number | None = None
     norm: torch.Tensor | None = None
     taps: list[int] | None = None  # (the PyTorch path's taps of K with a weight: reference.live_taps)
-    dense: torch.Tensor | None = None  # (the PyTorch path's message pass as a matrix: reference.dense_weights)
+    matrix: DensePass | BandPass | None = None  # (the PyTorch path's pass as matrix products: matrix_pass)
 
 
 def to_storage(X: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
@@ -350,8 +351,10 @@ class MessagePasser:
             # (A Gaussian of its own may be narrower than the window, and norm='sym' zeroes only the weights
             # below the smallest normal number.)
             taps = reference.live_taps(K) if ops is reference and scale is not None else None
-            dense = reference.dense_weights(K, taps) if ops is reference else None
-            self.gaussians.append(_Gaussian(f, dims, compats, K, scale, taps=taps, dense=dense))
+            matrix = matrix_pass(K, taps) if ops is reference else None
+            if matrix is not None and (matrix.differentiable or not torch.is_grad_enabled()):
+                K = None  # (every pass takes the matrix form: its memory back)
+            self.gaussians.append(_Gaussian(f, dims, compats, K, scale, taps=taps, matrix=matrix))
         if norm == "sym":
             ones = pos.new_ones(image.shape[0], 1, self.H, self.W)
             for g in self.gaussians:
@@ -362,14 +365,14 @@ class MessagePasser:
         """The message of the pooled ``Xp [B, C, h, w]`` (read in the storage dtype), on the pooled grid."""
         if self.storage is not None:
             Xp = to_storage(Xp, self.storage)
+        if g.matrix is not None and (g.matrix.differentiable or not (torch.is_grad_enabled() and Xp.requires_grad)):
+            return g.matrix(Xp)
         if g.K is None:
             return self.ops.fused_message_pass(g.feats, g.dims, g.compats, Xp, self.k, self.keep_centre)
         if self.learns_weights:
             return self.ops.learned_message_pass(g.K, g.feats, g.dims, g.compats, Xp, self.k, self.keep_centre)
         if self.band is not None and not (torch.is_grad_enabled() and Xp.requires_grad):
             return self.ops.band_message_pass(g.K, Xp, self.band)
-        if g.dense is not None:
-            return reference.dense_message_pass(g.dense, Xp)
         if g.taps is not None:
             return reference.message_pass(g.K, Xp, g.taps)
         return self.ops.message_pass(g.K, Xp)

@@ -8,7 +8,8 @@ with ``r = k // 2`` links pixel ``p`` to its neighbour ``p + (dy, dx)``.
 No ``[B, C*k*k, h, w]`` unfold tensor is ever built: the window sum is a loop of k*k in-place
 multiply-adds of shifted views (measured ~17x faster than the unfold formulation on 2 CPU threads), over row
 bands of a few MB of ``M`` (narrow bands of a few rows measured slower: the per-op overhead outweighs the
-cache gain).
+cache gain). An inference on the CPU builds the pass as matrix products where they are faster
+(:mod:`~convcrf_triton.matrix_pass`); this module's window sums are the definition they are tested against.
 Everything here is differentiable and works for float32 and float64 on any device; eager, the two ops' backward is
 written out (``_GaussianWeights``, ``_MessagePass``: autograd through their k² in-place ops of shifted views took
 7-19× longer at blur 1 on the CPU), traced, autograd differentiates the ops. Traced by
@@ -45,13 +46,6 @@ _TAP_ROWS_MAX_PRODUCT = 1 << 19
 # (a copy a tap / sheared, ms, appearance): k = 31 16×16 6.2 / 2.2, 47×63 29 / 23, 64×96 46 / 45, 96×128
 # 105 / 105, 128×256 291 / 303; k = 11 32×32 1.7 / 1.2, 128×256 33 / 35.
 _SHEAR_PIXELS = 1 << 13
-# The message pass as one matrix product (dense_weights) on a grid of n = h·w pixels where n is at most
-# _DENSE_PER_TAP times the taps that reach inside it (a multiply-add in the product ~20× cheaper than in the window
-# sum; the matrix is built once an inference) and the matrix has at most _DENSE_ELEMENTS elements. One thread of this
-# project's Intel Xeon, C = 21, a pass window / product, the build (ms; n / taps): 47×63 k = 31 25 / 4.9, 25 (3.1);
-# k = 21 11.5 / 4.9, 21 (6.7); k = 15 5.8 / 5.0, 19 (13); 32×32 k = 11 1.7 / 0.7, 0.6 (8.5); k = 7 0.7 / 0.7, 0.4 (21).
-_DENSE_PER_TAP = 8
-_DENSE_ELEMENTS = 1 << 25
 
 
 def _settle_mkl_dispatch() -> None:
@@ -263,48 +257,6 @@ def _message_pass(K: torch.Tensor, Q: torch.Tensor, taps: Sequence[int] | None =
                 continue  # (the tap reads only the zeros around Q)
             M_band.addcmul_(K_band[:, t : t + 1].to(acc), padded[:, :, y0 + dy : y0 + dy + rows, dx : dx + w])
     return M.to(out_dtype)
-
-
-def dense_weights(K: torch.Tensor, taps: Sequence[int] | None = None) -> torch.Tensor | None:
-    """``K: [B, k*k, h, w]`` as the matrix ``A: [B, h*w, h*w]`` of its message pass, ``A[b, p, p + d_t] = K[b, t,
-    p]`` (:func:`dense_message_pass`), where the grid is small against the window (``_DENSE_PER_TAP``) and the matrix
-    not large (``_DENSE_ELEMENTS``); else None. ``taps``: those with a weight (:func:`live_taps`; None: every tap).
-    In the message pass's accumulation dtype; no gradient (None where ``K`` requires one, and where
-    ``torch.compile`` traces).
-
-    Built a row offset ``dy`` at a time (up to ``ry = min(r, h - 1)``; the others reach outside the grid): its taps
-    are copied into ``T: [B, h - |dy|, w, w + 2 rx]`` at ``T[b, i, x, x + dx + rx]`` through one sheared view, and
-    ``T``'s centre columns are the block of ``A`` where ``q``'s row is ``p``'s plus ``dy`` (another view)."""
-    B, _, h, w = K.shape
-    k = _filter_size(K)
-    r = k // 2
-    ry, rx = min(r, h - 1), min(r, w - 1)
-    reach = (2 * ry + 1) * (2 * rx + 1)
-    n = reach if taps is None else sum(abs(t // k - r) <= ry and abs(t % k - r) <= rx for t in taps)
-    if (K.requires_grad or torch.compiler.is_compiling() or h * w > _DENSE_PER_TAP * n
-            or B * (h * w) ** 2 > _DENSE_ELEMENTS):
-        return None
-    acc = torch.float64 if K.dtype == torch.float64 else torch.float32
-    # (where dy reaches every row, the blocks cover A)
-    A = (K.new_empty if ry == h - 1 else K.new_zeros)(B, h * w, h * w, dtype=acc)
-    sB, sP, sQ = A.stride()
-    taps_by_row = K.unflatten(1, (k, k))[:, :, r - rx : r + rx + 1]  # [B, k, 2 rx + 1, h, w]
-    for dy in range(-ry, ry + 1):
-        y0, rows = max(0, -dy), h - abs(dy)  # (the rows y whose y + dy lies in the grid)
-        T = K.new_zeros(B, rows, w, w + 2 * rx, dtype=acc)
-        tB, tI, tX, tQ = T.stride()
-        T.as_strided((B, 2 * rx + 1, rows, w), (tB, tQ, tI, tX + tQ)).copy_(taps_by_row[:, r + dy, :, y0 : y0 + rows])
-        A.as_strided((B, rows, w, w), (sB, w * (sP + sQ), sP, sQ), (y0 * sP + (y0 + dy) * sQ) * w).copy_(
-            T[..., rx : rx + w])
-    return A
-
-
-def dense_message_pass(A: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """:func:`message_pass` through its matrix ``A: [B, h*w, h*w]`` (:func:`dense_weights`): ``M[b, c] = A[b] Q[b,
-    c]`` over the flattened pixels, ``Q: [B, C, h, w]`` → ``M`` in the message pass's dtypes. The same sums in
-    another order (the products' rounding differs); differentiable in ``Q``."""
-    acc, out_dtype = _message_dtypes(A, Q)
-    return torch.bmm(_pass_operand(Q, acc).flatten(2), A.mT).view_as(Q).to(out_dtype)
 
 
 def _pass_operand(Q: torch.Tensor, acc: torch.dtype) -> torch.Tensor:

@@ -356,7 +356,9 @@ def test_sym_norm_weights_keep_the_pass_normal(blur, monkeypatch):
     image = ((torch.rand(2, 1, 9, 14, generator=g) > 0.5) * 80.0).expand(2, 3, 9, 14)  # (colour weights exp(-57))
     kw = dict(filter_size=5, blur=blur, pos_sdims=3.0, pos_compat=3.0, col_sdims=80.0, col_schan=13.0,
               col_compat=10.0, col_use_pos=True, norm="sym", keep_centre=False, ops=reference)
-    passer = functional.MessagePasser(image, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(functional, "matrix_pass", lambda K, taps: None)  # (K kept: no pass through a matrix)
+        passer = functional.MessagePasser(image, **kw)
     floor, unit = reference.normalised_weights(torch.float32)
     assert unit == 2.0 ** 67 and floor == torch.finfo(torch.float32).tiny
     smallest = [gauss.K[gauss.K > 0].min().item() for gauss in passer.gaussians]
@@ -369,73 +371,3 @@ def test_sym_norm_weights_keep_the_pass_normal(blur, monkeypatch):
     unscaled = functional.mean_field(unary, image, **run)
     torch.testing.assert_close(got, unscaled, rtol=1e-6, atol=1e-7)
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-@pytest.mark.parametrize(("k", "h", "w", "B"), [(31, 16, 16, 1), (5, 2, 11, 2), (7, 1, 1, 2), (11, 3, 13, 1),
-                                                (5, 1, 7, 1), (9, 6, 5, 2)])
-def test_dense_pass_equals_the_window_sum(k, h, w, B, dtype):
-    """The message pass through its matrix (:func:`reference.dense_weights`: small grids against the window) against
-    the definition in float64 and the window sum: random weights, a third of the taps dead (``taps``), ``Q`` with
-    values below the pass's floor (zeroed either way), ``K`` in float16 storage too (the sums in float32)."""
-    g = torch.Generator().manual_seed(k * 100 + h * 10 + w)
-    K = torch.rand(B, k * k, h, w, generator=g, dtype=torch.float64)
-    K[:, 1::3] = 0
-    K = K.to(dtype)
-    Q = torch.randn(B, 3, h, w, generator=g, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    Q[..., 0, 0] = 1e-39
-    taps = reference.live_taps(K)
-    for alive in (None, taps):
-        A = reference.dense_weights(K, alive)
-        assert A.shape == (B, h * w, h * w) and A.dtype == (dtype if dtype == torch.float64 else torch.float32)
-        got = reference.dense_message_pass(A, Q)
-        want = _every_tap(K.double(), reference._pass_operand(Q, Q.dtype).double())
-        assert got.dtype == Q.dtype and got.shape == Q.shape
-        tol = 1e-13 if dtype == torch.float64 else 2e-6
-        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
-        torch.testing.assert_close(got, reference.message_pass(K, Q, taps), rtol=tol, atol=tol)
-
-
-def test_dense_weights_only_where_the_product_pays():
-    """None where the grid is large against the taps that reach into it, where the matrix would pass its bound,
-    where ``K`` requires a gradient; the pass differentiable in ``Q`` (float64 gradcheck)."""
-    g = torch.Generator().manual_seed(8)
-    assert reference.dense_weights(torch.rand(1, 9, 8, 10, generator=g)) is None  # (80 pixels, 9 taps)
-    assert reference.dense_weights(torch.rand(1, 9, 8, 9, generator=g)) is not None  # (72 pixels)
-    K = torch.rand(1, 49, 8, 8, generator=g)
-    assert reference.dense_weights(K) is not None
-    assert reference.dense_weights(K, [24]) is None  # (one live tap)
-    assert reference.dense_weights(K.requires_grad_()) is None
-    big = torch.zeros(1, 31 * 31, 60, 100)  # (6000 pixels, 961 taps; the matrix 6000²)
-    assert 60 * 100 <= reference._DENSE_PER_TAP * 31 * 31 and reference.dense_weights(big) is None
-    K = torch.rand(2, 25, 3, 4, generator=g, dtype=torch.float64)
-    A = reference.dense_weights(K)
-    Q = torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda Q: reference.dense_message_pass(A, Q), (Q,))
-
-
-@pytest.mark.parametrize("norm", ["none", "sym"])
-@pytest.mark.parametrize("blur", [1, 3])
-def test_inference_through_the_dense_pass_equals_the_window_sums(norm, blur, monkeypatch):
-    """A whole inference on a small grid (DenseCRF2D's case: the window as large as the pooled grid) with the
-    message pass as a matrix product and as window sums: the same within float32 rounding, the unary's gradient
-    too."""
-    g = torch.Generator().manual_seed(blur)
-    unary = torch.randn(2, 5, 17, 22, generator=g, dtype=torch.float32)
-    image = torch.rand(2, 3, 17, 22, generator=g) * 255
-    run = dict(filter_size=11, blur=blur, num_iter=3, norm=norm, col_use_pos=norm == "sym", final_softmax=True,
-               backend="torch")
-    calls = []
-    dense_pass = reference.dense_message_pass
-    monkeypatch.setattr(reference, "dense_message_pass", lambda A, Q: calls.append(A.shape) or dense_pass(A, Q))
-    results = []
-    for per_tap in (reference._DENSE_PER_TAP, 0):
-        monkeypatch.setattr(reference, "_DENSE_PER_TAP", per_tap)
-        u = unary.clone().requires_grad_()
-        out = functional.mean_field(u, image, **run)
-        (out * torch.arange(5.0).view(1, 5, 1, 1)).sum().backward()
-        results.append((out.detach(), u.grad))
-    assert calls and all(shape[1] == -(-17 // blur) * -(-22 // blur) for shape in calls)
-    (dense, dense_grad), (window, window_grad) = results
-    torch.testing.assert_close(dense, window, rtol=1e-5, atol=1e-6)
-    # (the gradient's sums cancel: an absolute bound, a part in 1e5 of its largest entry)
-    torch.testing.assert_close(dense_grad, window_grad, rtol=1e-4, atol=1e-5 * window_grad.abs().max().item())

@@ -1,0 +1,157 @@
+"""The PyTorch path's message pass as matrix products, on the CPU, where they beat the window sums.
+
+The message ``M[b, c, p] = sum_t K[b, t, p] Q[b, c, p + d_t]`` (:func:`~convcrf_triton.reference.message_pass`) is
+``Q``'s pixels times the sparse matrix ``A[p, p + d_t] = K[t, p]``. Its window sums (one multiply-add a tap and
+pixel over shifted views, re-reading ``M`` and a shifted ``Q`` for each tap) run at 1-3 GFLOP/s on one core of this
+project's Intel Xeon; a matrix product at 20-40. ``K`` is the same in every iteration, so one inference builds the
+form once and each pass is products:
+
+- :class:`DensePass`, all of ``A: [h·w, h·w]``, where the grid is small against the window (the pydensecrf drop-in's
+  31×31 window at blur 8 covers most of a small image's pooled grid);
+- :class:`BandPass`, the blocks of ``A`` between a tile of ``T`` pixels of a row and the pixels ``dy`` rows away:
+  ``[T, T + 2 rx]``, banded (tap ``(dy, dx)`` on the ``dx``-th diagonal); a pass is one batched product a row offset,
+  every tile of the image at once.
+
+Both sum the same products as the window sums in another order (float32 rounding apart), in the message pass's
+dtypes, with its flushed operand (``reference._pass_operand``). No gradient reaches ``K`` (:func:`matrix_pass`
+builds none where ``K`` requires one); a form whose ``differentiable`` is True passes ``Q``'s (autograd's, through
+the product), the other is for ``Q`` outside autograd (its products write into one buffer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .reference import _filter_size, _message_dtypes, _pass_operand
+
+# DensePass where the grid has at most _DENSE_PER_TAP pixels a tap that reaches inside it and A at most
+# _DENSE_ELEMENTS elements. One thread of this project's Intel Xeon, C = 21, a pass window sums / product, the build
+# (ms; pixels a tap): 47×63 k = 31 25 / 4.9, 25 (3.1); k = 21 11.5 / 4.9, 21 (6.7); k = 15 5.8 / 5.0, 19 (13);
+# 32×32 k = 11 1.7 / 0.7, 0.6 (8.5); k = 7 0.7 / 0.7, 0.4 (21).
+_DENSE_PER_TAP = 8
+_DENSE_ELEMENTS = 1 << 25
+# BandPass: tiles of _TILE pixels (T = 4, 6, 8, 16, 32 measured; 8 best or within 10% of it everywhere), where its
+# products take at most _BAND_PER_TAP times the window's multiply-adds (rows of live taps × (T + 2 rx) against the
+# live taps) and the bands at most _BAND_ELEMENTS elements. One thread, C = 21, a pass window sums / bands, the build
+# (ms): 375×500 k = 11 182 / 54, 141; k = 5 46 / 23, 34; k = 3 20 / 14, 5; 128×256 k = 31 249 / 46, 188; 94×125
+# k = 11 10 / 3.4, 2.6.
+_TILE = 8
+_BAND_PER_TAP = 4
+_BAND_ELEMENTS = 1 << 26
+
+
+def matrix_pass(K: torch.Tensor, taps: Sequence[int] | None = None) -> DensePass | BandPass | None:
+    """The message pass of ``K: [B, k*k, h, w]`` (CPU) as a :class:`DensePass` or a :class:`BandPass`, whichever the
+    sizes call for, or None: the window sums. ``taps``: those with a weight (``reference.live_taps``; None: every
+    tap). None where ``K`` requires a gradient and where ``torch.compile`` traces."""
+    if K.requires_grad or K.device.type != "cpu" or torch.compiler.is_compiling() or K.numel() == 0:
+        return None
+    B, _, h, w = K.shape
+    k = _filter_size(K)
+    r = k // 2
+    ry, rx = min(r, h - 1), min(r, w - 1)  # (the taps further away reach outside the grid from every pixel)
+    live = [t for t in (range(k * k) if taps is None else taps) if abs(t // k - r) <= ry and abs(t % k - r) <= rx]
+    if not live:
+        return None
+    if h * w <= _DENSE_PER_TAP * len(live) and B * (h * w) ** 2 <= _DENSE_ELEMENTS:
+        return DensePass(K)
+    rows = sorted({t // k for t in live})
+    tiles = -(-(w + 2 * rx) // _TILE)
+    if (len(rows) * (_TILE + 2 * rx) <= _BAND_PER_TAP * len(live)
+            and B * len(rows) * h * tiles * _TILE * (_TILE + 2 * rx) <= _BAND_ELEMENTS):
+        return BandPass(K, rows)
+    return None
+
+
+def _acc(K: torch.Tensor) -> torch.dtype:
+    return torch.float64 if K.dtype == torch.float64 else torch.float32
+
+
+class DensePass:
+    """``M[b, c] = A[b] Q[b, c]`` over the flattened pixels with all of ``A: [B, h*w, h*w]``.
+
+    ``A`` is built a row offset ``dy`` at a time (up to ``ry = min(r, h - 1)``, ``rx`` likewise): its taps are
+    copied into ``T: [B, h - |dy|, w, w + 2 rx]`` at ``T[b, i, x, x + dx + rx]`` through one sheared view, and
+    ``T``'s centre columns are the block of ``A`` where ``q``'s row is ``p``'s plus ``dy`` (another view)."""
+
+    differentiable = True
+
+    def __init__(self, K: torch.Tensor) -> None:
+        B, _, h, w = K.shape
+        k = _filter_size(K)
+        r = k // 2
+        ry, rx = min(r, h - 1), min(r, w - 1)
+        acc = _acc(K)
+        # (where dy reaches every row, the blocks cover A)
+        A = (K.new_empty if ry == h - 1 else K.new_zeros)(B, h * w, h * w, dtype=acc)
+        sB, sP, sQ = A.stride()
+        taps_by_row = K.unflatten(1, (k, k))[:, :, r - rx : r + rx + 1]  # [B, k, 2 rx + 1, h, w]
+        for dy in range(-ry, ry + 1):
+            y0, rows = max(0, -dy), h - abs(dy)  # (the rows y whose y + dy lies in the grid)
+            T = K.new_zeros(B, rows, w, w + 2 * rx, dtype=acc)
+            tB, tI, tX, tQ = T.stride()
+            T.as_strided((B, 2 * rx + 1, rows, w), (tB, tQ, tI, tX + tQ)).copy_(
+                taps_by_row[:, r + dy, :, y0 : y0 + rows])
+            A.as_strided((B, rows, w, w), (sB, w * (sP + sQ), sP, sQ), (y0 * sP + (y0 + dy) * sQ) * w).copy_(
+                T[..., rx : rx + w])
+        self.A = A
+
+    def __call__(self, Q: torch.Tensor) -> torch.Tensor:
+        """``Q: [B, C, h, w]`` → ``M``, in the message pass's dtypes."""
+        acc, out_dtype = _message_dtypes(self.A, Q)
+        return torch.bmm(_pass_operand(Q, acc).flatten(2), self.A.mT).view_as(Q).to(out_dtype)
+
+
+class BandPass:
+    """The message pass as one batched product a row offset ``dy`` over tiles of ``T`` pixels.
+
+    A row's tiles start every ``T`` pixels of a row padded to ``L = tiles · T >= w + 2 rx`` columns. For the tile at
+    ``(y, x0)``, ``M[y, x0 + i] += sum_j bands[dy][i, j] · Q[y + dy - r, x0 + j - rx]`` with ``bands[dy][i, j] =
+    K[(dy, j - i + r - rx), (y, x0 + i)]``: ``[T, T + 2 rx]``, nonzero on its ``2 rx + 1`` diagonals. In the
+    channels-last, zero-padded ``Q``, ``[h + 2 ry + 1, L, C]``, tile ``b = y · tiles + t``'s ``[T + 2 rx, C]``
+    neighbours start ``b · T · C`` elements after row ``dy``'s first, so every tile's is one strided view (the last
+    reads ``2 rx`` values into the row below, times zero weights). ``bands: [B, rows, h · tiles, T, T + 2 rx]`` for
+    the tap rows ``rows`` (those with a weight: :func:`matrix_pass`) that reach inside the grid."""
+
+    differentiable = False
+
+    def __init__(self, K: torch.Tensor, rows: Sequence[int]) -> None:
+        B, _, h, w = K.shape
+        k = _filter_size(K)
+        r, T = k // 2, _TILE
+        rx = min(r, w - 1)
+        self.r, self.rx, self.ry = r, rx, min(r, h - 1)
+        rows = self.rows = [dy for dy in rows if abs(dy - r) <= self.ry]  # (the others read only zeros)
+        self.tiles = -(-(w + 2 * rx) // T)
+        bands = K.new_zeros(B, len(rows), h, self.tiles, T, T + 2 * rx, dtype=_acc(K))
+        sB, sR, sY, sT, sI, sJ = bands.stride()
+        whole = w // T  # (tiles wholly inside the image; then the part of one)
+        for n, dy in enumerate(rows):
+            src = K.unflatten(1, (k, k))[:, dy, r - rx : r + rx + 1]  # [B, 2 rx + 1, h, w]
+            dst = bands[:, n].as_strided((B, 2 * rx + 1, h, self.tiles, T), (sB, sJ, sY, sT, sI + sJ),
+                                         bands.storage_offset() + n * sR)
+            dst[..., :whole, :].copy_(src[..., : whole * T].unflatten(-1, (whole, T)))
+            if whole * T < w:
+                dst[..., whole, : w - whole * T].copy_(src[..., whole * T :])
+        self.bands = bands.flatten(2, 3)
+
+    def __call__(self, Q: torch.Tensor) -> torch.Tensor:
+        """``Q: [B, C, h, w]`` → ``M``, in the message pass's dtypes."""
+        B, C, h, w = Q.shape
+        T, r, rx, ry = _TILE, self.r, self.rx, self.ry
+        acc, out_dtype = _message_dtypes(self.bands, Q)
+        L = self.tiles * T
+        padded = Q.new_zeros(B, h + 2 * ry + 1, L, C, dtype=acc)
+        padded[:, ry : ry + h, rx : rx + w] = _pass_operand(Q, acc).permute(0, 2, 3, 1)
+        M = (torch.empty if self.rows else torch.zeros)(B, h * self.tiles, T, C, dtype=acc)
+        for b in range(B):
+            for n, dy in enumerate(self.rows):
+                near = padded[b].as_strided((h * self.tiles, T + 2 * rx, C), (T * C, C, 1),
+                                            padded[b].storage_offset() + (dy - r + ry) * L * C)
+                if n == 0:
+                    torch.bmm(self.bands[b, n], near, out=M[b])
+                else:
+                    M[b].baddbmm_(self.bands[b, n], near)
+        return M.view(B, h, L, C)[:, :, :w].permute(0, 3, 1, 2).to(out_dtype, memory_format=torch.contiguous_format)
