@@ -35,10 +35,11 @@ _DENSE_ELEMENTS = 1 << 25
 # BandPass: tiles of _TILE pixels (T = 4, 6, 8, 16, 32 measured; 8 best or within 10% of it everywhere), where its
 # products take at most _BAND_PER_TAP times the window's multiply-adds (rows of live taps × (T + 2 rx) against the
 # live taps) and the bands at most _BAND_ELEMENTS elements. One thread, C = 21, a pass window sums / bands, the build
-# (ms): 375×500 k = 11 182 / 54, 141; k = 5 46 / 23, 34; k = 3 20 / 14, 5; 128×256 k = 31 249 / 46, 188; 94×125
-# k = 11 10 / 3.4, 2.6.
+# (ms): 375×500 k = 11 182 / 54, 141; k = 5 46 / 23, 34; 128×256 k = 31 249 / 46, 188; 94×125 k = 11 10 / 3.4, 2.6.
+# Whole inferences at 375×500 (window / bands, ms): blur 1 k = 3 176-187 / 228-241 (10 products a pixel against 3
+# sums: excluded), k = 5 316-323 / 298-309, k = 11 1115-1125 / 663-667.
 _TILE = 8
-_BAND_PER_TAP = 4
+_BAND_PER_TAP = 3
 _BAND_ELEMENTS = 1 << 26
 
 
@@ -136,6 +137,18 @@ class BandPass:
             if whole * T < w:
                 dst[..., whole, : w - whole * T].copy_(src[..., whole * T :])
         self.bands = bands.flatten(2, 3)
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # (the padded Q and the products: _buffers)
+
+    def _buffers(self, Q: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The zero-padded, channels-last ``Q`` and the products' ``[B, h · tiles, T, C]``, kept from the last call of
+        the same shape (each pass rewrites ``Q``'s part and every product; fresh ones took their page faults and
+        their zero fill every pass)."""
+        B, C, h, _ = Q.shape
+        L = self.tiles * _TILE
+        if self._scratch is None or self._scratch[0].shape[-1] != C or self._scratch[0].dtype != acc:
+            self._scratch = (Q.new_zeros(B, h + 2 * self.ry + 1, L, C, dtype=acc),
+                             Q.new_empty(B, h * self.tiles, _TILE, C, dtype=acc))
+        return self._scratch
 
     def __call__(self, Q: torch.Tensor) -> torch.Tensor:
         """``Q: [B, C, h, w]`` → ``M``, in the message pass's dtypes."""
@@ -143,9 +156,10 @@ class BandPass:
         T, r, rx, ry = _TILE, self.r, self.rx, self.ry
         acc, out_dtype = _message_dtypes(self.bands, Q)
         L = self.tiles * T
-        padded = Q.new_zeros(B, h + 2 * ry + 1, L, C, dtype=acc)
+        padded, M = self._buffers(Q, acc)
         padded[:, ry : ry + h, rx : rx + w] = _pass_operand(Q, acc).permute(0, 2, 3, 1)
-        M = (torch.empty if self.rows else torch.zeros)(B, h * self.tiles, T, C, dtype=acc)
+        if not self.rows:
+            M.zero_()
         for b in range(B):
             for n, dy in enumerate(self.rows):
                 near = padded[b].as_strided((h * self.tiles, T + 2 * rx, C), (T * C, C, 1),
