@@ -24,7 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .reference import _filter_size, _message_dtypes, _pass_operand
+from .reference import _filter_size, _message_dtypes, _message_pass, _pass_operand
+from .resample import opaque_on_cpu
 
 # DensePass where the grid has at most _DENSE_PER_TAP pixels a tap that reaches inside it and A at most
 # _DENSE_ELEMENTS elements. One thread of this project's Intel Xeon, C = 21, a pass window sums / product, the build
@@ -43,26 +44,38 @@ _BAND_PER_TAP = 3
 _BAND_ELEMENTS = 1 << 26
 
 
-def matrix_pass(K: torch.Tensor, taps: Sequence[int] | None = None) -> DensePass | BandPass | None:
+def matrix_pass(K: torch.Tensor, taps: Sequence[int] | None = None) -> DensePass | BandPass | TracedPass | None:
     """The message pass of ``K: [B, k*k, h, w]`` (CPU) as a :class:`DensePass` or a :class:`BandPass`, whichever the
     sizes call for, or None: the window sums. ``taps``: those with a weight (``reference.live_taps``; None: every
-    tap). None where ``K`` requires a gradient and where ``torch.compile`` traces."""
-    if K.requires_grad or K.device.type != "cpu" or torch.compiler.is_compiling() or K.numel() == 0:
+    tap). None where ``K`` requires a gradient; where ``torch.compile`` traces a CPU inference, a
+    :class:`TracedPass` (custom ops that choose when they run), and None where else it traces."""
+    if K.requires_grad or K.device.type != "cpu" or K.numel() == 0:
         return None
-    B, _, h, w = K.shape
-    k = _filter_size(K)
+    if torch.compiler.is_compiling():
+        return TracedPass(K) if opaque_on_cpu(K) else None
+    plan = _plan(K.shape, taps)
+    if plan is None:
+        return None
+    return DensePass(K) if plan == "dense" else BandPass(K, plan)
+
+
+def _plan(shape: Sequence[int], taps: Sequence[int] | None) -> str | list[int] | None:
+    """Which form the sizes of ``K: [B, k*k, h, w]`` call for: ``"dense"``, the tap rows of a :class:`BandPass`,
+    or None (the window sums)."""
+    B, kk, h, w = shape
+    k = round(kk**0.5)
     r = k // 2
     ry, rx = min(r, h - 1), min(r, w - 1)  # (the taps further away reach outside the grid from every pixel)
-    live = [t for t in (range(k * k) if taps is None else taps) if abs(t // k - r) <= ry and abs(t % k - r) <= rx]
+    live = [t for t in (range(kk) if taps is None else taps) if abs(t // k - r) <= ry and abs(t % k - r) <= rx]
     if not live:
         return None
     if h * w <= _DENSE_PER_TAP * len(live) and B * (h * w) ** 2 <= _DENSE_ELEMENTS:
-        return DensePass(K)
+        return "dense"
     rows = sorted({t // k for t in live})
     tiles = -(-(w + 2 * rx) // _TILE)
     if (len(rows) * (_TILE + 2 * rx) <= _BAND_PER_TAP * len(live)
             and B * len(rows) * h * tiles * _TILE * (_TILE + 2 * rx) <= _BAND_ELEMENTS):
-        return BandPass(K, rows)
+        return rows
     return None
 
 
@@ -79,7 +92,12 @@ class DensePass:
 
     differentiable = True
 
-    def __init__(self, K: torch.Tensor) -> None:
+    def __init__(self, K: torch.Tensor, A: torch.Tensor | None = None) -> None:
+        """``A``: built before from this ``K`` (:class:`TracedPass`'s), else built here."""
+        self.A = self._matrix(K) if A is None else A
+
+    @staticmethod
+    def _matrix(K: torch.Tensor) -> torch.Tensor:
         B, _, h, w = K.shape
         k = _filter_size(K)
         r = k // 2
@@ -97,7 +115,7 @@ class DensePass:
                 taps_by_row[:, r + dy, :, y0 : y0 + rows])
             A.as_strided((B, rows, w, w), (sB, w * (sP + sQ), sP, sQ), (y0 * sP + (y0 + dy) * sQ) * w).copy_(
                 T[..., rx : rx + w])
-        self.A = A
+        return A
 
     def __call__(self, Q: torch.Tensor) -> torch.Tensor:
         """``Q: [B, C, h, w]`` → ``M``, in the message pass's dtypes."""
@@ -118,7 +136,9 @@ class BandPass:
 
     differentiable = False
 
-    def __init__(self, K: torch.Tensor, rows: Sequence[int]) -> None:
+    def __init__(self, K: torch.Tensor, rows: Sequence[int], bands: torch.Tensor | None = None) -> None:
+        """``bands``: built before from this ``K`` and ``rows`` (:class:`TracedPass`'s, any shape of as many
+        elements), else built here."""
         B, _, h, w = K.shape
         k = _filter_size(K)
         r, T = k // 2, _TILE
@@ -126,6 +146,14 @@ class BandPass:
         self.r, self.rx, self.ry = r, rx, min(r, h - 1)
         rows = self.rows = [dy for dy in rows if abs(dy - r) <= self.ry]  # (the others read only zeros)
         self.tiles = -(-(w + 2 * rx) // T)
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # (the padded Q and the products: _buffers)
+        shape = (B, len(rows), h * self.tiles, T, T + 2 * rx)
+        self.bands = self._bands(K, shape) if bands is None else bands.view(shape)
+
+    def _bands(self, K: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        B, _, h, w = K.shape
+        k, r, rx, T = _filter_size(K), self.r, self.rx, _TILE
+        rows = self.rows
         bands = K.new_zeros(B, len(rows), h, self.tiles, T, T + 2 * rx, dtype=_acc(K))
         sB, sR, sY, sT, sI, sJ = bands.stride()
         whole = w // T  # (tiles wholly inside the image; then the part of one)
@@ -136,8 +164,7 @@ class BandPass:
             dst[..., :whole, :].copy_(src[..., : whole * T].unflatten(-1, (whole, T)))
             if whole * T < w:
                 dst[..., whole, : w - whole * T].copy_(src[..., whole * T :])
-        self.bands = bands.flatten(2, 3)
-        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # (the padded Q and the products: _buffers)
+        return bands.view(shape)
 
     def _buffers(self, Q: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The zero-padded, channels-last ``Q`` and the products' ``[B, h · tiles, T, C]``, kept from the last call of
@@ -169,3 +196,46 @@ class BandPass:
                 else:
                     M[b].baddbmm_(self.bands[b, n], near)
         return M.view(B, h, L, C)[:, :, :w].permute(0, 3, 1, 2).to(out_dtype, memory_format=torch.contiguous_format)
+
+
+class TracedPass:
+    """The matrix forms where ``torch.compile`` traces a CPU inference: two custom ops, opaque to the tracer, that run
+    the eager code. ``convcrf_triton::matrix_pass_weights`` builds what :func:`matrix_pass` would for ``K``'s sizes
+    (every tap counted live) as one flat tensor, of a size known when it runs (empty: the window sums);
+    ``convcrf_triton::matrix_message_pass`` passes ``Q`` through it, or through ``K``'s window sums. Neither
+    specialises the traced graph on the image size. Inference only (a gradient traces ATen ops)."""
+
+    differentiable = False
+
+    def __init__(self, K: torch.Tensor) -> None:
+        self.K, self.form = K, _weights_op(K)
+
+    def __call__(self, Q: torch.Tensor) -> torch.Tensor:
+        return _pass_op(self.K, self.form, Q)
+
+
+@torch.library.custom_op("convcrf_triton::matrix_pass_weights", mutates_args=())
+def _weights_op(K: torch.Tensor) -> torch.Tensor:
+    plan = _plan(K.shape, None)
+    if plan is None:
+        return K.new_empty(0, dtype=_acc(K))
+    return (DensePass(K).A if plan == "dense" else BandPass(K, plan).bands).flatten()
+
+
+@_weights_op.register_fake
+def _(K):  # noqa: ANN001, ANN202
+    return K.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=_acc(K))
+
+
+@torch.library.custom_op("convcrf_triton::matrix_message_pass", mutates_args=())
+def _pass_op(K: torch.Tensor, form: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    plan = _plan(K.shape, None)
+    if plan is None:
+        return _message_pass(K, Q)
+    B, _, h, w = K.shape
+    return (DensePass(K, form.view(B, h * w, h * w)) if plan == "dense" else BandPass(K, plan, form))(Q)
+
+
+@_pass_op.register_fake
+def _(K, form, Q):  # noqa: ANN001, ANN202
+    return Q.new_empty(Q.shape, dtype=_message_dtypes(K, Q)[1])

@@ -33,12 +33,20 @@ def test_fullgraph_forward_and_backward(backend):
 
 
 @pytest.mark.parametrize("norm", ["none", "sym"])
-def test_inductor_compiles_the_reference_path(norm):
+@pytest.mark.parametrize(("filter_size", "blur", "size", "form"), [(3, 2, (13, 11), "dense"),
+                                                                    (5, 1, (12, 30), "band")])
+def test_inductor_compiles_the_reference_path(norm, filter_size, blur, size, form):
     """Inference, one graph: with ``norm='sym'`` the eager loop's in-place products and sums and its reused
-    ``n ⊙ Q`` buffer (``out=``) trace too."""
+    ``n ⊙ Q`` buffer (``out=``) trace too; the message pass through ``matrix_pass``'s ops, dense or banded."""
+    from convcrf_triton import matrix_pass
+
     torch._dynamo.reset()
-    unary, image = _inputs()
-    crf = ConvCRF(3, filter_size=3, blur=2, num_iter=2, norm=norm, merge=norm == "none", backend="torch")
+    g = torch.Generator().manual_seed(0)
+    unary, image = torch.randn(2, 3, *size, generator=g), torch.rand(2, 3, *size, generator=g) * 255
+    plan = matrix_pass._plan((2, filter_size**2, -(-size[0] // blur), -(-size[1] // blur)), None)
+    assert (plan == "dense") == (form == "dense") and plan is not None
+    crf = ConvCRF(3, filter_size=filter_size, blur=blur, num_iter=2, norm=norm, merge=norm == "none",
+                  backend="torch")
     with torch.no_grad():
         want = crf(unary, image)
         got = torch.compile(crf, fullgraph=True)(unary, image)
@@ -134,8 +142,9 @@ def _aten_targets(crf: ConvCRF, unary: torch.Tensor, image: torch.Tensor) -> set
     return targets
 
 
-REFERENCE_OPS = {f"convcrf_triton.reference_{name}.default"
-                 for name in ("gaussian_weights", "message_pass", "blur_pool", "blur_upsample")}
+REFERENCE_OPS = {f"convcrf_triton.{name}.default"
+                 for name in ("reference_gaussian_weights", "reference_message_pass", "reference_blur_pool",
+                              "reference_blur_upsample", "matrix_pass_weights", "matrix_message_pass")}
 
 
 def test_a_cpu_inference_compiles_the_eager_ops_as_custom_ops() -> None:
@@ -143,8 +152,8 @@ def test_a_cpu_inference_compiles_the_eager_ops_as_custom_ops() -> None:
     code (inductor's own code for their k² shifted views compiled ~10× slower and ran 2-5× slower); where a gradient
     flows (the message passes of trainable parameters), and in an exported program, ATen ops."""
     crf, inputs = _eager_and_inputs("torch", 2)
-    with torch.no_grad():
-        assert REFERENCE_OPS <= _call_targets(crf, *inputs[0])
+    with torch.no_grad():  # (the message pass through matrix_pass's ops, which call the window sums' where they win)
+        assert REFERENCE_OPS - {"convcrf_triton.reference_message_pass.default"} <= _call_targets(crf, *inputs[0])
     crf = ConvCRF(3, filter_size=3, blur=2, num_iter=2, trainable=True, backend="torch")
     assert "aten.addcmul.default" in {str(t) for t in _aten_targets(crf, *inputs[0])}
     with torch.no_grad():
@@ -155,12 +164,19 @@ def test_a_cpu_inference_compiles_the_eager_ops_as_custom_ops() -> None:
 @pytest.mark.parametrize("op", sorted(REFERENCE_OPS))
 def test_the_custom_ops_agree_with_their_fake_implementations(op: str) -> None:
     """``torch.library.opcheck``: schema, fake shapes and strides (the upsampling's output is rows of a taller
-    tensor) and the compiled dispatch, on odd sizes."""
-    from convcrf_triton import reference, resample
+    tensor; the matrix form's size is known when it runs) and the compiled dispatch, on odd sizes."""
+    from convcrf_triton import matrix_pass, reference, resample
 
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(2, 5, 7, 9, generator=g)
+    # (the matrix ops on a dense, a banded and a window-sum size)
+    Ks = [torch.rand(2, 25, 7, 9, generator=g), torch.rand(1, 25, 12, 30, generator=g),
+          torch.rand(1, 9, 12, 30, generator=g)]
     samples = {
+        "matrix_pass_weights": [(matrix_pass._weights_op, (K,)) for K in Ks],
+        "matrix_message_pass": [(matrix_pass._pass_op, (K, matrix_pass._weights_op(K),
+                                                        torch.rand(K.shape[0], 4, *K.shape[2:], generator=g)))
+                                for K in Ks],
         "gaussian_weights": (reference._gaussian_weights_op, (feats, [2, 3], torch.tensor([3.0, 10.0]), 5, False,
                                                               None, None)),
         "message_pass": (reference._message_pass_op, (torch.rand(2, 25, 7, 9, generator=g),
@@ -168,5 +184,6 @@ def test_the_custom_ops_agree_with_their_fake_implementations(op: str) -> None:
         "blur_pool": (resample._pool_op, (torch.randn(2, 4, 13, 11, generator=g), 4)),
         "blur_upsample": (resample._upsample_op, (torch.randn(2, 4, 4, 3, generator=g), 4, 13, 11)),
     }
-    fn, args = samples[op.split(".")[1].removeprefix("reference_")]
-    torch.library.opcheck(fn, args)
+    sample = samples[op.split(".")[1].removeprefix("reference_")]
+    for fn, args in sample if isinstance(sample, list) else [sample]:
+        torch.library.opcheck(fn, args)
