@@ -149,13 +149,15 @@ def run(case: dict, seed: int) -> tuple[tuple[float, float, float], tuple[float,
     want = values("torch", torch.float64, storage=case["storage"] if same_rounding else "float32")
     floor = 0.0  # the tolerance's floor: TF32 products, or a final softmax of large logits
     if case["precision"] == "tf32" and kernels.band_precision(case["k"], "tf32") is not None:
-        # The rounding's own error: every PyTorch message pass on tf32-rounded operands (an upper bound).
-        message_pass = reference.message_pass
+        # The rounding's own error: every PyTorch message pass on tf32-rounded operands (an upper bound; the window
+        # sums, not the matrix products, which would take K unrounded).
+        message_pass, matrix_pass = reference.message_pass, functional.matrix_pass
         reference.message_pass = lambda K, Q, *taps: message_pass(round_to_tf32(K), round_to_tf32(Q), *taps)
+        functional.matrix_pass = lambda K, taps: None
         try:
             emulated = values("torch", torch.float64, storage=case["storage"] if same_rounding else "float32")
         finally:
-            reference.message_pass = message_pass
+            reference.message_pass, functional.matrix_pass = message_pass, matrix_pass
         emulated_error = ((emulated["out"] - want["out"]).abs().max() / want["out"].abs().max().clamp_min(1e-30)).item()
         floor = max(TF32_TOLERANCE, TF32_EMULATED_FACTOR * emulated_error)
     if case["final_softmax"]:
