@@ -10,9 +10,10 @@ form once and each pass is products:
   31×31 window at blur 8 covers most of a small image's pooled grid);
 - :class:`BandPass`, the blocks of ``A`` between a tile of ``T`` pixels of a row and the pixels ``dy`` rows away:
   ``[T, T + 2 rx]``, banded (tap ``(dy, dx)`` on the ``dx``-th diagonal); a pass is one batched product a row offset,
-  every tile of the image at once.
+  every tile of the image at once;
+- :class:`TracedPass`, either of them where ``torch.compile`` traces a CPU inference (custom ops).
 
-Both sum the same products as the window sums in another order (float32 rounding apart), in the message pass's
+They sum the same products as the window sums in another order (float32 rounding apart), in the message pass's
 dtypes, with its flushed operand (``reference._pass_operand``). No gradient reaches ``K`` (:func:`matrix_pass`
 builds none where ``K`` requires one); a form whose ``differentiable`` is True passes ``Q``'s (autograd's, through
 the product), the other is for ``Q`` outside autograd (its products write into one buffer).
@@ -33,7 +34,7 @@ from .resample import opaque_on_cpu
 # 32×32 k = 11 1.7 / 0.7, 0.6 (8.5); k = 7 0.7 / 0.7, 0.4 (21).
 _DENSE_PER_TAP = 8
 _DENSE_ELEMENTS = 1 << 25
-# BandPass: tiles of _TILE pixels (T = 4, 6, 8, 16, 32 measured; 8 best or within 10% of it everywhere), where its
+# BandPass: tiles of _TILE pixels (T = 4, 6, 8, 12, 16, 32 measured; 8 best or within 10% of it everywhere), where its
 # products take at most _BAND_PER_TAP times the window's multiply-adds (rows of live taps × (T + 2 rx) against the
 # live taps) and the bands at most _BAND_ELEMENTS elements. One thread, C = 21, a pass window sums / bands, the build
 # (ms): 375×500 k = 11 182 / 54, 141; k = 5 46 / 23, 34; 128×256 k = 31 249 / 46, 188; 94×125 k = 11 10 / 3.4, 2.6.
