@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import reference
 from .config import BACKENDS, PRECISIONS, STORAGES, check_choice
-from .matrix_pass import BandPass, DensePass, matrix_pass
+from .matrix_pass import BandPass, DensePass, TracedPass, matrix_pass
 from .resample import blur_pool, blur_upsample, eager_cpu
 
 Number = float | torch.Tensor
@@ -269,7 +269,7 @@ class _Gaussian:
     scale: Number | None = None
     norm: torch.Tensor | None = None
     taps: list[int] | None = None  # (the PyTorch path's taps of K with a weight: reference.live_taps)
-    matrix: DensePass | BandPass | None = None  # (the PyTorch path's pass as matrix products: matrix_pass)
+    matrix: DensePass | BandPass | TracedPass | None = None  # (the PyTorch path's pass as matrix products)
 
 
 def to_storage(X: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
