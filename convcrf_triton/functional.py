@@ -351,7 +351,7 @@ class MessagePasser:
             # (A Gaussian of its own may be narrower than the window, and norm='sym' zeroes only the weights
             # below the smallest normal number.)
             taps = reference.live_taps(K) if ops is reference and scale is not None else None
-            matrix = matrix_pass(K, taps) if ops is reference else None
+            matrix = matrix_pass(K, taps, symmetric=True) if ops is reference else None  # (a Gaussian's K)
             if matrix is not None and (matrix.differentiable or not torch.is_grad_enabled()):
                 K = None  # (every pass takes the matrix form: its memory back)
             self.gaussians.append(_Gaussian(f, dims, compats, K, scale, taps=taps, matrix=matrix))

@@ -15,8 +15,9 @@ form once and each pass is products:
 
 They sum the same products as the window sums in another order (float32 rounding apart), in the message pass's
 dtypes, with its flushed operand (``reference._pass_operand``). No gradient reaches ``K`` (:func:`matrix_pass`
-builds none where ``K`` requires one); a form whose ``differentiable`` is True passes ``Q``'s (autograd's, through
-the product), the other is for ``Q`` outside autograd (its products write into one buffer).
+builds none where ``K`` requires one); a form whose ``differentiable`` is True passes ``Q``'s (the dense one
+autograd's, through the product; the banded one the same pass of ``M``'s gradient, where ``K`` is symmetric), the
+others are for ``Q`` outside autograd.
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ _BAND_PER_TAP = 3
 _BAND_ELEMENTS = 1 << 26
 
 
-def matrix_pass(K: torch.Tensor, taps: Sequence[int] | None = None) -> DensePass | BandPass | TracedPass | None:
+def matrix_pass(K: torch.Tensor, taps: Sequence[int] | None = None, symmetric: bool = False
+                ) -> DensePass | BandPass | TracedPass | None:
     """The message pass of ``K: [B, k*k, h, w]`` (CPU) as a :class:`DensePass` or a :class:`BandPass`, whichever the
     sizes call for, or None: the window sums. ``taps``: those with a weight (``reference.live_taps``; None: every
-    tap). None where ``K`` requires a gradient; where ``torch.compile`` traces a CPU inference, a
-    :class:`TracedPass` (custom ops that choose when they run), and None where else it traces."""
+    tap); ``symmetric``: ``K`` is (a Gaussian's weights: the bands pass ``Q``'s gradient). None where ``K`` requires
+    a gradient; where ``torch.compile`` traces a CPU inference, a :class:`TracedPass` (custom ops that choose when
+    they run), and None where else it traces."""
     if K.requires_grad or K.device.type != "cpu" or K.numel() == 0:
         return None
     if torch.compiler.is_compiling():
@@ -57,7 +60,7 @@ def matrix_pass(K: torch.Tensor, taps: Sequence[int] | None = None) -> DensePass
     plan = _plan(K.shape, taps)
     if plan is None:
         return None
-    return DensePass(K) if plan == "dense" else BandPass(K, plan)
+    return DensePass(K) if plan == "dense" else BandPass(K, plan, symmetric=symmetric)
 
 
 def _plan(shape: Sequence[int], taps: Sequence[int] | None) -> str | list[int] | None:
@@ -133,13 +136,17 @@ class BandPass:
     channels-last, zero-padded ``Q``, ``[h + 2 ry + 1, L, C]``, tile ``b = y · tiles + t``'s ``[T + 2 rx, C]``
     neighbours start ``b · T · C`` elements after row ``dy``'s first, so every tile's is one strided view (the last
     reads ``2 rx`` values into the row below, times zero weights). ``bands: [B, rows, h · tiles, T, T + 2 rx]`` for
-    the tap rows ``rows`` (those with a weight: :func:`matrix_pass`) that reach inside the grid."""
+    the tap rows ``rows`` (those with a weight: :func:`matrix_pass`) that reach inside the grid.
 
-    differentiable = False
+    Differentiable in ``Q`` where ``K`` is ``symmetric``, ``K[t(d), p] = K[t(-d), p + d]`` (a Gaussian's weights, as
+    ``reference.gaussian_weights`` builds them, to the bit): then ``A`` is its own transpose and ``Q``'s gradient is
+    the same pass of ``M``'s (:class:`_SymmetricBandPass`)."""
 
-    def __init__(self, K: torch.Tensor, rows: Sequence[int], bands: torch.Tensor | None = None) -> None:
+    def __init__(self, K: torch.Tensor, rows: Sequence[int], bands: torch.Tensor | None = None,
+                 symmetric: bool = False) -> None:
         """``bands``: built before from this ``K`` and ``rows`` (:class:`TracedPass`'s, any shape of as many
         elements), else built here."""
+        self.differentiable = symmetric
         B, _, h, w = K.shape
         k = _filter_size(K)
         r, T = k // 2, _TILE
@@ -180,12 +187,18 @@ class BandPass:
 
     def __call__(self, Q: torch.Tensor) -> torch.Tensor:
         """``Q: [B, C, h, w]`` → ``M``, in the message pass's dtypes."""
+        if self.differentiable and torch.is_grad_enabled() and Q.requires_grad:
+            return _SymmetricBandPass.apply(Q, self)
+        return self._products(Q)
+
+    def _products(self, Q: torch.Tensor, flush: bool = True) -> torch.Tensor:
+        """The pass of ``Q`` (``flush``: as the message pass's operand; the gradient's pass takes every value)."""
         B, C, h, w = Q.shape
         T, r, rx, ry = _TILE, self.r, self.rx, self.ry
         acc, out_dtype = _message_dtypes(self.bands, Q)
         L = self.tiles * T
         padded, M = self._buffers(Q, acc)
-        padded[:, ry : ry + h, rx : rx + w] = _pass_operand(Q, acc).permute(0, 2, 3, 1)
+        padded[:, ry : ry + h, rx : rx + w] = (_pass_operand(Q, acc) if flush else Q).permute(0, 2, 3, 1)
         if not self.rows:
             M.zero_()
         for b in range(B):
@@ -197,6 +210,25 @@ class BandPass:
                 else:
                     M[b].baddbmm_(self.bands[b, n], near)
         return M.view(B, h, L, C)[:, :, :w].permute(0, 3, 1, 2).to(out_dtype, memory_format=torch.contiguous_format)
+
+
+class _SymmetricBandPass(torch.autograd.Function):
+    """A symmetric :class:`BandPass` under autograd: ``Q``'s gradient is ``A^T G = A G``, zero where the pass's flush
+    zeroed ``Q`` (as ``reference``'s written-out backward)."""
+
+    @staticmethod
+    def forward(ctx, Q: torch.Tensor, form: BandPass) -> torch.Tensor:  # noqa: ANN001
+        ctx.form = form
+        ctx.save_for_backward(Q)
+        return form._products(Q)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_M: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        (Q,) = ctx.saved_tensors
+        acc, _ = _message_dtypes(ctx.form.bands, Q)
+        grad_Q = ctx.form._products(grad_M.to(acc), flush=False)
+        return torch.where(_pass_operand(Q, acc) != 0, grad_Q, 0).to(Q.dtype), None
 
 
 class TracedPass:

@@ -85,13 +85,28 @@ def test_matrix_pass_picks_the_form_the_sizes_call_for():
     assert pick(torch.zeros(1, 121, 1400, 1400)) is None  # (bands 11 · 1400 · 176 · 8 · 18 > _BAND_ELEMENTS)
 
 
-def test_dense_pass_is_differentiable_in_q():
-    """``DensePass`` passes ``Q``'s gradient (float64 gradcheck); ``BandPass`` says it does not."""
+def test_the_forms_are_differentiable_in_q():
+    """``DensePass`` passes ``Q``'s gradient for any ``K``, ``BandPass`` for a symmetric one (a Gaussian's weights),
+    and says it does not otherwise (float64 gradcheck; ``Q`` with a value below the flush, whose gradient is 0, and
+    a gradient of 1e-30, which the gradient's pass keeps)."""
     g = torch.Generator().manual_seed(9)
     form = matrix_pass.DensePass(torch.rand(2, 25, 3, 4, generator=g, dtype=torch.float64))
     Q = torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(form, (Q,))
-    assert form.differentiable and not matrix_pass.BandPass.differentiable
+    assert form.differentiable and torch.autograd.gradcheck(form, (Q,))
+    feats = torch.randn(2, 3, 6, 21, generator=g, dtype=torch.float64)
+    K = reference.gaussian_weights(feats, (3,), torch.tensor([2.0], dtype=torch.float64), 5, False)
+    assert not matrix_pass.BandPass(K, range(5)).differentiable
+    form = matrix_pass.BandPass(K, range(5), symmetric=True)
+    Q = torch.randn(2, 3, 6, 21, generator=g, dtype=torch.float64, requires_grad=True)
+    assert form.differentiable and torch.autograd.gradcheck(form, (Q,))
+    Q = Q.detach().clone()
+    Q[0, 0, 0, 0] = 1e-300  # (gradcheck's step would cross the flush there)
+    Q.requires_grad_()
+    G = torch.full_like(Q, 1e-30)
+    (grad,) = torch.autograd.grad(form(Q), Q, G)
+    (want,) = torch.autograd.grad(reference.message_pass(K, Q), Q, G)  # (the written-out backward)
+    assert grad[0, 0, 0, 0] == 0 and grad.abs().min() < 1e-30 < grad.abs().max()
+    torch.testing.assert_close(grad, want, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("norm", ["none", "sym"])
@@ -99,7 +114,7 @@ def test_dense_pass_is_differentiable_in_q():
                                                             (30, 45, 5, 1, "BandPass"), (44, 52, 7, 2, "BandPass")])
 def test_inference_through_the_matrix_forms_equals_the_window_sums(norm, H, W, k, blur, form, monkeypatch):
     """A whole inference with the message pass as matrix products and as window sums: the same within float32
-    rounding, and the unary's gradient (bands give way to the window sums there, whose backward is written out)."""
+    rounding, and the unary's gradient (the bands' own, by the weights' symmetry)."""
     g = torch.Generator().manual_seed(H + k)
     unary = torch.randn(2, 5, H, W, generator=g)
     image = torch.rand(2, 3, H, W, generator=g) * 255
@@ -107,18 +122,18 @@ def test_inference_through_the_matrix_forms_equals_the_window_sums(norm, H, W, k
                backend="torch")
     used = []
     pick = matrix_pass.matrix_pass
-    monkeypatch.setattr(functional, "matrix_pass", lambda K, taps: used.append(type(pick(K, taps)).__name__)
-                        or pick(K, taps))
+    monkeypatch.setattr(functional, "matrix_pass", lambda K, taps, symmetric: used.append(
+        (type(pick(K, taps)).__name__, K.requires_grad)) or pick(K, taps, symmetric))
     results = []
     for forms in (True, False):
         if not forms:
-            monkeypatch.setattr(functional, "matrix_pass", lambda K, taps: None)
+            monkeypatch.setattr(functional, "matrix_pass", lambda K, taps, symmetric: None)
         with torch.no_grad():
             out = functional.mean_field(unary, image, **run)
         u = unary.clone().requires_grad_()
         (functional.mean_field(u, image, **run) * torch.arange(5.0).view(1, 5, 1, 1)).sum().backward()
         results.append((out, u.grad))
-    assert form in used
+    assert (form, False) in used
     (matrix, matrix_grad), (window, window_grad) = results
     torch.testing.assert_close(matrix, window, rtol=1e-5, atol=1e-6)
     # (the gradient's sums cancel: an absolute bound, a part in 1e5 of its largest entry)

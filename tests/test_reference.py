@@ -357,7 +357,7 @@ def test_sym_norm_weights_keep_the_pass_normal(blur, monkeypatch):
     kw = dict(filter_size=5, blur=blur, pos_sdims=3.0, pos_compat=3.0, col_sdims=80.0, col_schan=13.0,
               col_compat=10.0, col_use_pos=True, norm="sym", keep_centre=False, ops=reference)
     with monkeypatch.context() as m:
-        m.setattr(functional, "matrix_pass", lambda K, taps: None)  # (K kept: no pass through a matrix)
+        m.setattr(functional, "matrix_pass", lambda K, taps, symmetric=False: None)  # (K kept)
         passer = functional.MessagePasser(image, **kw)
     floor, unit = reference.normalised_weights(torch.float32)
     assert unit == 2.0 ** 67 and floor == torch.finfo(torch.float32).tiny
