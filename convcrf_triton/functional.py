@@ -365,13 +365,14 @@ class MessagePasser:
         """The message of the pooled ``Xp [B, C, h, w]`` (read in the storage dtype), on the pooled grid."""
         if self.storage is not None:
             Xp = to_storage(Xp, self.storage)
-        if g.matrix is not None and (g.matrix.differentiable or not (torch.is_grad_enabled() and Xp.requires_grad)):
+        tracked = torch.is_grad_enabled() and Xp.requires_grad
+        if g.matrix is not None and (g.matrix.differentiable or not tracked):
             return g.matrix(Xp)
         if g.K is None:
             return self.ops.fused_message_pass(g.feats, g.dims, g.compats, Xp, self.k, self.keep_centre)
         if self.learns_weights:
             return self.ops.learned_message_pass(g.K, g.feats, g.dims, g.compats, Xp, self.k, self.keep_centre)
-        if self.band is not None and not (torch.is_grad_enabled() and Xp.requires_grad):
+        if self.band is not None and not tracked:
             return self.ops.band_message_pass(g.K, Xp, self.band)
         if g.taps is not None:
             return reference.message_pass(g.K, Xp, g.taps)

@@ -67,9 +67,7 @@ def _plan(shape: Sequence[int], taps: Sequence[int] | None) -> str | list[int] |
     """Which form the sizes of ``K: [B, k*k, h, w]`` call for: ``"dense"``, the tap rows of a :class:`BandPass`,
     or None (the window sums)."""
     B, kk, h, w = shape
-    k = round(kk**0.5)
-    r = k // 2
-    ry, rx = min(r, h - 1), min(r, w - 1)  # (the taps further away reach outside the grid from every pixel)
+    k, r, ry, rx = _reach(shape)
     live = [t for t in (range(kk) if taps is None else taps) if abs(t // k - r) <= ry and abs(t % k - r) <= rx]
     if not live:
         return None
@@ -81,6 +79,15 @@ def _plan(shape: Sequence[int], taps: Sequence[int] | None) -> str | list[int] |
             and B * len(rows) * h * tiles * _TILE * (_TILE + 2 * rx) <= _BAND_ELEMENTS):
         return rows
     return None
+
+
+def _reach(shape: Sequence[int]) -> tuple[int, int, int, int]:
+    """``(k, r, ry, rx)`` of ``K: [B, k*k, h, w]``: the window, its radius, and the row and column offsets that reach
+    inside the grid (``min(r, h - 1)``, ``min(r, w - 1)``: the taps further away reach outside it from every pixel)."""
+    _, kk, h, w = shape
+    k = round(kk**0.5)
+    r = k // 2
+    return k, r, min(r, h - 1), min(r, w - 1)
 
 
 def _acc(K: torch.Tensor) -> torch.dtype:
@@ -103,9 +110,7 @@ class DensePass:
     @staticmethod
     def _matrix(K: torch.Tensor) -> torch.Tensor:
         B, _, h, w = K.shape
-        k = _filter_size(K)
-        r = k // 2
-        ry, rx = min(r, h - 1), min(r, w - 1)
+        k, r, ry, rx = _reach(K.shape)
         acc = _acc(K)
         # (where dy reaches every row, the blocks cover A)
         A = (K.new_empty if ry == h - 1 else K.new_zeros)(B, h * w, h * w, dtype=acc)
@@ -148,10 +153,9 @@ class BandPass:
         elements), else built here."""
         self.differentiable = symmetric
         B, _, h, w = K.shape
-        k = _filter_size(K)
-        r, T = k // 2, _TILE
-        rx = min(r, w - 1)
-        self.r, self.rx, self.ry = r, rx, min(r, h - 1)
+        T = _TILE
+        _, r, self.ry, rx = _reach(K.shape)
+        self.r, self.rx = r, rx
         rows = self.rows = [dy for dy in rows if abs(dy - r) <= self.ry]  # (the others read only zeros)
         self.tiles = -(-(w + 2 * rx) // T)
         self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # (the padded Q and the products: _buffers)
