@@ -53,9 +53,14 @@ def _host_cell_counts(cells: int, fine: int, blur: int, like: torch.Tensor, dim:
     """Each cell's count of real rows (``blur`` inside, fewer in the border cells), shaped to divide along ``dim``:
     counted on the host (a CPU tensor: no device op; the traced form's counts are ops on symbolic sizes,
     :func:`_cell_counts`)."""
-    pad = blur_padding(fine, blur)
-    counts = [min((i + 1) * blur - pad, fine) - max(i * blur - pad, 0) for i in range(cells)]
+    counts = host_cell_counts(cells, fine, blur)
     return torch.tensor(counts, dtype=like.dtype, device=like.device).view(cells, *[1] * (like.dim() - 1 - dim))
+
+
+def host_cell_counts(cells: int, fine: int, blur: int) -> list[int]:
+    """Each of the ``cells`` cells' count of real rows (of ``fine``): ``blur`` inside, fewer in the border cells."""
+    pad = blur_padding(fine, blur)
+    return [min((i + 1) * blur - pad, fine) - max(i * blur - pad, 0) for i in range(cells)]
 
 
 def _pool_axis(x: torch.Tensor, blur: int, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,8 +222,16 @@ def opaque_on_cpu(*tensors: torch.Tensor) -> bool:
     against 77); with the custom ops 13 s and 62 ms against 75 (symbolic sizes 15 s, 65 against 77). The exported
     graph of ``torch.export`` keeps the ATen ops (it needs no import of this package), and a gradient the traced
     ops."""
-    return (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and tensors[0].device.type == "cpu"
+    return (torch.compiler.is_compiling() and not _exporting() and tensors[0].device.type == "cpu"
             and not _tracked(*tensors))
+
+
+def _exporting() -> bool:
+    """``torch.compiler.is_exporting()``, read from the flag it returns: torch 2.11's tracer (the GPU image's) folds the
+    call to True in every trace, ``torch.compile``'s too, which took a CPU inference to inductor's code for the traced
+    ops (a C++ compile error there: ``decltype(...)::blendv`` of a float)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 def eager_cpu(t: torch.Tensor) -> bool:
