@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .cell_bands import cell_band_loop
 from .config import BACKENDS, PRECISIONS, STORAGES, check_choice
 from .matrix_pass import BandPass, DensePass, TracedPass, matrix_pass
 from .resample import blur_pool, blur_upsample, eager_cpu
@@ -301,7 +302,6 @@ class MessagePasser:
         self.k, self.blur, self.keep_centre, self.H, self.W = filter_size, blur, keep_centre, *image.shape[-2:]
         self.storage = storage
         self._scratch: torch.Tensor | None = None  # (n ⊙ Q of norm='sym': _normalised)
-        self._spares: list[torch.Tensor] = []  # (full-resolution tensors free for a result: recycle)
         # The band kernel's product precision for inference's passes and for the blur-1 step
         # (kernels.band_precision), or None: the direct kernel.
         self.band = None if ops is reference else ops.band_precision(filter_size, precision)
@@ -382,23 +382,7 @@ class MessagePasser:
               ) -> torch.Tensor:
         Mp = self._pooled_pass(g, blur_pool(X, self.blur)).to(X.dtype)
         Mp = Mp if mix is None else mix(Mp)
-        return blur_upsample(Mp, self.blur, self.H, self.W, out=self._spare(Mp) if self.blur > 1 else None)
-
-    def recycle(self, X: torch.Tensor) -> None:
-        """Offer ``X``, a full-resolution tensor the caller no longer reads, for a later result's memory: on the CPU
-        outside autograd, at blur > 1 (the upsampling writes there: :func:`~convcrf_triton.resample.blur_upsample`)."""
-        if (self.blur > 1 and eager_cpu(X) and _in_place(X) and X.is_contiguous() and X.dim() == 4
-                and X.shape[-2:] == (self.H, self.W)):
-            self._spares.append(X)
-
-    def _spare(self, Mp: torch.Tensor) -> torch.Tensor | None:
-        """A recycled tensor of the full-resolution shape and dtype of the pooled ``Mp``, or None."""
-        if not (eager_cpu(Mp) and _in_place(Mp)):
-            return None
-        for i, X in enumerate(self._spares):
-            if X.shape[:2] == Mp.shape[:2] and X.dtype == Mp.dtype:
-                return self._spares.pop(i)
-        return None
+        return blur_upsample(Mp, self.blur, self.H, self.W)
 
     def steps(self, unary: torch.Tensor, mode: str, unary_weight: Number, weight: Number,
               compat_matrix: torch.Tensor | None, num_iter: int, final_softmax: bool, check: ValueCheck | None = None
@@ -482,6 +466,25 @@ class MessagePasser:
         Q = step(Q, final_softmax, dtype)
         return self.ops.from_channels_last(Q, C) if channels_last else Q
 
+    def cell_bands(self, unary: torch.Tensor, mode: str, unary_weight: Number, weight: Number,
+                   compat_matrix: torch.Tensor | None, num_iter: int, final_softmax: bool) -> torch.Tensor | None:
+        """All ``num_iter`` iterations with the full-resolution work a band of pooled rows at a time
+        (:func:`~convcrf_triton.cell_bands.cell_band_loop`): the PyTorch path on the CPU outside ``torch.compile``,
+        at blur > 1, nothing to differentiate. None otherwise."""
+        tensors = (unary, weight, unary_weight, compat_matrix,
+                   *(t for g in self.gaussians for t in (g.feats, g.compats, g.scale, g.norm)))
+        if (self.ops is not reference or self.blur == 1 or num_iter < 1 or not eager_cpu(unary)
+                or (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))):
+            return None
+        mix = mixer(weight, compat_matrix)
+
+        def message(g: _Gaussian) -> Callable[[torch.Tensor], torch.Tensor]:
+            pooled_mix = mix if g.scale is None else partial(_scaled_mix, scale=g.scale, mix=mix)
+            return lambda P: pooled_mix(self._pooled_pass(g, P).to(P.dtype))
+
+        return cell_band_loop(unary, [(message(g), g.norm) for g in self.gaussians], self.blur,
+                              unary_weight - weight, mode, num_iter, final_softmax)
+
     def __call__(self, Q: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """The message of ``Q``, with ``mix`` (a per-pixel linear map over classes: the compatibility
         and the weight ``w``) applied on the pooled grid, before upsampling: they commute with the
@@ -499,8 +502,6 @@ class MessagePasser:
                 M = term
             else:
                 M = _sum(M, term)
-                if M is not term:
-                    self.recycle(term)
         return M
 
     def _normalised(self, n: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -589,11 +590,12 @@ def mean_field(
         )
         Q = passer.steps(unary, mode, unary_weight, weight, compat_matrix, num_iter, final_softmax, check)
         if Q is None:
+            Q = passer.cell_bands(unary, mode, unary_weight, weight, compat_matrix, num_iter, final_softmax)
+        if Q is None:
             Q, unary_term = unary_setup(unary, mode, unary_weight, weight)
             mix = mixer(weight, compat_matrix)
             for i in range(num_iter):
                 M = passer(Q, mix)
-                passer.recycle(Q)  # (its memory, for the next iteration's message)
                 Q = softmax_of_sum(unary_term, M) if i < num_iter - 1 or final_softmax else unary_term + M  # last: Z
         return Q
 

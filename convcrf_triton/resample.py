@@ -163,10 +163,10 @@ def _separable_pool(x: torch.Tensor, blur: int) -> torch.Tensor:
                             lambda xs, outs: _pool_axis(_pool_axis(xs, blur, 1), blur, 2, outs))
 
 
-def _separable_upsample(m: torch.Tensor, blur: int, H: int, W: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def _separable_upsample(m: torch.Tensor, blur: int, H: int, W: int) -> torch.Tensor:
     """Columns first (their strided writes on ``h`` rows), then rows, a chunk of planes at a time."""
     B, C, h, _ = m.shape
-    return _in_plane_chunks(m, m.new_empty(B, C, H, W) if out is None else out, h * W * m.element_size(),
+    return _in_plane_chunks(m, m.new_empty(B, C, H, W), h * W * m.element_size(),
                             lambda ms, outs: _upsample_axis(_upsample_axis(ms, blur, W, 2), blur, H, 1, outs))
 
 
@@ -267,12 +267,8 @@ def _traced_pool(x: torch.Tensor, blur: int, pad: tuple[int, int]) -> torch.Tens
     return sums / (_cell_counts(h, H, py, blur, x)[:, None] * _cell_counts(w, W, px, blur, x))
 
 
-def blur_upsample(m: torch.Tensor, blur: int, H: int, W: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse of :func:`blur_pool`: bilinear ×blur (align_corners=False), cropped back to ``H × W``.
-
-    ``out``: a contiguous ``[B, C, H, W]`` tensor whose memory the CPU's eager path writes the result into, outside
-    autograd (elsewhere a new tensor is returned): a new tensor of that size costs its page faults there, each
-    time where it is too large for malloc to keep (over 32 MB; the loop's use: ``functional.MessagePasser.recycle``)."""
+def blur_upsample(m: torch.Tensor, blur: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of :func:`blur_pool`: bilinear ×blur (align_corners=False), cropped back to ``H × W``."""
     if blur == 1:
         return m
     if opaque_on_cpu(m):
@@ -280,7 +276,7 @@ def blur_upsample(m: torch.Tensor, blur: int, H: int, W: int, out: torch.Tensor 
     if eager_cpu(m):
         if written_backward(m):
             return _SeparableUpsample.apply(m, blur, H, W)
-        return _separable_upsample(m, blur, H, W, out)
+        return _separable_upsample(m, blur, H, W)
     if torch.compiler.is_compiling():
         return _traced_upsample(_traced_upsample(m, blur, W, 3), blur, H, 2)
     up = F.interpolate(m, scale_factor=blur, mode="bilinear", align_corners=False)

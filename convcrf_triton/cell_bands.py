@@ -1,0 +1,145 @@
+"""The PyTorch path's mean-field loop at blur > 1 on the CPU, a band of pooled rows at a time (inference only).
+
+An iteration's full-resolution work is elementwise per pixel or per class column: upsample each Gaussian's pooled
+message, scale it by the Gaussian's normaliser and sum, add the unary term, take the softmax, and pool each
+Gaussian's normalised probabilities for the next pass. Done a whole ``[B, C, H, W]`` tensor an op at a time, each op
+streams its operands through memory (15.7 MB each at 375×500, C = 21). Here it runs a band of pooled rows (``blur``
+image rows each) at a time on buffers that stay in the core's cache, so an iteration reads one full-resolution tensor
+(the unary term) and writes none until the output.
+
+The band's rows are those of the padded grid: ``[h·blur, w·blur]``, the image at ``(blur_padding(H), blur_padding(W))``
+(:mod:`~convcrf_triton.resample`'s cells, whole). The Gaussians' normalisers (or, without them, the image's mask) are
+zero outside the image, so a cell's pooled sum over its whole ``blur × blur`` block holds only its real pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .resample import _lerp_weight, blur_padding, host_cell_counts
+
+# A band's buffers (the sum being built, a second Gaussian's upsampled term, the pooling's product) each take about
+# this many bytes, at least one pooled row.
+_BAND_BYTES = 1024 << 10
+
+PooledMessage = Callable[[torch.Tensor], torch.Tensor]
+
+
+def cell_band_loop(unary: torch.Tensor, passes: Sequence[tuple[PooledMessage, torch.Tensor | None]], blur: int,
+                   factor: float | torch.Tensor, mode: str, num_iter: int, final_softmax: bool) -> torch.Tensor:
+    """``num_iter`` (≥ 1) mean-field iterations of ``unary [B, C, H, W]`` (the logits out; probabilities with
+    ``final_softmax``), as the loop of :func:`~convcrf_triton.functional.mean_field` computes them.
+
+    ``passes``: per Gaussian, the function from its pooled input ``P [B, C, h, w]`` to its term of the logits on the
+    pooled grid (message pass, compat weight, ``w`` and the compatibility), and its normaliser ``n [B, 1, H, W]``
+    (None: none; its input is ``Q``, its term is not scaled); ``factor``: ``unary_weight - w`` (a number or
+    ``[1, C, 1, 1]``); ``mode='convcrf'``: the first input is ``log_softmax(u)``, not ``softmax(u)``.
+    """
+    B, C, H, W = unary.shape
+    b = blur
+    h, w = -(-H // b), -(-W // b)
+    py, px = blur_padding(H, b), blur_padding(W, b)
+    wp = w * b
+
+    def padded(n: torch.Tensor) -> torch.Tensor:  # [B, 1, H, W] → [B, 1, h·b, w·b], zero outside the image
+        out = n.new_zeros(B, 1, h * b, wp)
+        out[:, :, py : py + H, px : px + W] = n
+        return out
+
+    mask = None
+    weights = []  # (what multiplies each Gaussian's input and term on the padded grid)
+    for _, n in passes:
+        if n is None and mask is None:
+            mask = padded(unary.new_ones(1, 1, 1, 1).expand(B, 1, H, W))
+        weights.append(mask if n is None else padded(n))
+    counts = [unary.new_tensor(host_cell_counts(n, fine, b)) for n, fine in ((h, H), (w, W))]
+    inverse_counts = 1 / (counts[0][:, None] * counts[1])  # [h, w]
+    unary_term = unary.new_zeros(B, C, h * b, wp)
+    cells = max(1, _BAND_BYTES * torch.get_num_threads() // (B * C * b * wp * unary.element_size()))
+    bands = [(c0, min(c0 + cells, h)) for c0 in range(0, h, cells)]
+    Z, T = unary.new_zeros(B, C, cells * b, wp), unary.new_empty(B, C, cells * b, wp)
+    U = unary.new_empty(B, C, cells * b, wp) if len(passes) > 1 else None
+    R = unary.new_empty(B, C, cells, wp)  # (the pooling's rows)
+    pooled = [unary.new_empty(B, C, h, w) for _ in passes]
+    out = unary.new_empty(B, C, H, W)
+    floor = math.log(torch.finfo(unary.dtype).tiny * C)  # (functional.softmax_of_sum's: no denormal probability)
+
+    def image_rows(c0: int, c1: int) -> tuple[int, int, int]:  # the band's image rows [r0, r1), r0's in the band
+        r0, r1 = max(c0 * b - py, 0), min(c1 * b - py, H)
+        return r0, r1, r0 + py - c0 * b
+
+    def pool(Q: torch.Tensor, c0: int, c1: int) -> None:  # each Gaussian's input, summed over the band's cells
+        for P, weight in zip(pooled, weights, strict=True):
+            Tb = torch.mul(Q, weight[:, :, c0 * b : c1 * b], out=T[:, :, : Q.shape[2]])
+            if b > 4:  # (a sum over each cell's rows, then its columns)
+                rows = Tb.view(B, C, c1 - c0, b, wp).sum(3)
+                torch.sum(rows.view(B, C, c1 - c0, w, b), dim=4, out=P[:, :, c0:c1])
+            else:  # (a strided add a phase: PyTorch's sum over 2-4 contiguous values took 2-6x longer)
+                rows = _phase_sum(Tb, b, 2, R[:, :, : c1 - c0])
+                _phase_sum(rows, b, 3, P[:, :, c0:c1])
+
+    for c0, c1 in bands:  # the set-up: the unary term and the first input
+        Zb = Z[:, :, : (c1 - c0) * b]
+        r0, r1, o = image_rows(c0, c1)
+        L = F.log_softmax(unary[:, :, r0:r1], dim=1)
+        torch.mul(L, factor, out=unary_term[:, :, r0 + py : r1 + py, px : px + W])
+        Zb[:, :, o : o + r1 - r0, px : px + W] = L if mode == "convcrf" else torch.softmax(L, dim=1)
+        pool(Zb, c0, c1)
+    for i in range(num_iter):
+        for P in pooled:
+            P.mul_(inverse_counts)
+        rows = [_upsampled_columns(message(P), b, wp) for (message, _), P in zip(passes, pooled, strict=True)]
+        last = i == num_iter - 1
+        for c0, c1 in bands:
+            Zb = Z[:, :, : (c1 - c0) * b]
+            for g, (X, weight) in enumerate(zip(rows, weights, strict=True)):
+                Ub = Zb if g == 0 else U[:, :, : (c1 - c0) * b]
+                for r in range(b):  # (phase r of each cell: a lerp between two rows of pooled cells)
+                    left, t = _lerp_weight(r, b)
+                    torch.lerp(X[:, :, c0 + left + 1 : c1 + left + 1], X[:, :, c0 + left + 2 : c1 + left + 2], t,
+                               out=Ub[:, :, r::b])
+                if g == 0:
+                    if weight is not mask:
+                        Zb.mul_(weight[:, :, c0 * b : c1 * b])
+                elif weight is mask:
+                    Zb.add_(Ub)
+                else:
+                    Zb.addcmul_(Ub, weight[:, :, c0 * b : c1 * b])
+            Zb.add_(unary_term[:, :, c0 * b : c1 * b])
+            if not last or final_softmax:
+                Zb.sub_(Zb.amax(1, keepdim=True)).clamp_min_(floor).exp_()
+                Zb.div_(Zb.sum(1, keepdim=True))
+            if last:
+                r0, r1, o = image_rows(c0, c1)
+                out[:, :, r0:r1] = Zb[:, :, o : o + r1 - r0, px : px + W]
+            else:
+                pool(Zb, c0, c1)
+    return out
+
+
+def _upsampled_columns(M: torch.Tensor, b: int, wp: int) -> torch.Tensor:
+    """``M [B, C, h, w]`` upsampled ×b along its columns (:func:`~convcrf_triton.resample.blur_upsample`'s lerps, on
+    the padded grid's ``wp = w·b`` columns) with an edge row before and after: ``[B, C, h + 2, wp]``, the rows' lerps
+    reading their cell ``j`` at row ``j + 1`` (PyTorch's clamped source index at the edges)."""
+    B, C, h, w = M.shape
+    edged = torch.cat([M[..., :1], M, M[..., -1:]], 3)
+    X = M.new_empty(B, C, h + 2, wp)
+    for r in range(b):
+        left, t = _lerp_weight(r, b)
+        torch.lerp(edged[..., 1 + left : 1 + left + w], edged[..., 2 + left : 2 + left + w], t, out=X[:, :, 1:-1, r::b])
+    X[:, :, :1] = X[:, :, 1:2]
+    X[:, :, -1:] = X[:, :, -2:-1]
+    return X
+
+
+def _phase_sum(x: torch.Tensor, b: int, dim: int, out: torch.Tensor) -> torch.Tensor:
+    """The sum of each run of ``b`` along ``dim`` into ``out``: one strided add a phase."""
+    phase = [slice(None)] * dim
+    torch.add(x[(*phase, slice(0, None, b))], x[(*phase, slice(1, None, b))], out=out)
+    for r in range(2, b):
+        out.add_(x[(*phase, slice(r, None, b))])
+    return out
