@@ -225,7 +225,8 @@ def live_taps(K: torch.Tensor) -> list[int] | None:
     them (:func:`normalised_weights`). None where ``torch.compile`` traces (the list depends on the values)."""
     if K.numel() == 0 or torch.compiler.is_compiling():
         return None
-    live = K.abs().amax((0, 2, 3)).nonzero().flatten().tolist()
+    dims = (0, 2, 3)  # (the largest and smallest weight, not |K|'s: no K-sized temporary; 2.3 → 1.0 ms at 47×63)
+    live = ((K.amax(dims) != 0) | (K.amin(dims) != 0)).nonzero().flatten().tolist()
     return None if len(live) == K.shape[1] else live
 
 

@@ -321,6 +321,9 @@ def test_message_pass_skips_the_taps_it_is_told_are_zero(tap_rows, monkeypatch):
     Q = torch.randn(2, 4, 5, 9, generator=g)
     taps = reference.live_taps(K)
     assert taps == [t for t in range(49) if t % 3] and reference.live_taps(torch.rand(1, 9, 2, 2)) is None
+    negative = -K  # (a merged Gaussian's compat weights may be negative: a tap of negative weights is live)
+    negative[1, 3, 4, 8] = -1.0
+    assert reference.live_taps(negative) == sorted([3, *taps])
     assert torch.equal(reference.message_pass(K, Q, taps), reference.message_pass(K, Q))
     torch.testing.assert_close(reference.message_pass(K, Q, taps), _every_tap(K, Q), rtol=1e-6, atol=1e-6)
     K, Q = torch.rand(1, 49, 2, 3, generator=g), torch.rand(1, 2, 2, 3, generator=g)  # (most taps reach out)
