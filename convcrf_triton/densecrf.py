@@ -315,7 +315,7 @@ class DenseCRF2D:
     def _crf(self, n_iter: int) -> ConvCRF:
         params = self._params()
         return ConvCRF(self.n_labels, num_iter=n_iter, weight="scalar", weight_init=1.0, unary_weight=2.0,
-                       merge=params["norm"] == "none", backend=self.backend, **params)
+                       merge=params["norm"] == "none", final_softmax=True, backend=self.backend, **params)
 
     def _image(self) -> torch.Tensor:
         """The bilateral term's image as ConvCRF takes it: ``[1, 3, height, width]`` float32 on the device."""
@@ -340,8 +340,8 @@ class DenseCRF2D:
             return self._flat(torch.softmax(unary, dim=1))
         crf = self._crf(int(n_iter))
         with torch.no_grad():
-            Z = crf.to(self.device)(unary, self._image())
-        return self._flat(torch.softmax(Z.float(), dim=1))
+            Q = crf.to(self.device)(unary, self._image())
+        return self._flat(Q)
 
     def _flat(self, Q: torch.Tensor) -> np.ndarray:
         """``[1, n_labels, height, width]`` → a numpy ``[n_labels, width·height]`` float32 array."""
