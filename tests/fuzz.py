@@ -101,7 +101,9 @@ LOOSE_FACTOR = 4
 # PyTorch's blocked product 2.4, so every value of the kernels' comes out ~4-6x PyTorch's error). The image's
 # gradient is the colour features' (over the colour bandwidth), with the same split pairs: BANDWIDTH_FACTOR too
 # (case 285797961 above: the image's gradient 5.7e-20 in float64, float32 noise of 1.0e-11 from PyTorch and 4.7e-11
-# from the kernels).
+# from the kernels). So is any value the float32 PyTorch path gets no digit of (its error at least the value: the
+# value is float32 noise of its terms in any order of operations; case 817433391, a final softmax saturated to 1.0 to
+# the bit, every gradient ~1e-23 in float64: PyTorch's 100% off, the kernels' colour compat weight's 5.1x that).
 GAUSSIANS = (("pos_compat", "pos_sdims"), ("col_compat", "col_sdims", "col_schan"))
 FEATURE_GRADIENTS = ("pos_sdims", "col_sdims", "col_schan", "image")  # (BANDWIDTH_FACTOR)
 BANDWIDTH_FACTOR = 16
@@ -243,7 +245,7 @@ def judge(got: dict, torch32: dict, want: dict, same_rounding: bool, grad: bool,
     worst = (0.0, 0.0, 1.0)  # the (error, float32 PyTorch path's error, tolerance) nearest its tolerance
     for name, (err, err32) in errors.items():
         factor = (2 if same_rounding and not grad else
-                  BANDWIDTH_FACTOR if name in FEATURE_GRADIENTS else LOOSE_FACTOR)
+                  BANDWIDTH_FACTOR if name in FEATURE_GRADIENTS or err32 >= 1 else LOOSE_FACTOR)
         tolerance = max(floor or TOLERANCE, factor * (storage_error or err32))
         if err / tolerance >= worst[0] / worst[2]:
             worst = (err, err32, tolerance)
