@@ -63,7 +63,8 @@ def cell_band_loop(unary: torch.Tensor, passes: Sequence[tuple[PooledMessage, to
     unary_term = unary.new_zeros(B, C, h * b, wp)
     cells = max(1, _BAND_BYTES * torch.get_num_threads() // (B * C * b * wp * unary.element_size()))
     bands = [(c0, min(c0 + cells, h)) for c0 in range(0, h, cells)]
-    Z, T = unary.new_zeros(B, C, cells * b, wp), unary.new_empty(B, C, cells * b, wp)
+    Z = unary.new_zeros(B, C, cells * b, wp)
+    T = unary.new_empty(B, C, cells * b, wp) if any(w is not mask for w in weights) else None  # (n ⊙ Q)
     U = unary.new_empty(B, C, cells * b, wp) if len(passes) > 1 else None
     R = unary.new_empty(B, C, cells, wp)  # (the pooling's rows)
     pooled = [unary.new_empty(B, C, h, w) for _ in passes]
@@ -75,8 +76,13 @@ def cell_band_loop(unary: torch.Tensor, passes: Sequence[tuple[PooledMessage, to
         return r0, r1, r0 + py - c0 * b
 
     def pool(Q: torch.Tensor, c0: int, c1: int) -> None:  # each Gaussian's input, summed over the band's cells
+        if mask is not None:  # (Q zeroed outside the image in place: the mask's product, at the cost of its pads)
+            r0, r1, o = image_rows(c0, c1)
+            for pad in (Q[..., :px], Q[..., px + W :], Q[:, :, :o], Q[:, :, o + r1 - r0 :]):
+                if pad.numel():
+                    pad.zero_()
         for P, weight in zip(pooled, weights, strict=True):
-            Tb = torch.mul(Q, weight[:, :, c0 * b : c1 * b], out=T[:, :, : Q.shape[2]])
+            Tb = Q if weight is mask else torch.mul(Q, weight[:, :, c0 * b : c1 * b], out=T[:, :, : Q.shape[2]])
             if b > 4:  # (a sum over each cell's rows, then its columns)
                 rows = Tb.view(B, C, c1 - c0, b, wp).sum(3)
                 torch.sum(rows.view(B, C, c1 - c0, w, b), dim=4, out=P[:, :, c0:c1])
