@@ -9,8 +9,8 @@ image rows each) at a time on buffers that stay in the core's cache, so an itera
 263 ms; 1024×2048, blur 4, k = 11: 2.2 → 1.6 s, 1.2 → 0.9 with two threads. bench/README.md has the rest.)
 
 The band's rows are those of the padded grid: ``[h·blur, w·blur]``, the image at ``(blur_padding(H), blur_padding(W))``
-(:mod:`~convcrf_triton.resample`'s cells, whole). The Gaussians' normalisers (or, without them, the image's mask) are
-zero outside the image, so a cell's pooled sum over its whole ``blur × blur`` block holds only its real pixels.
+(:mod:`~convcrf_triton.resample`'s cells, whole). The Gaussians' normalisers are zero outside the image (without them
+the input is zeroed there), so a cell's pooled sum over its whole ``blur × blur`` block holds only its real pixels.
 """
 
 from __future__ import annotations
@@ -52,19 +52,17 @@ def cell_band_loop(unary: torch.Tensor, passes: Sequence[tuple[PooledMessage, to
         out[:, :, py : py + H, px : px + W] = n
         return out
 
-    mask = None
-    weights = []  # (what multiplies each Gaussian's input and term on the padded grid)
-    for _, n in passes:
-        if n is None and mask is None:
-            mask = padded(unary.new_ones(1, 1, 1, 1).expand(B, 1, H, W))
-        weights.append(mask if n is None else padded(n))
+    # What multiplies each Gaussian's input and term on the padded grid (None: nothing; its input is Q zeroed outside
+    # the image, in place: the mask's product at the cost of its pads).
+    weights = [None if n is None else padded(n) for _, n in passes]
+    masked = any(n is None for n in weights)
     counts = [unary.new_tensor(host_cell_counts(n, fine, b)) for n, fine in ((h, H), (w, W))]
     inverse_counts = 1 / (counts[0][:, None] * counts[1])  # [h, w]
     unary_term = unary.new_zeros(B, C, h * b, wp)
     cells = max(1, _BAND_BYTES * torch.get_num_threads() // (B * C * b * wp * unary.element_size()))
     bands = [(c0, min(c0 + cells, h)) for c0 in range(0, h, cells)]
     Z = unary.new_zeros(B, C, cells * b, wp)
-    T = unary.new_empty(B, C, cells * b, wp) if any(w is not mask for w in weights) else None  # (n ⊙ Q)
+    T = None if all(n is None for n in weights) else unary.new_empty(B, C, cells * b, wp)  # (n ⊙ Q)
     U = unary.new_empty(B, C, cells * b, wp) if len(passes) > 1 else None
     R = unary.new_empty(B, C, cells, wp)  # (the pooling's rows)
     pooled = [unary.new_empty(B, C, h, w) for _ in passes]
@@ -76,13 +74,13 @@ def cell_band_loop(unary: torch.Tensor, passes: Sequence[tuple[PooledMessage, to
         return r0, r1, r0 + py - c0 * b
 
     def pool(Q: torch.Tensor, c0: int, c1: int) -> None:  # each Gaussian's input, summed over the band's cells
-        if mask is not None:  # (Q zeroed outside the image in place: the mask's product, at the cost of its pads)
+        if masked:
             r0, r1, o = image_rows(c0, c1)
             for pad in (Q[..., :px], Q[..., px + W :], Q[:, :, :o], Q[:, :, o + r1 - r0 :]):
                 if pad.numel():
                     pad.zero_()
         for P, weight in zip(pooled, weights, strict=True):
-            Tb = Q if weight is mask else torch.mul(Q, weight[:, :, c0 * b : c1 * b], out=T[:, :, : Q.shape[2]])
+            Tb = Q if weight is None else torch.mul(Q, weight[:, :, c0 * b : c1 * b], out=T[:, :, : Q.shape[2]])
             if b > 4:  # (a sum over each cell's rows, then its columns)
                 rows = Tb.view(B, C, c1 - c0, b, wp).sum(3)
                 torch.sum(rows.view(B, C, c1 - c0, w, b), dim=4, out=P[:, :, c0:c1])
@@ -100,20 +98,20 @@ def cell_band_loop(unary: torch.Tensor, passes: Sequence[tuple[PooledMessage, to
     for i in range(num_iter):
         for P in pooled:
             P.mul_(inverse_counts)
-        rows = [_upsampled_columns(message(P), b, wp) for (message, _), P in zip(passes, pooled, strict=True)]
+        upsampled = [_upsampled_columns(message(P), b, wp) for (message, _), P in zip(passes, pooled, strict=True)]
         last = i == num_iter - 1
         for c0, c1 in bands:
             Zb = Z[:, :, : (c1 - c0) * b]
-            for g, (X, weight) in enumerate(zip(rows, weights, strict=True)):
+            for g, (X, weight) in enumerate(zip(upsampled, weights, strict=True)):
                 Ub = Zb if g == 0 else U[:, :, : (c1 - c0) * b]
                 for r in range(b):  # (phase r of each cell: a lerp between two rows of pooled cells)
                     left, t = _lerp_weight(r, b)
                     torch.lerp(X[:, :, c0 + left + 1 : c1 + left + 1], X[:, :, c0 + left + 2 : c1 + left + 2], t,
                                out=Ub[:, :, r::b])
                 if g == 0:
-                    if weight is not mask:
+                    if weight is not None:
                         Zb.mul_(weight[:, :, c0 * b : c1 * b])
-                elif weight is mask:
+                elif weight is None:
                     Zb.add_(Ub)
                 else:
                     Zb.addcmul_(Ub, weight[:, :, c0 * b : c1 * b])
