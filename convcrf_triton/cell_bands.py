@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .resample import _lerp_weight, blur_padding, host_cell_counts
+from .resample import _lerp_weight, _upsample_axis, blur_padding, host_cell_counts
 
 # A band's buffers (the sum being built, a second Gaussian's upsampled term, the pooling's product) each take about
 # this many bytes a thread (PyTorch splits each band's ops between its threads), at least one pooled row. 375×500,
@@ -67,7 +67,6 @@ def cell_band_loop(unary: torch.Tensor, passes: Sequence[tuple[PooledMessage, to
     R = unary.new_empty(B, C, cells, wp)  # (the pooling's rows)
     pooled = [unary.new_empty(B, C, h, w) for _ in passes]
     out = unary.new_empty(B, C, H, W)
-    floor = math.log(torch.finfo(unary.dtype).tiny * C)  # (functional.softmax_of_sum's: no denormal probability)
 
     def image_rows(c0: int, c1: int) -> tuple[int, int, int]:  # the band's image rows [r0, r1), r0's in the band
         r0, r1 = max(c0 * b - py, 0), min(c1 * b - py, H)
@@ -117,8 +116,7 @@ def cell_band_loop(unary: torch.Tensor, passes: Sequence[tuple[PooledMessage, to
                     Zb.addcmul_(Ub, weight[:, :, c0 * b : c1 * b])
             Zb.add_(unary_term[:, :, c0 * b : c1 * b])
             if not last or final_softmax:
-                Zb.sub_(Zb.amax(1, keepdim=True)).clamp_min_(floor).exp_()
-                Zb.div_(Zb.sum(1, keepdim=True))
+                softmax_(Zb)
             if last:
                 r0, r1, o = image_rows(c0, c1)
                 out[:, :, r0:r1] = Zb[:, :, o : o + r1 - r0, px : px + W]
@@ -127,16 +125,22 @@ def cell_band_loop(unary: torch.Tensor, passes: Sequence[tuple[PooledMessage, to
     return out
 
 
+def softmax_(Z: torch.Tensor) -> torch.Tensor:
+    """``Z [B, C, ...]`` replaced by its softmax over the classes (dim 1), with no probability below ``C · tiny`` (the
+    dtype's smallest normal number: x86 takes a slow path on denormal numbers; see
+    :func:`~convcrf_triton.functional.softmax_of_sum`)."""
+    Z.sub_(Z.amax(1, keepdim=True)).clamp_min_(math.log(torch.finfo(Z.dtype).tiny * Z.shape[1])).exp_()
+    return Z.div_(Z.sum(1, keepdim=True))
+
+
 def _upsampled_columns(M: torch.Tensor, b: int, wp: int) -> torch.Tensor:
-    """``M [B, C, h, w]`` upsampled ×b along its columns (:func:`~convcrf_triton.resample.blur_upsample`'s lerps, on
-    the padded grid's ``wp = w·b`` columns) with an edge row before and after: ``[B, C, h + 2, wp]``, the rows' lerps
-    reading their cell ``j`` at row ``j + 1`` (PyTorch's clamped source index at the edges)."""
-    B, C, h, w = M.shape
-    edged = torch.cat([M[..., :1], M, M[..., -1:]], 3)
+    """``M [B, C, h, w]`` upsampled ×b along its columns onto the padded grid's ``wp = w·b`` (no padding before its
+    first cell: :func:`~convcrf_triton.resample._upsample_axis`'s lerps, uncropped) with an edge row before and
+    after: ``[B, C, h + 2, wp]``, the rows' lerps reading their cell ``j`` at row ``j + 1`` (PyTorch's clamped source
+    index at the edges)."""
+    B, C, h, _ = M.shape
     X = M.new_empty(B, C, h + 2, wp)
-    for r in range(b):
-        left, t = _lerp_weight(r, b)
-        torch.lerp(edged[..., 1 + left : 1 + left + w], edged[..., 2 + left : 2 + left + w], t, out=X[:, :, 1:-1, r::b])
+    _upsample_axis(M, b, wp, 3, out=X[:, :, 1:-1])
     X[:, :, :1] = X[:, :, 1:2]
     X[:, :, -1:] = X[:, :, -2:-1]
     return X

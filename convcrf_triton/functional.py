@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .cell_bands import cell_band_loop
+from .cell_bands import cell_band_loop, softmax_
 from .config import BACKENDS, PRECISIONS, STORAGES, check_choice
 from .matrix_pass import BandPass, DensePass, TracedPass, matrix_pass
 from .resample import blur_pool, blur_upsample, eager_cpu
@@ -231,9 +231,7 @@ def softmax_of_sum(unary_term: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     float32), which the message pass zeroes anyway (``reference._flush_below``)."""
     if not eager_cpu(M) or (torch.is_grad_enabled() and (M.requires_grad or unary_term.requires_grad)):
         return torch.softmax(unary_term + M, dim=1)
-    Z = M.add_(unary_term)
-    Z.sub_(Z.amax(1, keepdim=True)).clamp_min_(math.log(torch.finfo(Z.dtype).tiny * Z.shape[1])).exp_()
-    return Z.div_(Z.sum(1, keepdim=True))
+    return softmax_(M.add_(unary_term))
 
 
 def _per_class(value: Number, C: int, like: torch.Tensor) -> torch.Tensor | None:
