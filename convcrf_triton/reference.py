@@ -280,9 +280,11 @@ def _message_pass(K: torch.Tensor, Q: torch.Tensor, taps: Sequence[int] | None =
     return M.to(out_dtype)
 
 
-def _pass_operand(Q: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+def _pass_operand(Q: torch.Tensor, acc: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """``Q`` as the message pass multiplies it: in ``acc``, 0 where ``|Q|`` is at most the flush floor (one op, where
-    abs, < and where took three)."""
+    abs, < and where took three); into ``out`` where given (outside autograd)."""
+    if out is not None:
+        return torch.hardshrink(Q.to(acc), _flush_below(acc), out=out)
     return F.hardshrink(Q.to(acc), _flush_below(acc))
 
 
@@ -376,7 +378,7 @@ def _gaussian_weights_grad(
             grad_padded[:, start : start + c, dy : dy + h, dx : dx + w] -= a
             grad_padded[:, start : start + c, r : r + h, r : r + w] += a
             start += c
-    grad_feats = grad_padded[:, :, r : r + h, r : r + w].to(dtype, memory_format=torch.contiguous_format)
+    grad_feats = grad_padded[:, :, r : r + h, r : r + w].to(dtype).contiguous()  # (to() aliases a same-dtype slice)
     return grad_feats, grad_compats.to(compats.dtype)
 
 

@@ -8,6 +8,9 @@ import torch
 from convcrf_triton import functional, matrix_pass, reference
 
 FORMS = [matrix_pass.DensePass, lambda K: matrix_pass.BandPass(K, range(round(K.shape[1] ** 0.5)))]
+# The band form's two ways from its channels-last products to the planar M: (form, matrix_pass._TRANSPOSE_ELEMENTS).
+FORMS_AND_TRANSPOSES = [pytest.param(FORMS[0], 1 << 62, id="dense"), pytest.param(FORMS[1], 1 << 62, id="band"),
+                        pytest.param(FORMS[1], 0, id="band-transposed")]
 
 
 def _matrix(K):
@@ -31,14 +34,16 @@ def _definition(K, Q):
     return (Qf.flatten(2) @ _matrix(K).mT).view(Q.shape)
 
 
-@pytest.mark.parametrize("form", FORMS, ids=["dense", "band"])
+@pytest.mark.parametrize(("form", "transpose_elements"), FORMS_AND_TRANSPOSES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize(("B", "k", "h", "w"), [(1, 11, 13, 20), (2, 5, 2, 11), (2, 7, 1, 1), (1, 9, 6, 5),
                                                 (1, 3, 9, 17), (2, 5, 7, 1), (1, 13, 3, 40)])
-def test_each_form_equals_the_definition(form, dtype, B, k, h, w):
+def test_each_form_equals_the_definition(form, transpose_elements, dtype, B, k, h, w, monkeypatch):
     """Random weights with a third of the taps 0, ``Q`` with a value below the pass's floor; ``K`` in float16 storage
     too (the products in float32). Against ``A Q`` in float64 (``A`` a pixel and tap at a time) and the window sums.
-    Shapes: tiles cut by the image's edge (``w`` not a multiple of 8), grids narrower and shorter than the window."""
+    Shapes: tiles cut by the image's edge (``w`` not a multiple of 8), grids narrower and shorter than the window;
+    the band form's products moved to ``M`` both ways."""
+    monkeypatch.setattr(matrix_pass, "_TRANSPOSE_ELEMENTS", transpose_elements)
     g = torch.Generator().manual_seed(k * 1000 + h * 10 + w)
     K = torch.rand(B, k * k, h, w, generator=g, dtype=torch.float64)
     K[:, 1::3] = 0
