@@ -25,9 +25,12 @@ import torch.nn.functional as F
 from .resample import _lerp_weight, _upsample_axis, blur_padding, host_cell_counts
 
 # A band's buffers (the sum being built, a second Gaussian's upsampled term, the pooling's product) each take about
-# this many bytes a thread (PyTorch splits each band's ops between its threads), at least one pooled row. 375×500,
-# C = 21, blur 8, one thread: 512 KB 263 ms an inference, 1 MB 236, 2 MB 242, 4 MB 249.
+# _BAND_BYTES on one thread and _THREAD_BAND_BYTES a thread on more (PyTorch splits each band's ops between its
+# threads, and the ops' fixed costs weigh more there), at least one pooled row. 375×500, C = 21, blur 8, one
+# thread: 512 KB 263 ms an inference, 1 MB 236, 2 MB 242, 4 MB 249 (blur 4: 97-101, 90-93, 91-99, 97-100); two
+# threads, a thread: 1 MB blur 4 62-71 ms, blur 2 129-144, 2 MB 54-57, 122-134 (blur 8 and `DenseCRF2D` even).
 _BAND_BYTES = 1024 << 10
+_THREAD_BAND_BYTES = 2048 << 10
 
 PooledMessage = Callable[[torch.Tensor], torch.Tensor]
 
@@ -59,7 +62,9 @@ def cell_band_loop(unary: torch.Tensor, passes: Sequence[tuple[PooledMessage, to
     masked = any(n is None for n in weights)
     counts = [unary.new_tensor(host_cell_counts(n, fine, b)) for n, fine in ((h, H), (w, W))]
     inverse_counts = 1 / (counts[0][:, None] * counts[1])  # [h, w]
-    cells = max(1, _BAND_BYTES * torch.get_num_threads() // (B * C * b * wp * unary.element_size()))
+    threads = torch.get_num_threads()
+    band_bytes = _BAND_BYTES if threads == 1 else _THREAD_BAND_BYTES * threads
+    cells = max(1, band_bytes // (B * C * b * wp * unary.element_size()))
     bands = [(c0, min(c0 + cells, h)) for c0 in range(0, h, cells)]
     Z = unary.new_zeros(B, C, cells * b, wp)
     T = None if all(n is None for n in weights) else unary.new_empty(B, C, cells * b, wp)  # (n ⊙ Q)

@@ -68,6 +68,7 @@ def test_equals_the_loop_of_whole_tensors(blur: int, norm: str, mode: str, final
                                           per_class: bool, B: int, C: int, H: int, W: int, num_iter: int, k: int,
                                           band_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cell_bands, "_BAND_BYTES", band_bytes)
+    monkeypatch.setattr(cell_bands, "_THREAD_BAND_BYTES", band_bytes)
     calls = _spy(monkeypatch)
     unary, image = _inputs(B * 1000 + H, B, C, H, W)
     g = torch.Generator().manual_seed(C)
