@@ -6,7 +6,7 @@ Gaussian's normalised probabilities for the next pass. Done a whole ``[B, C, H, 
 streams its operands through memory (15.7 MB each at 375×500, C = 21). Here it runs a band of pooled rows (``blur``
 image rows each) at a time on buffers that stay in the core's cache, so an iteration reads one full-resolution tensor
 (the unary term, kept in the output's memory) and writes none until the output. (375×500, C = 21, one thread:
-``DenseCRF2D``'s inference 304 → 245 ms; 1024×2048, blur 4, k = 11: 2.2 → 1.3-1.4 s, 1.2 → 0.7 with two threads.
+``DenseCRF2D``'s inference 304 → 224 ms; 1024×2048, blur 4, k = 11: 2.2 → 1.3-1.4 s, 1.2 → 0.7 with two threads.
 bench/README.md has the rest.)
 
 The band's rows are those of the padded grid: ``[h·blur, w·blur]``, the image at ``(blur_padding(H), blur_padding(W))``
