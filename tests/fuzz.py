@@ -182,7 +182,7 @@ def run(case: dict, seed: int) -> tuple[tuple[float, float, float], tuple[float,
         # 789046218: mode='convcrf' logits up to 119, 6.9e-4 off float64 on both paths; the probabilities then
         # 2.8e-5 off from the kernels and 5.6e-6 from PyTorch, the per-class weight's gradient 4.7e-5 and 2.7e-6).
         # Or the Triton path's own logits' error, as the case computes them, where that is larger, up to LOOSE_FACTOR
-        # times PyTorch's: its window sums round ~2x PyTorch's products (case 1025644163, blur 2, a compatibility,
+        # times PyTorch's: its kernels' weights and sums round otherwise (case 1025644163, blur 2, a compatibility,
         # logits -16..36, training: the kernels' logits 1.6e-5 off float64 against PyTorch's 1.1e-5, the compat
         # matrix's gradient then 5.7e-5 off against PyTorch's lucky 3.9e-6; 1.7e-6 without the final softmax).
         with torch.no_grad():
