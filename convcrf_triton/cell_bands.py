@@ -114,10 +114,10 @@ def cell_band_loop(unary: torch.Tensor, passes: Sequence[tuple[PooledMessage, to
             for g, (X, weight) in enumerate(zip(upsampled, weights, strict=True)):
                 Ub = Zb if g == 0 else U[:, :, : (c1 - c0) * b]
                 phases = Ub.view(B, C, c1 - c0, b, wp)
-                for left, r0, r1, t in lerps:  # (phases r0..r1 of each cell: a lerp between two rows of cells)
-                    a = c0 + left + 1
-                    torch.lerp(X[:, :, a : a + c1 - c0, None], X[:, :, a + 1 : a + 1 + c1 - c0, None], t,
-                               out=phases[:, :, :, r0:r1])
+                for left, p0, p1, t in lerps:  # (phases p0..p1 of each cell: a lerp between two rows of cells)
+                    first = c0 + left + 1  # (X's row of the band's first cell's left cell)
+                    torch.lerp(X[:, :, first : first + c1 - c0, None], X[:, :, first + 1 : first + 1 + c1 - c0, None],
+                               t, out=phases[:, :, :, p0:p1])
                 if g == 0:
                     if weight is not None:
                         Zb.mul_(weight[:, :, c0 * b : c1 * b])
@@ -147,15 +147,14 @@ def softmax_(Z: torch.Tensor) -> torch.Tensor:
 
 def _row_lerps(b: int, like: torch.Tensor) -> list[tuple[int, int, int, torch.Tensor]]:
     """The phases of a cell's ``b`` rows grouped by their left cell (:func:`~convcrf_triton.resample._lerp_weight`):
-    ``(left, r0, r1, t)``, ``t [r1 - r0, 1]`` the weights of the next cell, one lerp a group where one a phase took
+    ``(left, p0, p1, t)``, ``t [p1 - p0, 1]`` the weights of the next cell, one lerp a group where one a phase took
     ``b`` (one thread, 375×500, C = 21: ``DenseCRF2D`` (blur 8) 229-231 → 221 ms, blur 8 k = 11 130-142 → 120-123;
     blur 2 and 4 within the noise). Bitwise the same."""
-    weights = [_lerp_weight(r, b) for r in range(b)]
+    phases = [_lerp_weight(r, b) for r in range(b)]
     groups = []
-    for left in sorted({lw[0] for lw in weights}):
-        rows = [r for r in range(b) if weights[r][0] == left]
-        t = like.new_tensor([weights[r][1] for r in rows]).view(-1, 1)
-        groups.append((left, rows[0], rows[-1] + 1, t))
+    for left in sorted({left for left, _ in phases}):
+        rows = [r for r, (of, _) in enumerate(phases) if of == left]
+        groups.append((left, rows[0], rows[-1] + 1, like.new_tensor([phases[r][1] for r in rows]).view(-1, 1)))
     return groups
 
 
