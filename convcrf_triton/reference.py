@@ -283,9 +283,7 @@ def _message_pass(K: torch.Tensor, Q: torch.Tensor, taps: Sequence[int] | None =
 def _pass_operand(Q: torch.Tensor, acc: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """``Q`` as the message pass multiplies it: in ``acc``, 0 where ``|Q|`` is at most the flush floor (one op, where
     abs, < and where took three); into ``out`` where given (outside autograd)."""
-    if out is not None:
-        return torch.hardshrink(Q.to(acc), _flush_below(acc), out=out)
-    return F.hardshrink(Q.to(acc), _flush_below(acc))
+    return torch.hardshrink(Q.to(acc), _flush_below(acc), out=out)
 
 
 def _filter_size(K: torch.Tensor) -> int:
