@@ -4,6 +4,7 @@ module of the tree, the typing marker, the licence and the command's entry point
 Built from a copy of the project's sources (the tree stays untouched) with the installed setuptools, offline.
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -47,3 +48,44 @@ def test_wheel_metadata(wheel: zipfile.ZipFile) -> None:
     assert "MIT License" in wheel.read(f"{info}/licenses/LICENSE").decode()
     entry_points = wheel.read(f"{info}/entry_points.txt").decode()
     assert "convcrf-triton = convcrf_triton.cli:main" in entry_points
+
+
+WITHOUT_TRITON = """
+import importlib.abc, sys
+
+class NoTriton(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "triton":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, NoTriton())
+import numpy as np
+import torch
+import convcrf_triton.densecrf as dcrf
+from convcrf_triton import ConvCRF, mean_field
+
+u, im = torch.randn(1, 4, 20, 24), torch.rand(1, 3, 20, 24) * 255
+assert ConvCRF(4, filter_size=5)(u, im).shape == (1, 4, 20, 24)
+crf = ConvCRF(4, filter_size=5, blur=1, trainable=True, convcomp=True)
+crf(u, im).square().sum().backward()
+assert all(p.grad is not None for p in crf.parameters())
+assert mean_field(u, im, filter_size=3, blur=2).shape == (1, 4, 20, 24)
+d = dcrf.DenseCRF2D(24, 20, 4)
+d.setUnaryEnergy(np.random.default_rng(0).random((4, 480), dtype=np.float32))
+d.addPairwiseBilateral(sxy=5, srgb=13, rgbim=np.zeros((20, 24, 3), np.uint8), compat=10)
+assert d.inference(2).shape == (4, 480)
+try:
+    ConvCRF(4, backend="triton")(u, im)
+except ValueError as e:
+    assert "backend='triton' needs CUDA" in str(e), e
+else:
+    raise AssertionError("backend='triton' on the CPU without triton did not raise")
+assert not [m for m in sys.modules if m.split(".")[0] == "triton"]
+"""
+
+
+def test_the_cpu_path_runs_without_triton() -> None:
+    """triton has wheels for Linux only (pyproject's marker): on macOS or Windows the package installs without it,
+    and inference, training and the pydensecrf API on the CPU never import it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", WITHOUT_TRITON], check=True, cwd=ROOT, env=env, timeout=300)
