@@ -19,7 +19,7 @@ so does its way in for images that are not RGB (:func:`create_pairwise_gaussian`
 then ``d.addPairwiseEnergy(feats, compat)``: a grey image, or up to 3 channels with a bandwidth each).
 
 **How pydensecrf's model maps onto ConvCRF.** pydensecrf runs mean-field over a *fully connected* CRF
-with Potts compatibilities: ``Q_0 = softmax(-U)``, then ``n_iter`` times
+with Potts compatibilities (or the label compatibilities below): ``Q_0 = softmax(-U)``, then ``n_iter`` times
 ``Q = softmax(-U + Σ_g compat_g · n_g ⊙ (G_g (n_g ⊙ Q)))`` with ``n_g = 1/sqrt(G_g 1)``
 (``NORMALIZE_SYMMETRIC``, its default; ``NO_NORMALIZATION`` drops ``n_g``), where ``G_g`` is a Gaussian
 filter over all pixel pairs, evaluated approximately by a permutohedral lattice. Here:
@@ -43,8 +43,13 @@ best with pydensecrf in our measurements (pydensecrf's common ``sxy=3`` Gaussian
 windows are faster on the CPU); when such a window reaches less than ``1.5·sxy`` a :class:`LocalityWarning`
 is given once, naming the ``filter_size``/``blur`` that would cover it.
 
-Not supported (they raise ``NotImplementedError``): label compatibility vectors or matrices (only Potts
-numbers), anisotropic ``sxy``/``srgb`` (ConvCRF's Gaussians are isotropic), ``NORMALIZE_BEFORE``/
+``compat`` is pydensecrf's: a number (Potts), a vector ``[n_labels]`` (diagonal) or a matrix
+``[n_labels, n_labels]`` (symmetrised, ``(m + mᵀ) / 2``), an energy whose term of the update is
+``−compat @ filtered Q`` (Potts ``w`` being ``−w · I``, so a matrix ``w · (1 − I)`` gives Potts' result): a term
+with a vector or matrix is passed on its own (``functional.mean_field``'s matrix ``pos_compat``/``col_compat``).
+
+Not supported (they raise ``NotImplementedError``): anisotropic ``sxy``/``srgb`` (ConvCRF's Gaussians are
+isotropic), ``NORMALIZE_BEFORE``/
 ``NORMALIZE_AFTER``, mixed normalisations, two Gaussians (or bilaterals) with different bandwidths,
 ``addPairwiseEnergy`` with features other than :func:`create_pairwise_gaussian`'s and
 :func:`create_pairwise_bilateral`'s (positions over one bandwidth, then up to 3 image channels), and parameter
@@ -54,6 +59,7 @@ learning.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from numbers import Number
 from typing import Any
@@ -124,6 +130,14 @@ def _device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def _outside_this_module() -> int:
+    """The ``stacklevel`` of the first frame outside this module, for a warning given by this function's caller."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 def _isotropic(value: Any, name: str, n: int) -> float:
     """One positive bandwidth from a number or a tuple of ``n`` equal numbers."""
     values = _bandwidths(value, n, name)
@@ -135,20 +149,36 @@ def _isotropic(value: Any, name: str, n: int) -> float:
     return values[0]
 
 
-def _potts(compat: Any) -> float:
-    if isinstance(compat, Number) and not isinstance(compat, bool):
-        value = float(compat)
-    else:
-        arr = np.asarray(compat)
-        if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number):
-            raise NotImplementedError(
-                f"compat with shape {arr.shape}: only a Potts weight (a number) is supported, not label "
-                "compatibility vectors or matrices"
-            )
-        value = float(arr)
-    if not math.isfinite(value):
+def _compat(compat: Any, n_labels: int) -> float | np.ndarray:
+    """pydensecrf's ``compat`` as the factor of a term's message in ConvCRF's sign (the update adds it): a Potts weight
+    ``w`` as the number ``w``; a vector ``v`` as ``−diag(v)``, a matrix ``m`` as ``−(m + mᵀ) / 2`` (float64
+    ``[n_labels, n_labels]``), pydensecrf subtracting ``compat @ filtered Q`` for both."""
+    if isinstance(compat, bool) or not isinstance(compat, (Number, np.ndarray, list, tuple)):
+        raise ValueError(f"compat must be a number, a vector [{n_labels}] or a matrix [{n_labels}, {n_labels}], got "
+                         f"{type(compat).__name__}")
+    arr = np.asarray(compat)
+    if not np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_:
+        raise ValueError(f"compat must be numeric, got {arr.dtype}")
+    if not np.all(np.isfinite(arr)):
         raise ValueError(f"compat must be finite, got {compat!r}")
-    return value
+    if arr.ndim == 0:
+        return float(arr)
+    n = n_labels
+    if arr.shape == (n,):
+        return -np.diag(arr.astype(np.float64))
+    if arr.shape == (n, n):
+        m = arr.astype(np.float64)
+        return -(m + m.T) / 2
+    raise ValueError(f"compat must be a number, a vector [{n}] or a matrix [{n}, {n}] for n_labels={n}, got shape "
+                     f"{arr.shape}")
+
+
+def _sum_compats(a: float | np.ndarray, b: float | np.ndarray) -> float | np.ndarray:
+    """Two terms' factors (:func:`_compat`) of the same kernel added: a number ``w`` is ``w · I`` beside a matrix."""
+    if np.ndim(a) == np.ndim(b):
+        return a + b
+    matrix, number = (a, b) if np.ndim(a) else (b, a)
+    return matrix + number * np.eye(len(matrix))
 
 
 def _normalization(normalization: int) -> str:
@@ -220,19 +250,19 @@ class DenseCRF2D:
                 f"a second {slot[1:]} term with other bandwidths, image or normalisation: ConvCRF has one "
                 "smoothness (Gaussian) and one appearance (bilateral) kernel"
             )
-        old["compat"] += term["compat"]  # the same kernel twice: the Potts weights add up
+        old["compat"] = _sum_compats(old["compat"], term["compat"])  # the same kernel twice: the terms add up
 
     def addPairwiseGaussian(self, sxy: Any, compat: Any, kernel: int = DIAG_KERNEL,  # noqa: N802
                             normalization: int = NORMALIZE_SYMMETRIC) -> None:
-        """The smoothness kernel ``compat · exp(-|p_i − p_j|² / 2 sxy²)`` (Potts)."""
+        """The smoothness kernel ``exp(-|p_i − p_j|² / 2 sxy²)`` with its label compatibility ``compat``."""
         _check_kernel(kernel)
-        self._add("_gaussian", {"sxy": _isotropic(sxy, "sxy", 2), "compat": _potts(compat),
+        self._add("_gaussian", {"sxy": _isotropic(sxy, "sxy", 2), "compat": _compat(compat, self.n_labels),
                                 "norm": _normalization(normalization)})
 
     def addPairwiseBilateral(self, sxy: Any, srgb: Any, rgbim: np.ndarray, compat: Any,  # noqa: N802
                              kernel: int = DIAG_KERNEL, normalization: int = NORMALIZE_SYMMETRIC) -> None:
-        """The appearance kernel ``compat · exp(-|p_i − p_j|² / 2 sxy² − |I_i − I_j|² / 2 srgb²)`` (Potts);
-        ``rgbim [height, width, 3]`` uint8."""
+        """The appearance kernel ``exp(-|p_i − p_j|² / 2 sxy² − |I_i − I_j|² / 2 srgb²)`` with its label
+        compatibility ``compat``; ``rgbim [height, width, 3]`` uint8."""
         _check_kernel(kernel)
         im = np.asarray(rgbim)
         if im.dtype != np.uint8:
@@ -241,7 +271,7 @@ class DenseCRF2D:
         if im.shape != want:
             raise ValueError(f"Bad shape for pairwise bilateral (Need {want}, got {im.shape})")
         self._add("_bilateral", {"sxy": _isotropic(sxy, "sxy", 2), "srgb": _isotropic(srgb, "srgb", 3),
-                                 "image": np.array(im), "compat": _potts(compat),
+                                 "image": np.array(im), "compat": _compat(compat, self.n_labels),
                                  "norm": _normalization(normalization)})
 
     def addPairwiseEnergy(self, features: np.ndarray, compat: Any, kernel: int = DIAG_KERNEL,  # noqa: N802
@@ -260,7 +290,7 @@ class DenseCRF2D:
         if not np.all(np.isfinite(feats)):
             raise ValueError("features contain NaN or Inf")
         sxy = _position_bandwidth(feats[:2], H, W)
-        term = {"sxy": sxy, "compat": _potts(compat), "norm": _normalization(normalization)}
+        term = {"sxy": sxy, "compat": _compat(compat, self.n_labels), "norm": _normalization(normalization)}
         channels = feats.shape[0] - 2
         if channels == 0:
             self._add("_gaussian", term)
@@ -285,7 +315,7 @@ class DenseCRF2D:
 
     def _warn_locality(self, filter_size: int, blur: int) -> None:
         for name, t in (("addPairwiseGaussian", self._gaussian), ("addPairwiseBilateral", self._bilateral)):
-            if t is None or t["compat"] == 0 or window_reach(filter_size, blur) >= COVER * t["sxy"] - 1e-9:
+            if t is None or not np.any(t["compat"]) or window_reach(filter_size, blur) >= COVER * t["sxy"] - 1e-9:
                 continue
             key = (t["sxy"], filter_size, blur)
             if key in _warned:
@@ -296,26 +326,24 @@ class DenseCRF2D:
                 f"{name}(sxy={t['sxy']:g}): the ConvCRF window (filter_size={filter_size}, blur={blur}) reaches "
                 f"{window_reach(filter_size, blur)} px, less than 1.5·sxy = {COVER * t['sxy']:g} px, so longer-range "
                 f"interactions are dropped; DenseCRF2D(..., filter_size={k}, blur={b}) would cover it",
-                LocalityWarning, stacklevel=5,  # the caller of inference(), stepInference() or klDivergence()
+                LocalityWarning, stacklevel=_outside_this_module(),  # (the caller of inference(), stepInference(), ...)
             )
 
     def _params(self) -> dict[str, Any]:
-        """The ConvCRF parameters of the terms added: window, bandwidths, Potts weights, normalisation."""
+        """:func:`~convcrf_triton.functional.mean_field`'s parameters of the terms added: window, bandwidths, compat
+        weights (numbers, or ``[n_labels, n_labels]`` float32 matrices on the device), normalisation."""
         g, b = self._gaussian, self._bilateral
         norms = {t["norm"] for t in (g, b) if t is not None}
         if len(norms) > 1:
             raise NotImplementedError("the Gaussian and the bilateral term must use the same normalization")
         filter_size, blur = self.window()
         self._warn_locality(filter_size, blur)
-        return dict(filter_size=filter_size, blur=blur, pos_sdims=g["sxy"] if g else 3.0,
-                    pos_compat=g["compat"] if g else 0.0, col_sdims=b["sxy"] if b else 80.0,
-                    col_schan=b["srgb"] if b else 13.0, col_compat=b["compat"] if b else 0.0, col_use_pos=True,
-                    norm=norms.pop() if norms else "none")
-
-    def _crf(self, n_iter: int) -> ConvCRF:
-        params = self._params()
-        return ConvCRF(self.n_labels, num_iter=n_iter, weight="scalar", weight_init=1.0, unary_weight=2.0,
-                       merge=params["norm"] == "none", final_softmax=True, backend=self.backend, **params)
+        pos_compat, col_compat = (0.0 if t is None else t["compat"] if np.ndim(t["compat"]) == 0
+                                  else torch.tensor(t["compat"], dtype=torch.float32, device=self.device)
+                                  for t in (g, b))
+        return dict(filter_size=filter_size, blur=blur, pos_sdims=g["sxy"] if g else 3.0, pos_compat=pos_compat,
+                    col_sdims=b["sxy"] if b else 80.0, col_schan=b["srgb"] if b else 13.0, col_compat=col_compat,
+                    col_use_pos=True, norm=norms.pop() if norms else "none")
 
     def _image(self) -> torch.Tensor:
         """The bilateral term's image as ConvCRF takes it: ``[1, 3, height, width]`` float32 on the device."""
@@ -338,9 +366,9 @@ class DenseCRF2D:
         unary = self._unary_logits()
         if n_iter == 0 or (self._gaussian is None and self._bilateral is None):
             return self._flat(torch.softmax(unary, dim=1))
-        crf = self._crf(int(n_iter))
-        with torch.no_grad():
-            Q = crf.to(self.device)(unary, self._image())
+        with torch.no_grad():  # (textbook mean-field with w = 1, u = 2: the module docstring)
+            Q = functional.mean_field(unary, self._image(), num_iter=int(n_iter), weight=1.0, unary_weight=2.0,
+                                      final_softmax=True, backend=self.backend, **self._params())
         return self._flat(Q)
 
     def _flat(self, Q: torch.Tensor) -> np.ndarray:

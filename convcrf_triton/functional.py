@@ -256,16 +256,23 @@ def mixer(weight: Number | None, compat_matrix: torch.Tensor | None) -> Callable
     return mix
 
 
+def label_compatibility(value: Number) -> bool:
+    """Whether a Gaussian's compat weight ``value`` is a ``[C, C]`` label-compatibility matrix (its term of the message
+    is ``value @ M`` per pixel) rather than a number or a one-element tensor (``value · M``)."""
+    return isinstance(value, torch.Tensor) and value.dim() == 2 and value.numel() > 1
+
+
 @dataclass
 class _Gaussian:
     """One message-passing term: weights (materialised ``K`` or features for the fused kernel),
-    its outer compat weight and, with ``norm='sym'``, its normaliser ``n = 1/sqrt(g * 1)``."""
+    its outer compat weight (a number, or a ``[C, C]`` label-compatibility matrix) and, with ``norm='sym'``, its
+    normaliser ``n = 1/sqrt(g * 1)``."""
 
     feats: torch.Tensor
     dims: tuple[int, ...]
     compats: torch.Tensor
     K: torch.Tensor | None  # (None: the fused kernel's, or every pass through ``matrix``)
-    scale: Number | None = None
+    scale: Number | torch.Tensor | None = None
     norm: torch.Tensor | None = None
     taps: list[int] | None = None  # (the PyTorch path's taps of K with a weight: reference.live_taps)
     matrix: DensePass | BandPass | TracedPass | None = None  # (the PyTorch path's pass as matrix products)
@@ -325,7 +332,10 @@ class MessagePasser:
         element_size = 4 if storage is None else storage.itemsize
         fused = ops is not reference and ops.prefer_fused(filter_size, pos.numel() // 2, element_size)
         floor, unit = None, 1.0
-        if norm == "none":  # merged; also merge=False: the blur path is linear, so the sum is the same
+        # One merged kernel where the compat weights are numbers (also merge=False: the blur path is linear, so the sum
+        # is the same); a Gaussian of its own, its compat weight applied to its message, with norm='sym' or a
+        # label-compatibility matrix.
+        if norm == "none" and not any(label_compatibility(v) for v in (pos_compat, col_compat)):
             if feats is None:
                 feats = torch.cat([pos, col], 1)
                 compats = torch.cat([_as_vector(pos_compat, pos), _as_vector(col_compat, pos)])
@@ -333,7 +343,7 @@ class MessagePasser:
         else:
             # The PyTorch path's weights for the normaliser (reference.normalised_weights): each times a power of
             # two, divided out of the normaliser and the outer compat weight.
-            if ops is reference:
+            if ops is reference and norm == "sym":
                 floor, unit = reference.normalised_weights(pos.dtype, storage)
             one = pos.new_full((1,), unit)
             if unit != 1.0:
@@ -512,9 +522,9 @@ class MessagePasser:
         return torch.mul(n, Q, out=self._scratch)
 
 
-def _scaled_mix(Mp: torch.Tensor, scale: Number, mix: Callable[[torch.Tensor], torch.Tensor] | None
+def _scaled_mix(Mp: torch.Tensor, scale: Number | torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None
                 ) -> torch.Tensor:
-    Mp = Mp * scale
+    Mp = torch.einsum("dc,bchw->bdhw", scale, Mp) if label_compatibility(scale) else Mp * scale
     return Mp if mix is None else mix(Mp)
 
 
@@ -540,10 +550,10 @@ def mean_field(
     blur: int = 4,
     num_iter: int = 5,
     pos_sdims: Number = 3.0,
-    pos_compat: Number = 3.0,
+    pos_compat: Number | torch.Tensor = 3.0,
     col_sdims: Number = 80.0,
     col_schan: Number = 13.0,
-    col_compat: Number = 10.0,
+    col_compat: Number | torch.Tensor = 10.0,
     col_use_pos: bool = False,
     weight: Number = 0.2,
     unary_weight: Number = 1.0,
@@ -558,7 +568,11 @@ def mean_field(
     """ConvCRF mean-field inference: ``unary [B, C, H, W]``, ``image [B, 3, H, W]`` → refined logits.
 
     ``weight``: a scalar or ``[1, C, 1, 1]`` per-class weight ``w``; ``compat_matrix``: ``[C, C]`` learned
-    1×1 compatibility (``M += compat_matrix @ M`` over classes) or None; ``mode='convcrf'`` reproduces
+    1×1 compatibility (``M += compat_matrix @ M`` over classes) or None; ``pos_compat``, ``col_compat``: each
+    Gaussian's compat weight, a number (or one-element tensor) or a ``[C, C]`` label-compatibility matrix ``μ``
+    of its own (its term of the message ``μ @ M_g`` per pixel, before ``compat_matrix`` and ``w``: pydensecrf's
+    per-term compatibilities, with its sign, through :mod:`~convcrf_triton.densecrf`; a Gaussian with a matrix is
+    passed on its own, not merged, so inference takes the composed loop); ``mode='convcrf'`` reproduces
     the original ConvCRF code (first pass on the log-probabilities, centre tap kept). Half and bfloat16
     inputs are computed in float32 and returned in their dtype; float64 stays float64; a caller's autocast is
     off inside. Inputs may be on any CUDA device (the kernels run on theirs, current or not). ``storage``
@@ -574,6 +588,11 @@ def mean_field(
     check_choice("storage", storage, STORAGES)
     check_choice("precision", precision, PRECISIONS)
     check = check_inputs(unary, image)
+    C = unary.shape[1]
+    for name, value in (("pos_compat", pos_compat), ("col_compat", col_compat)):
+        if isinstance(value, torch.Tensor) and value.numel() != 1 and tuple(value.shape) != (C, C):
+            raise ValueError(f"{name} must be a number, a one-element tensor or a [C, C] = [{C}, {C}] "
+                             f"label-compatibility matrix, got shape {tuple(value.shape)}")
     check_devices(unary, pos_sdims=pos_sdims, pos_compat=pos_compat, col_sdims=col_sdims, col_schan=col_schan,
                   col_compat=col_compat, weight=weight, unary_weight=unary_weight, compat_matrix=compat_matrix)
     out_dtype = unary.dtype
@@ -601,6 +620,7 @@ def mean_field(
         unary, image = unary.to(dtype), image.to(dtype)
         weight, unary_weight = (v.to(dtype) if isinstance(v, torch.Tensor) else v for v in (weight, unary_weight))
         compat_matrix = None if compat_matrix is None else compat_matrix.to(dtype)
+        pos_compat, col_compat = (v.to(dtype) if label_compatibility(v) else v for v in (pos_compat, col_compat))
         B = unary.shape[0]
         step = B if ops is reference else ops.grid_limit()  # (the kernels' grids hold the batch in y or z)
         if B <= step:

@@ -188,6 +188,14 @@ def _log_softmax(z: Array) -> Array:
     return zs - np.log(np.exp(zs).sum(axis=0, keepdims=True))
 
 
+def _compat_times(cw: float | npt.ArrayLike, m: Array) -> Array:
+    """A Gaussian's compat weight times its message ``m [C, H, W]``: a number's product, or a ``[C, C]`` matrix's
+    product over the classes at each pixel."""
+    if np.ndim(cw) == 2:
+        return np.einsum("ij,jyx->iyx", np.asarray(cw, dtype=np.float64), m)
+    return cw * m
+
+
 def naive_crf(
     unary: npt.ArrayLike,
     image: npt.ArrayLike,
@@ -196,10 +204,10 @@ def naive_crf(
     blur: int,
     num_iter: int,
     pos_sdims: float = 3.0,
-    pos_compat: float = 3.0,
+    pos_compat: float | npt.ArrayLike = 3.0,
     col_sdims: float = 80.0,
     col_schan: float = 13.0,
-    col_compat: float = 10.0,
+    col_compat: float | npt.ArrayLike = 10.0,
     col_use_pos: bool = False,
     weight: float | Sequence[float] | npt.ArrayLike = 0.2,
     unary_weight: float = 1.0,
@@ -214,6 +222,8 @@ def naive_crf(
     Args:
         unary: logits ``[B, C, H, W]``.
         image: RGB ``[B, 3, H, W]``.
+        pos_compat, col_compat: a Gaussian's compat weight, or (``merge=False``) a ``[C, C]`` label-compatibility
+            matrix ``μ``: its term of the message is then ``μ @ M_g``.
         weight: scalar or per-class ``[C]`` weight ``w``.
         compat: ``None`` or a ``[C, C]`` 1×1-conv matrix; the message becomes ``M + compat @ M``.
         mode: ``"textbook"`` (centre tap 0, first pass on ``softmax(L)``) or ``"convcrf"`` (centre tap
@@ -259,6 +269,8 @@ def naive_crf(
             (col_compat, _gaussian_window(naive_avg_pool(col_f, s), filter_size, keep_centre)),
         ]
         if merge:
+            if any(np.ndim(cw) for cw, _ in kernels):
+                raise ValueError("a label-compatibility matrix needs merge=False")
             merged = sum(cw * g for cw, g in kernels)
 
             def message(x: Array, merged: Array = merged) -> Array:
@@ -266,13 +278,13 @@ def naive_crf(
         elif norm == "none":
 
             def message(x: Array, kernels: list = kernels) -> Array:
-                return sum(cw * _blur_pass(x, g, s) for cw, g in kernels)
+                return sum(_compat_times(cw, _blur_pass(x, g, s)) for cw, g in kernels)
         else:
             ones = np.ones((1, H, W), dtype=np.float64)
             normed = [(cw, g, 1.0 / np.sqrt(_blur_pass(ones, g, s) + 1e-20)) for cw, g in kernels]
 
             def message(x: Array, normed: list = normed) -> Array:
-                return sum(cw * n * _blur_pass(n * x, g, s) for cw, g, n in normed)
+                return sum(n * _compat_times(cw, _blur_pass(n * x, g, s)) for cw, g, n in normed)
 
         L = _log_softmax(un[b])
         Z = L

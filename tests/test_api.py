@@ -500,6 +500,13 @@ def test_images_taller_than_the_grid_limit_take_the_composed_loop(monkeypatch: p
     assert starts == ([] if blur > 1 else ["mean_field_start"])
 
 
+@pytest.mark.parametrize("name,shape", [("pos_compat", (4, 4)), ("col_compat", (3,)), ("col_compat", (1, 3, 3))])
+def test_label_compatibility_of_another_shape_is_a_value_error(name: str, shape: tuple) -> None:
+    unary, image = torch.randn(1, 3, 5, 6), torch.rand(1, 3, 5, 6)
+    with pytest.raises(ValueError, match=rf"{name} must be a number, a one-element tensor or a \[C, C\] = \[3, 3\]"):
+        mean_field(unary, image, **{name: torch.ones(shape)})
+
+
 def test_functional_rejects_zero_classes() -> None:
     with pytest.raises(ValueError, match="unary"):
         mean_field(torch.zeros(1, 0, 4, 4), torch.zeros(1, 3, 4, 4), backend="torch")

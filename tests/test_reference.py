@@ -1,7 +1,8 @@
 """The reference path against the independent float64 loop oracle (tests/oracle.py) on tiny inputs.
 
 Every mode of SPEC §1: textbook and original-compatible, merged and ``norm='sym'``, blur 1/2/4 with odd
-sizes, ``col_use_pos``, scalar and per-class weights, the 1×1 compatibility, ``final_softmax``.
+sizes, ``col_use_pos``, scalar and per-class weights, the 1×1 compatibility, a label-compatibility matrix per
+Gaussian, ``final_softmax``.
 """
 
 import math
@@ -24,6 +25,8 @@ CASES = [
     dict(filter_size=5, blur=1, mode="textbook", col_use_pos=True, final_softmax=True),
     dict(filter_size=3, blur=2, mode="convcrf", convcomp=True),
     dict(filter_size=7, blur=4, mode="textbook", scalar_weight=True),
+    dict(filter_size=5, blur=2, mode="textbook", norm="sym", merge=False, label_compat=True),
+    dict(filter_size=3, blur=1, mode="convcrf", merge=False, label_compat=True, convcomp=True),
 ]
 
 
@@ -38,8 +41,11 @@ def test_reference_matches_loop_oracle(case, H, W):
     weight = 0.7 if case.pop("scalar_weight", False) else rng.uniform(0.1, 0.9, size=C)
     compat = rng.normal(size=(C, C)) * 0.2 if case.pop("convcomp", False) else None
     params = dict(pos_sdims=2.5, pos_compat=3.0, col_sdims=5.0, col_schan=40.0, col_compat=4.0, unary_weight=1.1)
+    if case.pop("label_compat", False):
+        params.update(pos_compat=rng.normal(size=(C, C)) * 3, col_compat=rng.normal(size=(C, C)) * 4)
     want = naive_crf(unary, image, num_iter=3, weight=weight, compat=compat, **params, **case)
     case.pop("merge", None)
+    params = {name: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for name, v in params.items()}
     got = functional.mean_field(
         torch.from_numpy(unary), torch.from_numpy(image), num_iter=3, backend="torch",
         weight=torch.as_tensor(weight, dtype=torch.float64).reshape(1, -1, 1, 1),
