@@ -48,11 +48,13 @@ is given once, naming the ``filter_size``/``blur`` that would cover it.
 ``−compat @ filtered Q`` (Potts ``w`` being ``−w · I``, so a matrix ``w · (1 − I)`` gives Potts' result): a term
 with a vector or matrix is passed on its own (``functional.mean_field``'s matrix ``pos_compat``/``col_compat``).
 
-Not supported (they raise ``NotImplementedError``): anisotropic ``sxy``/``srgb`` (ConvCRF's Gaussians are
-isotropic), ``NORMALIZE_BEFORE``/
+Anisotropic bandwidths too: ``sxy=(sx, sy)`` (columns, rows, as pydensecrf), ``srgb=(sr, sg, sb)``, and
+:func:`create_pairwise_gaussian`'s ``sdims=(s_rows, s_columns)`` (a bandwidth a feature channel of the Gaussian).
+
+Not supported (they raise ``NotImplementedError``): ``NORMALIZE_BEFORE``/
 ``NORMALIZE_AFTER``, mixed normalisations, two Gaussians (or bilaterals) with different bandwidths,
 ``addPairwiseEnergy`` with features other than :func:`create_pairwise_gaussian`'s and
-:func:`create_pairwise_bilateral`'s (positions over one bandwidth, then up to 3 image channels), and parameter
+:func:`create_pairwise_bilateral`'s (positions over their bandwidths, then up to 3 image channels), and parameter
 learning.
 """
 
@@ -138,15 +140,18 @@ def _outside_this_module() -> int:
     return level
 
 
-def _isotropic(value: Any, name: str, n: int) -> float:
-    """One positive bandwidth from a number or a tuple of ``n`` equal numbers."""
-    values = _bandwidths(value, n, name)
-    if max(values) - min(values) > 1e-6 * max(values):
-        raise NotImplementedError(
-            f"{name}={value!r}: anisotropic bandwidths are not supported (ConvCRF's Gaussians are isotropic); "
-            "pass one number"
-        )
-    return values[0]
+def _one_or_each(values: list[float]) -> float | tuple[float, ...]:
+    """Bandwidths a channel as one number where they are equal, else as a tuple (an anisotropic Gaussian)."""
+    return values[0] if max(values) - min(values) <= 1e-6 * max(values) else tuple(values)
+
+
+def _widest(sxy: float | tuple[float, ...]) -> float:
+    return max(sxy) if isinstance(sxy, tuple) else sxy
+
+
+def _bandwidth_tensor(value: float | tuple[float, ...], device: torch.device) -> float | torch.Tensor:
+    """A bandwidth as ``functional.mean_field`` takes it: a number, or a float32 tensor of one a channel."""
+    return torch.tensor(value, dtype=torch.float32, device=device) if isinstance(value, tuple) else value
 
 
 def _compat(compat: Any, n_labels: int) -> float | np.ndarray:
@@ -256,7 +261,7 @@ class DenseCRF2D:
                             normalization: int = NORMALIZE_SYMMETRIC) -> None:
         """The smoothness kernel ``exp(-|p_i − p_j|² / 2 sxy²)`` with its label compatibility ``compat``."""
         _check_kernel(kernel)
-        self._add("_gaussian", {"sxy": _isotropic(sxy, "sxy", 2), "compat": _compat(compat, self.n_labels),
+        self._add("_gaussian", {"sxy": _position_bandwidths(sxy), "compat": _compat(compat, self.n_labels),
                                 "norm": _normalization(normalization)})
 
     def addPairwiseBilateral(self, sxy: Any, srgb: Any, rgbim: np.ndarray, compat: Any,  # noqa: N802
@@ -270,7 +275,7 @@ class DenseCRF2D:
         want = (self.height, self.width, 3)
         if im.shape != want:
             raise ValueError(f"Bad shape for pairwise bilateral (Need {want}, got {im.shape})")
-        self._add("_bilateral", {"sxy": _isotropic(sxy, "sxy", 2), "srgb": _isotropic(srgb, "srgb", 3),
+        self._add("_bilateral", {"sxy": _position_bandwidths(sxy), "srgb": _one_or_each(_bandwidths(srgb, 3, "srgb")),
                                  "image": np.array(im), "compat": _compat(compat, self.n_labels),
                                  "norm": _normalization(normalization)})
 
@@ -309,22 +314,23 @@ class DenseCRF2D:
         """The ``(filter_size, blur)`` inference uses (fixed in the constructor, else :func:`choose_window`
         of the widest ``sxy`` added)."""
         terms = [t for t in (self._gaussian, self._bilateral) if t is not None]
-        widest = max((t["sxy"] for t in terms), default=1.0)
+        widest = max((_widest(t["sxy"]) for t in terms), default=1.0)
         auto_k, auto_blur = choose_window(widest)
         return self.filter_size or auto_k, self.blur or auto_blur
 
     def _warn_locality(self, filter_size: int, blur: int) -> None:
         for name, t in (("addPairwiseGaussian", self._gaussian), ("addPairwiseBilateral", self._bilateral)):
-            if t is None or not np.any(t["compat"]) or window_reach(filter_size, blur) >= COVER * t["sxy"] - 1e-9:
+            sxy = _widest(t["sxy"]) if t is not None else 0.0
+            if t is None or not np.any(t["compat"]) or window_reach(filter_size, blur) >= COVER * sxy - 1e-9:
                 continue
-            key = (t["sxy"], filter_size, blur)
+            key = (sxy, filter_size, blur)
             if key in _warned:
                 continue
             _warned.add(key)
-            k, b = choose_window(t["sxy"])
+            k, b = choose_window(sxy)
             warnings.warn(
-                f"{name}(sxy={t['sxy']:g}): the ConvCRF window (filter_size={filter_size}, blur={blur}) reaches "
-                f"{window_reach(filter_size, blur)} px, less than 1.5·sxy = {COVER * t['sxy']:g} px, so longer-range "
+                f"{name}(sxy={sxy:g}): the ConvCRF window (filter_size={filter_size}, blur={blur}) reaches "
+                f"{window_reach(filter_size, blur)} px, less than 1.5·sxy = {COVER * sxy:g} px, so longer-range "
                 f"interactions are dropped; DenseCRF2D(..., filter_size={k}, blur={b}) would cover it",
                 LocalityWarning, stacklevel=_outside_this_module(),  # (the caller of inference(), stepInference(), ...)
             )
@@ -341,9 +347,12 @@ class DenseCRF2D:
         pos_compat, col_compat = (0.0 if t is None else t["compat"] if np.ndim(t["compat"]) == 0
                                   else torch.tensor(t["compat"], dtype=torch.float32, device=self.device)
                                   for t in (g, b))
-        return dict(filter_size=filter_size, blur=blur, pos_sdims=g["sxy"] if g else 3.0, pos_compat=pos_compat,
-                    col_sdims=b["sxy"] if b else 80.0, col_schan=b["srgb"] if b else 13.0, col_compat=col_compat,
-                    col_use_pos=True, norm=norms.pop() if norms else "none")
+        bandwidths = ((g, "sxy", 3.0), (b, "sxy", 80.0), (b, "srgb", 13.0))
+        pos_sdims, col_sdims, col_schan = (_bandwidth_tensor(t[key] if t else default, self.device)
+                                           for t, key, default in bandwidths)
+        return dict(filter_size=filter_size, blur=blur, pos_sdims=pos_sdims, pos_compat=pos_compat,
+                    col_sdims=col_sdims, col_schan=col_schan, col_compat=col_compat, col_use_pos=True,
+                    norm=norms.pop() if norms else "none")
 
     def _image(self) -> torch.Tensor:
         """The bilateral term's image as ConvCRF takes it: ``[1, 3, height, width]`` float32 on the device."""
@@ -503,9 +512,16 @@ def _bandwidths(value: Any, n: int, name: str) -> list[float]:
     return arr.tolist()
 
 
-def _position_bandwidth(rows: np.ndarray, H: int, W: int) -> float:
-    """The one bandwidth ``s`` of features whose rows 0 and 1 are each pixel's row and column over ``s``
-    (:func:`create_pairwise_gaussian`'s), or ``NotImplementedError``."""
+def _position_bandwidths(sxy: Any) -> float | tuple[float, float]:
+    """pydensecrf's ``sxy`` (one number, or ``(sx, sy)``: columns, rows) as ConvCRF's position bandwidth: one number, or
+    ``(rows, columns)``."""
+    sx, sy = _bandwidths(sxy, 2, "sxy")
+    return _one_or_each([sy, sx])
+
+
+def _position_bandwidth(rows: np.ndarray, H: int, W: int) -> float | tuple[float, float]:
+    """The bandwidths ``(s_rows, s_columns)`` (one number where equal) of features whose rows 0 and 1 are each
+    pixel's row and column over them (:func:`create_pairwise_gaussian`'s), or ``NotImplementedError``."""
     rows = rows.astype(np.float64)
     grid = np.meshgrid(np.arange(H, dtype=np.float64), np.arange(W, dtype=np.float64), indexing="ij")
     scales = []
@@ -520,10 +536,10 @@ def _position_bandwidth(rows: np.ndarray, H: int, W: int) -> float:
                     "ConvCRF's kernels are windows over the image's positions"
                 )
             scales.append(1.0 / step)
-    if len(scales) == 2 and abs(scales[0] - scales[1]) > 1e-5 * max(scales):
-        raise NotImplementedError(f"sdims=({scales[0]:g}, {scales[1]:g}): anisotropic position bandwidths are not "
-                                  "supported (ConvCRF's Gaussians are isotropic); pass one number")
-    return scales[0] if scales else 1.0
+        else:
+            scales.append(None)  # (one row or column: any bandwidth, the other's)
+    known = [s for s in scales if s is not None] or [1.0]
+    return _one_or_each([s if s is not None else known[0] for s in scales])
 
 
 def unary_from_labels(labels: np.ndarray, n_labels: int, gt_prob: float, zero_unsure: bool = True) -> np.ndarray:

@@ -191,13 +191,22 @@ def _position(B: int, H: int, W: int, blur: int, like: torch.Tensor) -> torch.Te
 def features(
     image: torch.Tensor, blur: int, pos_sdims: Number, col_sdims: Number, col_schan: Number, col_use_pos: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled, bandwidth-scaled features: smoothness ``[B, 2, h, w]`` and appearance ``[B, 3|5, h, w]``."""
+    """Pooled, bandwidth-scaled features: smoothness ``[B, 2, h, w]`` and appearance ``[B, 3|5, h, w]``. A bandwidth
+    is one number (or one-element tensor), or a tensor of one a channel: ``(rows, columns)`` for the positions,
+    ``(r, g, b)`` for the colours."""
     B, _, H, W = image.shape
     pos = _position(B, H, W, blur, image)
-    colour = blur_pool(image, blur) / col_schan
+    colour = blur_pool(image, blur) / _per_channel(col_schan)
     if col_use_pos:
-        colour = torch.cat([pos / col_sdims, colour], dim=1)
-    return (pos / pos_sdims).contiguous(), colour.contiguous()
+        colour = torch.cat([pos / _per_channel(col_sdims), colour], dim=1)
+    return (pos / _per_channel(pos_sdims)).contiguous(), colour.contiguous()
+
+
+def _per_channel(bandwidth: Number) -> Number:
+    """A bandwidth of one a channel (a tensor of ``n > 1`` values) as ``[1, n, 1, 1]``; one bandwidth as it is."""
+    if isinstance(bandwidth, torch.Tensor) and bandwidth.numel() > 1:
+        return bandwidth.reshape(1, -1, 1, 1)
+    return bandwidth
 
 
 def _as_vector(value: Number, like: torch.Tensor) -> torch.Tensor:
@@ -572,7 +581,9 @@ def mean_field(
     Gaussian's compat weight, a number (or one-element tensor) or a ``[C, C]`` label-compatibility matrix ``μ``
     of its own (its term of the message ``μ @ M_g`` per pixel, before ``compat_matrix`` and ``w``: pydensecrf's
     per-term compatibilities, with its sign, through :mod:`~convcrf_triton.densecrf`; a Gaussian with a matrix is
-    passed on its own, not merged, so inference takes the composed loop); ``mode='convcrf'`` reproduces
+    passed on its own, not merged, so inference takes the composed loop); ``pos_sdims``, ``col_sdims``,
+    ``col_schan``: a bandwidth, or a tensor of one a channel (``[2]``: rows, columns; ``[3]``: r, g, b: anisotropic
+    Gaussians, pydensecrf's tuples); ``mode='convcrf'`` reproduces
     the original ConvCRF code (first pass on the log-probabilities, centre tap kept). Half and bfloat16
     inputs are computed in float32 and returned in their dtype; float64 stays float64; a caller's autocast is
     off inside. Inputs may be on any CUDA device (the kernels run on theirs, current or not). ``storage``
@@ -593,6 +604,10 @@ def mean_field(
         if isinstance(value, torch.Tensor) and value.numel() != 1 and tuple(value.shape) != (C, C):
             raise ValueError(f"{name} must be a number, a one-element tensor or a [C, C] = [{C}, {C}] "
                              f"label-compatibility matrix, got shape {tuple(value.shape)}")
+    for name, value, n in (("pos_sdims", pos_sdims, 2), ("col_sdims", col_sdims, 2), ("col_schan", col_schan, 3)):
+        if isinstance(value, torch.Tensor) and value.numel() != 1 and tuple(value.shape) != (n,):
+            raise ValueError(f"{name} must be a number, a one-element tensor or [{n}] bandwidths (one a channel), got "
+                             f"shape {tuple(value.shape)}")
     check_devices(unary, pos_sdims=pos_sdims, pos_compat=pos_compat, col_sdims=col_sdims, col_schan=col_schan,
                   col_compat=col_compat, weight=weight, unary_weight=unary_weight, compat_matrix=compat_matrix)
     out_dtype = unary.dtype

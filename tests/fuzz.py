@@ -6,7 +6,7 @@ PyTorch backend in float64. A script, not a test (hundreds of cases take tens of
 
 Each case draws B, C (1-33), k (3-13), blur, H, W (widths that are multiples of 4 half the time: the 16-byte
 chunk loops), the iterations (1-3), mode, norm, the compatibility, a scalar or per-class weight, ``final_softmax``,
-a label-compatibility matrix per Gaussian (``pos_compat``/``col_compat``),
+a label-compatibility matrix per Gaussian (``pos_compat``/``col_compat``), anisotropic bandwidths,
 ``col_use_pos``, the fused or two-pass message pass (or the default choice), the step's layout (or the default),
 the storage dtype and the precision, whether to differentiate (the gradients of the inputs and of every
 parameter, as training takes them) and the interpreter's tile (``BLOCK_C`` 1-16 and ``BLOCK_P`` 16-256, as the
@@ -67,7 +67,8 @@ def draw(r: random.Random) -> dict | None:
                 final_softmax=r.random() < 0.3, col_use_pos=r.random() < 0.2, num_iter=r.choice([1, 2, 2, 3]),
                 storage=r.choice(["float32"] * 4 + ["bfloat16", "float16"]),
                 precision=r.choice(["float32"] * 4 + ["tf32"]), grad=r.random() < 0.25,
-                label_compat=r.random() < 0.2)  # (drawn last: the fields before it are those of older runs' seeds)
+                label_compat=r.random() < 0.2, anisotropic=r.random() < 0.2)  # (drawn last: the fields before them
+    # are those of older runs' seeds)
     h, w = -(-H // blur), -(-W // blur)
     if B * H * W > 1500 or -(-h * w // case["block_p"]) * -(-C // case["block_c"]) * B > 12:
         return None
@@ -141,6 +142,9 @@ def run(case: dict, seed: int) -> tuple[tuple[float, float, float], tuple[float,
                       col_sdims=torch.tensor(8.0), col_schan=torch.tensor(40.0))
     if case["label_compat"]:  # (a [C, C] matrix per Gaussian: pydensecrf's compatibilities, the Gaussians unmerged)
         inputs.update(pos_compat=torch.randn(C, C, generator=g) * 3, col_compat=torch.randn(C, C, generator=g) * 10)
+    if case["anisotropic"]:  # (a bandwidth a channel: rows, columns; r, g, b)
+        inputs.update(pos_sdims=torch.tensor([2.0, 4.5]), col_sdims=torch.tensor([6.0, 10.0]),
+                      col_schan=torch.tensor([20.0, 40.0, 70.0]))
     grad_out = torch.randn(B, C, H, W, generator=g)
     kw = dict(filter_size=case["k"], blur=case["blur"], num_iter=case["num_iter"], mode=case["mode"], norm=case["norm"],
               final_softmax=case["final_softmax"], col_use_pos=case["col_use_pos"])

@@ -188,6 +188,11 @@ def _log_softmax(z: Array) -> Array:
     return zs - np.log(np.exp(zs).sum(axis=0, keepdims=True))
 
 
+def _per_channel(bandwidth: float | npt.ArrayLike) -> Array:
+    """A bandwidth, or one a channel, as ``[n, 1, 1]`` (``n`` = 1 or the channels)."""
+    return np.asarray(bandwidth, dtype=np.float64).reshape(-1, 1, 1)
+
+
 def _compat_times(cw: float | npt.ArrayLike, m: Array) -> Array:
     """A Gaussian's compat weight times its message ``m [C, H, W]``: a number's product, or a ``[C, C]`` matrix's
     product over the classes at each pixel."""
@@ -203,10 +208,10 @@ def naive_crf(
     filter_size: int,
     blur: int,
     num_iter: int,
-    pos_sdims: float = 3.0,
+    pos_sdims: float | npt.ArrayLike = 3.0,
     pos_compat: float | npt.ArrayLike = 3.0,
-    col_sdims: float = 80.0,
-    col_schan: float = 13.0,
+    col_sdims: float | npt.ArrayLike = 80.0,
+    col_schan: float | npt.ArrayLike = 13.0,
     col_compat: float | npt.ArrayLike = 10.0,
     col_use_pos: bool = False,
     weight: float | Sequence[float] | npt.ArrayLike = 0.2,
@@ -222,6 +227,7 @@ def naive_crf(
     Args:
         unary: logits ``[B, C, H, W]``.
         image: RGB ``[B, 3, H, W]``.
+        pos_sdims, col_sdims, col_schan: a bandwidth, or one a channel (positions: rows, columns; colours: r, g, b).
         pos_compat, col_compat: a Gaussian's compat weight, or (``merge=False``) a ``[C, C]`` label-compatibility
             matrix ``μ``: its term of the message is then ``μ @ M_g``.
         weight: scalar or per-class ``[C]`` weight ``w``.
@@ -260,10 +266,10 @@ def naive_crf(
             for x in range(W):
                 pos[0, y, x] = y
                 pos[1, y, x] = x
-        pos_f = pos / pos_sdims
-        col_f = im[b] / col_schan
+        pos_f = pos / _per_channel(pos_sdims)
+        col_f = im[b] / _per_channel(col_schan)
         if col_use_pos:
-            col_f = np.concatenate([pos / col_sdims, col_f], axis=0)
+            col_f = np.concatenate([pos / _per_channel(col_sdims), col_f], axis=0)
         kernels = [
             (pos_compat, _gaussian_window(naive_avg_pool(pos_f, s), filter_size, keep_centre)),
             (col_compat, _gaussian_window(naive_avg_pool(col_f, s), filter_size, keep_centre)),

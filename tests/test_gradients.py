@@ -12,6 +12,7 @@ MODES = [
     dict(filter_size=3, blur=2, mode="textbook", norm="sym", col_use_pos=True),
     dict(filter_size=5, blur=1, mode="convcrf", norm="sym"),
     dict(filter_size=3, blur=2, mode="textbook", label_compat=True),  # ([C, C] pos_compat, col_compat)
+    dict(filter_size=3, blur=1, mode="textbook", col_use_pos=True, anisotropic=True),  # (a bandwidth a channel)
 ]
 ids = ["-".join(f"{k}={v}" for k, v in m.items()) for m in MODES]
 
@@ -23,9 +24,9 @@ def _inputs(seed, B, C, H, W, dtype=torch.float64):
     return unary, image
 
 
-def _params(C, dtype, seed=0, label_compat=False):
+def _params(C, dtype, seed=0, label_compat=False, anisotropic=False):
     """Every learnable quantity, as leaf tensors: per-class weight, compat weights (``label_compat``: ``[C, C]``
-    label-compatibility matrices), log-bandwidths, 1×1 compat."""
+    label-compatibility matrices), log-bandwidths (``anisotropic``: one a channel), 1×1 compat."""
     g = torch.Generator().manual_seed(seed)
 
     def compat(value):
@@ -35,14 +36,14 @@ def _params(C, dtype, seed=0, label_compat=False):
         "weight": (torch.rand(1, C, 1, 1, generator=g, dtype=dtype) * 0.5 + 0.1),
         "pos_compat": compat(3.0),
         "col_compat": compat(10.0),
-        "log_pos_sdims": torch.tensor(3.0, dtype=dtype).log(),
-        "log_col_sdims": torch.tensor(8.0, dtype=dtype).log(),
-        "log_col_schan": torch.tensor(40.0, dtype=dtype).log(),
+        "log_pos_sdims": torch.tensor([2.0, 4.0] if anisotropic else 3.0, dtype=dtype).log(),
+        "log_col_sdims": torch.tensor([9.0, 6.0] if anisotropic else 8.0, dtype=dtype).log(),
+        "log_col_schan": torch.tensor([30.0, 50.0, 80.0] if anisotropic else 40.0, dtype=dtype).log(),
         "compat_matrix": torch.randn(C, C, generator=g, dtype=dtype) * 0.2,
     }
 
 
-def _run(unary, image, p, backend, num_iter=2, label_compat=False, **mode):
+def _run(unary, image, p, backend, num_iter=2, label_compat=False, anisotropic=False, **mode):
     return functional.mean_field(
         unary, image, num_iter=num_iter, backend=backend, weight=p["weight"], pos_compat=p["pos_compat"],
         col_compat=p["col_compat"], pos_sdims=p["log_pos_sdims"].exp(), col_sdims=p["log_col_sdims"].exp(),
@@ -53,7 +54,8 @@ def _run(unary, image, p, backend, num_iter=2, label_compat=False, **mode):
 @pytest.mark.parametrize("mode", MODES, ids=ids)
 def test_gradcheck_reference_every_input_and_parameter(mode):
     unary, image = _inputs(1, 2, 3, 5, 6)
-    params = _params(3, torch.float64, label_compat=mode.get("label_compat", False))
+    params = _params(3, torch.float64, label_compat=mode.get("label_compat", False),
+                     anisotropic=mode.get("anisotropic", False))
     names = list(params)
 
     def f(unary, image, *values):
@@ -82,7 +84,8 @@ def test_triton_backward_matches_reference(mode, fused, device, monkeypatch):
     for backend, dtype, plain in (("torch", torch.float64, False), ("torch", torch.float32, False),
                                   ("torch", torch.float32, True), ("triton", torch.float32, False)):
         params = {k: v.to(device, dtype).requires_grad_()
-                  for k, v in _params(4, torch.float64, label_compat=mode.get("label_compat", False)).items()}
+                  for k, v in _params(4, torch.float64, label_compat=mode.get("label_compat", False),
+                                      anisotropic=mode.get("anisotropic", False)).items()}
         u, im = unary.to(device, dtype).requires_grad_(), image.to(device, dtype).requires_grad_()
         with monkeypatch.context() as patch:
             if plain:

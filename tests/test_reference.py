@@ -2,7 +2,7 @@
 
 Every mode of SPEC §1: textbook and original-compatible, merged and ``norm='sym'``, blur 1/2/4 with odd
 sizes, ``col_use_pos``, scalar and per-class weights, the 1×1 compatibility, a label-compatibility matrix per
-Gaussian, ``final_softmax``.
+Gaussian, anisotropic bandwidths, ``final_softmax``.
 """
 
 import math
@@ -27,6 +27,8 @@ CASES = [
     dict(filter_size=7, blur=4, mode="textbook", scalar_weight=True),
     dict(filter_size=5, blur=2, mode="textbook", norm="sym", merge=False, label_compat=True),
     dict(filter_size=3, blur=1, mode="convcrf", merge=False, label_compat=True, convcomp=True),
+    dict(filter_size=5, blur=2, mode="textbook", col_use_pos=True, anisotropic=True),
+    dict(filter_size=3, blur=1, mode="textbook", norm="sym", merge=False, col_use_pos=True, anisotropic=True),
 ]
 
 
@@ -41,6 +43,8 @@ def test_reference_matches_loop_oracle(case, H, W):
     weight = 0.7 if case.pop("scalar_weight", False) else rng.uniform(0.1, 0.9, size=C)
     compat = rng.normal(size=(C, C)) * 0.2 if case.pop("convcomp", False) else None
     params = dict(pos_sdims=2.5, pos_compat=3.0, col_sdims=5.0, col_schan=40.0, col_compat=4.0, unary_weight=1.1)
+    if case.pop("anisotropic", False):  # (a bandwidth a channel: rows, columns; r, g, b)
+        params.update(pos_sdims=np.array([1.5, 4.0]), col_sdims=np.array([6.0, 3.0]), col_schan=np.array([20, 40, 90.]))
     if case.pop("label_compat", False):
         params.update(pos_compat=rng.normal(size=(C, C)) * 3, col_compat=rng.normal(size=(C, C)) * 4)
     want = naive_crf(unary, image, num_iter=3, weight=weight, compat=compat, **params, **case)
