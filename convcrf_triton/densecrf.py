@@ -149,9 +149,10 @@ def _widest(sxy: float | tuple[float, ...]) -> float:
     return max(sxy) if isinstance(sxy, tuple) else sxy
 
 
-def _bandwidth_tensor(value: float | tuple[float, ...], device: torch.device) -> float | torch.Tensor:
-    """A bandwidth as ``functional.mean_field`` takes it: a number, or a float32 tensor of one a channel."""
-    return torch.tensor(value, dtype=torch.float32, device=device) if isinstance(value, tuple) else value
+def _argument(value: float | tuple[float, ...] | np.ndarray, device: torch.device) -> float | torch.Tensor:
+    """A term's bandwidth or compat as ``functional.mean_field`` takes it: a number as it is; bandwidths of one a
+    channel or a label-compatibility matrix as a float32 tensor on ``device``."""
+    return torch.tensor(value, dtype=torch.float32, device=device) if np.ndim(value) else value
 
 
 def _compat(compat: Any, n_labels: int) -> float | np.ndarray:
@@ -320,8 +321,10 @@ class DenseCRF2D:
 
     def _warn_locality(self, filter_size: int, blur: int) -> None:
         for name, t in (("addPairwiseGaussian", self._gaussian), ("addPairwiseBilateral", self._bilateral)):
-            sxy = _widest(t["sxy"]) if t is not None else 0.0
-            if t is None or not np.any(t["compat"]) or window_reach(filter_size, blur) >= COVER * sxy - 1e-9:
+            if t is None:
+                continue
+            sxy = _widest(t["sxy"])
+            if not np.any(t["compat"]) or window_reach(filter_size, blur) >= COVER * sxy - 1e-9:
                 continue
             key = (sxy, filter_size, blur)
             if key in _warned:
@@ -344,12 +347,9 @@ class DenseCRF2D:
             raise NotImplementedError("the Gaussian and the bilateral term must use the same normalization")
         filter_size, blur = self.window()
         self._warn_locality(filter_size, blur)
-        pos_compat, col_compat = (0.0 if t is None else t["compat"] if np.ndim(t["compat"]) == 0
-                                  else torch.tensor(t["compat"], dtype=torch.float32, device=self.device)
-                                  for t in (g, b))
-        bandwidths = ((g, "sxy", 3.0), (b, "sxy", 80.0), (b, "srgb", 13.0))
-        pos_sdims, col_sdims, col_schan = (_bandwidth_tensor(t[key] if t else default, self.device)
-                                           for t, key, default in bandwidths)
+        terms = ((g, "compat", 0.0), (b, "compat", 0.0), (g, "sxy", 3.0), (b, "sxy", 80.0), (b, "srgb", 13.0))
+        pos_compat, col_compat, pos_sdims, col_sdims, col_schan = (
+            _argument(t[key] if t else default, self.device) for t, key, default in terms)
         return dict(filter_size=filter_size, blur=blur, pos_sdims=pos_sdims, pos_compat=pos_compat,
                     col_sdims=col_sdims, col_schan=col_schan, col_compat=col_compat, col_use_pos=True,
                     norm=norms.pop() if norms else "none")

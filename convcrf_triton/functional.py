@@ -600,14 +600,14 @@ def mean_field(
     check_choice("precision", precision, PRECISIONS)
     check = check_inputs(unary, image)
     C = unary.shape[1]
-    for name, value in (("pos_compat", pos_compat), ("col_compat", col_compat)):
-        if isinstance(value, torch.Tensor) and value.numel() != 1 and tuple(value.shape) != (C, C):
-            raise ValueError(f"{name} must be a number, a one-element tensor or a [C, C] = [{C}, {C}] "
-                             f"label-compatibility matrix, got shape {tuple(value.shape)}")
-    for name, value, n in (("pos_sdims", pos_sdims, 2), ("col_sdims", col_sdims, 2), ("col_schan", col_schan, 3)):
-        if isinstance(value, torch.Tensor) and value.numel() != 1 and tuple(value.shape) != (n,):
-            raise ValueError(f"{name} must be a number, a one-element tensor or [{n}] bandwidths (one a channel), got "
-                             f"shape {tuple(value.shape)}")
+    matrix, per_channel = f"a [C, C] = [{C}, {C}] label-compatibility matrix", "bandwidths (one a channel)"
+    for name, value, shape, what in (("pos_compat", pos_compat, (C, C), matrix),
+                                     ("col_compat", col_compat, (C, C), matrix),
+                                     ("pos_sdims", pos_sdims, (2,), f"[2] {per_channel}"),
+                                     ("col_sdims", col_sdims, (2,), f"[2] {per_channel}"),
+                                     ("col_schan", col_schan, (3,), f"[3] {per_channel}")):
+        if isinstance(value, torch.Tensor) and value.numel() != 1 and tuple(value.shape) != shape:
+            raise ValueError(f"{name} must be a number, a one-element tensor or {what}, got shape {tuple(value.shape)}")
     check_devices(unary, pos_sdims=pos_sdims, pos_compat=pos_compat, col_sdims=col_sdims, col_schan=col_schan,
                   col_compat=col_compat, weight=weight, unary_weight=unary_weight, compat_matrix=compat_matrix)
     out_dtype = unary.dtype
