@@ -29,24 +29,41 @@ if ls .whl/pydensecrf2-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-deps --no-index .whl/pydensecrf2-*.whl && dense=1 || echo "pydensecrf2 install failed"
 fi
 
-echo "== device tests"
+echo "== smoke: an inference at blur 4 and 1 against the PyTorch path ($(date +%T))"
+smoke() {
+  CONVCRF_AUTOTUNE=0 timeout 45 python3 - <<'PY'
+import torch
+from convcrf_triton import ConvCRF
+g = torch.Generator().manual_seed(0)
+unary = torch.randn(2, 21, 61, 84, generator=g).cuda()
+image = (torch.rand(2, 3, 61, 84, generator=g) * 255).cuda()
+for blur, k in ((4, 5), (1, 7)):
+    crf = ConvCRF(21, filter_size=k, blur=blur, num_iter=5).cuda()
+    out = [crf(unary, image) for _ in range(2)][-1]
+    crf.backend = "torch"
+    ref = crf(unary.double(), image.double())
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    print(f"blur {blur} k {k}: relative error {err:.2e}")
+    assert err < 1e-4, err
+PY
+}
+smoke || { echo "== smoke failed: the rest through triton's launch path (CONVCRF_DIRECT_LAUNCH=0)"; \
+  export CONVCRF_DIRECT_LAUNCH=0; smoke; }
+echo "== device tests ($(date +%T))"
 t0=$(date +%s)
 CONVCRF_AUTOTUNE=0 CONVCRF_TEST_DEVICE=cuda timeout "${TEST_SECONDS:-170}" python3 -m pytest -q -p no:cacheprovider \
   -n "${TEST_WORKERS:-8}" ${GPU_TESTS:-tests} -rfE 2>&1 | tail -60
 echo "== tests took $(( $(date +%s) - t0 )) s"
-echo "== host time per launch"
-CONVCRF_AUTOTUNE=0 timeout 90 python3 bench/host_overhead.py --calls 20000  # the first config: no tuning
-echo "== training's kernels: the fused pass and its weight gradient"
-# (the first config of each tuned pass, to keep the call short; the table is in the log)
-CONVCRF_AUTOTUNE=0 timeout 60 python3 bench/backward.py --out /tmp/backward.csv
-echo "== one inference's kernels (1024x2048 blur 4 k = 11, tuned: autotune.csv of the sections has the picks)"
-timeout 60 python3 bench/kernel_profile.py --size 1024x2048 --blur 4 --filter-size 11 --rows 8
-echo "== the same at 512x512 k = 3 (launch-bound?)"
-timeout 40 python3 bench/kernel_profile.py --size 512x512 --blur 4 --filter-size 3 --rows 8
+echo "== host time per launch ($(date +%T))"
+CONVCRF_AUTOTUNE=0 timeout 60 python3 bench/host_overhead.py --calls 20000  # the first config: no tuning
+echo "== one inference's kernels (1024x2048 blur 4 k = 11, tuned: autotune.csv of the sections has the picks) ($(date +%T))"
+timeout 50 python3 bench/kernel_profile.py --size 1024x2048 --blur 4 --filter-size 11 --rows 8
+echo "== the same at 512x512 k = 3 (launch-bound?) ($(date +%T))"
+timeout 30 python3 bench/kernel_profile.py --size 512x512 --blur 4 --filter-size 3 --rows 8
 
 section() {  # section budget implementations...
   local name=$1 budget=$2; shift 2
-  echo "== bench $name ($budget s)"
+  echo "== bench $name ($budget s, $(date +%T))"
   timeout --signal=TERM --kill-after=15 $(( budget + ${SLACK:-30} )) python3 bench/run_all.py --device cuda \
     --no-plots --time-budget "$budget" --sections "$name" --out "/tmp/bench-$name" ${BENCH_ARGS:-} "$@"
   echo "== bench $name exit $?"
@@ -60,9 +77,12 @@ section filter_size "${FS_SECONDS:-120}" --filter-sizes "$ks" \
 if [ "$dense" = 1 ]; then  # (375x500, 512x512, 1024x2048: ~8 s a call at the largest)
   section densecrf "${DENSE_SECONDS:-45}" --implementations pydensecrf
 fi
-echo "== time to the first inference (compiles from an empty Triton cache; last: what time is left)"
-timeout 90 python3 bench/first_call.py --threads 8
-echo "== the pydensecrf drop-in on the GPU, pydensecrf on this host's CPU where installed (last: what time is left)"
+echo "== time to the first inference (compiles from an empty Triton cache; last: what time is left) ($(date +%T))"
+timeout 60 python3 bench/first_call.py --threads 8
+echo "== the pydensecrf drop-in on the GPU, pydensecrf on this host's CPU where installed (last: what time is left) ($(date +%T))"
 timeout "${DROPIN_SECONDS:-90}" python3 bench/densecrf_speed.py --device cuda --sizes 375x500,1024x2048 --repeat 3 \
   --out /tmp/densecrf_speed
+echo "== training's kernels: the fused pass and its weight gradient ($(date +%T))"
+# (the first config of each tuned pass, to keep the call short; the table is in the log)
+CONVCRF_AUTOTUNE=0 timeout 40 python3 bench/backward.py --out /tmp/backward.csv
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
