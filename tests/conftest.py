@@ -58,6 +58,16 @@ def device():
     return torch.device(DEVICE)
 
 
+@pytest.fixture
+def every_call(monkeypatch):
+    """For tests that count the kernels' function calls of an inference: compiled, ``kernels.Repeat`` replays the
+    middle iterations' launches without calling the functions (``test_direct_launch.py`` tests that), so here
+    every iteration calls them, as under the interpreter."""
+    from convcrf_triton.kernels import _launch
+
+    monkeypatch.setattr(_launch, "REPEAT", False)
+
+
 @pytest.fixture(scope="session")
 def voc7() -> Path:
     """``../shared/data/voc7`` (images/ and labels/): skipped when absent, a failure under CI

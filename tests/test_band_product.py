@@ -86,7 +86,7 @@ def test_band_message_pass_rejects_bad_arguments():
     assert band.PRECISIONS[0] == "tf32x3"
 
 
-def test_switched_on_it_carries_the_blurred_inference(monkeypatch, device):
+def test_switched_on_it_carries_the_blurred_inference(monkeypatch, device, every_call):
     """``kernels.band_product.BAND``: the pooled-grid message passes of inference go through the band kernel
     (the benchmark's triton-band whole-model rows); a pass whose input needs a gradient keeps the differentiable
     direct kernel."""
@@ -121,7 +121,7 @@ def test_band_precision_by_filter_size_and_switch(monkeypatch):
 
 
 @pytest.mark.parametrize("k,blur,routed", [(7, 2, True), (9, 4, True), (5, 2, False), (7, 1, False)])
-def test_tf32_precision_routes_inference_passes_to_the_band_kernel(k, blur, routed, monkeypatch, device):
+def test_tf32_precision_routes_inference_passes_to_the_band_kernel(k, blur, routed, monkeypatch, device, every_call):
     """``precision='tf32'``: inference's pooled-grid passes of k in 7..21 run on the band kernel in tf32; other
     filter sizes, and the blur-1 one-launch step, on the direct kernel. The messages are within 3e-4 (the test
     above); three iterations compound that to ~5e-4 of the refined logits."""
@@ -164,7 +164,7 @@ STEP_CASES = [
 
 
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_band_step_matches_reference(case, monkeypatch, device):
+def test_band_step_matches_reference(case, monkeypatch, device, every_call):
     monkeypatch.setattr(band, "BAND", True)
     calls = []
     op = kernels.band_mean_field_step

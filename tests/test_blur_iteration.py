@@ -164,7 +164,7 @@ MODEL_CASES = [
 
 
 @pytest.mark.parametrize("case", MODEL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_blurred_mean_field_runs_one_blur_step_per_iteration(case, monkeypatch, device):
+def test_blurred_mean_field_runs_one_blur_step_per_iteration(case, monkeypatch, device, every_call):
     case = dict(case)
     g = torch.Generator().manual_seed(case["filter_size"] * 10 + case["blur"])
     B, C, H, W = 2, 5, 14, 19

@@ -376,7 +376,7 @@ STEP_CASES = [
 
 
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_mean_field_step_matches_reference(case, monkeypatch, device):
+def test_mean_field_step_matches_reference(case, monkeypatch, device, every_call):
     calls = []
     step, start = kernels.mean_field_step, kernels.mean_field_start
     monkeypatch.setattr(kernels, "mean_field_step", lambda *a, **kw: calls.append("step") or step(*a, **kw))
@@ -573,7 +573,7 @@ CL_CASES = [
 
 
 @pytest.mark.parametrize("case", CL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_channels_last_step_matches_reference(case, monkeypatch, device):
+def test_channels_last_step_matches_reference(case, monkeypatch, device, every_call):
     monkeypatch.setattr(mp, "STEP_CHANNELS_LAST", True)
     seen = []
     step = kernels.mean_field_step
