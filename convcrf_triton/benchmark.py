@@ -4,9 +4,9 @@ One run times, on one device, every implementation of the same CRF on the same i
 
 - ``triton-graph``: ``ConvCRF(backend="triton").use_cuda_graphs()``, the default dispatch replayed from a
   CUDA graph recorded per shape (whole-model rows, CUDA only);
-- ``triton-cl``: the default dispatch with the one-launch step forced onto channels-last tensors (the default
-  from k = 15 on grids up to 512², :func:`convcrf_triton.kernels.step_channels_last`; only at blur 1; whole-model rows,
-  CUDA only);
+- ``triton-cl``: the default dispatch with the one-launch step forced onto channels-last tensors (slower than
+  the planar default wherever timed: :func:`convcrf_triton.kernels.step_channels_last`; only at blur 1;
+  whole-model rows, CUDA only);
 - ``triton-composed``: the default dispatch with the blurred iterations composed from PyTorch ops around the
   message pass (upsample, add, softmax, pool) instead of one :func:`convcrf_triton.kernels.blur_step` launch
   (differs only at blur > 1; whole-model rows, CUDA only);

@@ -462,7 +462,7 @@ class MessagePasser:
         weight = weight.reshape(-1) if isinstance(weight, torch.Tensor) else unary.new_full((1,), weight, dtype=dtype)
         band = (self.band_step is not None and g.K is not None
                 and C <= self.ops.band_step_max_classes(compat_matrix is not None))
-        channels_last = not band and self.ops.step_channels_last(self.k, self.H * self.W)
+        channels_last = not band and self.ops.step_channels_last()
 
         def step(Q: torch.Tensor, softmax: bool, out_dtype: torch.dtype) -> torch.Tensor:
             if band:

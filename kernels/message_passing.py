@@ -763,24 +763,19 @@ def mean_field_step(
     )
 
 
-# The one-launch step's layout: None picks by filter size and grid (step_channels_last); True/False force it
-# (the benchmark's triton-cl and planar rows, the tests).
-STEP_CHANNELS_LAST: bool | None = None
-CHANNELS_LAST_MIN_FILTER_SIZE = 15
-CHANNELS_LAST_MAX_PIXELS = 512 * 512
+# The one-launch step's layout: False, the default, planar; True channels-last (the benchmark's triton-cl rows,
+# the tests).
+STEP_CHANNELS_LAST = False
 
 
-def step_channels_last(filter_size: int, pixels: int) -> bool:
-    """Whether the mean-field loop runs the one-launch step on channels-last tensors (16-byte class vectors,
-    two layout conversions per call) on a grid of ``pixels = h·w``: from k = 15 on grids up to 512². Measured on
-    an H200, C = 21, blur 1, 5 iterations, eager: at 1024×2048 the planar step is faster at every k timed with
-    today's loops (``bench/results/nvidia-h200-run4``: k = 7 4.19 vs 6.14 ms, k = 11 8.37 vs 11.70, k = 15
-    12.69 vs 19.75); at 512², with the planar loop before its 16-byte rows (``nvidia-h200-run3``), the two tied
-    at k = 11 (2.52 vs 2.55 ms) and channels-last won at k = 15 (3.03 vs 3.79 ms) and k = 21 (5.13 vs 5.69 ms).
-    Untimed: 512² with today's planar loop (1.3× faster at 1024×2048), and grids between the two sizes."""
-    if STEP_CHANNELS_LAST is not None:
-        return STEP_CHANNELS_LAST
-    return filter_size >= CHANNELS_LAST_MIN_FILTER_SIZE and pixels <= CHANNELS_LAST_MAX_PIXELS
+def step_channels_last() -> bool:
+    """Whether the mean-field loop runs the one-launch step on channels-last tensors (16-byte class vectors, two
+    layout conversions per call): only where forced (``STEP_CHANNELS_LAST``). Measured on an H200, C = 21, blur
+    1, 5 iterations, eager, the planar step with its 16-byte rows was faster at every size and k timed from
+    k = 7 on: 1024×2048 (``bench/results/nvidia-h200-run4``) k = 7 4.19 vs 6.14 ms, k = 11 8.37 vs 11.70, k = 15
+    12.69 vs 19.75; 512² (``nvidia-h200-run5``) k = 11 1.58 vs 2.27, k = 15 2.67 vs 3.15, k = 21 4.04 vs 4.98.
+    (Before those rows, in ``nvidia-h200-run3``, channels-last had won at 512² k = 15 and 21.)"""
+    return STEP_CHANNELS_LAST
 
 
 def class_stride(num_classes: int) -> int:

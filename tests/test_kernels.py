@@ -594,12 +594,12 @@ def test_channels_last_step_matches_reference(case, monkeypatch, device, every_c
         assert err <= 2 * (got.double() - want).abs().max().item() + 1e-6
 
 
-@pytest.mark.parametrize("k,size,want", [(15, (8, 8), True), (15, (8, 9), False), (13, (8, 8), False)])
-def test_default_step_layout_by_filter_size_and_grid(k, size, want, monkeypatch, device):
-    """Without a forced layout the loop takes the channels-last step from CHANNELS_LAST_MIN_FILTER_SIZE on grids
-    of at most CHANNELS_LAST_MAX_PIXELS (here 64) pixels, the planar one otherwise."""
-    assert kernels.step_channels_last(15, 512 * 512) and not kernels.step_channels_last(15, 1024 * 2048)
-    monkeypatch.setattr(mp, "CHANNELS_LAST_MAX_PIXELS", 64)
+@pytest.mark.parametrize("k,forced", [(15, None), (21, None), (7, True), (15, False)])
+def test_the_step_is_planar_unless_channels_last_is_forced(k, forced, monkeypatch, device):
+    """The loop takes the planar step at every k (measured faster: ``step_channels_last``), the channels-last one
+    only where ``STEP_CHANNELS_LAST`` forces it."""
+    if forced is not None:
+        monkeypatch.setattr(mp, "STEP_CHANNELS_LAST", forced)
     seen = []
 
     class Stop(Exception):
@@ -610,10 +610,10 @@ def test_default_step_layout_by_filter_size_and_grid(k, size, want, monkeypatch,
         raise Stop
 
     monkeypatch.setattr(kernels, "mean_field_step", spy)
-    unary, image, weight, _ = step_inputs(dict(C=3, scalar=True, compat=False), 7, size, device)
+    unary, image, weight, _ = step_inputs(dict(C=3, scalar=True, compat=False), 7, (8, 8), device)
     with torch.no_grad(), pytest.raises(Stop):
         functional.mean_field(unary, image, backend="triton", filter_size=k, blur=1, num_iter=1, weight=weight)
-    assert seen == [3 if want else None]
+    assert seen == [3 if forced else None]
 
 
 def test_channels_last_layout_and_checks():
