@@ -247,8 +247,8 @@ def test_accuracy_quick_on_a_tiny_set(tmp_path: Path) -> None:
 
 
 def test_densecrf_speed_script(tmp_path: Path) -> None:
-    """``bench/densecrf_speed.py``: the drop-in's row (and pydensecrf's, with the labels' agreement and the
-    speed-up, where it is installed) per size, in CSV and markdown."""
+    """``bench/densecrf_speed.py``: the drop-in's row, its inference alone (and pydensecrf's, with the labels'
+    agreement and the speed-up, where it is installed) per size, in CSV and markdown."""
     spec = importlib.util.spec_from_file_location("bench_densecrf_speed", ROOT / "bench" / "densecrf_speed.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
@@ -262,12 +262,12 @@ def test_densecrf_speed_script(tmp_path: Path) -> None:
         reader = csv.DictReader(f)
         rows = list(reader)
     assert reader.fieldnames == script.COLUMNS
-    names = ["DenseCRF2D (drop-in)", "pydensecrf"] if densecrf_available() else ["DenseCRF2D (drop-in)"]
+    names = ["DenseCRF2D (drop-in)", "DenseCRF2D inference()", *(["pydensecrf"] if densecrf_available() else [])]
     assert [(r["H"], r["W"], r["implementation"]) for r in rows] == [(H, W, n) for H, W in (("24", "32"), ("17", "20"))
                                                                    for n in names]
     for r in rows:
         assert float(r["min_ms"]) <= float(r["median_ms"]) <= float(r["max_ms"])
-        if r["implementation"] != "pydensecrf" and densecrf_available():
+        if r["implementation"] == "DenseCRF2D (drop-in)" and densecrf_available():
             assert 0.5 < float(r["agreement"]) <= 1 and float(r["speedup"]) > 0
     assert "| H×W | implementation | device |" in (tmp_path / "densecrf_speed.md").read_text()
     on_gpu = ["--device", "cuda", "--sizes", "24x32", "--repeat", "1", "--backend", "torch", "--out", str(tmp_path)]
