@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# One lent-GPU session in one call (device tool): environment, every device test compiled on the GPU against
-# the float64 reference (8 pytest workers: compilation dominates), then the benchmark sections in priority
-# order, each its own run with its own time budget. What comes back fits the tool's 8-file limit:
-#   $OUT/log.txt, and per section $OUT/<section>/{bench.csv,autotune.csv,meta.json} (summary.md and the plots
-#   are redrawn here with `python bench/run_all.py --plot-only --out <folder>`).
+# One lent-GPU session in one call (device tool): environment, a smoke inference against the PyTorch path, every
+# device test compiled on the GPU against the float64 reference (compilation dominates: use the host's cores),
+# then the benchmarks in priority order, each with its own time budget. What comes back fits the tool's 8-file
+# limit: $OUT/log.txt, and per section $OUT/<section>/{bench.csv,autotune.csv,meta.json} (summary.md and the
+# plots are redrawn here with `python bench/run_all.py --plot-only --out <folder>`).
 #   bash bench/gpu_session.sh [IMPLEMENTATIONS] [FILTER_SIZES]
-# Budgets (seconds; environment): TEST_SECONDS (170), MP_SECONDS (110, the message_pass section),
-# FS_SECONDS (120, the filter_size section), SLACK (30, each section's grace to write what it measured);
+# Budgets (seconds; environment; 0 skips the step): TEST_SECONDS (170; TEST_WORKERS 8), HOST_SECONDS (60,
+# host time per launch), MP_SECONDS (110, the message_pass section), FS_SECONDS (120, the filter_size section),
+# SLACK (30, each section's grace to write what it measured), PROFILE_SECONDS (90 and a third of it: one
+# inference's kernels at 1024x2048 blur 4 k = 11 after the sections, whose tuning picks it reuses, and at 512²),
+# DENSE_SECONDS (45), DROPIN_SECONDS (90), FIRST_SECONDS (60, time to the first inference), BACKWARD_SECONDS (40).
 # BENCH_ARGS: more flags for both sections (e.g. "--k-resolutions 1024x2048 --blurs 1").
-# pydensecrf on the host's CPU (SPEC §7: >= 1000x it), DENSE_SECONDS (45): only with a wheel of pydensecrf2 for
-# the GPU image's Python carried in .whl/ (the machine reaches no index; build it with
-# `python3.12 -m pip wheel pydensecrf2 -w .whl` and pass the device tool carry=[".whl"]). Last, the pydensecrf
-# drop-in (DenseCRF2D) on the GPU against it, DROPIN_SECONDS (90; its rows are in the log).
+# pydensecrf on the host's CPU (SPEC §7: >= 1000x it) only with a wheel of pydensecrf2 for the GPU image's Python
+# carried in .whl/ (the machine reaches no index; build it with `python3.12 -m pip wheel --no-deps pydensecrf2 -w
+# .whl` and pass the device tool carry=[".whl"]); the pydensecrf drop-in (DenseCRF2D) on the GPU against it (its
+# rows are in the log).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench-results/gpu-session}
@@ -49,20 +52,23 @@ PY
 }
 smoke || { echo "== smoke failed: the rest through triton's launch path (CONVCRF_DIRECT_LAUNCH=0)"; \
   export CONVCRF_DIRECT_LAUNCH=0; smoke; }
-echo "== device tests ($(date +%T))"
+step() {  # step SECONDS TITLE COMMAND...: skipped at 0 seconds
+  local seconds=$1 title=$2; shift 2
+  if [ "$seconds" = 0 ]; then echo "== $title: skipped"; return; fi
+  echo "== $title ($(date +%T))"
+  timeout "$seconds" "$@"
+}
 t0=$(date +%s)
-CONVCRF_AUTOTUNE=0 CONVCRF_TEST_DEVICE=cuda timeout "${TEST_SECONDS:-170}" python3 -m pytest -q -p no:cacheprovider \
-  -n "${TEST_WORKERS:-8}" ${GPU_TESTS:-tests} -rfE 2>&1 | tail -60
+CONVCRF_AUTOTUNE=0 CONVCRF_TEST_DEVICE=cuda step "${TEST_SECONDS:-170}" "device tests" python3 -m pytest -q \
+  -p no:cacheprovider -n "${TEST_WORKERS:-8}" ${GPU_TESTS:-tests} -rfE 2>&1 | grep -v -e PytestBenchmarkWarning \
+  -e 'warner(PytestBenchmarkWarning' | tail -60
 echo "== tests took $(( $(date +%s) - t0 )) s"
-echo "== host time per launch ($(date +%T))"
-CONVCRF_AUTOTUNE=0 timeout 60 python3 bench/host_overhead.py --calls 20000  # the first config: no tuning
-echo "== one inference's kernels (1024x2048 blur 4 k = 11, tuned: autotune.csv of the sections has the picks) ($(date +%T))"
-timeout 50 python3 bench/kernel_profile.py --size 1024x2048 --blur 4 --filter-size 11 --rows 8
-echo "== the same at 512x512 k = 3 (launch-bound?) ($(date +%T))"
-timeout 30 python3 bench/kernel_profile.py --size 512x512 --blur 4 --filter-size 3 --rows 8
+# (the first config: no tuning)
+CONVCRF_AUTOTUNE=0 step "${HOST_SECONDS:-60}" "host time per launch" python3 bench/host_overhead.py --calls 20000
 
 section() {  # section budget implementations...
   local name=$1 budget=$2; shift 2
+  if [ "$budget" = 0 ]; then echo "== bench $name: skipped"; return; fi
   echo "== bench $name ($budget s, $(date +%T))"
   timeout --signal=TERM --kill-after=15 $(( budget + ${SLACK:-30} )) python3 bench/run_all.py --device cuda \
     --no-plots --time-budget "$budget" --sections "$name" --out "/tmp/bench-$name" ${BENCH_ARGS:-} "$@"
@@ -74,15 +80,19 @@ section message_pass "${MP_SECONDS:-110}" --filter-sizes "$ks" \
   --implementations "$(tr , '\n' <<<"$impls" | grep -v -e triton-cl -e triton-graph | paste -sd,)"
 section filter_size "${FS_SECONDS:-120}" --filter-sizes "$ks" \
   --implementations "$(tr , '\n' <<<"$impls" | grep -v -e unfold -e triton-tf32 | paste -sd,)"
+profile=${PROFILE_SECONDS:-90}
+step "$profile" "one inference's kernels (1024x2048 blur 4 k = 11, tuned: autotune.csv of the sections has the picks)" \
+  python3 bench/kernel_profile.py --size 1024x2048 --blur 4 --filter-size 11 --rows 8
+step $(( profile / 3 )) "the same at 512x512 k = 3 (host-bound)" \
+  python3 bench/kernel_profile.py --size 512x512 --blur 4 --filter-size 3 --rows 8
 if [ "$dense" = 1 ]; then  # (375x500, 512x512, 1024x2048: ~8 s a call at the largest)
   section densecrf "${DENSE_SECONDS:-45}" --implementations pydensecrf
 fi
-echo "== time to the first inference (compiles from an empty Triton cache; last: what time is left) ($(date +%T))"
-timeout 60 python3 bench/first_call.py --threads 8
-echo "== the pydensecrf drop-in on the GPU, pydensecrf on this host's CPU where installed (last: what time is left) ($(date +%T))"
-timeout "${DROPIN_SECONDS:-90}" python3 bench/densecrf_speed.py --device cuda --sizes 375x500,1024x2048 --repeat 3 \
-  --out /tmp/densecrf_speed
-echo "== training's kernels: the fused pass and its weight gradient ($(date +%T))"
+step "${DROPIN_SECONDS:-90}" "the pydensecrf drop-in on the GPU, pydensecrf on this host's CPU where installed" \
+  python3 bench/densecrf_speed.py --device cuda --sizes 375x500,1024x2048 --repeat 3 --out /tmp/densecrf_speed
+step "${FIRST_SECONDS:-60}" "time to the first inference (compiles from an empty Triton cache)" \
+  python3 bench/first_call.py --threads 8
 # (the first config of each tuned pass, to keep the call short; the table is in the log)
-CONVCRF_AUTOTUNE=0 timeout 40 python3 bench/backward.py --out /tmp/backward.csv
+CONVCRF_AUTOTUNE=0 step "${BACKWARD_SECONDS:-40}" "training's kernels: the fused pass and its weight gradient" \
+  python3 bench/backward.py --out /tmp/backward.csv
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
