@@ -64,7 +64,7 @@ CONVCRF_AUTOTUNE=0 CONVCRF_TEST_DEVICE=cuda step "${TEST_SECONDS:-170}" "device 
   -e 'warner(PytestBenchmarkWarning' | tail -60
 echo "== tests took $(( $(date +%s) - t0 )) s"
 # (the first config: no tuning)
-CONVCRF_AUTOTUNE=0 step "${HOST_SECONDS:-60}" "host time per launch" python3 bench/host_overhead.py --calls 20000
+CONVCRF_AUTOTUNE=0 step "${HOST_SECONDS:-60}" "host time per launch" python3 bench/host_overhead.py --calls 20000 --profile 200
 
 section() {  # section budget implementations...
   local name=$1 budget=$2; shift 2

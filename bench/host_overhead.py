@@ -1,6 +1,6 @@
 """Host time per launch: triton's launch path against ``DirectLaunch``, and a ``torch.library`` op's round trip.
 
-    python bench/host_overhead.py [--calls 20000]
+    python bench/host_overhead.py [--calls 20000] [--profile N]
 
 Small images are launch-bound: the GPU waits for the host between kernels, so every microsecond of Python and
 dispatch per launch is a microsecond of the inference. Measured here, as wall time per call over ``--calls``
@@ -29,6 +29,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from run_all import ROOT, bootstrap
@@ -86,6 +87,8 @@ def launch_rows(what: str, fn: Callable[[], object], calls: int, paths: tuple[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then cProfile N inferences of each kind on the default path: the top functions")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -124,10 +127,12 @@ def main() -> None:
         size = 64 if cuda else 8
         unary = torch.randn(1, 21, size, size, generator=g).to(device)
         image = (torch.rand(1, 3, size, size, generator=g) * 255).to(device)
+        inferences = {}
         for blur, k in ((4, 3), (1, 7)):
             crf = ConvCRF(21, filter_size=k, blur=blur, num_iter=5, backend="triton").to(device)
-            rows += launch_rows(f"inference {size}x{size} blur {blur} k {k}", lambda crf=crf: crf(unary, image),
-                                max(args.calls // 100, 20))
+            what = f"inference {size}x{size} blur {blur} k {k}"
+            inferences[what] = lambda crf=crf: crf(unary, image)
+            rows += launch_rows(what, inferences[what], max(args.calls // 100, 20))
             if not cuda:
                 stub.launches.clear()
     where = torch.cuda.get_device_name() if cuda else "no CUDA: stub driver, kernels compiled for sm_90"
@@ -135,6 +140,32 @@ def main() -> None:
     print("| what | path | µs |\n|---|---|---|")
     for what, path, us in rows:
         print(f"| {what} | {path} | {us:.1f} |")
+    if args.profile:
+        with torch.no_grad():
+            for what, fn in inferences.items():
+                print_profile(what, fn, args.profile)
+
+
+def print_profile(what: str, fn: Callable[[], object], calls: int, top: int = 15) -> None:
+    """The ``top`` functions by own time over ``calls`` calls of ``fn`` (cProfile: its overhead inflates them all),
+    in µs a call: where an inference's host time goes."""
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(calls):
+        fn()
+    profile.disable()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    stats = pstats.Stats(profile).stats  # {(file, line, name): (calls, primitive calls, own s, cumulative s, ...)}
+    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    print(f"\nprofile of {what}, {calls} calls (µs a call: own, cumulative; calls a call)")
+    print("| function | own µs | cumulative µs | calls |\n|---|---|---|---|")
+    for (file, line, name), (n, _, own, cumulative, _) in rows:
+        where = f"{Path(file).name}:{line}({name})" if line else name
+        print(f"| {where} | {1e6 * own / calls:.1f} | {1e6 * cumulative / calls:.1f} | {n / calls:g} |")
 
 
 if __name__ == "__main__":

@@ -150,10 +150,12 @@ def test_host_overhead_script_runs() -> None:
     """``bench/host_overhead.py`` prints the dispatch rows, and the message pass's and inference's on each launch
     path (here through the stub driver, the kernels compiled for sm_90)."""
     env = {**os.environ, "TRITON_CACHE_DIR": str(ROOT / ".aot_cache" / "triton")}  # (test_direct_launch's too)
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "host_overhead.py"), "--calls", "300"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    script = str(ROOT / "bench" / "host_overhead.py")
+    proc = subprocess.run([sys.executable, script, "--calls", "300", "--profile", "3"], capture_output=True, text=True,
+                          timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [[c.strip() for c in line.split("|")[1:4]] for line in proc.stdout.splitlines()
+    table = proc.stdout.split("\nprofile of")[0]
+    rows = [[c.strip() for c in line.split("|")[1:4]] for line in table.splitlines()
             if line.startswith(("| dispatch", "| message_pass", "| kernels", "| inference"))]
     paths = ["DirectLaunch", "triton's launch path", "launch stubbed"]
     loop_paths = ["DirectLaunch", "DirectLaunch, no Repeat", "triton's launch path", "launch stubbed"]
@@ -163,6 +165,9 @@ def test_host_overhead_script_runs() -> None:
                                      *[[what, p] for what in ("inference 8x8 blur 4 k 3", "inference 8x8 blur 1 k 7")
                                        for p in loop_paths]], proc.stdout
     assert all(float(r[2]) > 0 for r in rows), proc.stdout
+    # --profile: each inference's top functions by own time, ConvCRF's forward among their callers
+    assert proc.stdout.count("\nprofile of inference 8x8") == 2, proc.stdout
+    assert proc.stdout.count("| function | own µs | cumulative µs | calls |") == 2, proc.stdout
 
 
 def test_first_call_script_times_an_empty_and_a_full_cache() -> None:
