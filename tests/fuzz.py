@@ -130,7 +130,7 @@ def run(case: dict, seed: int) -> tuple[tuple[float, float, float], tuple[float,
 
     message_passing.interpreter_blocks = blocks
     kernels.prefer_fused = PREFER_FUSED if case["fused"] is None else (lambda *a, **kw: case["fused"])
-    message_passing.STEP_CHANNELS_LAST = case["channels_last"]
+    message_passing.STEP_CHANNELS_LAST = bool(case["channels_last"])  # (None: the default, planar)
     g = torch.Generator().manual_seed(seed)
     B, C, H, W = case["B"], case["C"], case["H"], case["W"]
     inputs = {"unary": torch.randn(B, C, H, W, generator=g) * 3, "image": torch.rand(B, 3, H, W, generator=g) * 255,
