@@ -52,11 +52,11 @@ PY
 }
 smoke || { echo "== smoke failed: the rest through triton's launch path (CONVCRF_DIRECT_LAUNCH=0)"; \
   export CONVCRF_DIRECT_LAUNCH=0; smoke; }
-step() {  # step SECONDS TITLE COMMAND...: skipped at 0 seconds
-  local seconds=$1 title=$2; shift 2
+step() {  # step SECONDS TITLE COMMAND...: skipped at 0 seconds; at its end SIGINT (pytest then prints its summary
+  local seconds=$1 title=$2; shift 2  # of what ran: run 5's SIGTERM left only the progress dots), SIGKILL 20 s later
   if [ "$seconds" = 0 ]; then echo "== $title: skipped"; return; fi
   echo "== $title ($(date +%T))"
-  timeout "$seconds" "$@"
+  timeout --signal=INT --kill-after=20 "$seconds" "$@"
 }
 t0=$(date +%s)
 CONVCRF_AUTOTUNE=0 CONVCRF_TEST_DEVICE=cuda step "${TEST_SECONDS:-170}" "device tests" python3 -m pytest -q \
