@@ -13,7 +13,8 @@
     ``addPairwiseGaussian(sxy=pos_sdims, compat=pos_compat)``, appearance kernel
     ``addPairwiseBilateral(sxy=col_sdims, srgb=col_schan, compat=col_compat)`` (dense CRFs always give
     the appearance kernel a position term), unary ``-log softmax(logits)``. With ``module=convcrf_triton.densecrf``
-    the same calls run this package's drop-in (``DenseCRF2D``, a windowed CRF) instead.
+    the same calls run this package's drop-in (``DenseCRF2D``, a windowed CRF) instead. ``densecrf_inputs`` and
+    ``densecrf_run`` are its two halves: the numpy arrays pydensecrf takes, and the calls (what the benchmark times).
 
 Shapes: ``unary`` ``[B, C, H, W]`` (logits), ``image`` ``[B, 3, H, W]`` (RGB, scale [0, 255]).
 """
@@ -30,7 +31,8 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEFAULT_CONF", "densecrf_available", "densecrf_infer", "densecrf_params", "unfold_crf"]
+__all__ = ["DEFAULT_CONF", "densecrf_available", "densecrf_infer", "densecrf_inputs", "densecrf_params", "densecrf_run",
+           "unfold_crf"]
 
 
 def blur_padding(n: int, s: int) -> int:
@@ -260,10 +262,15 @@ def densecrf_infer(
     Returns:
         ``Q`` ``[C, H, W]`` float32 marginals.
     """
-    if module is None:
-        import pydensecrf.densecrf as module
+    energy, rgb = densecrf_inputs(unary, image, probabilities)
+    return densecrf_run(energy, rgb, num_iter, params, module, **options)
 
-    p = {**densecrf_params(), **(params or {})}
+
+def densecrf_inputs(unary: npt.ArrayLike, image: npt.ArrayLike, probabilities: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`densecrf_infer`'s arrays as pydensecrf takes them: the unary energy ``[C, H·W]`` float32 and the image
+    ``[H, W, 3]`` uint8, both C-contiguous (a float64 log-softmax in numpy: ~0.1 s at 375×500, C = 21, seconds
+    at 1024×2048 on this project's CPU, so the benchmark makes them off the clock)."""
     logits = np.asarray(unary, dtype=np.float64)
     C, H, W = logits.shape
     if probabilities:
@@ -273,6 +280,18 @@ def densecrf_infer(
         log_prob = z - np.log(np.exp(z).sum(axis=0, keepdims=True))
     energy = np.ascontiguousarray((-log_prob).reshape(C, H * W), dtype=np.float32)
     rgb = np.ascontiguousarray(np.clip(np.rint(np.asarray(image).transpose(1, 2, 0)), 0, 255).astype(np.uint8))
+    return energy, rgb
+
+
+def densecrf_run(energy: np.ndarray, rgb: np.ndarray, num_iter: int = 5, params: Mapping[str, float] | None = None,
+                 module: ModuleType | None = None, **options: Any) -> np.ndarray:
+    """pydensecrf's calls (or ``module``'s) on :func:`densecrf_inputs`' arrays: ``Q [C, H, W]`` float32 marginals."""
+    if module is None:
+        import pydensecrf.densecrf as module
+
+    p = {**densecrf_params(), **(params or {})}
+    H, W, _ = rgb.shape
+    C = energy.shape[0]
     crf = module.DenseCRF2D(W, H, C, **options)
     crf.setUnaryEnergy(energy)
     crf.addPairwiseGaussian(sxy=p["gauss_sxy"], compat=p["gauss_compat"])
