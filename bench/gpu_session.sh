@@ -60,8 +60,8 @@ step() {  # step SECONDS TITLE COMMAND...: skipped at 0 seconds; at its end SIGI
 }
 t0=$(date +%s)
 CONVCRF_AUTOTUNE=0 CONVCRF_TEST_DEVICE=cuda step "${TEST_SECONDS:-170}" "device tests" python3 -m pytest -q \
-  -p no:cacheprovider -n "${TEST_WORKERS:-8}" ${GPU_TESTS:-tests} -rfE 2>&1 | grep -v -e PytestBenchmarkWarning \
-  -e 'warner(PytestBenchmarkWarning' | tail -60
+  -p no:cacheprovider -n "${TEST_WORKERS:-8}" ${GPU_TESTS:-tests} -rfE --durations=15 2>&1 \
+  | grep -v -e PytestBenchmarkWarning -e 'warner(PytestBenchmarkWarning' | tail -80
 echo "== tests took $(( $(date +%s) - t0 )) s"
 # (the first config: no tuning)
 CONVCRF_AUTOTUNE=0 step "${HOST_SECONDS:-60}" "host time per launch" python3 bench/host_overhead.py --calls 20000 --profile 200
