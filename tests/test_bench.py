@@ -257,6 +257,9 @@ def test_densecrf_speed_script(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("bench_densecrf_speed", ROOT / "bench" / "densecrf_speed.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    image, U = script.problem(17, 20)
+    # pydensecrf's layout, made once: a transposed copy inside the timed calls had been 10-19 ms of each at 375×500
+    assert U.dtype == np.float32 and U.flags.c_contiguous and U.shape == (21, 17 * 20) and image.shape == (17, 20, 3)
     threads = torch.get_num_threads()
     try:
         assert script.main(["--sizes", "24x32,17x20", "--repeat", "1", "--backend", "torch",
