@@ -7,7 +7,8 @@ tuned kernel); Triton keeps the compiled kernels in its cache directory and this
 (``kernels/_tuning_cache.py``). Each row is a fresh process with ``CONVCRF_COMPILE_THREADS`` threads compiling a
 tuning's configs (``kernels._launch.compile_configs``): with an empty Triton cache of its own (it keeps its picks),
 then with that cache full and no picks (``CONVCRF_TUNE_CACHE=0``: it tunes again), then with the cache and the
-picks. With CUDA the kernels run and are timed by the tuner; without, the launchers' GPU branch runs through
+picks; last, from an empty cache without tuning (``CONVCRF_AUTOTUNE=0``: the first config of each kernel, the
+quick start). With CUDA the kernels run and are timed by the tuner; without, the launchers' GPU branch runs through
 ``tests/stub_driver.py``: every kernel compiles for sm_90 and the tuner's timing of a config is one stubbed launch
 of it (which compiles it: the last two rows then cost the same).
 """
@@ -53,9 +54,10 @@ def first_inference(filter_size: int, blur: int, height: int, width: int, classe
     return {"first": times[0], "second": times[1]}
 
 
-def run_child(args: argparse.Namespace, threads: int, cache: str, picks: str) -> dict:
+def run_child(args: argparse.Namespace, threads: int, cache: str, picks: str, tune: bool = True) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=cache, CONVCRF_TUNE_CACHE=picks, CONVCRF_COMPILE_THREADS=str(threads))
+    env.update(TRITON_CACHE_DIR=cache, CONVCRF_TUNE_CACHE=picks, CONVCRF_COMPILE_THREADS=str(threads),
+               CONVCRF_AUTOTUNE="1" if tune else "0")
     command = [sys.executable, __file__, "--child", "--filter-size", str(args.filter_size), "--blur", str(args.blur),
                "--size", args.size, "--classes", str(args.classes)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
@@ -93,6 +95,10 @@ def main() -> None:
             for state, kept in (("empty", "none"), ("full", "none"), ("full", "kept")):
                 row = run_child(args, threads, cache, picks if state == "empty" or kept == "kept" else "0")
                 print(f"| {threads} | {state} | {kept} | {row['first']:.2f} | {row['second']:.3f} |", flush=True)
+        with tempfile.TemporaryDirectory() as cache:  # (the first config of each kernel: one compile a kernel)
+            row = run_child(args, threads, cache, "0", tune=False)
+            print(f"| {threads} | empty | no tuning (CONVCRF_AUTOTUNE=0) | {row['first']:.2f} | {row['second']:.3f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
