@@ -59,8 +59,9 @@ step() {  # step SECONDS TITLE COMMAND...: skipped at 0 seconds; at its end SIGI
   timeout --signal=INT --kill-after=20 "$seconds" "$@"
 }
 t0=$(date +%s)
-CONVCRF_AUTOTUNE=0 CONVCRF_TEST_DEVICE=cuda step "${TEST_SECONDS:-170}" "device tests" python3 -m pytest -q \
-  -p no:cacheprovider -n "${TEST_WORKERS:-8}" ${GPU_TESTS:-tests} -rfE --durations=15 2>&1 \
+echo "== device tests ($(date +%T))"  # (outside the pipeline, whose tail would cut it)
+CONVCRF_AUTOTUNE=0 CONVCRF_TEST_DEVICE=cuda step "${TEST_SECONDS:-170}" "device tests, pytest's output" python3 -m \
+  pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" ${GPU_TESTS:-tests} -rfE --durations=15 2>&1 \
   | grep -v -e PytestBenchmarkWarning -e 'warner(PytestBenchmarkWarning' | tail -80
 echo "== tests took $(( $(date +%s) - t0 )) s"
 # (the first config: no tuning)
