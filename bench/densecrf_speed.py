@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for H, W in args.sizes:
         image, U = problem(H, W)
+        first = len(rows)  # (this size's rows, printed below)
         times, Q = timed(lambda image=image, U=U: infer(dropin, image, U, device=args.device,
                                                          backend=args.backend), args.repeat)
         ours = {"implementation": "DenseCRF2D (drop-in)", "device": device, "H": H, "W": W, **common,
@@ -102,7 +103,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         times, _ = timed(lambda built=built: np.asarray(built.inference(ITERS)), args.repeat)
         rows.append({"implementation": "DenseCRF2D inference()", "device": device, "H": H, "W": W, **common,
                      **summary(times)})
-        first = len(rows) - 2
         if densecrf_available():
             import pydensecrf.densecrf as pydensecrf
 
